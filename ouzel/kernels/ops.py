@@ -1,0 +1,59 @@
+"""The operations layers call, dispatched on (device, weight format).
+
+Each op has a pure-torch reference that runs anywhere and is the oracle in tests; a faster
+implementation is used when one is registered for the device and the weight's block type.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..quant.tensor import QTensor, Weight
+
+
+def linear_reference(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    if isinstance(w, QTensor):
+        w = w.dequantize()
+    return F.linear(x, w.to(x.dtype))
+
+
+_CPU = []
+
+
+def _cpu_kernels():
+    """The compiled CPU kernels, or None where they can't be built (the reference runs then)."""
+    if not _CPU:
+        try:
+            from . import cpu
+            _CPU.append(cpu if cpu.available() else None)
+        except ImportError:
+            _CPU.append(None)
+    return _CPU[0]
+
+
+def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    """y = x @ w.T for x [..., in] and w [out, in] dense or in GGUF blocks."""
+    if not isinstance(w, QTensor):
+        return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
+    if w.device.type == "cpu" and x.dtype == torch.float32:
+        cpu = _cpu_kernels()
+        if cpu is not None and cpu.supports(w.bt):
+            x2 = x.reshape(-1, x.shape[-1]).contiguous()
+            return cpu.qmatmul(x2, w.raw, w.bt, w.shape[0]).reshape(*x.shape[:-1], w.shape[0])
+    if w.device.type == "cuda":
+        from .cuda import qlinear  # noqa: PLC0415 (only on CUDA machines)
+        out = qlinear(x, w)
+        if out is not None:
+            return out
+    return linear_reference(x, w)
+
+
+def embedding(ids: torch.Tensor, w: Weight) -> torch.Tensor:
+    """Rows of w for the given ids, float32 [len(ids), dim]; dequantizes only those rows."""
+    if not isinstance(w, QTensor):
+        return F.embedding(ids, w).float()
+    if w.device.type == "cpu":
+        cpu = _cpu_kernels()
+        if cpu is not None and cpu.supports(w.bt):
+            return cpu.embedding(w.raw, w.bt, ids)
+    return w.dequantize(ids)

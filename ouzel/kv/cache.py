@@ -1,0 +1,63 @@
+"""Per-sequence KV state behind one small interface.
+
+A model's attention layer calls `kv.update(layer, k, v)` and gets back every key and value the
+sequence holds for that layer; it never knows how they are stored. `DenseKV` keeps contiguous,
+growable buffers per layer; the paged block pool of the server backs the same interface.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class KVState(Protocol):
+    length: int  # tokens whose K/V are stored (the position of the next token)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def commit(self, n: int) -> None: ...
+    def trim(self, n: int) -> None: ...
+    def nbytes(self) -> int: ...
+
+
+class DenseKV:
+    """Contiguous K/V per layer: [capacity, kv_heads, head_dim], doubled when full."""
+
+    def __init__(self, n_layers: int, max_tokens: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.max_tokens, self.device, self.dtype = max_tokens, torch.device(device), dtype
+        self.length = 0
+        self._k: list[torch.Tensor | None] = [None] * n_layers
+        self._v: list[torch.Tensor | None] = [None] * n_layers
+
+    def _reserve(self, layer: int, k: torch.Tensor, v: torch.Tensor, end: int) -> None:
+        cur = self._k[layer]
+        if cur is not None and cur.shape[0] >= end:
+            return
+        size = min(self.max_tokens, max(end, 256, 2 * (0 if cur is None else cur.shape[0])))
+        nk = torch.empty((size, *k.shape[1:]), dtype=self.dtype, device=self.device)
+        nv = torch.empty((size, *v.shape[1:]), dtype=self.dtype, device=self.device)
+        if cur is not None:
+            nk[: self.length] = cur[: self.length]
+            nv[: self.length] = self._v[layer][: self.length]
+        self._k[layer], self._v[layer] = nk, nv
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [T, H, D] at positions length..length+T-1; return all [length+T, H, D]."""
+        end = self.length + k.shape[0]
+        if end > self.max_tokens:
+            raise ValueError(f"KV cache holds {self.max_tokens} tokens; {end} needed")
+        self._reserve(layer, k, v, end)
+        self._k[layer][self.length:end] = k
+        self._v[layer][self.length:end] = v
+        return self._k[layer][:end], self._v[layer][:end]
+
+    def commit(self, n: int) -> None:
+        self.length += n
+
+    def trim(self, n: int) -> None:
+        """Forget every token from position n on (e.g. to re-run a suffix)."""
+        self.length = min(self.length, max(0, n))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._k + self._v if t is not None)

@@ -1,0 +1,62 @@
+"""Causal self-attention with grouped KV heads, optional q/k norms and a sliding window."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kv.cache import KVState
+from .linear import Linear
+from .norm import RMSNorm
+from .rope import Rope
+
+
+def causal_mask(positions: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
+    """[T, S] bool, True where query at positions[t] may see key s (key s sits at position s)."""
+    keys = torch.arange(n_keys, device=positions.device)
+    mask = keys[None, :] <= positions[:, None]
+    if window is not None:
+        mask &= keys[None, :] > positions[:, None] - window
+    return mask
+
+
+def attend(q, k, v, positions, window: int | None, scale: float) -> torch.Tensor:
+    """q [T, H, D], k/v [S, Hkv, D] -> [T, H, D]; the pure-torch reference attention."""
+    T, S = q.shape[0], k.shape[0]
+    need_mask = T > 1 or (window is not None and S > window)
+    mask = causal_mask(positions, S, window) if need_mask else None
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out[0].transpose(0, 1)
+
+
+class Attention(nn.Module):
+    def __init__(self, layer: int, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                 rope: Rope, scale: float, window: int | None = None, qk_norm_eps: float | None = None,
+                 unit_offset_norms: bool = False, bias: bool = False):
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, n_heads, n_kv_heads, head_dim
+        self.rope, self.scale, self.window = rope, scale, window
+        self.q_proj = Linear(hidden, n_heads * head_dim, bias)
+        self.k_proj = Linear(hidden, n_kv_heads * head_dim, bias)
+        self.v_proj = Linear(hidden, n_kv_heads * head_dim, bias)
+        self.o_proj = Linear(n_heads * head_dim, hidden)
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps, unit_offset_norms)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps, unit_offset_norms)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: KVState) -> torch.Tensor:
+        # x: [T, hidden]; positions: [T]
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(q, positions), self.rope(k, positions)
+        k_all, v_all = kv.update(self.layer, k, v)
+        out = attend(q, k_all, v_all, positions, self.window, self.scale)
+        return self.o_proj(out.reshape(T, -1))

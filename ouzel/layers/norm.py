@@ -1,0 +1,23 @@
+"""RMSNorm, computed in float32."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * w; with unit_offset (Gemma) the stored weight is w - 1, so it scales by 1 + w."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
+        super().__init__()
+        self.dim, self.eps, self.unit_offset = dim, eps, unit_offset
+        self.weight: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight.float()
+        return (y * (1.0 + w) if self.unit_offset else y * w).to(x.dtype)
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"weight": (self.dim,)}

@@ -1,0 +1,63 @@
+"""Rotary position embeddings (the rotate-half layout of Hugging Face checkpoints)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    theta: float
+    dim: int  # rotated dims per head (partial rope rotates the first `dim`)
+    scaling: str = "none"  # none | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_pos: int = 8192
+
+
+def inv_freq(spec: RopeSpec) -> torch.Tensor:
+    freqs = 1.0 / (spec.theta ** (torch.arange(0, spec.dim, 2, dtype=torch.int64).float() / spec.dim))
+    if spec.scaling == "linear":
+        freqs = freqs / spec.factor
+    elif spec.scaling == "llama3":
+        low_wavelen = spec.original_max_pos / spec.low_freq_factor
+        high_wavelen = spec.original_max_pos / spec.high_freq_factor
+        wavelen = 2 * math.pi / freqs
+        smooth = (spec.original_max_pos / wavelen - spec.low_freq_factor) / (spec.high_freq_factor - spec.low_freq_factor)
+        scaled = torch.where(wavelen > low_wavelen, freqs / spec.factor, freqs)
+        mid = (1 - smooth) * scaled / spec.factor + smooth * scaled
+        is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        freqs = torch.where(is_mid, mid, scaled)
+    return freqs
+
+
+class Rope:
+    """cos/sin tables computed once per (spec, device), grown on demand, indexed by position."""
+
+    def __init__(self, spec: RopeSpec):
+        self.spec = spec
+        self._inv = inv_freq(spec)
+        self._cos = self._sin = None
+
+    def _tables(self, n: int, device: torch.device):
+        if self._cos is None or self._cos.shape[0] < n or self._cos.device != device:
+            size = max(n, 4096 if self._cos is None else 2 * self._cos.shape[0])
+            t = torch.arange(size, dtype=torch.int64).float()
+            f = torch.outer(t, self._inv)
+            emb = torch.cat([f, f], dim=-1)
+            self._cos, self._sin = emb.cos().to(device), emb.sin().to(device)
+        return self._cos, self._sin
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [T, H, D] float32, positions: [T]."""
+        cos, sin = self._tables(int(positions.max()) + 1, x.device)
+        cos, sin = cos[positions][:, None, :], sin[positions][:, None, :]
+        d = self.spec.dim
+        xr = x[..., :d]
+        x1, x2 = xr[..., : d // 2], xr[..., d // 2:]
+        rot = torch.cat([-x2, x1], dim=-1)
+        out = xr * cos + rot * sin
+        return out if d == x.shape[-1] else torch.cat([out, x[..., d:]], dim=-1)

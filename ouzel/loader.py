@@ -1,0 +1,115 @@
+"""Build a ready model from a GGUF file or a HF directory: config, modules, weights, tokenizer."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import OuzelError
+from .formats import gguf_names
+from .formats.gguf import GGUFFile
+from .formats.sources import GGUFSource, SafetensorsSource, read_hf_config
+from .hub import resolve
+from .models import registry
+from .models.config import Config
+from .quant.tensor import QTensor
+
+log = logging.getLogger("ouzel")
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    config: Config
+    tokenizer: object
+    path: Path
+    architecture: str
+    chat_template: str | None
+    nbytes: int
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    name = str(device or "auto")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise OuzelError(f"unknown device {name!r}; use cpu, cuda, mps or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OuzelError("device 'cuda' is not available (no CUDA GPU or a CPU-only torch build)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise OuzelError("device 'mps' is not available on this machine")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise OuzelError(f"device {name!r} is not supported; use cpu, cuda, mps or auto")
+    return dev
+
+
+def _weight_slots(model: nn.Module):
+    """(hf_name, module, attr, shape) for every weight the model needs, in module order."""
+    for mod_name, mod in model.named_modules():
+        shapes = getattr(mod, "expected_shapes", None)
+        if shapes is None:
+            continue
+        for attr, shape in shapes().items():
+            yield f"{mod_name}.{attr}", mod, attr, shape
+
+
+def load_weights(model: nn.Module, source, device: torch.device, progress: bool = True) -> None:
+    from tqdm import tqdm
+
+    slots = list(_weight_slots(model))
+    tied = getattr(model, "tied_weights", {})
+    done: dict[str, object] = {}
+    for hf_name, mod, attr, shape in tqdm(slots, desc="loading", unit="tensor", disable=not progress,
+                                          leave=False):
+        if hf_name in tied and not source.has(hf_name):
+            w = done[tied[hf_name]]
+        else:
+            w = source.get(hf_name, shape)
+            if device.type != "cpu":
+                w = w.to(device)
+        done[hf_name] = w
+        setattr(mod, attr, w)
+
+
+def load(ref: str | Path, device: str | torch.device = "cpu", progress: bool = True) -> Loaded:
+    from .text.tokenizer import Tokenizer
+
+    path = resolve(str(ref))
+    dev = resolve_device(device)
+    if path.is_dir():
+        raw_cfg = read_hf_config(path)
+        arch = registry.canonical(raw_cfg.get("model_type", "?"))
+        source = SafetensorsSource(path)
+        tokenizer = Tokenizer.from_hf_dir(path)
+    else:
+        f = GGUFFile(path)
+        arch = registry.canonical(f.architecture)
+        raw_cfg = gguf_names.config_from_gguf(arch, f.meta, str(path))
+        source = GGUFSource(f, arch, raw_cfg)
+        tokenizer = Tokenizer.from_gguf(f.meta)
+    cfg = Config(raw_cfg)
+    model = registry.model_class(arch)(cfg)
+    load_weights(model, source, dev, progress)
+    model.eval()
+    return Loaded(model, cfg, tokenizer, path, arch, getattr(tokenizer, "chat_template", None), source.nbytes())
+
+
+def weight_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for _, mod, attr, _ in _weight_slots(model):
+        w = getattr(mod, attr)
+        key = id(w.raw if isinstance(w, QTensor) else w)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += w.nbytes if isinstance(w, QTensor) else w.numel() * w.element_size()
+    return total

@@ -1,0 +1,28 @@
+"""Architecture registry: GGUF `general.architecture` and HF `model_type` -> model class."""
+from __future__ import annotations
+
+from ..errors import UnsupportedError
+from .gemma3 import Gemma3ForCausalLM
+from .llama import LlamaForCausalLM
+
+ARCHITECTURES = {
+    "llama": LlamaForCausalLM,
+    "gemma3": Gemma3ForCausalLM,
+}
+
+# other names the same code serves (HF model_type or GGUF architecture)
+ALIASES = {
+    "gemma3_text": "gemma3",
+    "mistral": "llama",
+}
+
+
+def canonical(arch: str) -> str:
+    arch = ALIASES.get(arch, arch)
+    if arch not in ARCHITECTURES:
+        raise UnsupportedError(f"unsupported architecture {arch!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
+    return arch
+
+
+def model_class(arch: str):
+    return ARCHITECTURES[canonical(arch)]
