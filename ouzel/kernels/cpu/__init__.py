@@ -1,0 +1,165 @@
+"""CPU kernels for weights kept in their GGUF blocks: y = x @ W.T, row dequantization, embedding gather.
+
+The C++ source beside this file (qmatmul.cpp) is compiled on first use with
+torch.utils.cpp_extension (needs a C++ compiler and ninja) into
+$TORCH_EXTENSIONS_DIR or ~/.cache/ouzel/torch_extensions, in a folder keyed by the torch and
+Python versions and the CPU's feature flags (it is built with -march=native); later processes
+reuse it, and an edit to the source rebuilds it. If anything fails, `available()` logs one
+warning and answers False, and callers use the pure-torch reference instead.
+
+Results are exact with respect to ouzel.quant.blocks.dequantize: `dequantize_rows` and
+`embedding` return the same bits, and `qmatmul` computes in float32 from those values
+(it differs from the float64 product only by float32 accumulation).
+
+Set OUZEL_CPU_KERNELS=0 to switch the kernels off.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from ...errors import OuzelError
+from ...quant.blocks import BLOCK_TYPES, BlockType
+
+log = logging.getLogger(__name__)
+
+_SRC = Path(__file__).with_name("qmatmul.cpp")
+_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+          "Q6_K", "IQ2_XXS", "IQ4_NL", "MXFP4")
+SUPPORTED: frozenset[int] = frozenset(bt.ggml_type for bt in BLOCK_TYPES.values() if bt.name in _NAMES)
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ok": bool once tried; "ops": torch.ops.ouzel_cpu
+_qmatmul = _dequantize = _embedding = None  # the op overloads, set once loaded
+
+
+def _cpu_tag() -> str:
+    """A short hash of what the binary depends on: CPU features (-march=native), torch, Python."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = " ".join(sorted(line.split(":", 1)[1].split()))
+                    break
+    except OSError:
+        pass
+    key = "|".join([flags or platform.processor() or platform.machine(), torch.__version__,
+                    f"{sys.version_info[0]}.{sys.version_info[1]}"])
+    return hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def build_directory() -> Path:
+    base = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "ouzel" / "torch_extensions"
+    return Path(base) / f"ouzel_qmatmul_{_cpu_tag()}"
+
+
+def _compile_flags() -> tuple[list[str], list[str]]:
+    cflags = ["-O3", "-march=native", "-ffp-contract=off"]
+    ldflags: list[str] = []
+    # at::parallel_for is a header template: with torch's OpenMP backend it needs -fopenmp here,
+    # and links the same libgomp.so.1 torch already loaded
+    if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        cflags.append("-fopenmp")
+        ldflags.append("-fopenmp")
+    return cflags, ldflags
+
+
+def _load() -> None:
+    global _qmatmul, _dequantize, _embedding
+    from torch.utils import cpp_extension
+
+    bdir = build_directory()
+    bdir.mkdir(parents=True, exist_ok=True)
+    cflags, ldflags = _compile_flags()
+    cpp_extension.load(name="ouzel_qmatmul", sources=[str(_SRC)], extra_cflags=cflags, extra_ldflags=ldflags,
+                       build_directory=str(bdir), is_python_module=False, verbose=False)
+    ops = torch.ops.ouzel_cpu
+    import gguf
+    import numpy as np
+
+    q = gguf.quants
+    q.IQ2_XXS.init_grid()
+    grid = np.asarray(q.IQ2_XXS.grid, dtype=np.float32).reshape(256, 8)
+    ops.set_tables(torch.tensor(q.IQ4_NL.kvalues, dtype=torch.int8),
+                   torch.tensor(q.MXFP4.kvalues, dtype=torch.int8),
+                   torch.tensor(list(q.IQ2_XXS.ksigns), dtype=torch.uint8),
+                   torch.from_numpy(grid.astype(np.uint8)))
+    _qmatmul, _dequantize, _embedding = ops.qmatmul.default, ops.dequantize.default, ops.embedding.default
+    _state["ops"] = ops
+
+
+def available() -> bool:
+    """Whether the kernels are compiled and loaded (compiles them on the first call; never raises)."""
+    ok = _state.get("ok")
+    if ok is not None:
+        return ok  # type: ignore[return-value]
+    with _lock:
+        if "ok" not in _state:
+            if os.environ.get("OUZEL_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+                _state["ok"] = False
+            else:
+                try:
+                    _load()
+                    _state["ok"] = True
+                except Exception as e:  # compiler, ninja, headers, loading: all mean "use the reference"
+                    msg = str(e).strip().splitlines()
+                    log.warning("ouzel: CPU quantized kernels unavailable, using the slower reference "
+                                "(%s: %s)", type(e).__name__, msg[-1] if msg else "")
+                    _state["ok"] = False
+    return _state["ok"]  # type: ignore[return-value]
+
+
+def supports(bt: BlockType) -> bool:
+    """Whether qmatmul/dequantize_rows/embedding handle this block type (and the kernels loaded)."""
+    return bt.ggml_type in SUPPORTED and available()
+
+
+def _need() -> None:
+    if not available():
+        raise OuzelError("ouzel CPU kernels are not available (see the warning logged when they were built)")
+
+
+def qmatmul(x: torch.Tensor, raw: torch.Tensor, bt: BlockType, out_features: int) -> torch.Tensor:
+    """y = x @ dequantize(raw, bt).T; x float32 [M, K] contiguous, raw uint8 [N, row_bytes] (only read),
+    N == out_features; returns float32 [M, N]."""
+    if _qmatmul is None:
+        _need()
+    return _qmatmul(x, raw, bt.ggml_type, out_features)
+
+
+def dequantize_rows(raw: torch.Tensor, bt: BlockType, rows: slice | None = None) -> torch.Tensor:
+    """float32 [R, K] of raw's rows (all, or `rows`), bit-identical to ouzel.quant.blocks.dequantize."""
+    if _dequantize is None:
+        _need()
+    if rows is not None:
+        raw = raw[rows]
+    return _dequantize(raw, bt.ggml_type)
+
+
+def embedding(raw: torch.Tensor, bt: BlockType, ids: torch.Tensor) -> torch.Tensor:
+    """float32 [*ids.shape, K]: the rows `ids` of raw, dequantized (only those rows are read)."""
+    if _embedding is None:
+        _need()
+    flat = ids.reshape(-1)
+    out = _embedding(raw, bt.ggml_type, flat)
+    return out if ids.dim() == 1 else out.reshape(*ids.shape, out.shape[-1])
+
+
+def configure(gemv_max_m: int = -1, tile_bytes: int = -1) -> None:
+    """Tuning knobs: the largest M that runs as fused GEMVs (above it: dequantized tiles + at::mm), and the
+    float32 bytes of W dequantized per at::mm call. -1 keeps the current value."""
+    _need()
+    _state["ops"].configure(gemv_max_m, tile_bytes)  # type: ignore[attr-defined]
+
+
+def build_info() -> str:
+    _need()
+    return _state["ops"].build_info()  # type: ignore[attr-defined]

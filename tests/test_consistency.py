@@ -1,0 +1,65 @@
+"""Self-consistency on a real model: incremental = full forward; chat turn 2 = a fresh run."""
+import torch
+
+import ouzel
+from conftest import real_llm
+from ouzel.engine.generate import Sequence
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_incremental_decode_equals_full_forward():
+    llm = real_llm("smollm2-135m")
+    ids = llm.tokenize("The quick brown fox jumps over the lazy dog because it was")
+    full = llm.logits(ids)
+    seq = Sequence(llm.model, 64, llm.device)
+    steps = [seq.prefill(ids[:3])]
+    steps += [seq.step(t) for t in ids[3:]]
+    inc = torch.stack(steps)
+    assert rel(inc, full[2:]) < 1e-5
+
+
+def test_prefill_in_chunks_equals_one_forward(monkeypatch):
+    from ouzel.engine import generate
+    llm = real_llm("smollm2-135m")
+    ids = llm.tokenize("one two three four five six seven eight nine ten eleven twelve")
+    whole = Sequence(llm.model, 64, llm.device).prefill(ids)
+    monkeypatch.setattr(generate, "PREFILL_CHUNK", 5)
+    chunked = Sequence(llm.model, 64, llm.device).prefill(ids)
+    assert rel(chunked, whole) < 1e-5
+
+
+def test_chat_turn_two_equals_fresh_run():
+    llm = real_llm("smollm2-135m")
+    llm.reset()
+    conv = [{"role": "user", "content": "Name a colour."}]
+    first = llm.chat(conv, max_tokens=12, temperature=0)
+    conv += [{"role": "assistant", "content": first}, {"role": "user", "content": "And another one?"}]
+    second = llm.chat(conv, max_tokens=12, temperature=0)
+    reused = llm.last_stats.reused_tokens
+    assert reused > 0.6 * llm.last_stats.prompt_tokens, "turn 2 should reuse turn 1's KV state"
+    llm.reset()
+    fresh = llm.chat(conv, max_tokens=12, temperature=0)
+    assert llm.last_stats.reused_tokens == 0
+    assert second == fresh
+
+
+def test_logits_api_shape_and_dtype():
+    llm = real_llm("smollm2-135m")
+    out = llm.logits(llm.tokenize("Hello"))
+    assert out.dtype == torch.float32 and out.shape == (1, llm.config.vocab_size)
+    assert torch.isfinite(out).all()
+
+
+def test_stream_equals_non_stream():
+    llm = real_llm("smollm2-135m")
+    text = llm.generate("Once upon a time", max_tokens=20, temperature=0)
+    pieces = list(llm.generate("Once upon a time", max_tokens=20, temperature=0, stream=True))
+    assert len(pieces) > 1 and "".join(pieces) == text
+
+
+def test_public_api_names():
+    for name in ("load", "LLM", "OuzelError"):
+        assert hasattr(ouzel, name)
