@@ -132,9 +132,9 @@ class LLM:
         return self._template
 
     def chat_prompt(self, messages: list[dict], tools: list | None = None) -> list[int]:
+        from .text.chat import encode_chat_prompt
         text = self.chat_template.render(messages, add_generation_prompt=True, tools=tools)
-        # the template writes BOS itself when the model wants one
-        return self.tokenize(text, add_special=False, parse_special=True)
+        return encode_chat_prompt(self.tokenizer, text)
 
     def chat(self, messages: list[dict], max_tokens: int = 256, stream: bool = False, **kw):
         """Reply to a conversation; the KV state of the shared prefix with the last call is reused."""

@@ -205,10 +205,11 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def log_softmax64(row: np.ndarray) -> np.ndarray:
-    x = row.astype(np.float64)
-    m = x.max()
-    return x - (m + np.log(np.exp(x - m).sum()))
+def log_softmax64(x: np.ndarray) -> np.ndarray:
+    """log_softmax over the last axis, in float64."""
+    x = np.asarray(x).astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
 
 
 def topk_desc(lp: np.ndarray, k: int) -> np.ndarray:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ouzel.errors import OuzelError
-from ouzel.text.chat import GEMMA_TEMPLATE, ChatTemplate, chat_template_for
+from ouzel.text.chat import GEMMA_TEMPLATE, ChatTemplate, chat_template_for, encode_chat_prompt
 
 CONVERSATION = [
     {"role": "user", "content": "Hello"},
@@ -79,6 +79,7 @@ def test_smollm2_rendered_prompt_tokenizes_like_llama_cpp(smol_meta):
     ids = tok.encode(prompt, add_special=True, parse_special=True)
     assert ids[0] == tok.token_to_id("<|im_start|>")
     assert ids.count(tok.token_to_id("<|im_end|>")) == 4
+    assert encode_chat_prompt(tok, prompt) == ids  # SmolLM2 adds no BOS
     llama_cpp = pytest.importorskip("llama_cpp")
     llm = llama_cpp.Llama(smol_meta["_path"], vocab_only=True, verbose=False)
     assert ids == llm.tokenize(prompt.encode(), add_bos=True, special=True)
@@ -103,14 +104,23 @@ def test_gemma_fallback():
         ct.render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
 
 
-def test_gemma_fallback_from_tokenizer_like_object():
-    class Tok:  # what chat_template_for reads from a Tokenizer
-        chat_template = None
-        bos_token = "<bos>"
-        eos_token = "<eos>"
+class FakeGemmaTokenizer:  # what chat_template_for / encode_chat_prompt read from a Tokenizer
+    chat_template = None
+    bos_token, eos_token = "<bos>", "<eos>"
+    bos_id, add_bos = 2, True
+    architecture = "gemma3"
 
-    assert chat_template_for(Tok(), "gemma3").render([{"role": "user", "content": "Hi"}]) == \
-        "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    def encode(self, text, add_special=True, parse_special=True):
+        assert parse_special and not add_special
+        return [2, 7] if text.startswith("<bos>") else [7]
+
+
+def test_gemma_fallback_from_tokenizer_like_object():
+    tok = FakeGemmaTokenizer()
+    prompt = chat_template_for(tok).render([{"role": "user", "content": "Hi"}])
+    assert prompt == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    assert encode_chat_prompt(tok, prompt) == [2, 7]       # the template's BOS is not doubled
+    assert encode_chat_prompt(tok, "no bos here") == [2, 7]  # the model's BOS is added
 
 
 def test_file_template_wins_over_fallback():
@@ -161,9 +171,10 @@ def test_sandbox(source):
 
 
 def test_tojson_like_transformers():
-    ct = ChatTemplate("{{ tools | tojson }}|{{ tools[0] | tojson(indent=2) }}|{{ {'b': 1, 'a': 2} | tojson(sort_keys=true) }}",
-                      "", "")
-    tools = [{"name": "get_weather", "description": "Météo <city> & \"quotes\" 'x'", "parameters": {"n": [1, 2.5, None, True]}}]
+    ct = ChatTemplate("{{ tools | tojson }}|{{ tools[0] | tojson(indent=2) }}|"
+                      "{{ {'b': 1, 'a': 2} | tojson(sort_keys=true) }}", "", "")
+    tools = [{"name": "get_weather", "description": "Météo <city> & \"quotes\" 'x'",
+              "parameters": {"n": [1, 2.5, None, True]}}]
     out = ct.render([], tools=tools)
     a, b, c = out.split("|")
     assert a == json.dumps(tools, ensure_ascii=False)  # no HTML escaping, non-ASCII kept

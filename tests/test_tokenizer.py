@@ -286,6 +286,19 @@ def test_vocabulary(smol, gemma):
         smol.tok.token_bytes(10**6)
 
 
+def test_gemma_chat_prompt(gemma):
+    from ouzel.text.chat import chat_template_for, encode_chat_prompt
+
+    tok = gemma.tok
+    assert tok.architecture == "gemma3"
+    prompt = chat_template_for(tok).render([{"role": "system", "content": "Be brief."},
+                                            {"role": "user", "content": "Hi there"}])
+    assert prompt == "<bos><start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n<start_of_turn>model\n"
+    ids = encode_chat_prompt(tok, prompt)
+    assert ids.count(tok.bos_id) == 1 and ids[0] == tok.bos_id
+    assert ids == gemma.ref(prompt, False, True)
+
+
 # ---- synthetic vocabularies: errors and fallbacks -------------------------------------------------
 
 def _tiny_bpe_meta(pre: str = "gpt2") -> dict:

@@ -217,14 +217,27 @@ def chat_template_for(meta_or_tokenizer: Any, architecture: str | None = None) -
     meta_or_tokenizer: a `Tokenizer` or a GGUF metadata dict. architecture: e.g. 'gemma3'
     (taken from 'general.architecture' when not given)."""
     source, bos, eos = _template_source(meta_or_tokenizer)
-    if architecture is None and isinstance(meta_or_tokenizer, Mapping):
-        architecture = meta_or_tokenizer.get("general.architecture")
+    if architecture is None:
+        if isinstance(meta_or_tokenizer, Mapping):
+            architecture = meta_or_tokenizer.get("general.architecture")
+        else:
+            architecture = getattr(meta_or_tokenizer, "architecture", None)
     if not source:
         source = fallback_template(architecture)
     if not source:
         raise OuzelError(f"the model has no chat template and ouzel has none built in for "
                          f"architecture {architecture!r}; pass a template or use plain completion")
     return ChatTemplate(source, bos, eos)
+
+
+def encode_chat_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids of a rendered chat prompt: special tokens written in it are parsed, BOS is added
+    when the model wants one and the template did not already write it, and no EOS is appended."""
+    ids = tokenizer.encode(prompt, add_special=False, parse_special=True)
+    bos = tokenizer.bos_id
+    if tokenizer.add_bos and bos is not None and ids[:1] != [bos]:
+        ids.insert(0, bos)
+    return ids
 
 
 def _template_source(obj: Any) -> tuple[str | None, str, str]:

@@ -282,7 +282,8 @@ class Tokenizer:
                  bos_id: int | None, eos_id: int | None, eot_ids: set[int], add_bos: bool,
                  add_eos: bool = False, add_space_prefix: bool = False, chat_template: str | None = None,
                  eot_id: int | None = None, eom_id: int | None = None, unk_id: int | None = None,
-                 pad_id: int | None = None, byte_level: bool = False, name: str = ""):
+                 pad_id: int | None = None, byte_level: bool = False, name: str = "",
+                 architecture: str | None = None):
         self._kind = kind  # "spm" | "bpe" (llama.cpp rules) | "hf" (tokenizer.json rules)
         self._hf = hf
         self._tokens = tokens
@@ -300,6 +301,7 @@ class Tokenizer:
         self.add_space_prefix = add_space_prefix
         self.chat_template = chat_template
         self.name = name
+        self.architecture = architecture  # e.g. 'gemma3', for chat_template_for's built-in templates
         self._byte_level = byte_level
         self._pieces: dict[int, bytes] = {}
         self._lock = threading.Lock()
@@ -425,7 +427,8 @@ class Tokenizer:
         return cls(kind=kind, hf=hf, tokens=tokens, attrs=attrs, vocab=vocab, bos_id=bos, eos_id=eos,
                    eot_ids=eog, add_bos=add_bos, add_eos=add_eos, add_space_prefix=add_space_prefix,
                    chat_template=str(template) if template else None, eot_id=eot, eom_id=eom, unk_id=unk,
-                   pad_id=pad, byte_level=(kind == "bpe"), name=str(meta.get("general.name", "")))
+                   pad_id=pad, byte_level=(kind == "bpe"), name=str(meta.get("general.name", "")),
+                   architecture=meta.get("general.architecture"))
 
     @classmethod
     def from_hf_dir(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -438,10 +441,16 @@ class Tokenizer:
         if not tj.is_file():
             raise OuzelError(f"{path}: no tokenizer.json")
         try:
-            spec = json.loads(tj.read_text(encoding="utf-8"))
-            hf = HFTokenizer.from_str(json.dumps(spec))
+            hf = HFTokenizer.from_file(str(tj))
         except Exception as e:
             raise OuzelError(f"{tj}: unreadable tokenizer.json: {e}") from None
+
+        def component(c) -> str:  # a pipeline component's JSON (cheaper than parsing the whole file)
+            try:
+                state = c.__getstate__() if c is not None else b"null"
+                return state.decode("utf-8") if isinstance(state, bytes) else str(state)
+            except Exception:
+                return type(c).__name__
         config = _read_json(path / "tokenizer_config.json")
         gen = _read_json(path / "generation_config.json")
 
@@ -450,8 +459,7 @@ class Tokenizer:
         tokens = [""] * n
         for t, i in vocab.items():
             tokens[i] = t
-        model = spec.get("model") or {}
-        byte_fallback = bool(model.get("byte_fallback"))
+        byte_fallback = bool(getattr(hf.model, "byte_fallback", False))
         attrs = [ATTR_NORMAL] * n
         if byte_fallback:
             for i, t in enumerate(tokens):
@@ -460,9 +468,8 @@ class Tokenizer:
         for i, tok in hf.get_added_tokens_decoder().items():
             if i < n:
                 attrs[i] = ATTR_CONTROL if tok.special else ATTR_USER_DEFINED
-        byte_level = "ByteLevel" in json.dumps(spec.get("decoder")) or \
-            "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
-        decoder = json.dumps(spec.get("decoder"))
+        decoder = component(hf.decoder)
+        byte_level = "ByteLevel" in decoder or "ByteLevel" in component(hf.pre_tokenizer)
         add_space_prefix = '"Strip"' in decoder or ('"Metaspace"' in decoder and
                                                      '"never"' not in decoder)
 
@@ -493,10 +500,12 @@ class Tokenizer:
         else:
             add_bos = bos is not None and hf.encode("", add_special_tokens=True).ids[:1] == [bos]
         template = _hf_chat_template(path, config)
+        model_type = _read_json(path / "config.json").get("model_type")
         return cls(kind="hf", hf=hf, tokens=tokens, attrs=attrs, vocab=vocab, bos_id=bos, eos_id=eos,
                    eot_ids=eog, add_bos=add_bos, add_eos=bool(config.get("add_eos_token", False)),
                    add_space_prefix=add_space_prefix, chat_template=template, eot_id=eot, eom_id=eom,
-                   unk_id=unk, pad_id=pad, byte_level=byte_level, name=path.name)
+                   unk_id=unk, pad_id=pad, byte_level=byte_level, name=path.name,
+                   architecture=model_type if isinstance(model_type, str) else None)
 
     # ---- special-token partition -------------------------------------------------------------
 
