@@ -1,8 +1,9 @@
 """Per-sequence KV state behind one small interface.
 
-A model's attention layer calls `kv.update(layer, k, v)` and gets back every key and value the
-sequence holds for that layer; it never knows how they are stored. `DenseKV` keeps contiguous,
-growable buffers per layer; the paged block pool of the server backs the same interface.
+A model's attention layer hands its new q, k, v to `kv.attention(...)` and gets the attention
+output back; it never knows how (or for how many sequences) keys and values are stored.
+`DenseKV` keeps one sequence in contiguous, growable buffers per layer; a paged block pool
+serving a batch of sequences implements the same two calls (`attention`, `commit`).
 """
 from __future__ import annotations
 
@@ -12,16 +13,18 @@ import torch
 
 
 class KVState(Protocol):
-    length: int  # tokens whose K/V are stored (the position of the next token)
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                  window: int | None, scale: float) -> torch.Tensor:
+        """Store k, v [T, Hkv, D] of the new tokens, attend q [T, H, D] over everything visible."""
+        ...
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
     def commit(self, n: int) -> None: ...
     def trim(self, n: int) -> None: ...
     def nbytes(self) -> int: ...
 
 
 class DenseKV:
-    """Contiguous K/V per layer: [capacity, kv_heads, head_dim], doubled when full."""
+    """One sequence; contiguous K/V per layer: [capacity, kv_heads, head_dim], doubled when full."""
 
     def __init__(self, n_layers: int, max_tokens: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32):
@@ -51,6 +54,11 @@ class DenseKV:
         self._k[layer][self.length:end] = k
         self._v[layer][self.length:end] = v
         return self._k[layer][:end], self._v[layer][:end]
+
+    def attention(self, layer, q, k, v, positions, window, scale):
+        from ..layers.attention import attend
+        k_all, v_all = self.update(layer, k, v)
+        return attend(q, k_all, v_all, positions, window, scale)
 
     def commit(self, n: int) -> None:
         self.length += n

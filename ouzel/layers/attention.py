@@ -57,6 +57,5 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(q, positions), self.rope(k, positions)
-        k_all, v_all = kv.update(self.layer, k, v)
-        out = attend(q, k_all, v_all, positions, self.window, self.scale)
+        out = kv.attention(self.layer, q, k, v, positions, self.window, self.scale)
         return self.o_proj(out.reshape(T, -1))
