@@ -1,4 +1,4 @@
-"""ouzel run | chat | inspect."""
+"""ouzel run | chat | serve | inspect."""
 from __future__ import annotations
 
 import argparse
@@ -51,6 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     chat.add_argument("-s", "--system", default=None, help="system prompt")
     _add_sampling_args(chat, 512)
+
+    srv = sub.add_parser("serve", help="OpenAI/Anthropic-compatible HTTP server", epilog=EPILOG)
+    _add_model_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer or x-api-key)")
+    srv.add_argument("--cors", action="store_true", help="allow cross-origin browser requests")
+    srv.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
+    srv.add_argument("--kv-mem-mb", type=int, default=1024, help="resident KV block pool size (default 1024)")
+    srv.add_argument("--kv-disk-dir", default=None, help="keep KV prefixes on disk in this folder")
+    srv.add_argument("--kv-disk-space-mb", type=int, default=4096, help="disk tier budget (default 4096)")
+    srv.add_argument("--model-id", default=None, help="model name reported by /v1/models (default: -m)")
 
     insp = sub.add_parser("inspect", help="describe a model file", epilog=EPILOG)
     insp.add_argument("model", nargs="?", default=DEFAULT_MODEL)
@@ -201,12 +213,27 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .server.engine import ServeConfig
+    from .server.main import serve
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    if args.max_batch < 1 or args.kv_mem_mb < 1 or args.kv_disk_space_mb < 1:
+        raise OuzelError("--max-batch, --kv-mem-mb and --kv-disk-space-mb must be positive")
+    cfg = ServeConfig(model=args.model, model_id=args.model_id or args.model, host=args.host, port=args.port,
+                      api_key=args.api_key, cors=args.cors, ctx=args.ctx, max_batch=args.max_batch,
+                      kv_mem_mb=args.kv_mem_mb, kv_disk_dir=args.kv_disk_dir,
+                      kv_disk_space_mb=args.kv_disk_space_mb)
+    return serve(cfg, args.device)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug or os.environ.get("OUZEL_DEBUG") else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"run": cmd_run, "chat": cmd_chat, "inspect": cmd_inspect}[args.cmd](args)
+        return {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "inspect": cmd_inspect}[args.cmd](args)
     except OuzelError as e:
         if args.debug:
             raise

@@ -98,6 +98,8 @@ def load(ref: str | Path, device: str | torch.device = "cpu", progress: bool = T
         tokenizer = Tokenizer.from_gguf(f.meta)
     cfg = Config(raw_cfg)
     model = registry.model_class(arch)(cfg)
+    if hasattr(model, "weight_source"):  # a model whose checkpoints name/store weights their own way
+        source = model.weight_source(source)
     load_weights(model, source, dev, progress)
     model.eval()
     return Loaded(model, cfg, tokenizer, path, arch, getattr(tokenizer, "chat_template", None), source.nbytes())
@@ -111,5 +113,5 @@ def weight_bytes(model: nn.Module) -> int:
         if key in seen:
             continue
         seen.add(key)
-        total += w.nbytes if isinstance(w, QTensor) else w.numel() * w.element_size()
+        total += w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.nbytes
     return total

@@ -416,7 +416,12 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-tokens", action="store_true")
     ap.add_argument("--allow-other-version", action="store_true",
                     help=f"don't fail if llama-cpp-python != {REQUIRED_LLAMA_CPP}")
+    ap.add_argument("--out-dir", default=None,
+                    help="write fixtures here instead of tests/fixtures (e.g. to check reproducibility)")
     args = ap.parse_args(argv)
+    global FIXTURES
+    if args.out_dir:
+        FIXTURES = os.path.abspath(args.out_dir)
 
     import llama_cpp
     if llama_cpp.__version__ != REQUIRED_LLAMA_CPP and not args.allow_other_version:

@@ -191,6 +191,8 @@ def llamacpp_check(ref, npz, path):
         row = {"name": p["name"], "top10_lp_max_abs": float(d.max()),
                "greedy_match": int(np.argmin(agree)) if not agree.all() else len(agree),
                "teacher_forced_top1_agree": int(agree.sum()), "logits_max_abs": None}
+        row["ref_top2_gap_at_div"] = (None if row["greedy_match"] == len(agree)
+                                      else p["top2_gap"][row["greedy_match"]])
         if p.get("logits_key"):
             row["logits_max_abs"] = float(np.abs(steps[0].astype(np.float64)
                                                  - npz[p["logits_key"]].astype(np.float64)).max())
@@ -204,7 +206,10 @@ def llamacpp_check(ref, npz, path):
             "worst": {"top10_lp_max_abs": max(r["top10_lp_max_abs"] for r in out),
                       "logits_max_abs": max((r["logits_max_abs"] for r in out
                                              if r["logits_max_abs"] is not None), default=None),
-                      "greedy_match_min": min(r["greedy_match"] for r in out)}}
+                      "greedy_match_min": min(r["greedy_match"] for r in out),
+                      "max_ref_top2_gap_at_div": max((r["ref_top2_gap_at_div"] for r in out
+                                                      if r["ref_top2_gap_at_div"] is not None),
+                                                     default=None)}}
 
 
 def write_f32_gguf(src: str, dst: str) -> None:

@@ -19,7 +19,8 @@ class Sequence:
     def __init__(self, model, max_tokens: int, device: torch.device):
         self.model, self.max_tokens, self.device = model, max_tokens, device
         self.tokens: list[int] = []
-        self.kv = DenseKV(len(model.model.layers), max_tokens, device)
+        self.kv = (model.new_kv(max_tokens, device) if hasattr(model, "new_kv")
+                   else DenseKV(len(model.model.layers), max_tokens, device))
 
     def reset(self) -> None:
         self.tokens = []
@@ -47,8 +48,9 @@ class Sequence:
                 break
             common += 1
         common = min(common, len(ids) - 1)  # recompute at least the last token for its logits
-        self.tokens = self.tokens[:common]
         self.kv.trim(common)
+        common = min(common, self.kv.length)  # a state that can't cut at `common` keeps less
+        self.tokens = self.tokens[:common]
         todo = ids[common:]
         hidden = None
         for i in range(0, len(todo), PREFILL_CHUNK):

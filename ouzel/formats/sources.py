@@ -100,6 +100,12 @@ class SafetensorsSource:
     def nbytes(self) -> int:
         return self._size
 
+    def raw_tensor(self, key: str) -> torch.Tensor:
+        """The stored tensor under its exact checkpoint key, any dtype (for format adapters)."""
+        if key not in self._where:
+            raise OuzelError(f"{self.dir}: missing tensor {key!r}")
+        return self._where[key].get_tensor(key)
+
 
 def read_hf_config(directory: Path) -> dict[str, Any]:
     p = directory / "config.json"

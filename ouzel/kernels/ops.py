@@ -33,6 +33,8 @@ def _cpu_kernels():
 
 def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """y = x @ w.T for x [..., in] and w [out, in] dense or in GGUF blocks."""
+    if not isinstance(w, (torch.Tensor, QTensor)):  # other stored formats (HF FP8/FP4 blocks): per use
+        return F.linear(x, w.dequantize().to(x.dtype))
     if not isinstance(w, QTensor):
         return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
     if w.device.type == "cpu" and x.dtype == torch.float32:

@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 from ..errors import UnsupportedError
+from .deepseek_v4 import DeepseekV4ForCausalLM
 from .gemma3 import Gemma3ForCausalLM
 from .llama import LlamaForCausalLM
 
 ARCHITECTURES = {
     "llama": LlamaForCausalLM,
     "gemma3": Gemma3ForCausalLM,
+    "deepseek_v4": DeepseekV4ForCausalLM,
 }
 
 # other names the same code serves (HF model_type or GGUF architecture)
 ALIASES = {
     "gemma3_text": "gemma3",
     "mistral": "llama",
+    "deepseek4": "deepseek_v4",  # GGUF general.architecture
 }
 
 

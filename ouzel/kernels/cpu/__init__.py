@@ -11,7 +11,8 @@ Results are exact with respect to ouzel.quant.blocks.dequantize: `dequantize_row
 `embedding` return the same bits, and `qmatmul` computes in float32 from those values
 (it differs from the float64 product only by float32 accumulation).
 
-Set OUZEL_CPU_KERNELS=0 to switch the kernels off.
+Set OUZEL_CPU_KERNELS=0 to switch the kernels off; OUZEL_CPU_KERNELS_CFLAGS adds compiler flags
+(its own build folder), e.g. "-mno-avx512f" builds the portable scalar path.
 """
 from __future__ import annotations
 
@@ -58,11 +59,14 @@ def _cpu_tag() -> str:
 
 def build_directory() -> Path:
     base = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "ouzel" / "torch_extensions"
-    return Path(base) / f"ouzel_qmatmul_{_cpu_tag()}"
+    extra = os.environ.get("OUZEL_CPU_KERNELS_CFLAGS", "").strip()
+    tag = _cpu_tag() + ("_" + hashlib.sha1(extra.encode()).hexdigest()[:8] if extra else "")
+    return Path(base) / f"ouzel_qmatmul_{tag}"
 
 
 def _compile_flags() -> tuple[list[str], list[str]]:
-    cflags = ["-O3", "-march=native", "-ffp-contract=off"]
+    # OUZEL_CPU_KERNELS_CFLAGS adds flags (e.g. -mno-avx512f to try the portable path)
+    cflags = ["-O3", "-march=native", "-ffp-contract=off"] + os.environ.get("OUZEL_CPU_KERNELS_CFLAGS", "").split()
     ldflags: list[str] = []
     # at::parallel_for is a header template: with torch's OpenMP backend it needs -fopenmp here,
     # and links the same libgomp.so.1 torch already loaded

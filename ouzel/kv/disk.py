@@ -1,0 +1,198 @@
+"""Disk tier for KV blocks: one file per full block, named by its prefix key (docs/kv-disk-format.md).
+
+Content addressing makes sharing free: a prefix used by many conversations is one set of files,
+and a continued conversation writes only its new blocks. The tier is bounded by a byte budget,
+least-recently-used files go first. Every file is validated before use (magic, version, model
+fingerprint, shape, key chain, checksum); a file that fails is deleted and logged once, and the
+caller falls back to prefill. Writes go to a temporary name and are renamed into place, so a
+crash (even SIGKILL) leaves either the whole file or none.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from .prefix import KEY_BYTES, block_key
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"OUZKVBLK"
+VERSION = 1
+HEADER_BYTES = 128
+SUFFIX = ".kvb"
+# magic, version, header size, fingerprint, key, parent key, tokens, layers, kv heads, head dim,
+# dtype code, reserved, payload bytes, checksum, reserved
+_HEADER = struct.Struct("<8sII16s16s16sIIIIIIQ16s16s")
+assert _HEADER.size == HEADER_BYTES
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DTYPE_OF = {v: k for k, v in DTYPES.items()}
+
+
+class DiskTier:
+    def __init__(self, directory: str | os.PathLike, budget_bytes: int, fingerprint: bytes):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.budget, self.fingerprint = int(budget_bytes), fingerprint
+        self.files: collections.OrderedDict[bytes, int] = collections.OrderedDict()  # key -> size, LRU
+        self.bytes_written = self.files_written = self.hits = self.discarded = 0
+        self._scan()
+
+    def _scan(self) -> None:
+        found = []
+        for p in self.dir.iterdir():
+            if p.name.startswith(".tmp-"):  # a write cut short by a crash
+                p.unlink(missing_ok=True)
+                continue
+            if p.suffix != SUFFIX or len(p.stem) != 2 * KEY_BYTES:
+                continue
+            try:
+                st = p.stat()
+                found.append((st.st_mtime, bytes.fromhex(p.stem), st.st_size))
+            except (OSError, ValueError):
+                continue
+        for _, key, size in sorted(found):
+            self.files[key] = size
+        self._enforce_budget()
+
+    # --- queries ---
+    def __contains__(self, key: bytes) -> bool:
+        return key in self.files
+
+    def used_bytes(self) -> int:
+        return sum(self.files.values())
+
+    def path(self, key: bytes) -> Path:
+        return self.dir / (key.hex() + SUFFIX)
+
+    # --- write ---
+    def write(self, key: bytes, parent: bytes, tokens: list[int], k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Store one block (k, v: [layers, tokens, kv_heads, head_dim]); False if already stored."""
+        if key in self.files:
+            self.files.move_to_end(key)
+            return False
+        payload = _tensor_bytes(k) + _tensor_bytes(v)
+        body = struct.pack(f"<{len(tokens)}I", *tokens) + payload
+        layers, n, heads, dim = k.shape
+        header = _HEADER.pack(MAGIC, VERSION, HEADER_BYTES, self.fingerprint, key, parent, n, layers, heads, dim,
+                              DTYPES[k.dtype], 0, len(payload), _checksum(body), bytes(16))
+        tmp = self.dir / f".tmp-{os.getpid()}-{key.hex()}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(header)
+                f.write(body)
+            os.replace(tmp, self.path(key))
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            log.warning("kv disk: cannot write %s: %s", self.path(key), e)
+            return False
+        size = HEADER_BYTES + len(body)
+        self.files[key] = size
+        self.bytes_written += size
+        self.files_written += 1
+        self._enforce_budget()
+        return True
+
+    def _enforce_budget(self) -> None:
+        while self.files and self.used_bytes() > self.budget:
+            key, _ = self.files.popitem(last=False)
+            self.path(key).unlink(missing_ok=True)
+
+    # --- read ---
+    def read(self, key: bytes, parent: bytes, shape: tuple[int, int, int, int],
+             dtype: torch.dtype) -> tuple[list[int], torch.Tensor, torch.Tensor] | None:
+        """tokens, K, V of a block, or None (missing, or invalid: then deleted and logged)."""
+        if key not in self.files:
+            return None
+        p = self.path(key)
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            return self._discard(key, f"unreadable ({e})")
+        problem = self._check(data, key, parent, shape, dtype)
+        if problem:
+            return self._discard(key, problem)
+        layers, n, heads, dim = shape
+        tokens = list(struct.unpack_from(f"<{n}I", data, HEADER_BYTES))
+        start = HEADER_BYTES + 4 * n
+        half = (len(data) - start) // 2
+        k = torch.frombuffer(bytearray(data[start:start + half]), dtype=dtype).view(shape)
+        v = torch.frombuffer(bytearray(data[start + half:]), dtype=dtype).view(shape)
+        self.files.move_to_end(key)
+        try:
+            os.utime(p)  # the LRU order survives a restart through mtimes
+        except OSError:
+            pass
+        self.hits += 1
+        return tokens, k, v
+
+    def _check(self, data: bytes, key: bytes, parent: bytes, shape, dtype) -> str | None:
+        if len(data) < HEADER_BYTES:
+            return f"truncated ({len(data)} bytes, header alone is {HEADER_BYTES})"
+        (magic, version, hbytes, fp, fkey, fparent, n, layers, heads, dim, dcode, _, nbytes, checksum,
+         _) = _HEADER.unpack_from(data)
+        layers_, n_, heads_, dim_ = shape
+        elt = torch.empty((), dtype=dtype).element_size()
+        expected_payload = 2 * layers_ * n_ * heads_ * dim_ * elt
+        checks = [
+            (magic == MAGIC, f"bad magic {magic!r}"),
+            (version == VERSION, f"format version {version}, this build reads {VERSION}"),
+            (hbytes == HEADER_BYTES, f"header size {hbytes}"),
+            (fp == self.fingerprint, "written for another model (fingerprint differs)"),
+            (fkey == key, "key in header differs from file name"),
+            (fparent == parent, "parent key differs (another prefix)"),
+            ((layers, n, heads, dim) == (layers_, n_, heads_, dim_), f"shape {(layers, n, heads, dim)} != {shape}"),
+            (DTYPE_OF.get(dcode) == dtype, f"dtype code {dcode}"),
+            (nbytes == expected_payload, f"payload {nbytes} bytes, expected {expected_payload}"),
+            (len(data) == HEADER_BYTES + 4 * n + nbytes, f"size {len(data)} != {HEADER_BYTES + 4 * n + nbytes}"),
+        ]
+        for ok, why in checks:
+            if not ok:
+                return why
+        body = data[HEADER_BYTES:]
+        if _checksum(body) != checksum:
+            return "checksum mismatch"
+        tokens = list(struct.unpack_from(f"<{n}I", data, HEADER_BYTES))
+        if block_key(parent, tokens) != key:
+            return "tokens do not hash to the key"
+        return None
+
+    def _discard(self, key: bytes, why: str) -> None:
+        log.warning("kv disk: discarding %s: %s", self.path(key).name, why)
+        self.files.pop(key, None)
+        self.path(key).unlink(missing_ok=True)
+        self.discarded += 1
+        return None
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+
+
+def _checksum(body: bytes) -> bytes:
+    return hashlib.blake2b(body, digest_size=16).digest()
+
+
+def model_fingerprint(path: str | os.PathLike, *extra: str) -> bytes:
+    """16 bytes naming the exact weights (size and head/tail bytes of the file) plus KV settings."""
+    h = hashlib.blake2b(digest_size=16)
+    p = Path(path)
+    for part in extra:
+        h.update(part.encode() + b"\0")
+    files = sorted(p.iterdir()) if p.is_dir() else [p]
+    for f in files:
+        if not f.is_file():
+            continue
+        size = f.stat().st_size
+        h.update(f.name.encode() + struct.pack("<Q", size))
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(size - (1 << 20))
+                h.update(fh.read())
+    return h.digest()

@@ -1,0 +1,204 @@
+"""DeepSeek V4 attention: one shared K=V head (MQA) over a sliding window of raw rows, plus
+compressed rows on CSA/HCA layers.
+
+- sliding only: the last `window` tokens (plain RoPE, theta `rope_theta`);
+- HCA: + one row per `ratio` tokens (non-overlapping windows, softmax-gated pooling), all
+  causally complete rows visible;
+- CSA: + one row per `ratio` tokens pooled over two overlapping series (window w mixes the
+  previous window's first series with its own second one), of which a lightning indexer picks
+  the `index_topk` best rows per query.
+Compressed layers use the "compress" RoPE (YaRN). Per-head attention sinks, a low-rank query with
+its norm, and a grouped low-rank output projection. The K=V rows carry RoPE into the output, so
+the output's rope slice is rotated back by the query's angle.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import ops
+from ..quant.tensor import QTensor
+from .hyper_connections import _unit_rms, dense
+from .interleaved_rope import InterleavedRope
+from .linear import Linear
+from .norm import RMSNorm
+
+
+class Compressor(nn.Module):
+    """kv_proj, gate_proj: hidden -> c*dim (c = 2 with overlap); position_bias [ratio, c*dim];
+    kv_norm [dim]. Emits one RMS-normed, RoPE'd row per complete window of `ratio` tokens."""
+
+    series = "compressor"
+
+    def __init__(self, hidden: int, dim: int, ratio: int, overlap: bool, eps: float, rope: InterleavedRope):
+        super().__init__()
+        self.dim, self.ratio, self.overlap, self.rope = dim, ratio, overlap, rope
+        width = (2 if overlap else 1) * dim
+        self.kv_proj, self.gate_proj = Linear(hidden, width), Linear(hidden, width)
+        self.kv_norm = RMSNorm(dim, eps)
+        self.position_bias = None
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"position_bias": (self.ratio, (2 if self.overlap else 1) * self.dim)}
+
+    def compress(self, x: torch.Tensor, kv, layer: int) -> torch.Tensor:
+        """x [T, hidden] -> every compressed row so far [n, dim]."""
+        chunk_kv, chunk_gate, first = kv.frontier(layer, self.series, self.kv_proj(x), self.gate_proj(x), self.ratio)
+        n, r, d = chunk_kv.shape[0] // self.ratio, self.ratio, self.dim
+        new = chunk_kv.new_zeros((0, d))
+        if n:
+            ckv = chunk_kv.view(n, r, -1)
+            cgate = chunk_gate.view(n, r, -1) + dense(self.position_bias)
+            if self.overlap:
+                ckv, cgate = self._overlap(ckv, cgate, kv, layer)
+            pooled = (ckv * cgate.softmax(dim=1, dtype=torch.float32).to(ckv.dtype)).sum(dim=1)
+            positions = torch.arange(n, device=x.device) * r + first
+            new = self.rope(self.kv_norm(pooled), positions)
+        return kv.append_rows(layer, self.series, new, d)
+
+    def _overlap(self, ckv, cgate, kv, layer):
+        """[n, r, 2d] -> [n, 2r, d]: slots 0..r-1 hold the previous window's first series (zero
+        kv, -inf gate where there is none), slots r..2r-1 this window's second series."""
+        n, r, d = ckv.shape[0], self.ratio, self.dim
+        okv = ckv.new_zeros((n, 2 * r, d))
+        ogate = cgate.new_full((n, 2 * r, d), float("-inf"))
+        okv[:, r:], ogate[:, r:] = ckv[..., d:], cgate[..., d:]
+        okv[1:, :r], ogate[1:, :r] = ckv[:-1, :, :d], cgate[:-1, :, :d]
+        prior_kv, prior_gate = kv.swap_overlap(layer, self.series, ckv[-1, :, :d], cgate[-1, :, :d])
+        if prior_kv is not None:
+            okv[0, :r], ogate[0, :r] = prior_kv, prior_gate
+        return okv, ogate
+
+
+class _Scorer(nn.Module):
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.weights_proj = Linear(hidden, heads)
+
+
+class Indexer(Compressor):
+    """Lightning indexer: its own small overlapping compressor at index_head_dim, and queries
+    q_b_proj(q_residual) scored as sum_h w_h(x) * relu(q_h . k)."""
+
+    series = "indexer"
+
+    def __init__(self, hidden: int, q_rank: int, heads: int, dim: int, ratio: int, top_k: int, eps: float,
+                 rope: InterleavedRope):
+        super().__init__(hidden, dim, ratio, True, eps, rope)
+        self.heads, self.top_k = heads, top_k
+        self.q_b_proj = Linear(q_rank, heads * dim)
+        self.scorer = _Scorer(hidden, heads)
+
+    def select(self, x, q_residual, positions, kv, layer) -> torch.Tensor:
+        """Indices [T, min(top_k, n)] of the compressed rows each query reads; -1 = none."""
+        rows = self.compress(x, kv, layer)  # [n, dim]
+        q = self.rope(self.q_b_proj(q_residual).view(x.shape[0], self.heads, self.dim), positions)
+        scores = F.relu(torch.einsum("thd,nd->thn", q.float(), rows.float())) * self.dim ** -0.5
+        w = self.scorer.weights_proj(x).float() * self.heads ** -0.5
+        index = (scores * w[..., None]).sum(dim=1)  # [T, n]
+        n = rows.shape[0]
+        k = min(self.top_k, n)
+        if n == 0:
+            return index.new_zeros((x.shape[0], 0), dtype=torch.long)
+        ready = ((positions + 1) // self.ratio)[:, None]  # rows a query may read: index < ready
+        index = index.masked_fill(torch.arange(n, device=x.device)[None, :] >= ready, float("-inf"))
+        top = index.topk(k, dim=-1).indices
+        return torch.where(top >= ready, torch.full_like(top, -1), top)
+
+
+class CSACompressor(Compressor):
+    def __init__(self, cfg, rope: InterleavedRope, ratio: int):
+        super().__init__(cfg.hidden_size, cfg.head_dim, ratio, True, cfg.rms_norm_eps, rope)
+        self.indexer = Indexer(cfg.hidden_size, cfg.q_lora_rank, cfg.index_n_heads, cfg.index_head_dim, ratio,
+                               cfg.index_topk, cfg.rms_norm_eps, rope)
+
+    def visible(self, x, q_residual, positions, kv, layer):
+        """(compressed rows [n, dim], mask [T, n] of the rows each query attends)."""
+        rows = self.compress(x, kv, layer)
+        top = self.indexer.select(x, q_residual, positions, kv, layer)
+        n = rows.shape[0]
+        mask = torch.zeros((x.shape[0], n + 1), dtype=torch.bool, device=x.device)
+        mask.scatter_(1, torch.where(top >= 0, top, n), True)  # -1 picks land in a dropped column
+        return rows, mask[:, :n]
+
+
+class HCACompressor(Compressor):
+    def __init__(self, cfg, rope: InterleavedRope, ratio: int):
+        super().__init__(cfg.hidden_size, cfg.head_dim, ratio, False, cfg.rms_norm_eps, rope)
+
+    def visible(self, x, q_residual, positions, kv, layer):
+        rows = self.compress(x, kv, layer)
+        ready = ((positions + 1) // self.ratio)[:, None]
+        return rows, torch.arange(rows.shape[0], device=x.device)[None, :] < ready
+
+
+class GroupedLinear(nn.Module):
+    """Block-diagonal projection: input split in `groups` slices, slice g times rows
+    [g*out_per_group, (g+1)*out_per_group) of weight [groups*out_per_group, in_per_group]."""
+
+    def __init__(self, in_per_group: int, out_total: int, groups: int):
+        super().__init__()
+        self.in_per_group, self.out_total, self.groups = in_per_group, out_total, groups
+        self.weight = None
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"weight": (self.out_total, self.in_per_group)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x [T, groups, in_per_group] -> [T, out_total]
+        g, per = self.groups, self.out_total // self.groups
+        if not isinstance(self.weight, QTensor):
+            w = self.weight.to(x.dtype).view(g, per, -1)
+            return torch.einsum("tgi,goi->tgo", x, w).reshape(x.shape[0], -1)
+        parts = [ops.linear(x[:, i], QTensor(self.weight.raw[i * per:(i + 1) * per], self.weight.bt,
+                                             (per, self.in_per_group))) for i in range(g)]
+        return torch.cat(parts, dim=-1)
+
+
+COMPRESSORS = {"compressed_sparse_attention": CSACompressor, "heavily_compressed_attention": HCACompressor}
+
+
+class V4Attention(nn.Module):
+    def __init__(self, cfg, layer: int, layer_type: str, rope: InterleavedRope, ratio: int | None):
+        super().__init__()
+        d, H, hd, eps = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.rms_norm_eps
+        self.layer, self.heads, self.head_dim, self.eps = layer, H, hd, eps
+        self.window, self.rope, self.scale = cfg.sliding_window, rope, hd ** -0.5
+        self.q_a_proj, self.q_a_norm = Linear(d, cfg.q_lora_rank), RMSNorm(cfg.q_lora_rank, eps)
+        self.q_b_proj = Linear(cfg.q_lora_rank, H * hd)
+        self.kv_proj, self.kv_norm = Linear(d, hd), RMSNorm(hd, eps)
+        self.o_groups = cfg.o_groups
+        self.o_a_proj = GroupedLinear(H * hd // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, cfg.o_groups)
+        self.o_b_proj = Linear(cfg.o_groups * cfg.o_lora_rank, d)
+        self.compressor = COMPRESSORS[layer_type](cfg, rope, ratio) if layer_type in COMPRESSORS else None
+        self.sinks = None
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"sinks": (self.heads,)}
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv) -> torch.Tensor:
+        # x [T, hidden]; one K=V head of head_dim shared by all H query heads
+        T = x.shape[0]
+        cos, sin = self.rope.cos_sin(positions)
+        q_res = self.q_a_norm(self.q_a_proj(x))
+        q = _unit_rms(self.q_b_proj(q_res).view(T, self.heads, self.head_dim), self.eps)
+        q = self.rope.rotate(q, cos, sin)
+        rows = self.rope.rotate(self.kv_norm(self.kv_proj(x)), cos, sin)
+        keys, key_pos = kv.window(self.layer, rows, positions, self.window)
+        mask = (key_pos[None, :] <= positions[:, None]) & (key_pos[None, :] > positions[:, None] - self.window)
+        if self.compressor is not None:
+            crows, cmask = self.compressor.visible(x, q_res, positions, kv, self.layer)
+            keys, mask = torch.cat([keys, crows.to(keys.dtype)]), torch.cat([mask, cmask], dim=1)
+        out = self._attend(q, keys.to(q.dtype), mask)
+        out = self.rope.rotate(out, cos, -sin)
+        return self.o_b_proj(self.o_a_proj(out.reshape(T, self.o_groups, -1)))
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q [T, H, D], keys (= values) [S, D], mask [T, S] -> [T, H, D]; each head's sink logit
+        joins the softmax and takes its share of the probability mass."""
+        scores = torch.einsum("thd,sd->ths", q, keys) * self.scale
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+        sinks = dense(self.sinks).to(scores.dtype).view(1, -1, 1).expand(q.shape[0], -1, 1)
+        probs = torch.cat([scores, sinks], dim=-1).softmax(dim=-1)[..., :-1]
+        return torch.einsum("ths,sd->thd", probs, keys)

@@ -1,0 +1,145 @@
+"""Routed experts + shared expert (DeepSeek-style MoE), with top-k or hash routing.
+
+Expert weights stay as stored (dense or GGUF blocks, per expert); only the experts some token
+chose run, each on the tokens that chose it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UnsupportedError
+from ..kernels import ops
+from ..quant.tensor import QTensor, Weight
+from .hyper_connections import dense
+from .linear import Linear
+
+SCORING = {
+    "sqrtsoftplus": lambda x: F.softplus(x).sqrt(),
+    "sigmoid": torch.sigmoid,
+    "softmax": lambda x: x.softmax(dim=-1),
+}
+
+
+@dataclass
+class ExpertStack:
+    """E experts' matrices of one kind, logically [E, out, in]. Each expert's matrix is a list of
+    row blocks concatenated along `out` (a fused gate_up may be stored as separate gate and up),
+    each block a Weight (dense tensor, QTensor, or anything with `dequantize()` and a shape)."""
+
+    parts: list[list[Weight]]
+    shape: tuple[int, int, int]
+
+    def linear(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        blocks = self.parts[e]
+        if len(blocks) == 1:
+            return ops.linear(x, blocks[0])
+        return torch.cat([ops.linear(x, b) for b in blocks], dim=-1)
+
+    def to(self, device) -> "ExpertStack":
+        return ExpertStack([[b.to(device) for b in p] for p in self.parts], self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes if isinstance(b, QTensor) else b.numel() * b.element_size()
+                   for p in self.parts for b in p)
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor) -> "ExpertStack":
+        return cls([[w[e]] for e in range(w.shape[0])], tuple(w.shape))
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """silu(gate) * up with the V4 clamp: gate from above only, up on both sides."""
+    if limit:
+        gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    return F.silu(gate) * up
+
+
+class ClampedMLP(nn.Module):
+    """The shared expert: a gated MLP with the same SwiGLU clamp as the routed experts."""
+
+    def __init__(self, hidden: int, intermediate: int, limit: float | None):
+        super().__init__()
+        self.gate_proj, self.up_proj = Linear(hidden, intermediate), Linear(hidden, intermediate)
+        self.down_proj = Linear(intermediate, hidden)
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.limit))
+
+
+class Router(nn.Module):
+    """weight [E, D]; e_score_correction_bias [E] (top-k: biases the choice, not the weights)
+    or tid2eid [V, K] (hash: a frozen token-id -> experts table chooses)."""
+
+    def __init__(self, hidden: int, n_experts: int, top_k: int, scoring: str, scaling: float,
+                 hash_vocab: int | None = None):
+        super().__init__()
+        if scoring not in SCORING:
+            raise UnsupportedError(f"router scoring {scoring!r} is not supported; supported: {', '.join(SCORING)}")
+        self.hidden, self.n_experts, self.top_k, self.scaling = hidden, n_experts, top_k, scaling
+        self.score, self.hash_vocab = SCORING[scoring], hash_vocab
+        self.weight = self.e_score_correction_bias = self.tid2eid = None
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        if self.hash_vocab is not None:
+            return {"weight": (self.n_experts, self.hidden), "tid2eid": (self.hash_vocab, self.top_k)}
+        return {"weight": (self.n_experts, self.hidden), "e_score_correction_bias": (self.n_experts,)}
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D], ids [T] -> weights [T, K] (float32), expert indices [T, K]."""
+        scores = self.score(ops.linear(x.float(), self.weight))
+        if self.hash_vocab is not None:
+            idx = self.tid2eid[ids].long()
+        else:
+            idx = torch.topk(scores + dense(self.e_score_correction_bias), self.top_k, dim=-1, sorted=False).indices
+        w = scores.gather(1, idx)
+        # the reference always renormalises the chosen weights (norm_topk_prob is not consulted)
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return w * self.scaling, idx
+
+
+class RoutedExperts(nn.Module):
+    """gate_up_proj [E, 2I, D] (gate rows first), down_proj [E, D, I]."""
+
+    def __init__(self, hidden: int, intermediate: int, n_experts: int, limit: float | None):
+        super().__init__()
+        self.hidden, self.intermediate, self.n_experts, self.limit = hidden, intermediate, n_experts, limit
+        self.gate_up_proj: ExpertStack | None = None
+        self.down_proj: ExpertStack | None = None
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        E, D, I = self.n_experts, self.hidden, self.intermediate
+        return {"gate_up_proj": (E, 2 * I, D), "down_proj": (E, D, I)}
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        # x [T, D]; weights, idx [T, K]
+        gu, down = self._stack(self.gate_up_proj), self._stack(self.down_proj)
+        out = torch.zeros_like(x)
+        for e in torch.unique(idx).tolist():  # only the active experts
+            tok, slot = torch.where(idx == e)
+            h = gu.linear(x[tok], e)
+            y = down.linear(swiglu(h[:, : self.intermediate], h[:, self.intermediate:], self.limit), e)
+            out.index_add_(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
+        return out
+
+    @staticmethod
+    def _stack(w) -> ExpertStack:
+        return w if isinstance(w, ExpertStack) else ExpertStack.from_dense(w)
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, n_experts: int, top_k: int, scoring: str,
+                 scaling: float, limit: float | None, hash_vocab: int | None = None):
+        super().__init__()
+        self.gate = Router(hidden, n_experts, top_k, scoring, scaling, hash_vocab)
+        self.experts = RoutedExperts(hidden, intermediate, n_experts, limit)
+        self.shared_experts = ClampedMLP(hidden, intermediate, limit)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        w, idx = self.gate(x, ids)
+        return self.experts(x, w, idx) + self.shared_experts(x)

@@ -1,0 +1,1 @@
+"""`ouzel serve`: OpenAI- and Anthropic-compatible HTTP APIs over the batching engine."""

@@ -1,0 +1,212 @@
+"""The server's engine: the loaded model, the scheduler thread, the KV tiers, and one async
+generator (`stream`) that every HTTP handler consumes."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from ..engine.request import Event, Request, Usage
+from ..engine.sampler import SamplingParams
+from ..engine.scheduler import Scheduler
+from ..errors import OuzelError
+from ..kv.disk import DiskTier, model_fingerprint
+from ..kv.manager import BlockManager, default_dtype, kv_shape
+from ..kv.paged import BlockPool
+from ..text.tool_formats import ToolCall, ToolStream
+from .errors import ApiError
+from .prompt import ChatPrompt, ToolReplay
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeConfig:
+    model: str = "smollm2-135m"
+    model_id: str = ""          # the name /v1/models reports (default: model)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    cors: bool = False
+    ctx: int | None = None
+    max_batch: int = 8
+    block_size: int = 16
+    kv_mem_mb: int = 1024       # the resident block pool
+    step_tokens: int = 256      # prefill chunk budget per step
+    kv_disk_dir: str | None = None
+    kv_disk_space_mb: int = 4096
+    keepalive_s: float = 5.0
+    max_body_bytes: int = 16 << 20
+
+
+@dataclass
+class Delta:
+    """What handlers format: text, a tool call starting/finished, or the end."""
+    kind: str  # "text" | "call_start" | "call_done" | "done" | "keepalive"
+    text: str = ""
+    call: ToolCall | None = None
+    logprobs: list | None = None  # [(token text, logprob, [(alt text, logprob)])]
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+class ServeEngine:
+    def __init__(self, llm, cfg: ServeConfig):
+        self.llm, self.cfg = llm, cfg
+        self.model_id = cfg.model_id or cfg.model
+        layers, heads, dim = kv_shape(llm.model)
+        dtype = default_dtype()
+        per_block = 2 * layers * cfg.block_size * heads * dim * dtype.itemsize
+        n_blocks = max(cfg.kv_mem_mb * 2**20 // per_block, -(-llm.ctx // cfg.block_size) + 1)
+        self.pool = BlockPool(layers, n_blocks, cfg.block_size, heads, dim, dtype, llm.device)
+        fp = model_fingerprint(llm.loaded.path, f"kv={dtype}", f"block={cfg.block_size}")
+        disk = DiskTier(cfg.kv_disk_dir, cfg.kv_disk_space_mb * 2**20, fp) if cfg.kv_disk_dir else None
+        self.kv = BlockManager(self.pool, fp, disk)
+        self.scheduler = Scheduler(llm.model, llm.tokenizer, self.kv, llm.ctx, cfg.max_batch,
+                                   cfg.step_tokens, llm.device)
+        self.replay = ToolReplay()
+        self.chat = ChatPrompt(llm, self.replay)
+        self.started = time.time()
+        self.http_requests = 0
+
+    def start(self) -> "ServeEngine":
+        self.scheduler.start()
+        return self
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+
+    # --- prompts ---
+    def encode(self, prompt) -> list[int]:
+        """A completion prompt: text, or a list of token ids."""
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return self.llm.tokenize(prompt)
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        raise ApiError(400, "'prompt' must be a string or an array of token ids", param="prompt")
+
+    def validate(self, ids: list[int], params: SamplingParams) -> None:
+        """Refuse (400) a request that could never run, before any response header is sent."""
+        try:
+            self.scheduler.check(ids, params.max_tokens)
+        except OuzelError as e:
+            self.scheduler.metrics.rejected += 1
+            raise ApiError(400, str(e)) from None
+
+    def ctx_left(self, ids: list[int]) -> int:
+        return self.llm.ctx - len(ids)
+
+    # --- generation ---
+    async def stream(self, ids: list[int], params: SamplingParams, *, logprobs: int | None = None,
+                     tools: bool = False, forced: str = "", is_disconnected=None) -> AsyncIterator[Delta]:
+        """Run one request; yield Deltas (and "keepalive" while nothing happens, e.g. a long
+        prefill). Leaving the generator early (client gone) cancels the request and frees its KV."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        req = Request(ids, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev), logprobs)
+        try:
+            self.scheduler.submit(req)
+        except OuzelError as e:
+            self.scheduler.metrics.rejected += 1
+            raise ApiError(400, str(e)) from None
+        parser = ToolStream(self.chat.format, forced) if tools else None
+        done = False
+        try:
+            if parser is not None:
+                for d in self._tool_deltas(parser.events, None):
+                    yield d
+            while True:
+                try:
+                    ev = await asyncio.wait_for(queue.get(), self.cfg.keepalive_s)
+                except asyncio.TimeoutError:
+                    if is_disconnected is not None and await is_disconnected():
+                        return
+                    yield Delta("keepalive")
+                    continue
+                if ev.kind == "error":
+                    done = True
+                    raise ApiError(500, ev.error or "engine error", kind="server_error")
+                lps = self._logprobs(ev) if ev.kind == "token" and ev.logprob is not None else None
+                if parser is None:
+                    if ev.text or lps:
+                        yield Delta("text", ev.text, logprobs=lps)
+                else:
+                    for d in self._tool_deltas(parser.push(ev.text), lps):
+                        yield d
+                if ev.kind == "done":
+                    done = True
+                    if parser is not None:
+                        for d in self._tool_deltas(parser.finish(), None):
+                            yield d
+                        if parser.calls:
+                            self.replay.remember([c.id for c in parser.calls], parser.raw)
+                    reason = ev.finish_reason
+                    if parser is not None and parser.calls and reason in ("stop", "length"):
+                        reason = "tool_calls"
+                    yield Delta("done", finish_reason=reason, usage=ev.usage)
+                    return
+        finally:
+            if not done:
+                req.cancel()
+                self.scheduler.wake()
+
+    @staticmethod
+    def _tool_deltas(events, lps) -> list[Delta]:
+        out = []
+        for kind, value in events:
+            out.append(Delta("text", value, logprobs=lps) if kind == "text" else Delta(kind, call=value))
+            lps = None
+        return out
+
+    def _logprobs(self, ev: Event) -> list:
+        tok = self.llm.tokenizer
+        text = lambda i: tok.token_bytes(i).decode("utf-8", "replace")  # noqa: E731
+        return [(text(ev.token), ev.logprob, [(text(i), lp) for i, lp in (ev.top or [])])]
+
+    async def collect(self, ids, params, **kw) -> dict:
+        """Non-streaming: the whole reply."""
+        text, calls, lps, end = [], [], [], None
+        async for d in self.stream(ids, params, **kw):
+            if d.kind == "text":
+                text.append(d.text)
+                lps.extend(d.logprobs or [])
+            elif d.kind == "call_done":
+                calls.append(d.call)
+            elif d.kind == "done":
+                end = d
+        return {"text": "".join(text), "calls": calls, "logprobs": lps, "finish_reason": end.finish_reason,
+                "usage": end.usage}
+
+    # --- observability ---
+    def metrics_text(self) -> str:
+        m, s = self.scheduler.metrics, self.scheduler.stats()
+        rows = [
+            ("ouzel_http_requests_total", "counter", self.http_requests),
+            ("ouzel_requests_total", "counter", m.requests),
+            ("ouzel_requests_finished_total", "counter", m.finished),
+            ("ouzel_requests_cancelled_total", "counter", m.cancelled),
+            ("ouzel_requests_rejected_total", "counter", m.rejected),
+            ("ouzel_requests_running", "gauge", s["running"]),
+            ("ouzel_requests_waiting", "gauge", s["waiting"]),
+            ("ouzel_prompt_tokens_total", "counter", m.prompt_tokens),
+            ("ouzel_generated_tokens_total", "counter", m.generated_tokens),
+            ("ouzel_prefill_tokens_total", "counter", m.prefill_tokens),
+            ("ouzel_cache_hit_tokens_total", "counter", s["cache_hit_tokens"]),
+            ("ouzel_disk_hit_tokens_total", "counter", s["disk_hit_tokens"]),
+            ("ouzel_prefill_tokens_per_second", "gauge", m.prefill_tokens / m.prefill_s if m.prefill_s else 0.0),
+            ("ouzel_decode_tokens_per_second", "gauge", m.decode_tokens / m.decode_s if m.decode_s else 0.0),
+            ("ouzel_kv_blocks_total", "gauge", s["blocks_total"]),
+            ("ouzel_kv_blocks_in_use", "gauge", s["blocks_in_use"]),
+            ("ouzel_kv_blocks_cached", "gauge", s["blocks_cached"]),
+            ("ouzel_kv_disk_bytes", "gauge", s["disk_bytes"]),
+            ("ouzel_kv_disk_bytes_written_total", "counter", s["disk_bytes_written"]),
+            ("ouzel_kv_disk_files_discarded_total", "counter", s["disk_files_discarded"]),
+        ]
+        lines = []
+        for name, kind, value in rows:
+            lines += [f"# TYPE {name} {kind}", f"{name} {value}"]
+        return "\n".join(lines) + "\n"

