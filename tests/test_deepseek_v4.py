@@ -202,3 +202,61 @@ def test_reprompt_with_shared_prefix_recomputes(tiny):
     with torch.no_grad():
         ref = tiny.model(torch.tensor([other])).logits[0, -1]
     assert rel_l2(got, ref) < REL_TOL
+
+
+# ------------------------------------------------------------------------------------ GGUF deepseek4
+
+import deepseek4_gguf as d4  # noqa: E402
+
+# experts need rows of whole 256-element blocks for the K-quants: hidden and expert width 256
+QUANT_OVERRIDES = dict(hidden_size=256, moe_intermediate_size=256)
+QUANT_LEN = 45
+
+
+def test_gguf_f32_gives_the_safetensors_logits(tiny, tmp_path):
+    path = d4.write(tiny.model, tmp_path / "tiny-f32.gguf")
+    loaded = ouzel.load(path, progress=False)
+    assert loaded.loaded.architecture == "deepseek_v4"
+    assert loaded.config.layer_types == LAYERS
+    out = ouzel_full(loaded.model, tiny.ids)
+    assert rel_l2(out, ouzel_full(tiny.loaded.model, tiny.ids)) < 1e-6
+    assert rel_l2(out, tiny.ref) < REL_TOL
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    model = build_v4(seed=3, **QUANT_OVERRIDES)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(2, model.config.vocab_size, (QUANT_LEN,), generator=g)
+    return type("Wide", (), dict(model=model, ids=ids, dir=tmp_path_factory.mktemp("v4q")))
+
+
+@pytest.mark.parametrize("qtype", ["Q2_K", "IQ2_XXS", "Q4_K", "MXFP4"])
+def test_gguf_quantized_experts_give_the_dequantized_logits(wide, qtype):
+    """Routed experts stay in their blocks (one QTensor per expert, a view of the file); the
+    logits are transformers' on the dequantized experts."""
+    from ouzel.layers.moe import ExpertStack
+    from ouzel.quant.tensor import QTensor
+
+    path = d4.write(wide.model, wide.dir / f"tiny-{qtype}.gguf", qtype)
+    loaded = ouzel.load(path, progress=False)
+    experts = loaded.model.model.layers[1].mlp.experts.gate_up_proj
+    assert isinstance(experts, ExpertStack) and isinstance(experts.parts[0][0], QTensor)
+    assert experts.parts[0][0].bt.name == qtype
+    ref_model = d4.reference_model(wide.model, qtype)
+    with torch.no_grad():
+        ref = ref_model(wide.ids[None]).logits[0]
+    assert rel_l2(ouzel_full(loaded.model, wide.ids), ref) < REL_TOL
+
+
+def test_gguf_runs_through_the_api(tiny, tmp_path):
+    """ouzel.load on a deepseek4 GGUF (GGUF tokenizer) and greedy generation, as `ouzel run` does."""
+    llm = ouzel.load(d4.write(tiny.model, tmp_path / "api.gguf"), progress=False)
+    prompt = llm.tokenize("The quick brown fox")
+    got = llm.generate_ids(prompt, max_tokens=6, temperature=0.0, ignore_eos=True)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(6):
+            ids.append(int(tiny.model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert got == ids[len(prompt):]
+    assert isinstance(llm.generate("The quick", max_tokens=4, temperature=0.0), str)

@@ -14,6 +14,7 @@ rope base, window, scale or head layout) is orders of magnitude above it.
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ from ouzel.engine.generate import Sequence  # noqa: E402
 from ouzel.errors import OuzelError  # noqa: E402
 
 REL_TOL, ABS_TOL = 1e-5, 1e-4
+DEVICE = os.environ.get("OUZEL_TEST_DEVICE", "cpu")  # the GPU check runs this file with cuda
 PROMPT_LEN = 40
 ARCHS = list(tm.TINY)
 
@@ -92,7 +94,7 @@ def tiny_llama(workdir):
 
 @pytest.fixture(scope="module")
 def llm_hf(tiny):
-    return ouzel.load(tiny.dir)
+    return ouzel.load(tiny.dir, device=DEVICE)
 
 
 # ------------------------------------------------------------------------------------ logits
@@ -118,11 +120,11 @@ def test_hf_dir_logits(tiny, llm_hf):
 def test_decode_matches_full_forward(tiny, llm_hf):
     """Prefill one token, then step one at a time: every position's logits equal the full forward."""
     full = llm_hf.logits(tiny.ids)
-    seq = Sequence(llm_hf.model, len(tiny.ids) + 1, torch.device("cpu"))
+    seq = Sequence(llm_hf.model, len(tiny.ids) + 1, torch.device(DEVICE))
     steps = [seq.prefill(tiny.ids[:1])]
     for tok in tiny.ids[1:]:
         steps.append(seq.step(tok))
-    steps = torch.stack(steps)
+    steps = torch.stack(steps).cpu()
     for i in range(len(tiny.ids)):
         assert_close(steps[i], full[i], f"{tiny.arch} decode position {i} vs full forward", abs_tol=None)
         assert_close(steps[i], tiny.ref[i], f"{tiny.arch} decode position {i} vs transformers", abs_tol=None)
@@ -132,7 +134,7 @@ def test_sliding_window_matters(workdir):
     """Sensitivity check: ouzel with the window switched off is far outside the tolerance, so
     the tests above do test the window."""
     tiny = _build("gemma3", workdir)
-    llm = ouzel.load(tiny.dir)
+    llm = ouzel.load(tiny.dir, device=DEVICE)
     for layer in llm.model.model.layers:
         layer.self_attn.window = None
     w = tiny.model.config.sliding_window
@@ -144,7 +146,7 @@ def test_sliding_window_matters(workdir):
 def test_gguf_logits(tiny, qtype):
     """GGUF of the same weights: F32 equals transformers; F16 / Q8_0 equal transformers run on the
     dequantized weights (gguf.quants), so the quantized matmuls compute exactly that function."""
-    llm = ouzel.load(gguf_path(tiny, qtype))
+    llm = ouzel.load(gguf_path(tiny, qtype), device=DEVICE)
     assert llm.loaded.architecture == tiny.arch
     if qtype == "F32":
         ref = tiny.ref
@@ -157,15 +159,15 @@ def test_gguf_logits(tiny, qtype):
 
 def test_gguf_decode_q8_0(tiny):
     """Token-by-token decode on Q8_0 weights equals the full forward."""
-    llm = ouzel.load(gguf_path(tiny, "Q8_0"))
+    llm = ouzel.load(gguf_path(tiny, "Q8_0"), device=DEVICE)
     full = llm.logits(tiny.ids)
-    seq = Sequence(llm.model, len(tiny.ids), torch.device("cpu"))
+    seq = Sequence(llm.model, len(tiny.ids), torch.device(DEVICE))
     steps = [seq.prefill(tiny.ids[:1])] + [seq.step(t) for t in tiny.ids[1:]]
-    assert_close(torch.stack(steps), full, f"{tiny.arch} Q8_0 decode vs full forward")
+    assert_close(torch.stack(steps).cpu(), full, f"{tiny.arch} Q8_0 decode vs full forward")
 
 
 def test_gguf_tokenizer_matches_hf_dir(tiny, llm_hf):
-    llm = ouzel.load(gguf_path(tiny, "F32"))
+    llm = ouzel.load(gguf_path(tiny, "F32"), device=DEVICE)
     text = "The quick brown fox, 12345 otters and ouzels!"
     assert llm.tokenize(text, add_special=False) == llm_hf.tokenize(text, add_special=False)
     assert llm.tokenizer.bos_id == llm_hf.tokenizer.bos_id == 0
@@ -185,7 +187,7 @@ def test_greedy_generate_matches_transformers(tiny, llm_hf):
     assert len(want) == 8
     got = llm_hf.generate_ids(tiny.ids, max_tokens=8, temperature=0.0, ignore_eos=True)
     assert got == want
-    got_gguf = ouzel.load(gguf_path(tiny, "F32")).generate_ids(tiny.ids, max_tokens=8, temperature=0.0,
+    got_gguf = ouzel.load(gguf_path(tiny, "F32"), device=DEVICE).generate_ids(tiny.ids, max_tokens=8, temperature=0.0,
                                                                ignore_eos=True)
     assert got_gguf == want
 

@@ -120,8 +120,8 @@ def test_tool_call_round_trip_replays_sampled_text(oai):
 
 def test_tool_call_stream_anthropic(claude):
     tools = [{"name": "get_weather", "description": "Current weather", "input_schema": WEATHER["function"]["parameters"]}]
-    msgs = [{"role": "user", "content": "Weather in Rome?"}]
-    with claude.messages.stream(model="smollm2-135m", max_tokens=40, extra_body=T0, messages=msgs, tools=tools,
+    msgs = [{"role": "user", "content": "Call get_weather for Rome."}]
+    with claude.messages.stream(model="smollm2-135m", max_tokens=60, extra_body=T0, messages=msgs, tools=tools,
                                 tool_choice={"type": "tool", "name": "get_weather"}) as s:
         events = [e.type for e in s]
         final = s.get_final_message()

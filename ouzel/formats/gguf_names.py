@@ -75,6 +75,9 @@ def hf_to_gguf_names(arch: str) -> Callable[[str], str | None]:
 
 
 def config_from_gguf(arch: str, meta: dict[str, Any], path: str) -> dict[str, Any]:
+    if arch == "deepseek_v4":  # its own key set (compress ratios, hyper-connections, indexer)
+        from .gguf_deepseek4 import config_from_gguf as deepseek4_config
+        return deepseek4_config(meta, path)
     cfg: dict[str, Any] = {"model_type": arch}
     for key in REQUIRED:
         if f"{arch}.{key}" not in meta:

@@ -114,7 +114,7 @@ class ServeEngine:
             self.scheduler.metrics.rejected += 1
             raise ApiError(400, str(e)) from None
         parser = ToolStream(self.chat.format, forced) if tools else None
-        done = False
+        done = closed = False
         try:
             if parser is not None:
                 for d in self._tool_deltas(parser.events, None):
@@ -131,21 +131,31 @@ class ServeEngine:
                     done = True
                     raise ApiError(500, ev.error or "engine error", kind="server_error")
                 lps = self._logprobs(ev) if ev.kind == "token" and ev.logprob is not None else None
-                if parser is None:
+                if closed:
+                    pass  # a forced call is complete; what the model said after it is dropped
+                elif parser is None:
                     if ev.text or lps:
                         yield Delta("text", ev.text, logprobs=lps)
                 else:
                     for d in self._tool_deltas(parser.push(ev.text), lps):
                         yield d
+                    # a forced call ends as soon as its JSON closes: stop sampling there, as a
+                    # grammar would, instead of letting a small model ramble on
+                    if forced and parser.in_call and self.chat.format.end_of(parser.buf, True) is not None:
+                        for d in self._tool_deltas(parser.finish(), None):
+                            yield d
+                        closed = True
+                        req.cancel()
+                        self.scheduler.wake()
                 if ev.kind == "done":
                     done = True
-                    if parser is not None:
+                    if parser is not None and not closed:
                         for d in self._tool_deltas(parser.finish(), None):
                             yield d
                         if parser.calls:
                             self.replay.remember([c.id for c in parser.calls], parser.raw)
                     reason = ev.finish_reason
-                    if parser is not None and parser.calls and reason in ("stop", "length"):
+                    if parser is not None and parser.calls:
                         reason = "tool_calls"
                     yield Delta("done", finish_reason=reason, usage=ev.usage)
                     return

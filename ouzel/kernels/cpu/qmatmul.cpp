@@ -315,6 +315,9 @@ inline __m512i load16_i8_epi32(const uint8_t* p) {
   return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 inline __m512 i8_table_ps(const int8_t* t) { return _mm512_cvtepi32_ps(load16_i8_epi32(reinterpret_cast<const uint8_t*>(t))); }
+// the f16 at p in every lane; the f16 pair at p as [a, b, a, b, ...] (vcvtph2ps is exact)
+inline __m512 bcast_f16(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_set1_epi16(short(rd16(p)))); }
+inline __m512 pair_f16(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_set1_epi32(int(rd32(p)))); }
 
 // A 32-element block of 4-bit indices (16 bytes, Q4_0 layout) through a 16-float table.
 template <class S>
@@ -332,38 +335,92 @@ inline void nib32_h(const uint8_t* qs, uint32_t qh, __m512 tab0, __m512 tab1, S&
   s.put(16, _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(v1, tab0), __mmask16(qh >> 16), v1, tab1));
 }
 
+#ifndef OUZEL_NIB_MODE
+#define OUZEL_NIB_MODE 0
+#endif
+// A 32-element block of 4-bit q (Q4_0 layout; with QH a fifth bit per element from a 32-bit mask)
+// with linear values: QOFF > 0: w = (q - QOFF) * d (as the reference: the sign of a zero included);
+// QOFF == 0: w = q * d + m (one rounding, like the reference's, since q * d is exact).
+template <int QOFF, bool QH>
+inline __m512 lin_table(__m512 d, __m512 m, float base) {
+  if constexpr (QOFF > 0) return _mm512_mul_ps(iota_ps(base - QOFF), d);
+  else return _mm512_fmadd_ps(iota_ps(base), d, m);
+}
+template <int QOFF>
+inline __m512 lin_value(__m512i q, __m512 d, __m512 m) {
+  if constexpr (QOFF > 0) return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(QOFF))), d);
+  else return _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), d, m);
+}
+template <int QOFF, class S>
+inline void nib32_lin(const uint8_t* qs, __m512 d, __m512 m, S& s) {
+  const __m512i v = load16_u8_epi32(qs);
+#if OUZEL_NIB_MODE == 0
+  const __m512 tab = lin_table<QOFF, false>(d, m, 0.0f);
+  s.put(0, _mm512_permutexvar_ps(v, tab));
+  s.put(16, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tab));
+#elif OUZEL_NIB_MODE == 1
+  s.put(0, lin_value<QOFF>(_mm512_and_si512(v, _mm512_set1_epi32(15)), d, m));
+  s.put(16, lin_value<QOFF>(_mm512_srli_epi32(v, 4), d, m));
+#else
+  s.put(0, _mm512_permutexvar_ps(v, lin_table<QOFF, false>(d, m, 0.0f)));
+  s.put(16, lin_value<QOFF>(_mm512_srli_epi32(v, 4), d, m));
+#endif
+}
+template <int QOFF, class S>
+inline void nib32_h_lin(const uint8_t* qs, uint32_t qh, __m512 d, __m512 m, S& s) {
+  const __m512i v = load16_u8_epi32(qs);
+  const __m512i c16 = _mm512_set1_epi32(16);
+#if OUZEL_NIB_MODE == 0
+  const __m512i v1 = _mm512_srli_epi32(v, 4);
+  const __m512 tab0 = lin_table<QOFF, true>(d, m, 0.0f), tab1 = lin_table<QOFF, true>(d, m, 16.0f);
+  s.put(0, _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(v, tab0), __mmask16(qh), v, tab1));
+  s.put(16, _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(v1, tab0), __mmask16(qh >> 16), v1, tab1));
+#elif OUZEL_NIB_MODE == 1
+  const __m512i lo = _mm512_and_si512(v, _mm512_set1_epi32(15)), hi = _mm512_srli_epi32(v, 4);
+  s.put(0, lin_value<QOFF>(_mm512_mask_or_epi32(lo, __mmask16(qh), lo, c16), d, m));
+  s.put(16, lin_value<QOFF>(_mm512_mask_or_epi32(hi, __mmask16(qh >> 16), hi, c16), d, m));
+#else
+  const __m512i lo = _mm512_and_si512(v, _mm512_set1_epi32(15)), hi = _mm512_srli_epi32(v, 4);
+  const __m512i lo5 = _mm512_mask_or_epi32(lo, __mmask16(qh), lo, c16);
+  s.put(0, _mm512_permutex2var_ps(lin_table<QOFF, true>(d, m, 0.0f), lo5, lin_table<QOFF, true>(d, m, 16.0f)));
+  s.put(16, lin_value<QOFF>(_mm512_mask_or_epi32(hi, __mmask16(qh >> 16), hi, c16), d, m));
+#endif
+}
+
 struct VQ8_0 {
   template <class S> static inline void block(const uint8_t* b, S& s) {
-    const __m512 d = _mm512_set1_ps(f16at(b));
+    const __m512 d = bcast_f16(b);
     s.put(0, _mm512_mul_ps(_mm512_cvtepi32_ps(load16_i8_epi32(b + 2)), d));
     s.put(16, _mm512_mul_ps(_mm512_cvtepi32_ps(load16_i8_epi32(b + 18)), d));
   }
 };
 struct VQ4_0 {
   template <class S> static inline void block(const uint8_t* b, S& s) {
-    nib32(b + 2, _mm512_mul_ps(iota_ps(-8.0f), _mm512_set1_ps(f16at(b))), s);
+    nib32_lin<8>(b + 2, bcast_f16(b), _mm512_setzero_ps(), s);
   }
 };
 struct VQ4_1 {
   template <class S> static inline void block(const uint8_t* b, S& s) {
-    nib32(b + 4, _mm512_fmadd_ps(iota_ps(0.0f), _mm512_set1_ps(f16at(b)), _mm512_set1_ps(f16at(b + 2))), s);
+    const __m512 dm = pair_f16(b);
+    nib32_lin<0>(b + 4, _mm512_moveldup_ps(dm), _mm512_movehdup_ps(dm), s);
   }
 };
 struct VQ5_0 {
   template <class S> static inline void block(const uint8_t* b, S& s) {
-    const __m512 d = _mm512_set1_ps(f16at(b));
-    nib32_h(b + 6, rd32(b + 2), _mm512_mul_ps(iota_ps(-16.0f), d), _mm512_mul_ps(iota_ps(0.0f), d), s);
+    const __m512 d = bcast_f16(b);
+    nib32_h_lin<16>(b + 6, rd32(b + 2), d, _mm512_setzero_ps(), s);
   }
 };
 struct VQ5_1 {
   template <class S> static inline void block(const uint8_t* b, S& s) {
-    const __m512 d = _mm512_set1_ps(f16at(b)), m = _mm512_set1_ps(f16at(b + 2));
-    nib32_h(b + 8, rd32(b + 4), _mm512_fmadd_ps(iota_ps(0.0f), d, m), _mm512_fmadd_ps(iota_ps(16.0f), d, m), s);
+    const __m512 dm = pair_f16(b);
+    const __m512 d = _mm512_moveldup_ps(dm), m = _mm512_movehdup_ps(dm);
+    nib32_h_lin<0>(b + 8, rd32(b + 4), d, m, s);
   }
 };
 struct VIQ4_NL {
   template <class S> static inline void block(const uint8_t* b, S& s) {
-    nib32(b + 2, _mm512_mul_ps(i8_table_ps(g_iq4nl), _mm512_set1_ps(f16at(b))), s);
+    nib32(b + 2, _mm512_mul_ps(i8_table_ps(g_iq4nl), bcast_f16(b)), s);
   }
 };
 struct VMXFP4 {
@@ -383,7 +440,8 @@ inline void k4_scales(const uint8_t* b, float* out) {
   const __m512i hi = _mm512_maskz_and_epi32(0xF0F0, _mm512_srli_epi32(_mm512_permutexvar_epi32(idxQ, sv), 2),
                                             _mm512_set1_epi32(0x30));
   const __m512 f = _mm512_cvtepi32_ps(_mm512_or_si512(lo, hi));
-  const __m512 dd = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(f16at(b)), _mm512_set1_ps(f16at(b + 2)));
+  const __m512 dm = pair_f16(b);
+  const __m512 dd = _mm512_mask_blend_ps(0xFF00, _mm512_moveldup_ps(dm), _mm512_movehdup_ps(dm));
   _mm512_storeu_ps(out, _mm512_mul_ps(f, dd));
 }
 
