@@ -10,7 +10,8 @@ Gemma3-270M (Q5_0, Q4_K, Q6_K, Q8_0), times y = x @ W.T for M = 1 (decode) and M
 M = 1 is timed "cold": each call uses the next of the model's distinct tensors of that type and
 shape (plus copies until they exceed 3x the L3 cache), the way a decode step streams every weight
 from memory once; "hot" repeats one matrix (it stays in cache). GB/s = that variant's own weight
-bytes / time. The last lines estimate the matmul time of one decode step (sum over all weights).
+bytes / time. The last lines give the matmul time of one decode step: the sum of the per-matrix cold
+times, and a measured pass over all the model's weights back to back.
 
     python bench/bench_qmatmul_cpu.py [--threads 2] [--models smollm2,gemma3] [--skip-512]
 """
@@ -84,6 +85,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default="smollm2,gemma3")
     ap.add_argument("--skip-512", action="store_true")
+    ap.add_argument("--skip-pass", action="store_true", help="skip the whole-model decode pass")
     ap.add_argument("--prefill-m", type=int, default=512)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -148,8 +150,42 @@ def main() -> None:
     print()
     for model in ("smollm2", "gemma3"):
         if (model, "ouzel") in totals:
-            print(f"{model}: matmuls of one decode step (M=1, cold): "
+            print(f"{model}: sum over the weights of one decode step (M=1, cold): "
                   + ", ".join(f"{v} {totals[(model, v)] * 1e3:.2f} ms" for v in ("ouzel", "fp32", "bf16")))
+    if not args.skip_pass:
+        print()
+        for model, path in model_paths(args.models.split(",")).items():
+            decode_pass(model, GGUFFile(path))
+
+
+def decode_pass(model: str, f: GGUFFile) -> None:
+    """Every 2-D weight of the model once, in file order (the tied embedding as the output projection):
+    the matmuls of one decode step, back to back, as the engine will issue them."""
+    mats = []
+    for name, info in f.tensors.items():
+        if len(info.shape) == 2:
+            mats.append((f.raw(name), block_type(info.ggml_type), info.shape[0], info.shape[1]))
+    xs = {k: torch.randn(1, k) for k in {m[3] for m in mats}}
+    xb = {k: v.to(torch.bfloat16) for k, v in xs.items()}
+    wf = [dequantize(r, bt) for r, bt, _, _ in mats]
+    wb = [w.to(torch.bfloat16) for w in wf]
+    qbytes = sum(r.numel() for r, _, _, _ in mats)
+
+    def ouzel():
+        for raw, bt, n, k in mats:
+            cpu.qmatmul(xs[k], raw, bt, n)
+
+    def fp32():
+        for w in wf:
+            torch.mm(xs[w.shape[1]], w.t())
+
+    def bf16():
+        for w in wb:
+            torch.mm(xb[w.shape[1]], w.t())
+    t = bench_many([ouzel, fp32, bf16], rounds=5, budget=6.0)
+    print(f"{model}: one decode step's {len(mats)} matmuls back to back (M=1, {qbytes / 1e6:.1f} MB of blocks): "
+          f"ouzel {t[0] * 1e3:.2f} ms ({qbytes / t[0] / 1e9:.1f} GB/s), fp32 {t[1] * 1e3:.2f} ms, "
+          f"bf16 {t[2] * 1e3:.2f} ms")
 
 
 if __name__ == "__main__":

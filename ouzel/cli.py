@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--kv-disk-dir", default=None, help="keep KV prefixes on disk in this folder")
     srv.add_argument("--kv-disk-space-mb", type=int, default=4096, help="disk tier budget (default 4096)")
     srv.add_argument("--model-id", default=None, help="model name reported by /v1/models (default: -m)")
+    srv.add_argument("--keepalive-s", type=float, default=5.0, help="SSE keep-alive interval while a reply "
+                     "has nothing new, e.g. during a long prefill (default 5)")
 
     insp = sub.add_parser("inspect", help="describe a model file", epilog=EPILOG)
     insp.add_argument("model", nargs="?", default=DEFAULT_MODEL)
@@ -224,7 +226,7 @@ def cmd_serve(args) -> int:
     cfg = ServeConfig(model=args.model, model_id=args.model_id or args.model, host=args.host, port=args.port,
                       api_key=args.api_key, cors=args.cors, ctx=args.ctx, max_batch=args.max_batch,
                       kv_mem_mb=args.kv_mem_mb, kv_disk_dir=args.kv_disk_dir,
-                      kv_disk_space_mb=args.kv_disk_space_mb)
+                      kv_disk_space_mb=args.kv_disk_space_mb, keepalive_s=args.keepalive_s)
     return serve(cfg, args.device)
 
 

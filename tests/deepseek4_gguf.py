@@ -60,9 +60,11 @@ def _random_blocks(shape: tuple[int, ...], qtype: str, rng: np.random.Generator)
     import gguf
     t = gguf.GGMLQuantizationType[qtype]
     elems, nbytes = gguf.GGML_QUANT_SIZES[t]
+    if shape[-1] % elems:
+        raise ValueError(f"{qtype} rows hold {elems}-element blocks; a row of {shape[-1]} does not fit")
     nb = shape[-1] // elems
     raw = rng.integers(0, 256, size=(*shape[:-1], nb, nbytes), dtype=np.uint8)
-    for off in _F16_FIELDS[qtype]:
+    for off in _F16_FIELDS.get(qtype, ()):
         d = rng.uniform(0.001, 0.004, size=raw.shape[:-1]).astype(np.float16)
         raw[..., off:off + 2] = d.view(np.uint8).reshape(*raw.shape[:-1], 2)
     return raw.reshape(*shape[:-1], nb * nbytes)

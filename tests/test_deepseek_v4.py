@@ -1,9 +1,6 @@
-"""DeepSeek V4 against transformers' DeepseekV4ForCausalLM on a tiny random config.
-
-The config has all three attention types (sliding, CSA ratio 4 with an indexer picking 3 rows,
-HCA ratio 16 so it compresses within short prompts), hash- and top-k-routed MoE layers, hc_mult
-4 and a YaRN compress rope. The indexer has 16 heads: with few heads `relu(q.k)` is often 0 for
-all of them, and tied scores make top-k's choice depend on tensor length (in transformers too).
+"""DeepSeek V4 against transformers' DeepseekV4ForCausalLM on a tiny random config
+(tests/tiny_deepseek_v4.py): full forward, token-by-token and chunked decode, the decode state's
+size and rewind, greedy generation, HF FP8/FP4 storage.
 
 Tolerance as tests/test_hf_oracle.py: relative L2 < 1e-5 over the [T, V] float32 logits.
 """
@@ -16,81 +13,28 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import tiny_models as tm  # noqa: E402
+from tiny_deepseek_v4 import PROMPT_LEN, REL_TOL, ouzel_full, rel_l2, tiny_fixture  # noqa: E402
 
 import ouzel  # noqa: E402
 from ouzel.engine.generate import Sequence  # noqa: E402
 
-REL_TOL = 1e-5
-PROMPT_LEN = 150  # not a multiple of 4 or 16
-LAYERS = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
-          "compressed_sparse_attention"]
-TINY_V4 = dict(
-    vocab_size=320, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4,
-    num_attention_heads=4, head_dim=32, q_lora_rank=32, partial_rotary_factor=0.5,
-    num_experts_per_tok=2, n_routed_experts=6, layer_types=LAYERS,
-    compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
-    mlp_layer_types=["hash_moe", "moe", "moe", "moe"], sliding_window=8, o_groups=2, o_lora_rank=16,
-    index_n_heads=16, index_head_dim=16, index_topk=3, hc_mult=4,
-    rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128,
-                     "beta_fast": 32, "beta_slow": 1},
-    max_position_embeddings=512, bos_token_id=0, eos_token_id=1, pad_token_id=None,
-)
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
-
-
-@torch.no_grad()
-def build_v4(seed: int = 1, **overrides):
-    """A float32 DeepseekV4ForCausalLM with random weights big enough that every branch matters
-    (hyper-connection, sink and pooling-bias parameters ~ N(0, 0.5), a random token -> experts
-    table, random router biases)."""
-    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
-
-    cfg = DeepseekV4Config(**{**TINY_V4, **overrides})
-    torch.manual_seed(seed)
-    model = DeepseekV4ForCausalLM(cfg).float().eval()
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            p.copy_(0.5 + torch.rand(p.shape, generator=g))
-        else:
-            big = any(k in name for k in ("hc", "sinks", "position_bias"))
-            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if big else 0.05))
-    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
-    for layer in model.model.layers:
-        gate = layer.mlp.gate
-        if hasattr(gate, "tid2eid"):
-            gate.tid2eid.copy_(torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(cfg.vocab_size)]))
-        else:
-            gate.e_score_correction_bias.copy_(torch.randn(E, generator=g) * 0.1)
-    return model
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    model = build_v4()
-    path = tm.save_hf_dir(model, tmp_path_factory.mktemp("v4") / "hf")
-    g = torch.Generator().manual_seed(2)
-    ids = torch.randint(2, model.config.vocab_size, (PROMPT_LEN,), generator=g)
-    with torch.no_grad():
-        ref = model(ids[None]).logits[0].float()
-    loaded = ouzel.load(path, progress=False)
-    return type("Tiny", (), dict(model=model, dir=path, ids=ids, ref=ref, loaded=loaded))
-
-
-def ouzel_full(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        kv = model.new_kv(1024)
-        return model.logits(model(ids, torch.arange(len(ids)), kv))
+    return tiny_fixture(tmp_path_factory)
 
 
 def test_full_forward_matches_transformers(tiny):
     out = ouzel_full(tiny.loaded.model, tiny.ids)
     assert rel_l2(out, tiny.ref) < REL_TOL
+
+
+def test_query_blocks_of_the_gathered_attention(tiny, monkeypatch):
+    """CSA attention gathers each query's picked rows in query blocks; small blocks, same logits."""
+    from ouzel.layers import compressed_attention
+
+    monkeypatch.setattr(compressed_attention, "GATHER_ELEMS", 7 * 3 * 32)  # 7 queries a block
+    assert rel_l2(ouzel_full(tiny.loaded.model, tiny.ids), tiny.ref) < REL_TOL
 
 
 def test_decode_token_by_token_matches_transformers(tiny):
@@ -173,6 +117,23 @@ def test_decode_state_holds_only_what_the_architecture_needs(tiny):
     assert kv.nbytes() < dense
 
 
+def test_16_bit_state(tiny):
+    """float16 decode state: half the bytes, logits close to the float32 oracle (bf16's 8-bit
+    mantissa moves this random model's logits ~6%, partly through flipped indexer picks)."""
+    model, ids = tiny.loaded.model, tiny.ids
+    kv32, kv16 = model.new_kv(1024), model.new_kv(1024, dtype=torch.float16)
+    with torch.inference_mode():
+        for kv in (kv32, kv16):
+            out = [model.logits(model(ids[:40], torch.arange(40), kv))]
+            kv.commit(40)
+            for i in range(40, 70):
+                out.append(model.logits(model(ids[i:i + 1], torch.arange(i, i + 1), kv)))
+                kv.commit(1)
+            kv.out = torch.cat(out)
+    assert kv16.nbytes() * 2 == kv32.nbytes()
+    assert rel_l2(kv16.out, tiny.ref[:70]) < 5e-3
+
+
 def test_kv_bytes_per_token_at_flash_dims():
     """transformers' default DeepseekV4Config (V4 Flash dims, 43 layers: 23 HCA, 20 CSA):
     float32 state grows 13168 bytes per token (CSA: 512/4 + 128/4 floats, HCA: 512/128), i.e.
@@ -189,74 +150,160 @@ def test_kv_bytes_per_token_at_flash_dims():
     assert 13.0e9 < _state_bytes(cfg, 1 << 20) < 13.9e9
 
 
-def test_reprompt_with_shared_prefix_recomputes(tiny):
-    """trim() can't cut inside compressed state: Sequence re-prefills from what the state kept
-    and still gives the oracle's logits for a prompt that diverges after a shared prefix."""
+@pytest.mark.parametrize("common,reused", [(85, 85), (60, 0)])
+def test_reprompt_with_shared_prefix(tiny, common, reused):
+    """A prompt that diverges after `common` tokens of the last one: within the state's rewind
+    (16 tokens) trim is exact and the prefix is reused; further back it can't cut compressed
+    rows, so the sequence re-prefills. Either way the logits are the oracle's, also for decode
+    steps after it."""
     model = tiny.loaded.model
     seq = Sequence(model, 1024, torch.device("cpu"))
     ids = tiny.ids.tolist()
     seq.prefill(ids[:90])
-    other = ids[:60] + [5, 6, 7]
-    got = seq.prefill(other)
-    assert seq.tokens == other and seq.kv.length == len(other)
+    other = ids[:common] + [5, 6, 7]
+    outs = [seq.prefill(other)[None]]
+    assert seq.reused == reused and seq.tokens == other and seq.kv.length == len(other)
+    for t in ids[90:99]:
+        outs.append(seq.step(t)[None])
+    full = other + ids[90:99]
     with torch.no_grad():
-        ref = tiny.model(torch.tensor([other])).logits[0, -1]
-    assert rel_l2(got, ref) < REL_TOL
+        ref = tiny.model(torch.tensor([full])).logits[0, len(other) - 1:]
+    assert rel_l2(torch.cat(outs), ref) < REL_TOL
 
 
-# ------------------------------------------------------------------------------------ GGUF deepseek4
 
-import deepseek4_gguf as d4  # noqa: E402
+def test_state_round_trips_through_disk(tiny, tmp_path):
+    """Save the decode state after 93 tokens to a safetensors file, restore it into a fresh state
+    and continue: the restored sequence decodes exactly as the live one (and as the oracle)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
-# experts need rows of whole 256-element blocks for the K-quants: hidden and expert width 256
-QUANT_OVERRIDES = dict(hidden_size=256, moe_intermediate_size=256)
-QUANT_LEN = 45
+    model, ids = tiny.loaded.model, tiny.ids
+    live = model.new_kv(1024)
+    with torch.inference_mode():
+        model(ids[:93], torch.arange(93), live)
+        live.commit(93)
+        save_file(live.state(), tmp_path / "v4.kv", metadata=live.meta())
+        with safe_open(str(tmp_path / "v4.kv"), "pt") as f:
+            meta = f.metadata()
+        restored = model.new_kv(1024)
+        restored.load_state(load_file(tmp_path / "v4.kv"), meta)
+        assert restored.nbytes() == live.nbytes()
+        outs = {}
+        for name, kv in (("live", live), ("restored", restored)):
+            outs[name] = [model.logits(model(ids[93:110], torch.arange(93, 110), kv))]
+            kv.commit(17)
+            for i in range(110, 130):
+                outs[name].append(model.logits(model(ids[i:i + 1], torch.arange(i, i + 1), kv)))
+                kv.commit(1)
+    assert torch.equal(torch.cat(outs["live"]), torch.cat(outs["restored"]))
+    assert rel_l2(torch.cat(outs["restored"]), tiny.ref[93:130]) < REL_TOL
 
 
-def test_gguf_f32_gives_the_safetensors_logits(tiny, tmp_path):
-    path = d4.write(tiny.model, tmp_path / "tiny-f32.gguf")
-    loaded = ouzel.load(path, progress=False)
-    assert loaded.loaded.architecture == "deepseek_v4"
-    assert loaded.config.layer_types == LAYERS
-    out = ouzel_full(loaded.model, tiny.ids)
-    assert rel_l2(out, ouzel_full(tiny.loaded.model, tiny.ids)) < 1e-6
-    assert rel_l2(out, tiny.ref) < REL_TOL
+def test_transformers_own_names_in_bf16(tiny, tmp_path):
+    """A checkpoint under transformers' module names (fused gate_up_proj [E, 2I, D]) in bf16:
+    experts stay 16-bit per-expert views; logits are transformers' on the bf16-rounded weights."""
+    import shutil
 
+    from safetensors.torch import save_file
 
-@pytest.fixture(scope="module")
-def wide(tmp_path_factory):
-    model = build_v4(seed=3, **QUANT_OVERRIDES)
-    g = torch.Generator().manual_seed(4)
-    ids = torch.randint(2, model.config.vocab_size, (QUANT_LEN,), generator=g)
-    return type("Wide", (), dict(model=model, ids=ids, dir=tmp_path_factory.mktemp("v4q")))
-
-
-@pytest.mark.parametrize("qtype", ["Q2_K", "IQ2_XXS", "Q4_K", "MXFP4"])
-def test_gguf_quantized_experts_give_the_dequantized_logits(wide, qtype):
-    """Routed experts stay in their blocks (one QTensor per expert, a view of the file); the
-    logits are transformers' on the dequantized experts."""
-    from ouzel.layers.moe import ExpertStack
     from ouzel.quant.tensor import QTensor
 
-    path = d4.write(wide.model, wide.dir / f"tiny-{qtype}.gguf", qtype)
-    loaded = ouzel.load(path, progress=False)
-    experts = loaded.model.model.layers[1].mlp.experts.gate_up_proj
-    assert isinstance(experts, ExpertStack) and isinstance(experts.parts[0][0], QTensor)
-    assert experts.parts[0][0].bt.name == qtype
-    ref_model = d4.reference_model(wide.model, qtype)
+    path = tmp_path / "internal"
+    shutil.copytree(tiny.dir, path)
+    ref = __import__("copy").deepcopy(tiny.model)
     with torch.no_grad():
-        ref = ref_model(wide.ids[None]).logits[0]
-    assert rel_l2(ouzel_full(loaded.model, wide.ids), ref) < REL_TOL
+        sd = {}
+        for k, v in ref.state_dict().items():
+            if v.is_floating_point() and v.dim() >= 2:
+                v.copy_(v.to(torch.bfloat16).float())
+                sd[k] = v.to(torch.bfloat16).contiguous()
+            else:
+                sd[k] = v.contiguous()
+        save_file(sd, path / "model.safetensors")
+        want = ref(tiny.ids[None]).logits[0]
+    llm = ouzel.load(path, progress=False)
+    part = llm.model.model.layers[1].mlp.experts.gate_up_proj.parts[0][0]
+    assert isinstance(part, QTensor) and part.bt.name == "BF16"
+    assert rel_l2(ouzel_full(llm.model, tiny.ids), want) < REL_TOL
+
+# ------------------------------------------------------------------------------------ HF FP8 / FP4 storage
+
+def _fp8_blocks(w: torch.Tensor, block: int = 128):
+    """e4m3 weight and float32 per-block dequant multipliers (weight_scale_inv)."""
+    rows, cols = w.shape
+    nr, nc = -(-rows // block), -(-cols // block)
+    pad = torch.zeros(nr * block, nc * block)
+    pad[:rows, :cols] = w
+    amax = pad.view(nr, block, nc, block).abs().amax(dim=(1, 3)).clamp(min=1e-12)
+    scale = amax / 448.0
+    full = scale.repeat_interleave(block, 0).repeat_interleave(block, 1)[:rows, :cols]
+    return (w / full).to(torch.float8_e4m3fn), scale
 
 
-def test_gguf_runs_through_the_api(tiny, tmp_path):
-    """ouzel.load on a deepseek4 GGUF (GGUF tokenizer) and greedy generation, as `ouzel run` does."""
-    llm = ouzel.load(d4.write(tiny.model, tmp_path / "api.gguf"), progress=False)
-    prompt = llm.tokenize("The quick brown fox")
-    got = llm.generate_ids(prompt, max_tokens=6, temperature=0.0, ignore_eos=True)
-    ids = list(prompt)
+def _fp4_blocks(w: torch.Tensor):
+    """e2m1 codes two per byte (low nibble first) and ue8m0 exponents per 32 columns."""
+    from ouzel.formats.hf_fp8 import FP4_VALUES
+    rows, cols = w.shape
+    g = w.view(rows, cols // 32, 32)
+    exp = torch.ceil(torch.log2(g.abs().amax(-1).clamp(min=1e-12) / 6.0))
+    x = g / torch.exp2(exp)[..., None]
+    lut = torch.tensor(FP4_VALUES)
+    codes = (x.reshape(rows, cols, 1) - lut).abs().argmin(-1).to(torch.uint8)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return packed.view(torch.int8), (exp + 127).to(torch.uint8)
+
+
+def test_hf_fp8_weights_and_fp4_experts(tiny, tmp_path):
+    """An official-style checkpoint: FP8 e4m3 linears with 128x128 weight_scale_inv, FP4 experts
+    with per-32 ue8m0 `scale`, as quantization_config says. Loaded weights stay in those bytes
+    (dequantized per use); logits are transformers' on the dequantized weights."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ouzel.formats.hf_fp8 import BlockScaledWeight
+
+    path = tmp_path / "fp8"
+    shutil.copytree(tiny.dir, path)
+    st = load_file(path / "model.safetensors")
+    ref = __import__("copy").deepcopy(tiny.model)
+    ref_sd = ref.state_dict()
+    fp8_parts = ("attn.wq_a.", "attn.wq_b.", "attn.wkv.", "attn.wo_a.", "attn.wo_b.", "shared_experts.w")
+    out = {}
     with torch.no_grad():
-        for _ in range(6):
-            ids.append(int(tiny.model(torch.tensor([ids])).logits[0, -1].argmax()))
-    assert got == ids[len(prompt):]
-    assert isinstance(llm.generate("The quick", max_tokens=4, temperature=0.0), str)
+        for key, w in st.items():
+            if key.endswith(".weight") and any(p in key for p in fp8_parts):
+                q, s = _fp8_blocks(w)
+                out[key], out[key[:-len("weight")] + "weight_scale_inv"] = q, s
+            elif ".ffn.experts." in key:
+                q, s = _fp4_blocks(w)
+                out[key], out[key[:-len("weight")] + "scale"] = q, s
+            else:
+                out[key] = w
+        save_file(out, path / "model.safetensors")
+        cfg = json.loads((path / "config.json").read_text())
+        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
+                                      "scale_fmt": "ue8m0", "expert_dtype": "fp4"}
+        (path / "config.json").write_text(json.dumps(cfg))
+        llm = ouzel.load(path, progress=False)
+        layer = llm.model.model.layers[1]
+        assert isinstance(layer.self_attn.q_b_proj.weight, BlockScaledWeight)
+        assert isinstance(layer.mlp.experts.down_proj.parts[0][0], BlockScaledWeight)
+        # the reference: transformers with every stored weight dequantized
+        for i, hl in enumerate(ref.model.layers):
+            ol = llm.model.model.layers[i]
+            for name in ("q_a_proj", "q_b_proj", "kv_proj", "o_b_proj"):
+                getattr(hl.self_attn, name).weight.copy_(getattr(ol.self_attn, name).weight.dequantize())
+            hl.self_attn.o_a_proj.weight.copy_(ol.self_attn.o_a_proj.weight.dequantize())
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                getattr(hl.mlp.shared_experts, name).weight.copy_(getattr(ol.mlp.shared_experts, name).weight.dequantize())
+            E = hl.mlp.experts.gate_up_proj.shape[0]
+            gu = ol.mlp.experts.gate_up_proj.parts
+            hl.mlp.experts.gate_up_proj.copy_(torch.stack([torch.cat([b.dequantize() for b in gu[e]]) for e in range(E)]))
+            dn = ol.mlp.experts.down_proj.parts
+            hl.mlp.experts.down_proj.copy_(torch.stack([dn[e][0].dequantize() for e in range(E)]))
+        want = ref(tiny.ids[None]).logits[0]
+    assert rel_l2(want, tiny.ref) > 1e-3  # the storage really is lossy
+    assert rel_l2(ouzel_full(llm.model, tiny.ids), want) < REL_TOL

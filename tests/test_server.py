@@ -24,7 +24,7 @@ WEATHER = {"type": "function", "function": {
 def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("kv")
     s = Server("--ctx", "1024", "--max-batch", "8", "--api-key", API_KEY, "--kv-mem-mb", "64",
-               "--kv-disk-dir", str(d / "disk"), "--kv-disk-space-mb", "64", log_path=str(d / "server.log"))
+               "--kv-disk-dir", str(d / "disk"), "--kv-disk-space-mb", "64", "--keepalive-s", "0.5", log_path=str(d / "server.log"))
     yield s
     s.stop()
 
@@ -118,6 +118,29 @@ def test_tool_call_round_trip_replays_sampled_text(oai):
     assert r2.usage.prompt_tokens_details.cached_tokens >= first // 16 * 16
 
 
+def test_tool_call_stream_openai_and_responses_round_trip(oai):
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    msgs = [{"role": "user", "content": "Call get_weather for Rome."}]
+    chunks = list(chat(oai, msgs, n=40, tools=[WEATHER], tool_choice=forced, stream=True))
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].function.name == "get_weather" and deltas[0].id
+    args = "".join(d.function.arguments or "" for d in deltas)
+    assert isinstance(json.loads(args), dict)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+
+    tools = [{"type": "function", **WEATHER["function"]}]
+    r = oai.responses.create(model="smollm2-135m", input="Call get_weather for Rome.", tools=tools,
+                             tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=40,
+                             temperature=0)
+    call = next(o for o in r.output if o.type == "function_call")
+    assert call.name == "get_weather" and isinstance(json.loads(call.arguments), dict)
+    r2 = oai.responses.create(model="smollm2-135m", tools=tools, max_output_tokens=4, temperature=0, input=[
+        {"role": "user", "content": "Call get_weather for Rome."},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "21 C"}])
+    assert r2.usage.input_tokens_details.cached_tokens >= r.usage.input_tokens // 16 * 16
+
+
 def test_tool_call_stream_anthropic(claude):
     tools = [{"name": "get_weather", "description": "Current weather", "input_schema": WEATHER["function"]["parameters"]}]
     msgs = [{"role": "user", "content": "Call get_weather for Rome."}]
@@ -131,7 +154,9 @@ def test_tool_call_stream_anthropic(claude):
     msgs += [{"role": "assistant", "content": final.content},
              {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use[0].id, "content": "20 C"}]}]
     r = claude.messages.create(model="smollm2-135m", max_tokens=4, extra_body=T0, messages=msgs, tools=tools)
-    assert r.usage.cache_read_input_tokens >= (final.usage.input_tokens + final.usage.cache_read_input_tokens) // 16 * 16
+    # the replayed call text keeps the whole first turn (prompt + sampled call) in the cached prefix
+    first = final.usage.input_tokens + final.usage.cache_read_input_tokens + final.usage.output_tokens - 2
+    assert r.usage.cache_read_input_tokens >= first // 16 * 16
 
 
 def test_batching_is_exact(server, oai):
@@ -189,6 +214,19 @@ def test_disconnect_cancels_and_frees_blocks(server):
         threading.Event().wait(0.1)
     assert m["ouzel_requests_cancelled_total"] > before
     assert m["ouzel_kv_blocks_in_use"] == 0
+
+
+def test_keepalive_during_long_prefill(server):
+    body = {"messages": [{"role": "user", "content": "Summarise: " + "the quick brown fox jumps. " * 120}],
+            "max_tokens": 1, "stream": True}
+    seen = []
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as r:
+        for line in r.iter_lines():
+            seen.append(line)
+    first_content = next(i for i, ln in enumerate(seen) if '"finish_reason": "' in ln or '"content": "' in ln
+                         and '"role"' not in ln)
+    assert ": keep-alive" in seen[:first_content] and "data: [DONE]" in seen
 
 
 BAD = [

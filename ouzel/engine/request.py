@@ -62,6 +62,7 @@ class Running:
         self.keys: list[bytes] = []  # chain keys of the full blocks, as they fill
         self.computed = 0
         self.generated = 0
+        self.state = None  # a private KV state, for models whose state is not paged (DeepSeek V4)
         self.sampler = Sampler(req.params, device)
         self.decoder = tokenizer.stream()
         self.stops = StopMatcher(req.params.stop)

@@ -6,6 +6,12 @@ next token, then prefilling sequences contribute chunks until the step's token b
 once over the batch through a `BatchKV` view of the shared block pool; rows that end a
 sequence's pending tokens are sampled.
 
+Models whose attention state is not paged K/V (DeepSeek V4's compressed state: the model has
+`new_kv(max_tokens, device)`) get one private state per sequence; each step then runs the planned
+chunks one sequence at a time. Scheduling, chunked prefill, streaming and cancellation are the same;
+prefix sharing and the disk tier for that state are still to come (snapshots at block boundaries,
+keyed by the same chain keys).
+
 Admission control: a request whose prompt plus max_tokens can never fit the pool is refused at
 submit (OuzelError -> HTTP 4xx); one that does not fit now waits in the queue. When a decode step
 finds no free block, the most recently admitted other sequence is preempted: its named blocks stay
@@ -23,7 +29,7 @@ import torch
 from ..errors import OuzelError
 from ..kv.manager import BlockManager
 from ..kv.paged import BatchKV, Segment
-from .request import Event, Request, Running
+from .request import Event, Request, Running, Usage
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,7 @@ class Scheduler:
         self.ctx, self.max_batch, self.step_tokens = ctx, max_batch, max(step_tokens, max_batch)
         self.device = torch.device(device)
         self.eog = set(tokenizer.eot_ids)
+        self.private_state = callable(getattr(model, "new_kv", None))
         self.waiting: collections.deque[Request] = collections.deque()
         self.resumed: dict[int, Running] = {}  # preempted sequences waiting to be re-admitted
         self.running: list[Running] = []
@@ -99,11 +106,19 @@ class Scheduler:
                 if self._stop:
                     return
             try:
-                self.step()
+                progressed = self.step()
             except Exception as e:  # never let one bad step kill the server: fail what was running
                 log.exception("engine step failed")
                 for run in list(self.running):
                     self._finish(run, "error", error=f"engine error: {e}")
+                if not self.running and self.waiting:  # it failed while admitting: drop that one
+                    with self._cv:
+                        req = self.waiting.popleft()
+                    req.emit(Event("error", error=f"engine error: {e}"))
+                continue
+            if not progressed:  # everyone is waiting for blocks: don't spin
+                with self._cv:
+                    self._cv.wait(0.01)
 
     # --- one step (engine thread) ---
     @torch.inference_mode()
@@ -114,20 +129,15 @@ class Scheduler:
         if not plan:
             return False
         t0 = time.perf_counter()
-        ids, pos, segs = [], [], []
-        for run, n in plan:
-            ids.extend(run.tokens[run.computed:run.computed + n])
-            pos.extend(range(run.computed, run.computed + n))
-            segs.append(Segment(run.blocks, run.computed, n))
-        kv = BatchKV(self.kv.pool, segs)
-        hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device), kv)
-        kv.commit(len(ids))
+        ids = [t for run, n in plan for t in run.tokens[run.computed:run.computed + n]]
+        hidden = self._forward_private(plan) if self.private_state else self._forward_paged(plan, ids)
         rows, sample = [], []
         off = 0
         for run, n in plan:
             run.computed += n
             off += n
-            self.kv.filled(run.tokens, run.blocks, run.keys, run.computed)
+            if not self.private_state:
+                self.kv.filled(run.tokens, run.blocks, run.keys, run.computed)
             if run.pending == 0:
                 rows.append(off - 1)
                 sample.append(run)
@@ -147,6 +157,24 @@ class Scheduler:
             m.decode_s += dt
         return True
 
+    def _forward_paged(self, plan, ids: list[int]) -> torch.Tensor:
+        """One forward over every sequence's chunk: hidden [sum of chunks, D]."""
+        pos = [p for run, n in plan for p in range(run.computed, run.computed + n)]
+        kv = BatchKV(self.kv.pool, [Segment(run.blocks, run.computed, n) for run, n in plan])
+        hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device), kv)
+        kv.commit(len(ids))
+        return hidden
+
+    def _forward_private(self, plan) -> torch.Tensor:
+        """Sequences with their own state (not pageable): one forward each, same output layout."""
+        out = []
+        for run, n in plan:
+            ids = torch.tensor(run.tokens[run.computed:run.computed + n], device=self.device)
+            pos = torch.arange(run.computed, run.computed + n, device=self.device)
+            out.append(self.model(ids, pos, run.state))
+            run.state.commit(n)
+        return torch.cat(out)
+
     def _reap(self) -> None:
         for run in [r for r in self.running if r.req.cancelled]:
             self._finish(run, "cancelled")
@@ -154,8 +182,11 @@ class Scheduler:
             keep = [r for r in self.waiting if not r.cancelled]
             for r in self.waiting:
                 if r.cancelled:
-                    self.resumed.pop(r.id, None)
-                    r.emit(Event("done", finish_reason="cancelled"))
+                    run = self.resumed.pop(r.id, None)
+                    usage = run.usage if run else Usage(prompt_tokens=len(r.prompt))
+                    if run:
+                        usage.completion_tokens = run.generated
+                    r.emit(Event("done", finish_reason="cancelled", usage=usage))
                     self.metrics.cancelled += 1
             self.waiting = collections.deque(keep)
 
@@ -166,7 +197,7 @@ class Scheduler:
             run = self.resumed.get(req.id)
             n = len(run.tokens) if run else len(req.prompt)
             # room for the whole prompt plus one decode block for everyone running
-            if pool.blocks_for(n + 1) + len(self.running) > pool.available():
+            if not self.private_state and pool.blocks_for(n + 1) + len(self.running) > pool.available():
                 break
             with self._cv:
                 self.waiting.popleft()
@@ -174,9 +205,14 @@ class Scheduler:
             if run is None:
                 run = Running(req, self.tokenizer, self.device)
             disk_before = self.kv.disk_hit_tokens
-            run.blocks, run.computed = self.kv.match(run.tokens)
-            run.keys = []
-            self.kv.filled(run.tokens, run.blocks, run.keys, run.computed)
+            if self.private_state:
+                run.state, run.computed = self.model.new_kv(self.ctx, self.device), 0
+            else:
+                run.blocks, run.computed = self.kv.match(run.tokens)
+                run.keys = []
+                self.kv.filled(run.tokens, run.blocks, run.keys, run.computed)
+                # reserve the whole prompt now, so admitted prefills never wait on each other
+                self.kv.grow(run.blocks, len(run.tokens))
             if run.generated == 0:
                 run.usage.cached_tokens = run.computed
                 run.usage.disk_tokens = self.kv.disk_hit_tokens - disk_before
@@ -187,14 +223,19 @@ class Scheduler:
         plan: list[tuple[Running, int]] = []
         budget = self.step_tokens
         decoding = [r for r in self.running if r.pending == 1]
-        prefilling = [r for r in self.running if r.pending > 1]
+        # fewest pending tokens first: a short prompt is not stuck behind a long one's chunks
+        prefilling = sorted((r for r in self.running if r.pending > 1), key=lambda r: r.pending)
         for run in decoding:
-            if self._ensure(run, run.computed + 1, preempt=True):
+            if run in self.running and self._ensure(run, run.computed + 1, preempt=True):
                 plan.append((run, 1))
                 budget -= 1
+        plan = [(r, n) for r, n in plan if r in self.running]  # drop any preempted meanwhile
+        budget = self.step_tokens - len(plan)
         for run in prefilling:
             if budget <= 0:
                 break
+            if run not in self.running:
+                continue
             n = min(run.pending, budget)
             if not self._ensure(run, run.computed + n, preempt=False):
                 # take what fits in the blocks already held
@@ -206,11 +247,14 @@ class Scheduler:
         return plan
 
     def _ensure(self, run: Running, n_tokens: int, preempt: bool) -> bool:
+        if self.private_state:
+            return True
         while not self.kv.grow(run.blocks, n_tokens):
             victims = [r for r in self.running if r is not run]
             if not preempt or not victims:
                 return False
-            self._preempt(victims[-1])
+            # newest first: the oldest requests keep making progress, so nothing starves
+            self._preempt(max(victims, key=lambda r: r.req.arrival))
         return True
 
     def _preempt(self, run: Running) -> None:
@@ -250,6 +294,7 @@ class Scheduler:
             tail = run.stops.push(run.decoder.flush())
             tail += "" if run.stops.stopped else run.stops.flush()
         self.kv.release(run.blocks, persist=reason != "error")
+        run.state = None
         u = run.usage
         u.completion_tokens = run.generated
         if run.first_token_at is not None:

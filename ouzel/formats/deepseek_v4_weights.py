@@ -15,6 +15,8 @@ import torch
 
 from ..errors import OuzelError
 from ..layers.moe import ExpertStack
+from ..quant.blocks import block_type
+from ..quant.tensor import QTensor
 from .sources import GGUFSource, SafetensorsSource
 
 # per-layer suffix: module name -> upstream name
@@ -110,9 +112,16 @@ class DeepseekV4Source:
         raise OuzelError(f"{self.inner.dir}: missing tensor {upstream_names(name)[0]!r}")
 
     def _experts(self, layer: int, kind: str, name: str, shape) -> ExpertStack:
-        if self.inner.has(name):  # transformers' own stacked layout
-            w = self._fp.get(name, shape)
-            return w if isinstance(w, ExpertStack) else ExpertStack.from_dense(w)
+        if self.inner.has(name):  # transformers' own stacked layout [E, out, in]
+            t = self.inner.raw_tensor(name)
+            if tuple(t.shape) != tuple(shape) or not t.is_floating_point():
+                raise OuzelError(f"{self.inner.dir}: tensor {name!r} has shape {list(t.shape)} ({t.dtype}), "
+                                 f"config implies {list(shape)}")
+            if t.dtype in (torch.float16, torch.bfloat16):  # per-expert 16-bit views, not expanded
+                bt = block_type("F16" if t.dtype == torch.float16 else "BF16")
+                u8 = t.contiguous().view(torch.uint8)
+                return ExpertStack([[QTensor(u8[e], bt, tuple(shape[1:]))] for e in range(shape[0])], tuple(shape))
+            return ExpertStack.from_dense(t.float())
         E, out, cols = shape
         pieces = EXPERT_NAMES[kind]
         rows = out // len(pieces)

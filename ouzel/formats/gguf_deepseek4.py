@@ -254,7 +254,10 @@ class GGUFNames:
             if tuple(info.shape) != (E, rows, cols):
                 raise OuzelError(f"{self.file.path}: tensor {g!r} has shape {list(info.shape)}, "
                                  f"the metadata implies {[E, rows, cols]}")
-            bt = block_type(info.ggml_type)  # an unsupported expert block type fails here, by name
+            try:
+                bt = block_type(info.ggml_type)
+            except UnsupportedError as e:  # name the tensor: expert files mix block types
+                raise UnsupportedError(f"{self.file.path}: routed experts {g!r}: {e}") from None
             raw = self.file.raw(g)
             if bt.name == "F32":
                 dense = raw.view(torch.float32).reshape(E, rows, cols)

@@ -6,6 +6,9 @@ least-recently-used files go first. Every file is validated before use (magic, v
 fingerprint, shape, key chain, checksum); a file that fails is deleted and logged once, and the
 caller falls back to prefill. Writes go to a temporary name and are renamed into place, so a
 crash (even SIGKILL) leaves either the whole file or none.
+
+`write` only copies the block's bytes; a writer thread hashes and stores them, so decode steps
+never wait for the disk. Until stored, a block is served from that copy.
 """
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ import collections
 import hashlib
 import logging
 import os
+import queue
 import struct
+import threading
 from pathlib import Path
 
 import torch
@@ -41,7 +46,12 @@ class DiskTier:
         self.budget, self.fingerprint = int(budget_bytes), fingerprint
         self.files: collections.OrderedDict[bytes, int] = collections.OrderedDict()  # key -> size, LRU
         self.bytes_written = self.files_written = self.hits = self.discarded = 0
+        self._used = 0  # sum of self.files' sizes
+        self._lock = threading.Lock()
+        self._pending: dict[bytes, tuple] = {}  # key -> (parent, tokens, k bytes, v bytes): not on disk yet
+        self._queue: queue.Queue = queue.Queue()
         self._scan()
+        threading.Thread(target=self._writer, name="ouzel-kv-disk", daemon=True).start()
 
     def _scan(self) -> None:
         found = []
@@ -58,29 +68,59 @@ class DiskTier:
                 continue
         for _, key, size in sorted(found):
             self.files[key] = size
+            self._used += size
         self._enforce_budget()
 
     # --- queries ---
     def __contains__(self, key: bytes) -> bool:
-        return key in self.files
+        return key in self.files or key in self._pending
 
     def used_bytes(self) -> int:
-        return sum(self.files.values())
+        return self._used
 
     def path(self, key: bytes) -> Path:
         return self.dir / (key.hex() + SUFFIX)
 
     # --- write ---
     def write(self, key: bytes, parent: bytes, tokens: list[int], k: torch.Tensor, v: torch.Tensor) -> bool:
-        """Store one block (k, v: [layers, tokens, kv_heads, head_dim]); False if already stored."""
-        if key in self.files:
-            self.files.move_to_end(key)
-            return False
-        payload = _tensor_bytes(k) + _tensor_bytes(v)
+        """Queue one block (k, v: [layers, tokens, kv_heads, head_dim]) for storing; False if
+        already stored or queued. The tensors are copied now: the caller may reuse them at once."""
+        with self._lock:
+            if key in self.files:
+                self.files.move_to_end(key)
+                return False
+            if key in self._pending:
+                return False
+            item = (parent, list(tokens), _tensor_bytes(k), _tensor_bytes(v), tuple(k.shape), k.dtype)
+            self._pending[key] = item
+        self._queue.put(key)
+        return True
+
+    def flush(self) -> None:
+        """Wait until every queued block is on disk."""
+        self._queue.join()
+
+    def _writer(self) -> None:
+        while True:
+            key = self._queue.get()
+            try:
+                with self._lock:
+                    item = self._pending.get(key)
+                if item is not None:
+                    self._store(key, *item)
+            except Exception:  # a failed write must not stop later ones
+                log.exception("kv disk: writing %s failed", key.hex())
+            finally:
+                with self._lock:
+                    self._pending.pop(key, None)
+                self._queue.task_done()
+
+    def _store(self, key: bytes, parent: bytes, tokens: list[int], kb: bytes, vb: bytes, shape, dtype) -> bool:
+        payload = kb + vb
         body = struct.pack(f"<{len(tokens)}I", *tokens) + payload
-        layers, n, heads, dim = k.shape
+        layers, n, heads, dim = shape
         header = _HEADER.pack(MAGIC, VERSION, HEADER_BYTES, self.fingerprint, key, parent, n, layers, heads, dim,
-                              DTYPES[k.dtype], 0, len(payload), _checksum(body), bytes(16))
+                              DTYPES[dtype], 0, len(payload), _checksum(body), bytes(16))
         tmp = self.dir / f".tmp-{os.getpid()}-{key.hex()}"
         try:
             with open(tmp, "wb") as f:
@@ -92,23 +132,35 @@ class DiskTier:
             log.warning("kv disk: cannot write %s: %s", self.path(key), e)
             return False
         size = HEADER_BYTES + len(body)
-        self.files[key] = size
-        self.bytes_written += size
-        self.files_written += 1
-        self._enforce_budget()
+        with self._lock:
+            self.files[key] = size
+            self._used += size
+            self.bytes_written += size
+            self.files_written += 1
+            self._enforce_budget()
         return True
 
     def _enforce_budget(self) -> None:
         while self.files and self.used_bytes() > self.budget:
-            key, _ = self.files.popitem(last=False)
+            key, size = self.files.popitem(last=False)
+            self._used -= size
             self.path(key).unlink(missing_ok=True)
 
     # --- read ---
     def read(self, key: bytes, parent: bytes, shape: tuple[int, int, int, int],
              dtype: torch.dtype) -> tuple[list[int], torch.Tensor, torch.Tensor] | None:
         """tokens, K, V of a block, or None (missing, or invalid: then deleted and logged)."""
-        if key not in self.files:
-            return None
+        with self._lock:
+            item = self._pending.get(key)
+            if item is None and key not in self.files:
+                return None
+        if item is not None:  # queued, not written yet: serve the copy
+            iparent, tokens, kb, vb, ishape, idtype = item
+            if iparent != parent or tuple(ishape) != tuple(shape) or idtype != dtype:
+                return None
+            self.hits += 1
+            return (tokens, torch.frombuffer(bytearray(kb), dtype=dtype).view(shape),
+                    torch.frombuffer(bytearray(vb), dtype=dtype).view(shape))
         p = self.path(key)
         try:
             data = p.read_bytes()
@@ -123,7 +175,9 @@ class DiskTier:
         half = (len(data) - start) // 2
         k = torch.frombuffer(bytearray(data[start:start + half]), dtype=dtype).view(shape)
         v = torch.frombuffer(bytearray(data[start + half:]), dtype=dtype).view(shape)
-        self.files.move_to_end(key)
+        with self._lock:
+            if key in self.files:
+                self.files.move_to_end(key)
         try:
             os.utime(p)  # the LRU order survives a restart through mtimes
         except OSError:
@@ -164,9 +218,10 @@ class DiskTier:
 
     def _discard(self, key: bytes, why: str) -> None:
         log.warning("kv disk: discarding %s: %s", self.path(key).name, why)
-        self.files.pop(key, None)
-        self.path(key).unlink(missing_ok=True)
-        self.discarded += 1
+        with self._lock:
+            self._used -= self.files.pop(key, 0)
+            self.path(key).unlink(missing_ok=True)
+            self.discarded += 1
         return None
 
 

@@ -135,7 +135,8 @@ class BatchKV:
                 raise OuzelError(f"block table covers {len(seg.table) * bs} tokens; {end} needed")
             table = torch.tensor(seg.table, dtype=torch.long)
             pos = torch.arange(end)
-            read = table[pos // bs] * bs + pos % bs
+            # built once per step on the pool's device; every layer reuses these indices
+            read = (table[pos // bs] * bs + pos % bs).to(pool.k.device)
             self._plan.append((off, seg.n, read[seg.start:], read))
             off += seg.n
         self.total = off

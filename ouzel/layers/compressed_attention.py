@@ -19,7 +19,7 @@ from torch import nn
 
 from ..kernels import ops
 from ..quant.tensor import QTensor
-from .hyper_connections import _unit_rms, dense
+from .hyper_connections import dense, unit_rms
 from .interleaved_rope import InterleavedRope
 from .linear import Linear
 from .norm import RMSNorm
@@ -44,20 +44,21 @@ class Compressor(nn.Module):
 
     def compress(self, x: torch.Tensor, kv, layer: int) -> torch.Tensor:
         """x [T, hidden] -> every compressed row so far [n, dim]."""
-        chunk_kv, chunk_gate, first = kv.frontier(layer, self.series, self.kv_proj(x), self.gate_proj(x), self.ratio)
+        chunk_kv, chunk_gate, first, prior = kv.frontier(layer, self.series, self.kv_proj(x), self.gate_proj(x),
+                                                         self.ratio, self.overlap)
         n, r, d = chunk_kv.shape[0] // self.ratio, self.ratio, self.dim
         new = chunk_kv.new_zeros((0, d))
         if n:
-            ckv = chunk_kv.view(n, r, -1)
-            cgate = chunk_gate.view(n, r, -1) + dense(self.position_bias)
+            bias = dense(self.position_bias)
+            ckv, cgate = chunk_kv.view(n, r, -1), chunk_gate.view(n, r, -1) + bias
             if self.overlap:
-                ckv, cgate = self._overlap(ckv, cgate, kv, layer)
+                ckv, cgate = self._overlap(ckv, cgate, prior, bias)
             pooled = (ckv * cgate.softmax(dim=1, dtype=torch.float32).to(ckv.dtype)).sum(dim=1)
             positions = torch.arange(n, device=x.device) * r + first
             new = self.rope(self.kv_norm(pooled), positions)
         return kv.append_rows(layer, self.series, new, d)
 
-    def _overlap(self, ckv, cgate, kv, layer):
+    def _overlap(self, ckv, cgate, prior, bias):
         """[n, r, 2d] -> [n, 2r, d]: slots 0..r-1 hold the previous window's first series (zero
         kv, -inf gate where there is none), slots r..2r-1 this window's second series."""
         n, r, d = ckv.shape[0], self.ratio, self.dim
@@ -65,9 +66,8 @@ class Compressor(nn.Module):
         ogate = cgate.new_full((n, 2 * r, d), float("-inf"))
         okv[:, r:], ogate[:, r:] = ckv[..., d:], cgate[..., d:]
         okv[1:, :r], ogate[1:, :r] = ckv[:-1, :, :d], cgate[:-1, :, :d]
-        prior_kv, prior_gate = kv.swap_overlap(layer, self.series, ckv[-1, :, :d], cgate[-1, :, :d])
-        if prior_kv is not None:
-            okv[0, :r], ogate[0, :r] = prior_kv, prior_gate
+        if prior is not None:  # the window before this call's first, from the decode state
+            okv[0, :r], ogate[0, :r] = prior[0][:, :d], (prior[1] + bias)[:, :d]
         return okv, ogate
 
 
@@ -113,14 +113,10 @@ class CSACompressor(Compressor):
         self.indexer = Indexer(cfg.hidden_size, cfg.q_lora_rank, cfg.index_n_heads, cfg.index_head_dim, ratio,
                                cfg.index_topk, cfg.rms_norm_eps, rope)
 
-    def visible(self, x, q_residual, positions, kv, layer):
-        """(compressed rows [n, dim], mask [T, n] of the rows each query attends)."""
+    def picks(self, x, q_residual, positions, kv, layer):
+        """(compressed rows [n, dim], indices [T, k] of the rows each query reads, -1 = none)."""
         rows = self.compress(x, kv, layer)
-        top = self.indexer.select(x, q_residual, positions, kv, layer)
-        n = rows.shape[0]
-        mask = torch.zeros((x.shape[0], n + 1), dtype=torch.bool, device=x.device)
-        mask.scatter_(1, torch.where(top >= 0, top, n), True)  # -1 picks land in a dropped column
-        return rows, mask[:, :n]
+        return rows, self.indexer.select(x, q_residual, positions, kv, layer)
 
 
 class HCACompressor(Compressor):
@@ -148,14 +144,16 @@ class GroupedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [T, groups, in_per_group] -> [T, out_total]
         g, per = self.groups, self.out_total // self.groups
-        if not isinstance(self.weight, QTensor):
-            w = self.weight.to(x.dtype).view(g, per, -1)
+        if not isinstance(self.weight, QTensor):  # dense, or a stored format dequantized per use
+            w = self.weight if isinstance(self.weight, torch.Tensor) else self.weight.dequantize()
+            w = w.to(x.dtype).view(g, per, -1)
             return torch.einsum("tgi,goi->tgo", x, w).reshape(x.shape[0], -1)
         parts = [ops.linear(x[:, i], QTensor(self.weight.raw[i * per:(i + 1) * per], self.weight.bt,
                                              (per, self.in_per_group))) for i in range(g)]
         return torch.cat(parts, dim=-1)
 
 
+GATHER_ELEMS = 1 << 22  # gathered compressed rows per query block (16 MiB in float32)
 COMPRESSORS = {"compressed_sparse_attention": CSACompressor, "heavily_compressed_attention": HCACompressor}
 
 
@@ -182,23 +180,44 @@ class V4Attention(nn.Module):
         T = x.shape[0]
         cos, sin = self.rope.cos_sin(positions)
         q_res = self.q_a_norm(self.q_a_proj(x))
-        q = _unit_rms(self.q_b_proj(q_res).view(T, self.heads, self.head_dim), self.eps)
+        q = unit_rms(self.q_b_proj(q_res).view(T, self.heads, self.head_dim), self.eps)
         q = self.rope.rotate(q, cos, sin)
         rows = self.rope.rotate(self.kv_norm(self.kv_proj(x)), cos, sin)
         keys, key_pos = kv.window(self.layer, rows, positions, self.window)
         mask = (key_pos[None, :] <= positions[:, None]) & (key_pos[None, :] > positions[:, None] - self.window)
-        if self.compressor is not None:
+        picked = None
+        if isinstance(self.compressor, HCACompressor):  # dense over every complete compressed row
             crows, cmask = self.compressor.visible(x, q_res, positions, kv, self.layer)
             keys, mask = torch.cat([keys, crows.to(keys.dtype)]), torch.cat([mask, cmask], dim=1)
-        out = self._attend(q, keys.to(q.dtype), mask)
+        elif self.compressor is not None:  # only the indexer's picks: gather them per query
+            crows, top = self.compressor.picks(x, q_res, positions, kv, self.layer)
+            picked = (crows.to(q.dtype), top)
+        out = self._attend(q, keys.to(q.dtype), mask, picked)
         out = self.rope.rotate(out, cos, -sin)
         return self.o_b_proj(self.o_a_proj(out.reshape(T, self.o_groups, -1)))
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """q [T, H, D], keys (= values) [S, D], mask [T, S] -> [T, H, D]; each head's sink logit
-        joins the softmax and takes its share of the probability mass."""
-        scores = torch.einsum("thd,sd->ths", q, keys) * self.scale
-        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-        sinks = dense(self.sinks).to(scores.dtype).view(1, -1, 1).expand(q.shape[0], -1, 1)
-        probs = torch.cat([scores, sinks], dim=-1).softmax(dim=-1)[..., :-1]
-        return torch.einsum("ths,sd->thd", probs, keys)
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, picked=None) -> torch.Tensor:
+        """q [T, H, D], keys (= values) [S, D], mask [T, S] -> [T, H, D]; with picked = (rows [n, D],
+        indices [T, k]) each query also attends its own k rows. Each head's sink logit joins the
+        softmax and takes its share of the probability mass. Queries go in blocks so the
+        gathered rows [block, k, D] stay small."""
+        sinks = dense(self.sinks).to(q.dtype).view(1, -1, 1)
+        k = 0 if picked is None else picked[1].shape[1]
+        block = max(1, GATHER_ELEMS // max(1, k * q.shape[-1]))
+        outs = []
+        for t0 in range(0, q.shape[0], block):
+            qb, mb = q[t0:t0 + block], mask[t0:t0 + block]
+            scores = (torch.einsum("thd,sd->ths", qb, keys) * self.scale).masked_fill(~mb[:, None, :], float("-inf"))
+            parts = [scores]
+            if k:
+                rows, top = picked[0], picked[1][t0:t0 + block]
+                sel = rows[top.clamp(min=0)]  # [b, k, D]
+                cs = torch.einsum("thd,tkd->thk", qb, sel) * self.scale
+                parts.append(cs.masked_fill((top < 0)[:, None, :], float("-inf")))
+            parts.append(sinks.expand(qb.shape[0], -1, 1))
+            probs = torch.cat(parts, dim=-1).softmax(dim=-1)
+            out = torch.einsum("ths,sd->thd", probs[..., : keys.shape[0]], keys)
+            if k:
+                out = out + torch.einsum("thk,tkd->thd", probs[..., keys.shape[0]:-1], sel)
+            outs.append(out)
+        return torch.cat(outs)

@@ -19,7 +19,7 @@ def dense(w) -> torch.Tensor:
     return (w.dequantize().reshape(w.shape) if isinstance(w, QTensor) else w).float()
 
 
-def _unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+def unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
 
 
@@ -38,7 +38,7 @@ class HyperConnection(nn.Module):
     def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """streams [T, N, D] -> post [T, N], comb [T, N, N], collapsed block input [T, D]."""
         T, n = streams.shape[0], self.n
-        mixes = ops.linear(_unit_rms(streams.reshape(T, -1).float(), self.norm_eps), self.fn)
+        mixes = ops.linear(unit_rms(streams.reshape(T, -1).float(), self.norm_eps), self.fn)
         pre_w, post_w, comb_w = mixes.split([n, n, n * n], dim=-1)
         pre_b, post_b, comb_b = dense(self.base).split([n, n, n * n])
         pre_s, post_s, comb_s = dense(self.scale).unbind(0)
@@ -73,6 +73,6 @@ class HyperHead(nn.Module):
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
         T = streams.shape[0]
-        mixes = ops.linear(_unit_rms(streams.reshape(T, -1).float(), self.norm_eps), self.hc_fn)
+        mixes = ops.linear(unit_rms(streams.reshape(T, -1).float(), self.norm_eps), self.hc_fn)
         pre = torch.sigmoid(mixes * dense(self.hc_scale) + dense(self.hc_base)) + self.hc_eps
         return (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)

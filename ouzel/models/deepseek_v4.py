@@ -64,9 +64,9 @@ def normalize_config(cfg: Config) -> Config:
         bad = [t for t in types if t not in allowed]
         if bad:
             raise OuzelError(f"DeepSeek V4: unknown {name} entry {bad[0]!r}; allowed: {', '.join(allowed)}")
-    if cfg.opt("partial_rotary_factor") is None:
-        rope_dim = cfg.opt("qk_rope_head_dim", 64)
-        cfg["partial_rotary_factor"] = rope_dim / cfg.head_dim
+    if cfg.opt("partial_rotary_factor") is None:  # transformers' default is 64 / 512 of any head_dim
+        rope_dim = cfg.opt("qk_rope_head_dim")
+        cfg["partial_rotary_factor"] = rope_dim / cfg.head_dim if rope_dim else 64 / 512
     rp = cfg.opt("rope_parameters") or cfg.opt("rope_scaling") or {}
     if not (isinstance(rp.get("main"), dict) and isinstance(rp.get("compress"), dict)):
         yarn = {k: v for k, v in rp.items() if k not in ("main", "compress")}
@@ -125,8 +125,9 @@ class DeepseekV4ForCausalLM(nn.Module):
         self.model = DeepseekV4Model(cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
 
-    def new_kv(self, max_tokens: int, device: torch.device | str = "cpu") -> CompressedKV:
-        return CompressedKV(len(self.model.layers), max_tokens, device)
+    def new_kv(self, max_tokens: int, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> CompressedKV:
+        return CompressedKV(len(self.model.layers), max_tokens, device, dtype)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)

@@ -92,15 +92,16 @@ async def messages(request: Request):
     check_model(engine, body)
     field(body, "max_tokens", int, required=True)
     tools, choice = _tools(body)
-    ids, forced = engine.chat.build(_messages(body), tools, choice)
+    ids, forced, text = engine.chat.build(_messages(body), tools, choice)
     p = params.sampling(body, engine.ctx_left(ids), stop_name="stop_sequences")
     engine.validate(ids, p)
     use_tools = bool(tools) and choice != "none"
+    kw = dict(tools=use_tools, forced=forced, text=text, is_disconnected=request.is_disconnected)
     head = {"id": "msg_" + secrets.token_hex(12), "type": "message", "role": "assistant", "model": engine.model_id}
     if field(body, "stream", bool, False):
-        run = engine.stream(ids, p, tools=use_tools, forced=forced, is_disconnected=request.is_disconnected)
-        return sse(_events(run, head, len(ids)), named=True)
-    r = await engine.collect(ids, p, tools=use_tools, forced=forced, is_disconnected=request.is_disconnected)
+        run = engine.stream(ids, p, **kw)
+        return sse(_events(run, head, len(ids)), run=run, named=True)
+    r = await engine.collect(ids, p, **kw)
     content = ([{"type": "text", "text": r["text"]}] if r["text"] else []) + [_tool_block(c) for c in r["calls"]]
     return {**head, "content": content, "stop_reason": STOP.get(r["finish_reason"], "end_turn"),
             "stop_sequence": None, "usage": _usage(r["usage"])}

@@ -99,8 +99,9 @@ def check_model(engine: ServeEngine, body: dict) -> None:
                        kind="not_found_error", param="model")
 
 
-def sse(events, *, done: bool = False, named: bool = False) -> StreamingResponse:
-    """An SSE response from an async iterator of dicts (None = keep-alive comment)."""
+def sse(events, *, run=None, done: bool = False, named: bool = False) -> StreamingResponse:
+    """An SSE response from an async iterator of dicts (None = keep-alive comment). `run` is the
+    engine stream underneath: closed explicitly when the client goes away, which cancels it."""
     async def body():
         try:
             async for ev in events:
@@ -113,6 +114,10 @@ def sse(events, *, done: bool = False, named: bool = False) -> StreamingResponse
         except ApiError as e:
             err = openai_error(e) if not named else anthropic_error(e)
             yield (f"event: error\n" if named else "") + f"data: {json.dumps(err)}\n\n"
+        finally:
+            await events.aclose()
+            if run is not None:
+                await run.aclose()
         if done:
             yield "data: [DONE]\n\n"
     return StreamingResponse(body(), media_type="text/event-stream",

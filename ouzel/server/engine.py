@@ -17,7 +17,7 @@ from ..kv.manager import BlockManager, default_dtype, kv_shape
 from ..kv.paged import BlockPool
 from ..text.tool_formats import ToolCall, ToolStream
 from .errors import ApiError
-from .prompt import ChatPrompt, ToolReplay
+from .prompt import ChatPrompt, Sampled, ToolReplay
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,14 @@ class ServeEngine:
     def __init__(self, llm, cfg: ServeConfig):
         self.llm, self.cfg = llm, cfg
         self.model_id = cfg.model_id or cfg.model
-        layers, heads, dim = kv_shape(llm.model)
         dtype = default_dtype()
-        per_block = 2 * layers * cfg.block_size * heads * dim * dtype.itemsize
-        n_blocks = max(cfg.kv_mem_mb * 2**20 // per_block, -(-llm.ctx // cfg.block_size) + 1)
+        if callable(getattr(llm.model, "new_kv", None)):
+            # per-sequence private state (DeepSeek V4): the paged pool is unused, keep it tiny
+            layers, heads, dim, n_blocks = 1, 1, 1, -(-llm.ctx // cfg.block_size) + 1
+        else:
+            layers, heads, dim = kv_shape(llm.model)
+            per_block = 2 * layers * cfg.block_size * heads * dim * dtype.itemsize
+            n_blocks = max(cfg.kv_mem_mb * 2**20 // per_block, -(-llm.ctx // cfg.block_size) + 1)
         self.pool = BlockPool(layers, n_blocks, cfg.block_size, heads, dim, dtype, llm.device)
         fp = model_fingerprint(llm.loaded.path, f"kv={dtype}", f"block={cfg.block_size}")
         disk = DiskTier(cfg.kv_disk_dir, cfg.kv_disk_space_mb * 2**20, fp) if cfg.kv_disk_dir else None
@@ -77,6 +81,8 @@ class ServeEngine:
 
     def stop(self) -> None:
         self.scheduler.stop()
+        if self.kv.disk is not None:
+            self.kv.disk.flush()
 
     # --- prompts ---
     def encode(self, prompt) -> list[int]:
@@ -102,7 +108,8 @@ class ServeEngine:
 
     # --- generation ---
     async def stream(self, ids: list[int], params: SamplingParams, *, logprobs: int | None = None,
-                     tools: bool = False, forced: str = "", is_disconnected=None) -> AsyncIterator[Delta]:
+                     tools: bool = False, forced: str = "", text: str = "",
+                     is_disconnected=None) -> AsyncIterator[Delta]:
         """Run one request; yield Deltas (and "keepalive" while nothing happens, e.g. a long
         prefill). Leaving the generator early (client gone) cancels the request and frees its KV."""
         loop = asyncio.get_running_loop()
@@ -115,6 +122,7 @@ class ServeEngine:
             raise ApiError(400, str(e)) from None
         parser = ToolStream(self.chat.format, forced) if tools else None
         done = closed = False
+        sampled: list[int] = []  # token ids behind parser.raw, for replay
         try:
             if parser is not None:
                 for d in self._tool_deltas(parser.events, None):
@@ -131,6 +139,8 @@ class ServeEngine:
                     done = True
                     raise ApiError(500, ev.error or "engine error", kind="server_error")
                 lps = self._logprobs(ev) if ev.kind == "token" and ev.logprob is not None else None
+                if ev.kind == "token" and not closed:
+                    sampled.append(ev.token)
                 if closed:
                     pass  # a forced call is complete; what the model said after it is dropped
                 elif parser is None:
@@ -152,8 +162,9 @@ class ServeEngine:
                     if parser is not None and not closed:
                         for d in self._tool_deltas(parser.finish(), None):
                             yield d
-                        if parser.calls:
-                            self.replay.remember([c.id for c in parser.calls], parser.raw)
+                    if parser is not None and parser.calls:
+                        self.replay.remember([c.id for c in parser.calls], self._sampled(parser.raw, forced, text,
+                                                                                         ids, sampled))
                     reason = ev.finish_reason
                     if parser is not None and parser.calls:
                         reason = "tool_calls"
@@ -163,6 +174,12 @@ class ServeEngine:
             if not done:
                 req.cancel()
                 self.scheduler.wake()
+
+    def _sampled(self, raw: str, forced: str, text: str, ids: list[int], sampled: list[int]) -> Sampled:
+        generated = self.llm.tokenizer.decode(sampled)
+        if not text.endswith(forced) or raw != forced + generated:  # e.g. a stop string cut the text
+            return Sampled(raw)
+        return Sampled(raw, text + generated, list(ids) + sampled)
 
     @staticmethod
     def _tool_deltas(events, lps) -> list[Delta]:

@@ -46,19 +46,17 @@ async def chat_completions(request: Request):
     check_model(engine, body)
     tools = openai_tools(body.get("tools"))
     tool_choice = body.get("tool_choice")
-    ids, forced = engine.chat.build(body.get("messages"), tools, tool_choice)
+    ids, forced, text = engine.chat.build(body.get("messages"), tools, tool_choice)
     p = params.sampling(body, engine.ctx_left(ids), max_names=("max_tokens", "max_completion_tokens"))
     lp = params.logprobs(body)
     engine.validate(ids, p)
-    stream = field(body, "stream", bool, False)
-    run = engine.stream(ids, p, logprobs=lp, tools=bool(tools) and tool_choice != "none", forced=forced,
-                        is_disconnected=request.is_disconnected)
-    rid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
-    head = {"id": rid, "created": created, "model": engine.model_id}
-    if stream:
-        return sse(_chat_chunks(run, head, _stream_options(body)), done=True)
-    r = await engine.collect(ids, p, logprobs=lp, tools=bool(tools) and tool_choice != "none", forced=forced,
-                             is_disconnected=request.is_disconnected)
+    head = {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()), "model": engine.model_id}
+    kw = dict(logprobs=lp, tools=bool(tools) and tool_choice != "none", forced=forced, text=text,
+              is_disconnected=request.is_disconnected)
+    if field(body, "stream", bool, False):
+        run = engine.stream(ids, p, **kw)
+        return sse(_chat_chunks(run, head, _stream_options(body)), run=run, done=True)
+    r = await engine.collect(ids, p, **kw)
     message = {"role": "assistant", "content": r["text"] if (r["text"] or not r["calls"]) else None}
     if r["calls"]:
         message["tool_calls"] = [call_json(c) for c in r["calls"]]
@@ -104,8 +102,8 @@ async def completions(request: Request):
     rid, created = "cmpl-" + secrets.token_hex(12), int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": engine.model_id}
     if field(body, "stream", bool, False):
-        return sse(_completion_chunks(engine.stream(ids, p, logprobs=lp, is_disconnected=request.is_disconnected),
-                                      head, _stream_options(body)), done=True)
+        run = engine.stream(ids, p, logprobs=lp, is_disconnected=request.is_disconnected)
+        return sse(_completion_chunks(run, head, _stream_options(body)), run=run, done=True)
     r = await engine.collect(ids, p, logprobs=lp, is_disconnected=request.is_disconnected)
     text = (engine.llm.detokenize(ids) if echo else "") + r["text"]
     choice = {"index": 0, "text": text, "finish_reason": r["finish_reason"],

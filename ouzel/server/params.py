@@ -14,6 +14,8 @@ def sampling(body: dict, ctx_left: int, *, max_names=("max_tokens",), stop_name=
             if value < 0 or (value == 0 and name != "max_tokens"):
                 raise ApiError(400, f"'{name}' must be positive (got {value})", param=name)
             max_tokens = value
+    if field(body, "n", int, 1) != 1:
+        raise ApiError(400, "'n' > 1 is not supported; send separate requests (they are batched)", param="n")
     stop = body.get(stop_name)
     if isinstance(stop, str):
         stop = [stop]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import json
 import threading
+from dataclasses import dataclass, field
 
 from ..errors import OuzelError
 from ..text.chat import encode_chat_prompt
@@ -15,29 +16,37 @@ from ..text.tool_formats import ToolFormat, format_for
 from .errors import ApiError
 
 
-class ToolReplay:
-    """tool-call id -> the exact assistant text we sampled for it (bounded, oldest dropped).
+@dataclass
+class Sampled:
+    raw: str                      # the assistant text exactly as sampled (forced prefix included)
+    history_text: str = ""        # the whole prompt text up to and including raw ...
+    history_ids: list[int] = field(default_factory=list)  # ... and the token ids the model saw for it
 
-    Clients resend tool calls as JSON; replay the sampled text so the KV prefix still matches."""
+
+class ToolReplay:
+    """tool-call id -> what we sampled for it (bounded, oldest dropped).
+
+    Clients resend tool calls as JSON; replay the sampled text so the KV prefix still matches,
+    and reuse the sampled token ids too: re-tokenizing model output need not give the same ids."""
 
     def __init__(self, limit: int = 4096):
-        self._items: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._items: collections.OrderedDict[str, Sampled] = collections.OrderedDict()
         self._lock = threading.Lock()
         self.limit, self.hits = limit, 0
 
-    def remember(self, call_ids: list[str], raw: str) -> None:
+    def remember(self, call_ids: list[str], sampled: Sampled) -> None:
         with self._lock:
             for i in call_ids:
-                self._items[i] = raw
+                self._items[i] = sampled
             while len(self._items) > self.limit:
                 self._items.popitem(last=False)
 
-    def get(self, call_id: str | None) -> str | None:
+    def get(self, call_id: str | None) -> Sampled | None:
         with self._lock:
-            raw = self._items.get(call_id or "")
-            if raw is not None:
+            item = self._items.get(call_id or "")
+            if item is not None:
                 self.hits += 1
-            return raw
+            return item
 
 
 def text_of(content, where: str) -> str:
@@ -83,12 +92,15 @@ class ChatPrompt:
         src = self.template.source
         self.template_tools = "tools" in src
         self.template_tool_calls = "tool_calls" in src
+        self._history: Sampled | None = None  # set by _message while build() runs (no await inside)
 
-    def build(self, messages: list[dict], tools: list[dict], tool_choice) -> tuple[list[int], str]:
-        """Prompt ids and the forced prefix (text the reply is taken to start with)."""
+    def build(self, messages: list[dict], tools: list[dict], tool_choice) -> tuple[list[int], str, str]:
+        """Prompt ids, the forced prefix (text the reply is taken to start with) and the prompt text."""
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "'messages' must be a non-empty array", param="messages")
+        self._history = None
         msgs = [self._message(m, i) for i, m in enumerate(messages)]
+        history, self._history = self._history, None
         use_tools = bool(tools) and tool_choice != "none"
         if use_tools and not self.template_tools:
             note = self.format.system_prompt([t["function"] for t in tools])
@@ -109,7 +121,12 @@ class ChatPrompt:
             elif tool_choice != "required":
                 raise ApiError(400, f"unknown tool_choice {tool_choice!r}", param="tool_choice")
             forced = self.format.forced_prefix(name)
-        return encode_chat_prompt(self.llm.tokenizer, text + forced), forced
+        full = text + forced
+        if history is not None and history.history_ids and full.startswith(history.history_text):
+            # the turns up to the replayed call as the model saw them, then the rest encoded
+            rest = self.llm.tokenizer.encode(full[len(history.history_text):], add_special=False, parse_special=True)
+            return history.history_ids + rest, forced, full
+        return encode_chat_prompt(self.llm.tokenizer, full), forced, full
 
     def _message(self, m, i: int) -> dict:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
@@ -120,9 +137,10 @@ class ChatPrompt:
         content = text_of(m.get("content"), f"messages[{i}]")
         calls = m.get("tool_calls")
         if role == "assistant" and calls:
-            raw = self.replay.get(calls[0].get("id") if isinstance(calls[0], dict) else None)
-            if raw is not None:
-                return {"role": "assistant", "content": raw}
+            sampled = self.replay.get(calls[0].get("id") if isinstance(calls[0], dict) else None)
+            if sampled is not None:
+                self._history = sampled  # the latest replayed call covers every turn before it
+                return {"role": "assistant", "content": sampled.raw}
             parsed = []
             for c in calls:
                 fn = (c or {}).get("function") or {}

@@ -85,17 +85,18 @@ async def responses(request: Request):
     choice = body.get("tool_choice")
     if isinstance(choice, dict) and choice.get("type") == "function":
         choice = {"function": {"name": choice.get("name")}}
-    ids, forced = engine.chat.build(_messages(body), tools, choice)
+    ids, forced, text = engine.chat.build(_messages(body), tools, choice)
     p = params.sampling(body, engine.ctx_left(ids), max_names=("max_output_tokens",))
     engine.validate(ids, p)
     use_tools = bool(tools) and choice != "none"
+    kw = dict(tools=use_tools, forced=forced, text=text, is_disconnected=request.is_disconnected)
     head = {"id": "resp_" + secrets.token_hex(12), "object": "response", "created_at": int(time.time()),
             "model": engine.model_id, "tool_choice": choice or "auto", "tools": body.get("tools") or [],
             "parallel_tool_calls": True, "temperature": p.temperature, "top_p": p.top_p}
-    run = engine.stream(ids, p, tools=use_tools, forced=forced, is_disconnected=request.is_disconnected)
     if field(body, "stream", bool, False):
-        return sse(_events(run, head), named=True)
-    r = await engine.collect(ids, p, tools=use_tools, forced=forced, is_disconnected=request.is_disconnected)
+        run = engine.stream(ids, p, **kw)
+        return sse(_events(run, head), run=run, named=True)
+    r = await engine.collect(ids, p, **kw)
     output = ([_text_item(r["text"])] if r["text"] or not r["calls"] else []) + [_call_item(c) for c in r["calls"]]
     return {**head, "status": _status(r["finish_reason"]), "output": output, "usage": _usage(r["usage"]),
             "incomplete_details": {"reason": "max_output_tokens"} if r["finish_reason"] == "length" else None}

@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #define OUZEL_AVX512 1
@@ -326,65 +327,27 @@ inline void nib32(const uint8_t* qs, __m512 tab, S& s) {
   s.put(0, _mm512_permutexvar_ps(v, tab));  // vpermps reads the low 4 bits of each index
   s.put(16, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tab));
 }
-// ... with a fifth bit per element from a 32-bit mask: tab0 for q < 16, tab1 for q >= 16
-template <class S>
-inline void nib32_h(const uint8_t* qs, uint32_t qh, __m512 tab0, __m512 tab1, S& s) {
-  const __m512i v = load16_u8_epi32(qs);
-  const __m512i v1 = _mm512_srli_epi32(v, 4);
-  s.put(0, _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(v, tab0), __mmask16(qh), v, tab1));
-  s.put(16, _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(v1, tab0), __mmask16(qh >> 16), v1, tab1));
-}
 
-#ifndef OUZEL_NIB_MODE
-#define OUZEL_NIB_MODE 0
-#endif
 // A 32-element block of 4-bit q (Q4_0 layout; with QH a fifth bit per element from a 32-bit mask)
-// with linear values: QOFF > 0: w = (q - QOFF) * d (as the reference: the sign of a zero included);
+// with linear values, through a 16-entry float table per 16 values of q:
+// QOFF > 0: w = (q - QOFF) * d (as the reference computes it: the sign of a zero included);
 // QOFF == 0: w = q * d + m (one rounding, like the reference's, since q * d is exact).
-template <int QOFF, bool QH>
+template <int QOFF>
 inline __m512 lin_table(__m512 d, __m512 m, float base) {
   if constexpr (QOFF > 0) return _mm512_mul_ps(iota_ps(base - QOFF), d);
   else return _mm512_fmadd_ps(iota_ps(base), d, m);
 }
-template <int QOFF>
-inline __m512 lin_value(__m512i q, __m512 d, __m512 m) {
-  if constexpr (QOFF > 0) return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(QOFF))), d);
-  else return _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), d, m);
-}
 template <int QOFF, class S>
 inline void nib32_lin(const uint8_t* qs, __m512 d, __m512 m, S& s) {
-  const __m512i v = load16_u8_epi32(qs);
-#if OUZEL_NIB_MODE == 0
-  const __m512 tab = lin_table<QOFF, false>(d, m, 0.0f);
-  s.put(0, _mm512_permutexvar_ps(v, tab));
-  s.put(16, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tab));
-#elif OUZEL_NIB_MODE == 1
-  s.put(0, lin_value<QOFF>(_mm512_and_si512(v, _mm512_set1_epi32(15)), d, m));
-  s.put(16, lin_value<QOFF>(_mm512_srli_epi32(v, 4), d, m));
-#else
-  s.put(0, _mm512_permutexvar_ps(v, lin_table<QOFF, false>(d, m, 0.0f)));
-  s.put(16, lin_value<QOFF>(_mm512_srli_epi32(v, 4), d, m));
-#endif
+  nib32(qs, lin_table<QOFF>(d, m, 0.0f), s);
 }
 template <int QOFF, class S>
 inline void nib32_h_lin(const uint8_t* qs, uint32_t qh, __m512 d, __m512 m, S& s) {
   const __m512i v = load16_u8_epi32(qs);
-  const __m512i c16 = _mm512_set1_epi32(16);
-#if OUZEL_NIB_MODE == 0
   const __m512i v1 = _mm512_srli_epi32(v, 4);
-  const __m512 tab0 = lin_table<QOFF, true>(d, m, 0.0f), tab1 = lin_table<QOFF, true>(d, m, 16.0f);
+  const __m512 tab0 = lin_table<QOFF>(d, m, 0.0f), tab1 = lin_table<QOFF>(d, m, 16.0f);
   s.put(0, _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(v, tab0), __mmask16(qh), v, tab1));
   s.put(16, _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(v1, tab0), __mmask16(qh >> 16), v1, tab1));
-#elif OUZEL_NIB_MODE == 1
-  const __m512i lo = _mm512_and_si512(v, _mm512_set1_epi32(15)), hi = _mm512_srli_epi32(v, 4);
-  s.put(0, lin_value<QOFF>(_mm512_mask_or_epi32(lo, __mmask16(qh), lo, c16), d, m));
-  s.put(16, lin_value<QOFF>(_mm512_mask_or_epi32(hi, __mmask16(qh >> 16), hi, c16), d, m));
-#else
-  const __m512i lo = _mm512_and_si512(v, _mm512_set1_epi32(15)), hi = _mm512_srli_epi32(v, 4);
-  const __m512i lo5 = _mm512_mask_or_epi32(lo, __mmask16(qh), lo, c16);
-  s.put(0, _mm512_permutex2var_ps(lin_table<QOFF, true>(d, m, 0.0f), lo5, lin_table<QOFF, true>(d, m, 16.0f)));
-  s.put(16, lin_value<QOFF>(_mm512_mask_or_epi32(hi, __mmask16(qh >> 16), hi, c16), d, m));
-#endif
 }
 
 struct VQ8_0 {
@@ -429,7 +392,16 @@ struct VMXFP4 {
   }
 };
 
-// Q4_K/Q5_K scales: out[0..7] = d * sc, out[8..15] = dmin * m
+// Per-(sub)block scales are computed 16 at a time, stored to a small stack array and broadcast from
+// memory (a load, not a shuffle) when needed: the barrier keeps the compiler from turning the
+// array into register shuffles, which compete with the permutes of the decoding.
+#ifdef OUZEL_NO_SCALE_BARRIER
+#define SCALE_BARRIER()
+#else
+#define SCALE_BARRIER() asm volatile("" ::: "memory")
+#endif
+
+// Q4_K/Q5_K scales: out[0..7] = d * sc, out[8..15] = -(dmin * m)
 inline void k4_scales(const uint8_t* b, float* out) {
   const __m512i sv = load16_u8_epi32(b + 4);  // bytes 4..19, lanes 0..11 are the scales
   const __m512i idxP = _mm512_set_epi32(11, 10, 9, 8, 7, 6, 5, 4, 11, 10, 9, 8, 3, 2, 1, 0);
@@ -441,8 +413,9 @@ inline void k4_scales(const uint8_t* b, float* out) {
                                             _mm512_set1_epi32(0x30));
   const __m512 f = _mm512_cvtepi32_ps(_mm512_or_si512(lo, hi));
   const __m512 dm = pair_f16(b);
-  const __m512 dd = _mm512_mask_blend_ps(0xFF00, _mm512_moveldup_ps(dm), _mm512_movehdup_ps(dm));
-  _mm512_storeu_ps(out, _mm512_mul_ps(f, dd));
+  const __m512 dd = _mm512_mask_blend_ps(0xFF00, _mm512_moveldup_ps(dm), _mm512_sub_ps(_mm512_setzero_ps(), _mm512_movehdup_ps(dm)));
+  _mm512_storeu_ps(out, _mm512_mul_ps(f, dd));  // -(dmin * m) == (-dmin) * m exactly
+  SCALE_BARRIER();
 }
 
 struct VQ4_K {
@@ -453,8 +426,8 @@ struct VQ4_K {
     const __m512 io = iota_ps(0.0f);
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
-      const __m512 tA = _mm512_fmadd_ps(io, _mm512_set1_ps(sd[2 * j]), _mm512_set1_ps(-sd[8 + 2 * j]));
-      const __m512 tB = _mm512_fmadd_ps(io, _mm512_set1_ps(sd[2 * j + 1]), _mm512_set1_ps(-sd[9 + 2 * j]));
+      const __m512 tA = _mm512_fmadd_ps(io, _mm512_set1_ps(sd[2 * j]), _mm512_set1_ps(sd[8 + 2 * j]));
+      const __m512 tB = _mm512_fmadd_ps(io, _mm512_set1_ps(sd[2 * j + 1]), _mm512_set1_ps(sd[9 + 2 * j]));
 #pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
         const __m512i v = load16_u8_epi32(qs + 32 * j + 16 * h);
@@ -475,8 +448,8 @@ struct VQ5_K {
     const __m128i h1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qh + 16));
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
-      const __m512 dA = _mm512_set1_ps(sd[2 * j]), mA = _mm512_set1_ps(-sd[8 + 2 * j]);
-      const __m512 dB = _mm512_set1_ps(sd[2 * j + 1]), mB = _mm512_set1_ps(-sd[9 + 2 * j]);
+      const __m512 dA = _mm512_set1_ps(sd[2 * j]), mA = _mm512_set1_ps(sd[8 + 2 * j]);
+      const __m512 dB = _mm512_set1_ps(sd[2 * j + 1]), mB = _mm512_set1_ps(sd[9 + 2 * j]);
       const __m512 tA0 = _mm512_fmadd_ps(io, dA, mA), tA1 = _mm512_fmadd_ps(io16, dA, mA);
       const __m512 tB0 = _mm512_fmadd_ps(io, dB, mB), tB1 = _mm512_fmadd_ps(io16, dB, mB);
       const __m128i bA = _mm_set1_epi8(char(1 << (2 * j))), bB = _mm_set1_epi8(char(1 << (2 * j + 1)));
@@ -495,7 +468,8 @@ struct VQ5_K {
 struct VQ6_K {
   template <class S> static inline void block(const uint8_t* b, S& s) {
     alignas(64) float sd[16];
-    _mm512_storeu_ps(sd, _mm512_mul_ps(_mm512_cvtepi32_ps(load16_i8_epi32(b + 192)), _mm512_set1_ps(f16at(b + 208))));
+    _mm512_storeu_ps(sd, _mm512_mul_ps(_mm512_cvtepi32_ps(load16_i8_epi32(b + 192)), bcast_f16(b + 208)));
+    SCALE_BARRIER();
     const __m512i m0f = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30), c32 = _mm512_set1_epi8(32);
     // per 16-bit word: words 0..15 (bytes 0..31) and 16..31 (bytes 32..63)
     const __m512i shl = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
@@ -527,7 +501,8 @@ struct VQ2_K {
     alignas(64) float dl[16], ml[16];
     const __m512i sv = load16_u8_epi32(b);
     _mm512_storeu_ps(dl, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(sv, _mm512_set1_epi32(15))), _mm512_set1_ps(f16at(b + 80))));
-    _mm512_storeu_ps(ml, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(sv, 4)), _mm512_set1_ps(f16at(b + 82))));
+    _mm512_storeu_ps(ml, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(sv, 4)), _mm512_set1_ps(-f16at(b + 82))));
+    SCALE_BARRIER();
     const __m512 io4 = _mm512_set_ps(3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0);
 #pragma GCC unroll 2
     for (int r = 0; r < 2; ++r) {
@@ -537,7 +512,7 @@ struct VQ2_K {
 #pragma GCC unroll 4
         for (int sh = 0; sh < 4; ++sh) {
           const int c = 8 * r + 2 * sh + h;
-          const __m512 tab = _mm512_fmadd_ps(io4, _mm512_set1_ps(dl[c]), _mm512_set1_ps(-ml[c]));
+          const __m512 tab = _mm512_fmadd_ps(io4, _mm512_set1_ps(dl[c]), _mm512_set1_ps(ml[c]));
           s.put(128 * r + 32 * sh + 16 * h, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 2 * sh), tab));
         }
       }
@@ -559,6 +534,7 @@ struct VQ3_K {
           _mm512_set1_epi32(3));
       const __m512i sc = _mm512_sub_epi32(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 4)), _mm512_set1_epi32(32));
       _mm512_storeu_ps(dl, _mm512_mul_ps(_mm512_cvtepi32_ps(sc), _mm512_set1_ps(f16at(b + 108))));
+      SCALE_BARRIER();
     }
     const __m512 io4 = _mm512_set_ps(3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0);
     const __m512 io4m = _mm512_sub_ps(io4, _mm512_set1_ps(4.0f));
@@ -670,7 +646,8 @@ constexpr int num_acc(int M) { return M == 1 ? 4 : (M <= 4 ? 2 : 1); }
 
 // y[m * ldy] = sum_k x[m * ldx + k] * w[k] for one weight row, m < M
 template <int ID, int M>
-void row_dot(const uint8_t* row, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy) {
+__attribute__((always_inline)) inline void row_dot(const uint8_t* row, int64_t K, const float* x, int64_t ldx,
+                                                   float* y, int64_t ldy) {
   constexpr int NA = num_acc(M);
   Accs<M, NA> acc;
 #pragma GCC unroll 8
@@ -735,7 +712,8 @@ void dequant_row(const uint8_t* row, int64_t K, float* out) {
 #else  // ================================================================= portable path
 
 template <int ID, int M>
-void row_dot(const uint8_t* row, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy) {
+__attribute__((always_inline)) inline void row_dot(const uint8_t* row, int64_t K, const float* x, int64_t ldx,
+                                                   float* y, int64_t ldy) {
   constexpr int BE = Dec<ID>::BE, BB = Dec<ID>::BB;
   constexpr int L = 8;
   float acc[M][L] = {};
@@ -780,8 +758,16 @@ void dequant_row(const uint8_t* row, int64_t K, float* out) {
 
 // ================================================================= drivers
 
+// rows [r0, r1) of W: y[m * ldy + r] = x[m] . W[r], m < M
+
+template <int ID, int M>
+void rows_dot(const uint8_t* W, int64_t rs, int64_t r0, int64_t r1, int64_t K, const float* x, int64_t ldx, float* y,
+              int64_t ldy) {
+  for (int64_t r = r0; r < r1; ++r) row_dot<ID, M>(W + r * rs, K, x, ldx, y + r, ldy);
+}
+
 constexpr int MAXM = 8;  // GEMV register tile: up to 8 rows of x at once
-using RowDotFn = void (*)(const uint8_t*, int64_t, const float*, int64_t, float*, int64_t);
+using RowDotFn = void (*)(const uint8_t*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, float*, int64_t);
 using DequantFn = void (*)(const uint8_t*, int64_t, float*);
 
 struct TypeFns {
@@ -795,14 +781,14 @@ TypeFns make_fns() {
   TypeFns f;
   f.be = Dec<ID>::BE;
   f.bb = Dec<ID>::BB;
-  f.dot[0] = &row_dot<ID, 1>;
-  f.dot[1] = &row_dot<ID, 2>;
-  f.dot[2] = &row_dot<ID, 3>;
-  f.dot[3] = &row_dot<ID, 4>;
-  f.dot[4] = &row_dot<ID, 5>;
-  f.dot[5] = &row_dot<ID, 6>;
-  f.dot[6] = &row_dot<ID, 7>;
-  f.dot[7] = &row_dot<ID, 8>;
+  f.dot[0] = &rows_dot<ID, 1>;
+  f.dot[1] = &rows_dot<ID, 2>;
+  f.dot[2] = &rows_dot<ID, 3>;
+  f.dot[3] = &rows_dot<ID, 4>;
+  f.dot[4] = &rows_dot<ID, 5>;
+  f.dot[5] = &rows_dot<ID, 6>;
+  f.dot[6] = &rows_dot<ID, 7>;
+  f.dot[7] = &rows_dot<ID, 8>;
   f.deq = &dequant_row<ID>;
   return f;
 }
@@ -835,15 +821,38 @@ const TypeFns* type_fns(int64_t t) {
   }
 }
 
+// Error messages are built here with std::to_string, never through std::ostream (c10::str with
+// numbers): where the compiler links libstdc++ statically into the extension (the GPU machine's
+// CXX does), ostream formatting in the extension crashes instead of raising.
+inline void cat_into(std::string&) {}
+template <class T, class... R>
+void cat_into(std::string& s, const T& v, const R&... rest) {
+  if constexpr (std::is_arithmetic_v<T>) s += std::to_string(v);
+  else s += v;
+  cat_into(s, rest...);
+}
+template <class... A>
+std::string cat(const A&... a) {
+  std::string s;
+  cat_into(s, a...);
+  return s;
+}
+std::string shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
 // checks raw [R, row_bytes] (row stride free, bytes contiguous) and returns K
 int64_t check_raw(const at::Tensor& raw, const TypeFns* f, int64_t t) {
-  TORCH_CHECK(f != nullptr, "ouzel qmatmul: unsupported ggml type ", t);
-  TORCH_CHECK(t != T_IQ2_XXS && t != T_IQ4_NL && t != T_MXFP4 || g_tables_set, "ouzel qmatmul: tables not set");
+  TORCH_CHECK(f != nullptr, cat("ouzel qmatmul: unsupported ggml type ", t));
+  TORCH_CHECK((t != T_IQ2_XXS && t != T_IQ4_NL && t != T_MXFP4) || g_tables_set, "ouzel qmatmul: tables not set");
   TORCH_CHECK(raw.device().is_cpu() && raw.scalar_type() == at::kByte && raw.dim() == 2,
-              "ouzel qmatmul: raw must be a 2-D uint8 CPU tensor, got ", raw.scalar_type(), " ", raw.sizes());
+              cat("ouzel qmatmul: raw must be a 2-D uint8 CPU tensor, got ", c10::toString(raw.scalar_type()), " ",
+                  shape_str(raw)));
   TORCH_CHECK(raw.size(1) == 0 || raw.stride(1) == 1, "ouzel qmatmul: raw rows must be contiguous");
-  TORCH_CHECK(raw.size(1) % f->bb == 0, "ouzel qmatmul: row of ", raw.size(1), " bytes is not whole ", f->bb,
-              "-byte blocks");
+  TORCH_CHECK(raw.size(1) % f->bb == 0,
+              cat("ouzel qmatmul: a row of ", raw.size(1), " bytes is not whole ", f->bb, "-byte blocks"));
   return raw.size(1) / f->bb * f->be;
 }
 
@@ -856,11 +865,21 @@ void gemv(const TypeFns* f, const uint8_t* W, int64_t rstride, int64_t N, int64_
           float* y) {
   const int64_t grain = grain_rows(rstride, 32 * 1024);
   at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const uint8_t* row = W + r * rstride;
+    if (M <= MAXM) {
+      f->dot[M - 1](W, rstride, r0, r1, K, x, K, y, N);
+      return;
+    }
+    // more rows of x than one register tile: a few weight rows at a time (they stay in L1) times
+    // every group of MAXM rows of x
+#ifndef OUZEL_RC
+#define OUZEL_RC 8
+#endif
+    constexpr int64_t RC = OUZEL_RC;
+    for (int64_t rc = r0; rc < r1; rc += RC) {
+      const int64_t rend = std::min(rc + RC, r1);
       for (int64_t m0 = 0; m0 < M; m0 += MAXM) {
         const int64_t mm = std::min<int64_t>(MAXM, M - m0);
-        f->dot[mm - 1](row, K, x + m0 * K, K, y + m0 * N + r, N);
+        f->dot[mm - 1](W, rstride, rc, rend, K, x + m0 * K, K, y + m0 * N, N);
       }
     }
   });
@@ -874,16 +893,19 @@ void dequant_rows_into(const TypeFns* f, const uint8_t* W, int64_t rstride, int6
   });
 }
 
-int64_t g_gemv_max_m = 8;        // M above this: dequantize + at::mm
+int64_t g_gemv_max_m = 16;       // M above this: dequantize + at::mm (measured crossover ~16-24)
 int64_t g_tile_bytes = 4 << 20;  // float32 bytes of W dequantized per at::mm call
 
-at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& raw, int64_t t, int64_t out_features) {
+at::Tensor qmatmul(const at::Tensor& x_in, const at::Tensor& raw, int64_t t, int64_t out_features) {
   const TypeFns* f = type_fns(t);
   const int64_t K = check_raw(raw, f, t);
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
-              "ouzel qmatmul: x must be a contiguous 2-D float32 CPU tensor");
-  TORCH_CHECK(x.size(1) == K, "ouzel qmatmul: x has ", x.size(1), " features, the weight rows have ", K);
-  TORCH_CHECK(raw.size(0) == out_features, "ouzel qmatmul: raw has ", raw.size(0), " rows, expected ", out_features);
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 2,
+              cat("ouzel qmatmul: x must be a 2-D float32 CPU tensor, got ", c10::toString(x_in.scalar_type()), " ",
+                  shape_str(x_in)));
+  const at::Tensor x = x_in.contiguous();
+  TORCH_CHECK(x.size(1) == K, cat("ouzel qmatmul: x has ", x.size(1), " features, the weight rows have ", K));
+  TORCH_CHECK(raw.size(0) == out_features,
+              cat("ouzel qmatmul: raw has ", raw.size(0), " rows, expected ", out_features));
   const int64_t M = x.size(0), N = out_features;
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
@@ -930,7 +952,7 @@ at::Tensor embedding(const at::Tensor& raw, int64_t t, const at::Tensor& ids_in)
   const int64_t L = ids.size(0), R = raw.size(0);
   const int64_t* id = ids.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < L; ++i)
-    TORCH_CHECK(id[i] >= 0 && id[i] < R, "ouzel embedding: id ", id[i], " out of range for ", R, " rows");
+    TORCH_CHECK(id[i] >= 0 && id[i] < R, cat("ouzel embedding: id ", id[i], " out of range for ", R, " rows"));
   at::Tensor out = at::empty({L, K}, at::TensorOptions().dtype(at::kFloat));
   if (L == 0 || K == 0) return out;
   const uint8_t* W = raw.const_data_ptr<uint8_t>();

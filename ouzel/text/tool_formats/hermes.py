@@ -50,4 +50,4 @@ class Hermes(ToolFormat):
                          for n, a in calls)
 
     def forced_prefix(self, name: str | None) -> str:
-        return f'{self.start}\n{{"name": "' + (f'{name}", "arguments": ' if name else "")
+        return f'{self.start}\n{{"name": "' + (f'{name}", "arguments":' if name else "")

@@ -56,4 +56,4 @@ class Llama3(ToolFormat):
         return "; ".join(json.dumps({"name": n, "parameters": a}, ensure_ascii=False) for n, a in calls)
 
     def forced_prefix(self, name: str | None) -> str:
-        return '{"name": "' + (f'{name}", "parameters": ' if name else "")
+        return '{"name": "' + (f'{name}", "parameters":' if name else "")
