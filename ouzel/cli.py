@@ -1,4 +1,4 @@
-"""ouzel run | chat | serve | inspect."""
+"""ouzel run | chat | serve | inspect | bench."""
 from __future__ import annotations
 
 import argparse
@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--model-id", default=None, help="model name reported by /v1/models (default: -m)")
     srv.add_argument("--keepalive-s", type=float, default=5.0, help="SSE keep-alive interval while a reply "
                      "has nothing new, e.g. during a long prefill (default 5)")
+
+    bench = sub.add_parser("bench", help="prefill/decode speed as the context grows (or --pp/--tg)",
+                           epilog=EPILOG)
+    _add_model_args(bench)
+    from .bench import add_arguments as add_bench_arguments
+    add_bench_arguments(bench)
 
     insp = sub.add_parser("inspect", help="describe a model file", epilog=EPILOG)
     insp.add_argument("model", nargs="?", default=DEFAULT_MODEL)
@@ -230,12 +236,18 @@ def cmd_serve(args) -> int:
     return serve(cfg, args.device)
 
 
+def cmd_bench(args) -> int:
+    from .bench import run
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug or os.environ.get("OUZEL_DEBUG") else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "inspect": cmd_inspect}[args.cmd](args)
+        return {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "inspect": cmd_inspect,
+                "bench": cmd_bench}[args.cmd](args)
     except OuzelError as e:
         if args.debug:
             raise

@@ -111,6 +111,21 @@ def test_row_views_and_slices(name):
     assert cpu.embedding(raw, bt, torch.tensor([], dtype=torch.long)).shape == (0, 512)
 
 
+@pytest.mark.parametrize("name", ["Q4_1", "Q6_K", "F32"])
+def test_every_path(name):
+    """The same products through the fused GEMV at every M, the blocked kernel at every M (M=1 too),
+    and the at::mm path (what builds without AVX-512 use)."""
+    bt = block_type(name)
+    raw = random_raw(bt, 70, 512 if name != "F32" else 333, np.random.default_rng(5))
+    ref = dequantize(raw, bt)
+    try:
+        for gemv_max_m, prefill in ((1000, None), (0, "blocked"), (0, "mm")):
+            cpu.configure(gemv_max_m=gemv_max_m, prefill=prefill)
+            check_qmatmul(raw, bt, ref, ms=(1, 5, 11, 30))
+    finally:
+        cpu.configure(gemv_max_m=-1, prefill="default")
+
+
 def test_read_only_input_and_threads():
     bt = block_type("Q4_1")
     arr = random_raw(bt, 256, 1024, np.random.default_rng(2)).numpy().copy()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import httpx
 import pytest
@@ -79,6 +80,16 @@ def test_completions(oai):
     parts = list(oai.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=6,
                                         temperature=0, stream=True))
     assert "".join(p.choices[0].text for p in parts if p.choices) == r.choices[0].text
+
+
+def test_stop_strings_and_seeded_sampling(oai):
+    kw = dict(model="smollm2-135m", prompt="The three primary colors are", max_tokens=12)
+    whole = oai.completions.create(temperature=0, **kw).choices[0].text
+    word = whole.split()[3]
+    cut = oai.completions.create(temperature=0, stop=[word], **kw).choices[0]
+    assert cut.text == whole[:whole.index(word)] and cut.finish_reason == "stop"
+    a, b = (oai.completions.create(temperature=0.9, seed=7, **kw).choices[0].text for _ in range(2))
+    assert a == b
 
 
 def test_responses(oai):
@@ -176,13 +187,20 @@ def test_prefix_reuse_prefills_only_the_suffix(server, oai):
     system = "You are a careful assistant for a bakery. " * 12
     msgs = [{"role": "system", "content": system}, {"role": "user", "content": "What do you sell?"}]
     r1 = chat(oai, msgs)
+    time.sleep(0.5)  # blocks reach the disk tier from a background writer
     before = server.metrics()["ouzel_prefill_tokens_total"]
+    disk_before = server.metrics()["ouzel_kv_disk_bytes_written_total"]
     msgs += [{"role": "assistant", "content": r1.choices[0].message.content},
              {"role": "user", "content": "And on Sundays?"}]
     r2 = chat(oai, msgs, n=1)
     cached = r2.usage.prompt_tokens_details.cached_tokens
     assert cached >= r1.usage.prompt_tokens // 16 * 16 and cached % 16 == 0
     assert server.metrics()["ouzel_prefill_tokens_total"] - before == r2.usage.prompt_tokens - cached
+    time.sleep(0.5)
+    # a continued conversation writes only its new blocks (one block file: 30 layers x 16 tokens x K,V)
+    new_blocks = r2.usage.prompt_tokens // 16 - r1.usage.prompt_tokens // 16
+    written = server.metrics()["ouzel_kv_disk_bytes_written_total"] - disk_before
+    assert 0 < written <= new_blocks * (128 + 16 * 4 + 2 * 30 * 16 * 3 * 64 * 4)
 
 
 def test_three_interleaved_sessions_keep_their_prefix(oai):
@@ -229,6 +247,21 @@ def test_keepalive_during_long_prefill(server):
     assert ": keep-alive" in seen[:first_content] and "data: [DONE]" in seen
 
 
+def test_non_streaming_client_timeout_cancels(server):
+    before = server.metrics()["ouzel_requests_cancelled_total"]
+    body = {"messages": [{"role": "user", "content": "Count to one thousand."}], "max_tokens": 800,
+            "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
+                   timeout=2)
+    for _ in range(100):
+        m = server.metrics()
+        if m["ouzel_requests_cancelled_total"] > before and m["ouzel_requests_running"] == 0:
+            break
+        time.sleep(0.1)
+    assert m["ouzel_requests_cancelled_total"] > before and m["ouzel_kv_blocks_in_use"] == 0
+
+
 BAD = [
     ("/v1/chat/completions", b"{not json", 400, "not valid JSON"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
@@ -241,6 +274,8 @@ BAD = [
     ("/v1/completions", {"prompt": [10**9], "max_tokens": 1}, 400, "vocabulary"),
     ("/v1/messages", {"messages": [{"role": "user", "content": "x"}]}, 400, "max_tokens"),
     ("/v1/responses", {"input": 5}, 400, "input"),
+    ("/v1/responses", {"input": "x", "previous_response_id": "resp_1"}, 400, "previous_response_id"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "'n'"),
 ]
 
 

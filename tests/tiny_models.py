@@ -39,7 +39,18 @@ TINY = {
                          "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
         tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=None,
     ),
+    "qwen3_moe": dict(
+        # all layers sparse, as llama.cpp's qwen3moe assumes; 8 experts, top-3, renormalised
+        vocab_size=320, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32,  # head_dim != hidden / heads
+        num_experts=8, num_experts_per_tok=3, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        rms_norm_eps=1e-6, max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=None,
+    ),
 }
+# GGUF general.architecture where llama.cpp spells it differently from HF's model_type
+GGUF_ARCH = {"qwen3_moe": "qwen3moe"}
 
 INIT_STD = 0.02
 SPECIAL_TOKENS = ["<bos>", "<eos>"]  # ids 0 and 1, as in TINY
@@ -53,6 +64,9 @@ def hf_config(arch: str, **overrides):
     if arch == "gemma3":
         from transformers import Gemma3TextConfig
         return Gemma3TextConfig(**kw)
+    if arch == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+        return Qwen3MoeConfig(**kw)
     raise KeyError(arch)
 
 
@@ -60,10 +74,10 @@ def hf_config(arch: str, **overrides):
 def build_hf_model(arch: str, seed: int = 0, **overrides):
     """A float32 transformers model of TINY[arch]: weights ~ N(0, INIT_STD), norm weights random
     around their neutral value (Llama: w ~ U(0.5, 1.5); Gemma, which scales by 1 + w: w ~ U(-0.5, 0.5))."""
-    from transformers import Gemma3ForCausalLM, LlamaForCausalLM
+    from transformers import Gemma3ForCausalLM, LlamaForCausalLM, Qwen3MoeForCausalLM
 
     cfg = hf_config(arch, **overrides)
-    cls = {"llama": LlamaForCausalLM, "gemma3": Gemma3ForCausalLM}[arch]
+    cls = {"llama": LlamaForCausalLM, "gemma3": Gemma3ForCausalLM, "qwen3_moe": Qwen3MoeForCausalLM}[arch]
     torch.manual_seed(seed)
     model = cls(cfg).float().eval()
     g = torch.Generator().manual_seed(seed)
@@ -178,16 +192,39 @@ _GGUF_NAMES = {
         "model.layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
         "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
     },
+    "qwen3_moe": {  # llama.cpp's Qwen3MoeModel (Qwen2MoeModel): experts stacked per kind, [E, out, in]
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+        "model.layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
+        "model.layers.{i}.self_attn.q_proj.weight": "blk.{i}.attn_q.weight",
+        "model.layers.{i}.self_attn.k_proj.weight": "blk.{i}.attn_k.weight",
+        "model.layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight",
+        "model.layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
+        "model.layers.{i}.self_attn.q_norm.weight": "blk.{i}.attn_q_norm.weight",
+        "model.layers.{i}.self_attn.k_norm.weight": "blk.{i}.attn_k_norm.weight",
+        "model.layers.{i}.post_attention_layernorm.weight": "blk.{i}.ffn_norm.weight",
+        "model.layers.{i}.mlp.gate.weight": "blk.{i}.ffn_gate_inp.weight",
+        # transformers fuses gate and up ([E, 2I, D], gate rows first); GGUF keeps them apart
+        "model.layers.{i}.mlp.experts.gate_up_proj": ("blk.{i}.ffn_gate_exps.weight", "blk.{i}.ffn_up_exps.weight"),
+        "model.layers.{i}.mlp.experts.down_proj": "blk.{i}.ffn_down_exps.weight",
+        "model.layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
+        "model.layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
+        "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
+    },
 }
 
 
-def gguf_name(arch: str, hf_name: str) -> str | None:
+def gguf_name(arch: str, hf_name: str) -> str | tuple[str, ...] | None:
+    """The GGUF name, or a tuple of names for a fused HF tensor GGUF stores split (row blocks in order)."""
     parts = hf_name.split(".")
     layer = None
     if len(parts) > 3 and parts[1] == "layers" and parts[2].isdigit():
         layer = parts[2]
         parts[2] = "{i}"
     g = _GGUF_NAMES[arch].get(".".join(parts))
+    if isinstance(g, tuple):
+        return tuple(x.replace("{i}", layer or "") for x in g)
     return None if g is None else g.replace("{i}", layer or "")
 
 
@@ -199,9 +236,12 @@ def _permute_llama(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _storage_type(name: str, ndim: int, qtype: str):
-    """The GGUF type a weight gets in a file of `qtype`: 2-D weights take qtype, the rest F32."""
+    """The GGUF type a weight gets in a file of `qtype`: 2-D weights (and 3-D stacked experts) take
+    qtype, the rest F32; MoE routers stay F32, as llama.cpp's quantizer leaves ffn_gate_inp."""
     from gguf import GGMLQuantizationType as GT
-    return GT[qtype] if ndim == 2 else GT.F32
+    if isinstance(name, str) and name.endswith("ffn_gate_inp.weight"):
+        return GT.F32
+    return GT[qtype] if ndim in (2, 3) else GT.F32
 
 
 def _quantize(w: np.ndarray, t) -> np.ndarray:
@@ -229,7 +269,10 @@ def gguf_tensors(hf_model, arch: str, qtype: str = "F32") -> dict[str, tuple[np.
         if arch == "gemma3" and g.endswith("norm.weight"):
             w = w + np.float32(1.0)
         st = _storage_type(g, w.ndim, qtype)
-        out[g] = (w if st == GT.F32 else _quantize(w, st), st)
+        # a fused tensor stored split: equal row blocks along `out` (axis -2), one GGUF tensor each
+        for name, part in zip(*((g, np.split(w, len(g), axis=-2)) if isinstance(g, tuple) else ((g,), (w,)))):
+            part = np.ascontiguousarray(part)
+            out[name] = (part if st == GT.F32 else _quantize(part, st), st)
     return out
 
 
@@ -251,6 +294,14 @@ def gguf_metadata(hf_model, arch: str) -> dict[str, tuple[object, str]]:
     }
     if arch == "llama":
         m[f"{arch}.rope.dimension_count"] = (head_dim, "u32")
+    if arch == "qwen3_moe":
+        arch = GGUF_ARCH[arch]
+        m = {k.replace("qwen3_moe.", f"{arch}.", 1): v for k, v in m.items()}
+        m[f"{arch}.attention.key_length"] = (head_dim, "u32")
+        m[f"{arch}.attention.value_length"] = (head_dim, "u32")
+        m[f"{arch}.expert_count"] = (cfg.num_experts, "u32")
+        m[f"{arch}.expert_used_count"] = (cfg.num_experts_per_tok, "u32")
+        m[f"{arch}.expert_feed_forward_length"] = (cfg.moe_intermediate_size, "u32")
     if arch == "gemma3":
         m[f"{arch}.attention.key_length"] = (head_dim, "u32")
         m[f"{arch}.attention.value_length"] = (head_dim, "u32")
@@ -281,7 +332,7 @@ def write_gguf(hf_model, arch: str, path: str | Path, qtype: str = "F32", *, arc
     import gguf
 
     path = Path(path)
-    writer = gguf.GGUFWriter(str(path), architecture or arch)
+    writer = gguf.GGUFWriter(str(path), architecture or GGUF_ARCH.get(arch, arch))
     meta = gguf_metadata(hf_model, arch)
     for k, v in (set_keys or {}).items():
         meta[k] = (v, meta[k][1] if k in meta else ("f32" if isinstance(v, float) else "u32"))

@@ -26,7 +26,12 @@ CONFIG_KEYS = {
     "attention.sliding_window": "sliding_window",
     "vocab_size": "vocab_size",
     "final_logit_softcapping": "final_logit_softcapping",
+    "expert_count": "num_experts",
+    "expert_used_count": "num_experts_per_tok",
+    "expert_feed_forward_length": "moe_intermediate_size",
 }
+# our architecture name -> the GGUF `general.architecture` (and metadata prefix), where they differ
+GGUF_ARCH = {"qwen3_moe": "qwen3moe"}
 REQUIRED = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
 
 TENSOR_NAMES = {  # GGUF name -> HF name, "{i}" is the layer
@@ -54,6 +59,9 @@ ARCH_TENSOR_NAMES = {
         "blk.{i}.ffn_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
         "blk.{i}.post_ffw_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
     },
+    "qwen3_moe": {  # routed experts (ffn_*_exps) go through formats/moe_weights.py
+        "blk.{i}.ffn_gate_inp.weight": "model.layers.{i}.mlp.gate.weight",
+    },
 }
 
 
@@ -78,6 +86,12 @@ def config_from_gguf(arch: str, meta: dict[str, Any], path: str) -> dict[str, An
     if arch == "deepseek_v4":  # its own key set (compress ratios, hyper-connections, indexer)
         from .gguf_deepseek4 import config_from_gguf as deepseek4_config
         return deepseek4_config(meta, path)
+    if arch in GGUF_ARCH:  # keys under the GGUF spelling, config under ours
+        cfg = config_from_gguf(GGUF_ARCH[arch], meta, path)
+        cfg["model_type"] = arch
+        if arch == "qwen3_moe":  # llama.cpp's qwen3moe always renormalises the top-k weights
+            cfg["norm_topk_prob"] = bool(meta.get("qwen3moe.expert_weights_norm", True))
+        return cfg
     cfg: dict[str, Any] = {"model_type": arch}
     for key in REQUIRED:
         if f"{arch}.{key}" not in meta:

@@ -133,11 +133,17 @@ class BatchKV:
             end = seg.start + seg.n
             if len(seg.table) * bs < end:
                 raise OuzelError(f"block table covers {len(seg.table) * bs} tokens; {end} needed")
-            table = torch.tensor(seg.table, dtype=torch.long)
-            pos = torch.arange(end)
-            # built once per step on the pool's device; every layer reuses these indices
-            read = (table[pos // bs] * bs + pos % bs).to(pool.k.device)
-            self._plan.append((off, seg.n, read[seg.start:], read))
+            used = seg.table[:-(-end // bs)]
+            if used == list(range(used[0], used[0] + len(used))):
+                # blocks side by side in the pool: plain slices, no gather copy of the whole context
+                first = used[0] * bs
+                self._plan.append((off, seg.n, slice(first + seg.start, first + end), slice(first, first + end)))
+            else:
+                table = torch.tensor(seg.table, dtype=torch.long)
+                pos = torch.arange(end)
+                # built once per step on the pool's device; every layer reuses these indices
+                read = (table[pos // bs] * bs + pos % bs).to(pool.k.device)
+                self._plan.append((off, seg.n, read[seg.start:], read))
             off += seg.n
         self.total = off
 

@@ -5,11 +5,13 @@ from ..errors import UnsupportedError
 from .deepseek_v4 import DeepseekV4ForCausalLM
 from .gemma3 import Gemma3ForCausalLM
 from .llama import LlamaForCausalLM
+from .qwen3_moe import Qwen3MoeForCausalLM
 
 ARCHITECTURES = {
     "llama": LlamaForCausalLM,
     "gemma3": Gemma3ForCausalLM,
     "deepseek_v4": DeepseekV4ForCausalLM,
+    "qwen3_moe": Qwen3MoeForCausalLM,
 }
 
 # other names the same code serves (HF model_type or GGUF architecture)
@@ -17,6 +19,7 @@ ALIASES = {
     "gemma3_text": "gemma3",
     "mistral": "llama",
     "deepseek4": "deepseek_v4",  # GGUF general.architecture
+    "qwen3moe": "qwen3_moe",  # GGUF general.architecture
 }
 
 

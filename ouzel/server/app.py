@@ -6,7 +6,7 @@ import hmac
 import json
 import logging
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from .engine import ServeEngine
@@ -17,29 +17,28 @@ log = logging.getLogger(__name__)
 
 def create_app(engine: ServeEngine) -> FastAPI:
     cfg = engine.cfg
-    app = FastAPI(title="ouzel", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine = engine
-    if cfg.cors:
-        from fastapi.middleware.cors import CORSMiddleware
-        app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
+    # a dependency, not an HTTP middleware: BaseHTTPMiddleware wraps `receive`, and then handlers
+    # can no longer see a client hang up (request.is_disconnected)
+    async def guard(request: Request) -> None:
         engine.http_requests += 1
-        path = request.url.path
-        if cfg.api_key and path.startswith("/v1/") and request.method != "OPTIONS":
+        if cfg.api_key and request.url.path.startswith("/v1/"):
             given = request.headers.get("x-api-key") or ""
             auth = request.headers.get("authorization") or ""
             if auth.lower().startswith("bearer "):
                 given = auth[7:].strip()
             if not hmac.compare_digest(given.encode(), cfg.api_key.encode()):
-                return error_response(request, ApiError(401, "missing or wrong API key (Authorization: Bearer "
-                                                             "KEY or x-api-key: KEY)", kind="authentication_error"))
+                raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY or x-api-key: KEY)",
+                               kind="authentication_error")
         size = int(request.headers.get("content-length") or 0)
         if size > cfg.max_body_bytes:
-            return error_response(request, ApiError(413, f"request body is {size} bytes; the limit is "
-                                                         f"{cfg.max_body_bytes}"))
-        return await call_next(request)
+            raise ApiError(413, f"request body is {size} bytes; the limit is {cfg.max_body_bytes}")
+
+    app = FastAPI(title="ouzel", docs_url=None, redoc_url=None, openapi_url=None, dependencies=[Depends(guard)])
+    app.state.engine = engine
+    if cfg.cors:
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, e: ApiError):

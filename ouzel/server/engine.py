@@ -123,6 +123,7 @@ class ServeEngine:
         parser = ToolStream(self.chat.format, forced) if tools else None
         done = closed = False
         sampled: list[int] = []  # token ids behind parser.raw, for replay
+        checked = loop.time()
         try:
             if parser is not None:
                 for d in self._tool_deltas(parser.events, None):
@@ -135,6 +136,11 @@ class ServeEngine:
                         return
                     yield Delta("keepalive")
                     continue
+                if is_disconnected is not None and loop.time() - checked > 1.0:
+                    # a non-streaming client that hung up is noticed here, not only when idle
+                    checked = loop.time()
+                    if await is_disconnected():
+                        return
                 if ev.kind == "error":
                     done = True
                     raise ApiError(500, ev.error or "engine error", kind="server_error")

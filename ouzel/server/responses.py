@@ -81,6 +81,10 @@ async def responses(request: Request):
     engine = request.app.state.engine
     body = await read_body(request)
     check_model(engine, body)
+    if body.get("previous_response_id"):
+        raise ApiError(400, "previous_response_id is not supported: this server keeps no responses; send the "
+                            "whole conversation in 'input' (its prefix is cached, so that is cheap)",
+                       param="previous_response_id")
     tools = _tools(body)
     choice = body.get("tool_choice")
     if isinstance(choice, dict) and choice.get("type") == "function":

@@ -157,11 +157,17 @@ def embedding(raw: torch.Tensor, bt: BlockType, ids: torch.Tensor) -> torch.Tens
     return out if ids.dim() == 1 else out.reshape(*ids.shape, out.shape[-1])
 
 
-def configure(gemv_max_m: int = -1, tile_bytes: int = -1) -> None:
-    """Tuning knobs: the largest M that runs as fused GEMVs (above it: dequantized tiles + at::mm), and the
-    float32 bytes of W dequantized per at::mm call. -1 keeps the current value."""
+def configure(gemv_max_m: int | None = None, tile_bytes: int | None = None, prefill: str | None = None) -> None:
+    """Tuning knobs, for benchmarks and tests (process-wide; None leaves a knob as it is).
+
+    gemv_max_m: the largest M that runs as fused GEMVs (-1: each type's default, 12, or 6 for the
+    256-element types); above it the prefill path runs: prefill="blocked" (W dequantized block by block,
+    own AVX-512 kernel; the default where AVX-512 is there), "mm" (float32 tiles of tile_bytes through
+    at::mm) or "default"."""
     _need()
-    _state["ops"].configure(gemv_max_m, tile_bytes)  # type: ignore[attr-defined]
+    mode = {None: -1, "blocked": 0, "mm": 1, "default": 2}[prefill]
+    _state["ops"].configure(-2 if gemv_max_m is None else gemv_max_m,  # type: ignore[attr-defined]
+                            -1 if tile_bytes is None else tile_bytes, mode)
 
 
 def build_info() -> str:
