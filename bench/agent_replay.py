@@ -130,7 +130,8 @@ def replay(llm, policy: str, system: str, args) -> dict:
 
 
 def decode_throughput(llm, args, streams: int) -> float:
-    engine = ServeEngine(llm, ServeConfig(model=args.model, max_batch=max(streams, 1), kv_mem_mb=args.kv_mem_mb)).start()
+    cfg = ServeConfig(model=args.model, max_batch=max(streams, 1), kv_mem_mb=args.kv_mem_mb)
+    engine = ServeEngine(llm, cfg).start()
     prompts = [llm.chat_prompt([{"role": "user", "content": f"Story number {i}: once upon a time"}])
                for i in range(streams)]
     generate(engine, prompts[0], 2)  # warm-up

@@ -182,6 +182,14 @@ def cmd_chat(args) -> int:
         _print_stats(llm)
 
 
+def _type_name(t: int) -> str:
+    import gguf
+    try:
+        return gguf.GGMLQuantizationType(t).name
+    except ValueError:
+        return f"type {t} (unknown)"
+
+
 def cmd_inspect(args) -> int:
     from .formats.gguf import GGUFFile
     from .formats.sources import read_hf_config
@@ -203,7 +211,7 @@ def cmd_inspect(args) -> int:
     counts = collections.Counter()
     for t in f.tensors.values():
         bt = BLOCK_TYPES.get(t.ggml_type)
-        counts[bt.name if bt else f"type {t.ggml_type} (unsupported)"] += 1
+        counts[bt.name if bt else _type_name(t.ggml_type)] += 1
     rows = [
         ("path", path), ("format", "GGUF"), ("name", f.get("general.name", "?")),
         ("architecture", arch + ("" if supported else "  (not supported by ouzel)")),

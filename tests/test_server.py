@@ -25,7 +25,8 @@ WEATHER = {"type": "function", "function": {
 def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("kv")
     s = Server("--ctx", "1024", "--max-batch", "8", "--api-key", API_KEY, "--kv-mem-mb", "64",
-               "--kv-disk-dir", str(d / "disk"), "--kv-disk-space-mb", "64", "--keepalive-s", "0.5", log_path=str(d / "server.log"))
+               "--kv-disk-dir", str(d / "disk"), "--kv-disk-space-mb", "64", "--keepalive-s", "0.5",
+               log_path=str(d / "server.log"))
     yield s
     s.stop()
 
@@ -112,6 +113,11 @@ def test_messages(claude):
         text = "".join(s.text_stream)
         final = s.get_final_message()
     assert text == r.content[0].text and final.usage.output_tokens == r.usage.output_tokens
+    word = r.content[0].text.split()[1]
+    cut = claude.messages.create(model="smollm2-135m", max_tokens=8, extra_body=T0, messages=msgs,
+                                 system="Be brief.", stop_sequences=[word])
+    assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == word
+    assert cut.content[0].text == r.content[0].text[:r.content[0].text.index(word)]
 
 
 def test_tool_call_round_trip_replays_sampled_text(oai):
@@ -153,7 +159,8 @@ def test_tool_call_stream_openai_and_responses_round_trip(oai):
 
 
 def test_tool_call_stream_anthropic(claude):
-    tools = [{"name": "get_weather", "description": "Current weather", "input_schema": WEATHER["function"]["parameters"]}]
+    tools = [{"name": "get_weather", "description": "Current weather",
+              "input_schema": WEATHER["function"]["parameters"]}]
     msgs = [{"role": "user", "content": "Call get_weather for Rome."}]
     with claude.messages.stream(model="smollm2-135m", max_tokens=60, extra_body=T0, messages=msgs, tools=tools,
                                 tool_choice={"type": "tool", "name": "get_weather"}) as s:
@@ -201,6 +208,14 @@ def test_prefix_reuse_prefills_only_the_suffix(server, oai):
     new_blocks = r2.usage.prompt_tokens // 16 - r1.usage.prompt_tokens // 16
     written = server.metrics()["ouzel_kv_disk_bytes_written_total"] - disk_before
     assert 0 < written <= new_blocks * (128 + 16 * 4 + 2 * 30 * 16 * 3 * 64 * 4)
+
+
+def test_max_tokens_zero_only_warms_the_cache(oai):
+    msgs = [{"role": "system", "content": "You answer questions about tide tables. " * 8},
+            {"role": "user", "content": "When is high tide?"}]
+    warm = chat(oai, msgs, n=0)
+    assert warm.usage.completion_tokens == 0 and warm.choices[0].finish_reason == "length"
+    assert chat(oai, msgs, n=1).usage.prompt_tokens_details.cached_tokens == (warm.usage.prompt_tokens - 1) // 16 * 16
 
 
 def test_three_interleaved_sessions_keep_their_prefix(oai):
@@ -267,7 +282,8 @@ BAD = [
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}, 400, "max_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, 400, "max_tokens"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "temperature"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400,
+     "temperature"),
     ("/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, 404, "gpt-9"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}, 400, "context"),
     ("/v1/completions", {"prompt": "word " * 1100, "max_tokens": 1}, 400, "context"),

@@ -35,6 +35,7 @@ class Event:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     usage: Usage | None = None
     error: str | None = None
+    stop_sequence: str | None = None  # the stop string that ended the reply, if one did
 
 
 @dataclass

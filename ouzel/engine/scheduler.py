@@ -267,11 +267,13 @@ class Scheduler:
             self.waiting.appendleft(run.req)
 
     def _sampled(self, run: Running, logits: torch.Tensor) -> None:
-        tok = run.sampler(logits)
         now = time.perf_counter()
         if run.first_token_at is None:
             run.first_token_at = now
             run.usage.prefill_s = now - run.req.arrival
+        if run.req.params.max_tokens == 0:  # prefill only (e.g. to warm the prefix cache)
+            return self._finish(run, "length")
+        tok = run.sampler(logits)
         if tok in self.eog and not run.req.params.ignore_eos:
             return self._finish(run, "stop")
         run.generated += 1
@@ -307,7 +309,7 @@ class Scheduler:
         if error:
             run.req.emit(Event("error", error=error))
         else:
-            run.req.emit(Event("done", text=tail, finish_reason=reason, usage=u))
+            run.req.emit(Event("done", text=tail, finish_reason=reason, usage=u, stop_sequence=run.stops.matched))
 
     def stats(self) -> dict:
         return {"running": len(self.running), "waiting": len(self.waiting), **self.kv.stats()}

@@ -47,10 +47,11 @@ class Compressor(nn.Module):
         chunk_kv, chunk_gate, first, prior = kv.frontier(layer, self.series, self.kv_proj(x), self.gate_proj(x),
                                                          self.ratio, self.overlap)
         n, r, d = chunk_kv.shape[0] // self.ratio, self.ratio, self.dim
-        new = chunk_kv.new_zeros((0, d))
+        new = x.new_zeros((0, d))
         if n:
             bias = dense(self.position_bias)
-            ckv, cgate = chunk_kv.view(n, r, -1), chunk_gate.view(n, r, -1) + bias
+            # compute in float32 whatever the state stores
+            ckv, cgate = chunk_kv.float().view(n, r, -1), chunk_gate.float().view(n, r, -1) + bias
             if self.overlap:
                 ckv, cgate = self._overlap(ckv, cgate, prior, bias)
             pooled = (ckv * cgate.softmax(dim=1, dtype=torch.float32).to(ckv.dtype)).sum(dim=1)
@@ -67,7 +68,7 @@ class Compressor(nn.Module):
         okv[:, r:], ogate[:, r:] = ckv[..., d:], cgate[..., d:]
         okv[1:, :r], ogate[1:, :r] = ckv[:-1, :, :d], cgate[:-1, :, :d]
         if prior is not None:  # the window before this call's first, from the decode state
-            okv[0, :r], ogate[0, :r] = prior[0][:, :d], (prior[1] + bias)[:, :d]
+            okv[0, :r], ogate[0, :r] = prior[0][:, :d].float(), (prior[1].float() + bias)[:, :d]
         return okv, ogate
 
 

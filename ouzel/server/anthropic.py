@@ -103,8 +103,12 @@ async def messages(request: Request):
         return sse(_events(run, head, len(ids)), run=run, named=True)
     r = await engine.collect(ids, p, **kw)
     content = ([{"type": "text", "text": r["text"]}] if r["text"] else []) + [_tool_block(c) for c in r["calls"]]
-    return {**head, "content": content, "stop_reason": STOP.get(r["finish_reason"], "end_turn"),
-            "stop_sequence": None, "usage": _usage(r["usage"])}
+    return {**head, "content": content, "stop_reason": _stop_reason(r["finish_reason"], r["stop_sequence"]),
+            "stop_sequence": r["stop_sequence"], "usage": _usage(r["usage"])}
+
+
+def _stop_reason(reason: str, stop_sequence: str | None) -> str:
+    return "stop_sequence" if stop_sequence else STOP.get(reason, "end_turn")
 
 
 async def _events(run, head: dict, n_prompt: int):
@@ -133,6 +137,6 @@ async def _events(run, head: dict, n_prompt: int):
         elif d.kind == "done":
             if open_text:
                 yield {"type": "content_block_stop", "index": index}
-            yield {"type": "message_delta", "delta": {"stop_reason": STOP.get(d.finish_reason, "end_turn"),
-                                                      "stop_sequence": None}, "usage": _usage(d.usage)}
+            yield {"type": "message_delta", "delta": {"stop_reason": _stop_reason(d.finish_reason, d.stop_sequence),
+                                                      "stop_sequence": d.stop_sequence}, "usage": _usage(d.usage)}
             yield {"type": "message_stop"}

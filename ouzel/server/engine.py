@@ -50,6 +50,7 @@ class Delta:
     logprobs: list | None = None  # [(token text, logprob, [(alt text, logprob)])]
     finish_reason: str | None = None
     usage: Usage | None = None
+    stop_sequence: str | None = None
 
 
 class ServeEngine:
@@ -174,7 +175,7 @@ class ServeEngine:
                     reason = ev.finish_reason
                     if parser is not None and parser.calls:
                         reason = "tool_calls"
-                    yield Delta("done", finish_reason=reason, usage=ev.usage)
+                    yield Delta("done", finish_reason=reason, usage=ev.usage, stop_sequence=ev.stop_sequence)
                     return
         finally:
             if not done:
@@ -212,7 +213,7 @@ class ServeEngine:
             elif d.kind == "done":
                 end = d
         return {"text": "".join(text), "calls": calls, "logprobs": lps, "finish_reason": end.finish_reason,
-                "usage": end.usage}
+                "usage": end.usage, "stop_sequence": end.stop_sequence}
 
     # --- observability ---
     def metrics_text(self) -> str:

@@ -3,7 +3,7 @@
 The C++ source beside this file (qmatmul.cpp) is compiled on first use with
 torch.utils.cpp_extension (needs a C++ compiler and ninja) into
 $TORCH_EXTENSIONS_DIR or ~/.cache/ouzel/torch_extensions, in a folder keyed by the torch and
-Python versions and the CPU's feature flags (it is built with -march=native); later processes
+Python versions, $CXX and the CPU's feature flags (it is built with -march=native); later processes
 reuse it, and an edit to the source rebuilds it. If anything fails, `available()` logs one
 warning and answers False, and callers use the pure-torch reference instead.
 
@@ -42,7 +42,7 @@ _qmatmul = _dequantize = _embedding = None  # the op overloads, set once loaded
 
 
 def _cpu_tag() -> str:
-    """A short hash of what the binary depends on: CPU features (-march=native), torch, Python."""
+    """A short hash of what the binary depends on: CPU features (-march=native), torch, Python, $CXX."""
     flags = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -53,7 +53,7 @@ def _cpu_tag() -> str:
     except OSError:
         pass
     key = "|".join([flags or platform.processor() or platform.machine(), torch.__version__,
-                    f"{sys.version_info[0]}.{sys.version_info[1]}"])
+                    f"{sys.version_info[0]}.{sys.version_info[1]}", os.environ.get("CXX", "")])
     return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
