@@ -131,16 +131,19 @@ def decode_weight_bytes(model) -> int:
 
 
 class Bench:
-    def __init__(self, llm, tg: int, bandwidth: float):
-        self.llm, self.tg, self.bandwidth = llm, tg, bandwidth
-        self.seq = llm._seq
-        self.weight_bytes = decode_weight_bytes(llm.model)
+    """One sequence of `model` on `device`, sized to hold `max_tokens`."""
+
+    def __init__(self, model, device: torch.device, max_tokens: int, tg: int, bandwidth: float):
+        from .engine.generate import Sequence
+        self.device, self.tg, self.bandwidth = device, tg, bandwidth
+        self.seq = Sequence(model, max_tokens, device)
+        self.weight_bytes = decode_weight_bytes(model)
 
     def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, int, float]:
-        _sync(self.llm.device)
+        _sync(self.device)
         t0 = time.perf_counter()
         logits = self.seq.prefill(ids)
-        _sync(self.llm.device)
+        _sync(self.device)
         return logits, len(ids) - self.seq.reused, time.perf_counter() - t0
 
     def _decode(self, logits: torch.Tensor) -> tuple[int, float]:
@@ -149,7 +152,7 @@ class Bench:
         t0 = time.perf_counter()
         for _ in range(n):
             logits = self.seq.step(int(logits.argmax().item()))
-        _sync(self.llm.device)
+        _sync(self.device)
         return n, time.perf_counter() - t0
 
     def _drop_to(self, n: int) -> None:
@@ -246,7 +249,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from . import api
     from .loader import load as load_model, resolve_device
 
     if args.threads:
@@ -265,16 +267,15 @@ def run(args) -> int:
     if not frontiers:
         raise OuzelError(f"no frontier fits: {wanted[0]} + --tg {args.tg} tokens exceed the context ({limit})")
     dropped = [f for f in wanted if f not in frontiers]
-    # the KV cache is sized for what the walk needs, not the model's full (maybe 128k) context
-    llm = api.LLM(loaded, device, ctx=frontiers[-1] + args.tg)
     text = Path(args.text_file).read_text() if args.text_file else bench_text(8 * frontiers[-1])
-    tokens = llm.tokenize(text)
+    tokens = loaded.tokenizer.encode(text, add_special=True, parse_special=False)
     if len(tokens) < frontiers[-1]:
         raise OuzelError(f"the text has {len(tokens)} tokens; the walk needs {frontiers[-1]}")
 
     dev_name = device_name(device)
     bw = copy_bandwidth(device)
-    b = Bench(llm, args.tg, bw)
+    # the KV cache is sized for what the walk needs, not the model's full (maybe 1M) context
+    b = Bench(loaded.model, device, frontiers[-1] + args.tg, args.tg, bw)
     print(f"device: {dev_name}\nmodel:  {loaded.path} ({loaded.architecture}, {loaded.nbytes / 1e9:.2f} GB file)\n"
           f"decode reads {b.weight_bytes / 1e9:.3f} GB of weights per token; copy bandwidth {bw / 1e9:.1f} GB/s "
           f"-> floor {b.weight_bytes / bw * 1e3:.2f} ms/token")

@@ -135,3 +135,19 @@ def test_routing_matters(plain):
     for layer in llm.model.model.layers:
         layer.mlp.gate.renorm, layer.mlp.gate.top_k = True, 1
     assert close(llm.logits(ids), ref)[0] > 100 * REL_TOL
+
+
+def test_decode_bytes_count_only_active_experts(plain):
+    """`ouzel bench`'s bandwidth floor: of the routed experts a token reads K of E; the embedding
+    table (one row per token) not at all."""
+    from ouzel.bench import decode_weight_bytes
+
+    model, files, _, _ = plain
+    cfg = model.config
+    llm = ouzel.load(files["Q8_0"])
+    layers = llm.model.model.layers
+    experts = sum(l.mlp.experts.gate_up_proj.nbytes + l.mlp.experts.down_proj.nbytes for l in layers)
+    embed = llm.model.model.embed_tokens.weight.nbytes
+    total = ouzel.loader.weight_bytes(llm.model)
+    want = total - embed - experts + experts * cfg.num_experts_per_tok // cfg.num_experts
+    assert abs(decode_weight_bytes(llm.model) - want) <= 1

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -43,6 +45,13 @@ def claude(server):
 
 def chat(oai, messages, n=8, **kw):
     return oai.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=n, temperature=0, **kw)
+
+
+def test_serve_help_lists_the_options():
+    out = subprocess.run([sys.executable, "-m", "ouzel", "serve", "--help"], capture_output=True, text=True).stdout
+    for opt in ("--host", "--port", "--api-key", "--cors", "--ctx", "--max-batch", "--kv-disk-dir",
+                "--kv-disk-space-mb"):
+        assert opt in out
 
 
 def test_models_health_metrics(server, oai):
@@ -120,7 +129,7 @@ def test_messages(claude):
     assert cut.content[0].text == r.content[0].text[:r.content[0].text.index(word)]
 
 
-def test_tool_call_round_trip_replays_sampled_text(oai):
+def test_tool_call_round_trip_replays_sampled_text(server, oai):
     """A forced tool call comes back as JSON; sent back, its sampled text is replayed byte for
     byte, so the second prompt's cached prefix covers the whole first turn."""
     msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -131,8 +140,10 @@ def test_tool_call_round_trip_replays_sampled_text(oai):
     first = r.usage.prompt_tokens + r.usage.completion_tokens - 1  # tokens with KV after turn 1
     msgs += [{"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in calls]},
              {"role": "tool", "tool_call_id": calls[0].id, "content": "18 C, sunny"}]
+    replays = server.metrics()["ouzel_tool_call_replays_total"]
     r2 = chat(oai, msgs, n=4, tools=[WEATHER])
     assert r2.usage.prompt_tokens_details.cached_tokens >= first // 16 * 16
+    assert server.metrics()["ouzel_tool_call_replays_total"] == replays + 1
 
 
 def test_tool_call_stream_openai_and_responses_round_trip(oai):

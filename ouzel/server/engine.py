@@ -239,6 +239,7 @@ class ServeEngine:
             ("ouzel_kv_disk_bytes", "gauge", s["disk_bytes"]),
             ("ouzel_kv_disk_bytes_written_total", "counter", s["disk_bytes_written"]),
             ("ouzel_kv_disk_files_discarded_total", "counter", s["disk_files_discarded"]),
+            ("ouzel_tool_call_replays_total", "counter", self.replay.hits),
         ]
         lines = []
         for name, kind, value in rows:

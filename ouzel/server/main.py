@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 
 from .engine import ServeConfig, ServeEngine
 
@@ -23,8 +22,6 @@ def serve(cfg: ServeConfig, device: str = "cpu") -> int:
     app = create_app(engine)
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use it", cfg.host)
-    # SIGTERM: let uvicorn drain, then finished blocks are already on disk (written at each finish)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     print(f"ouzel serve: {engine.model_id} on http://{cfg.host}:{cfg.port} (ctx {engine.llm.ctx}, "
           f"{engine.pool.n_blocks} KV blocks of {cfg.block_size}, max batch {cfg.max_batch}"
           + (f", disk tier {cfg.kv_disk_dir}" if cfg.kv_disk_dir else "") + ")", flush=True)
@@ -33,5 +30,5 @@ def serve(cfg: ServeConfig, device: str = "cpu") -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        engine.stop()
+        engine.stop()  # uvicorn handled SIGINT/SIGTERM; queued KV blocks are flushed to disk here
     return 0
