@@ -401,11 +401,7 @@ struct VMXFP4 {
 // Per-(sub)block scales are computed 16 at a time, stored to a small stack array and broadcast from
 // memory (a load, not a shuffle) when needed: the barrier keeps the compiler from turning the
 // array into register shuffles, which compete with the permutes of the decoding.
-#ifdef OUZEL_NO_SCALE_BARRIER
-#define SCALE_BARRIER()
-#else
 #define SCALE_BARRIER() asm volatile("" ::: "memory")
-#endif
 
 // Q4_K/Q5_K scales: out[0..7] = d * sc, out[8..15] = -(dmin * m)
 inline void k4_scales(const uint8_t* b, float* out) {

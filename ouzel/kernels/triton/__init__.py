@@ -1,0 +1,1 @@
+"""Triton kernels for CUDA. Each one's torch reference is named in its module's docstring."""

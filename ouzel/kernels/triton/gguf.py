@@ -1,0 +1,190 @@
+"""GGUF-block matmuls in Triton that read the stored blocks directly (no repacked copy).
+
+Reference: `ouzel.quant.blocks.dequantize` (exact torch dequantizer) followed by `F.linear`
+(`ouzel.kernels.ops.linear_reference`). The kernels decode one 256-element step of K at a time
+for a tile of output rows, with integer ops on the block bytes in registers:
+
+- `qgemv` (M = 1..16 rows of x): one program per BN output rows, a loop over K in 256-element
+  steps, fp32 accumulation; each weight byte is read from memory once (the scale bytes are
+  re-read per element but from L1).
+- `qdequant`: the same decoder writing a dense [N, K] matrix (fp32/bf16/fp16) for large M, which
+  then goes to cuBLAS (tensor cores) through torch.matmul.
+
+Why direct reads rather than a repack at load: no second copy of the weights (MoE models are
+large), and the decoder is the same one-screen function per type for both paths.
+
+Per step of 256 elements a type is viewed as a [S, L] tile (S * L = 256):
+Q4_K [8, 32] (sub-blocks of 32), Q6_K [16, 16], Q8_0 and Q4_0 [8, 32] (8 blocks of 32).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# type ids (constexpr in the kernels): name -> (id, S, L, bytes per 256-element step)
+_TYPES = {"Q4_K": (0, 8, 32, 144), "Q6_K": (1, 16, 16, 210), "Q8_0": (2, 8, 32, 272), "Q4_0": (3, 8, 32, 144)}
+STEP = 256
+MAX_GEMV_M = 16
+
+
+def supports(bt_name: str) -> bool:
+    return bt_name in _TYPES
+
+
+@triton.jit
+def _f16_at(p):
+    """The little-endian float16 at byte pointer(s) p, as float32."""
+    lo = tl.load(p).to(tl.uint16)
+    hi = tl.load(p + 1).to(tl.uint16)
+    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _decode(row_ptr, kb, TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr):
+    """row_ptr: [BN, 1, 1] byte pointers to each row's blocks; kb: 256-element step index.
+    Returns float32 [BN, S, L]: elements kb*256 + s*L + l of each row."""
+    s = tl.arange(0, S)[None, :, None]
+    l = tl.arange(0, L)[None, None, :]
+    if TYPE == 0:  # Q4_K: d, dmin f16; 12 B of 6-bit scales/mins; 128 B nibbles
+        b = row_ptr + kb * 144
+        d = _f16_at(b)
+        dmin = _f16_at(b + 2)
+        j = s % 4
+        a = tl.load(b + 4 + j).to(tl.int32)
+        m = tl.load(b + 8 + j).to(tl.int32)
+        c = tl.load(b + 12 + j).to(tl.int32)
+        sc = tl.where(s < 4, a & 63, (c & 15) | ((a >> 2) & 48))
+        mn = tl.where(s < 4, m & 63, (c >> 4) | ((m >> 2) & 48))
+        q = tl.load(b + 16 + (s // 2) * 32 + l).to(tl.int32)
+        q = (q >> ((s % 2) * 4)) & 15
+        w = (d * sc.to(tl.float32)) * q.to(tl.float32) - dmin * mn.to(tl.float32)
+    elif TYPE == 1:  # Q6_K: ql 128 B, qh 64 B, 16 int8 scales, d f16
+        b = row_ptr + kb * 210
+        e = (s % 8) * 16 + l  # position within a 128-element half
+        half = s // 8
+        ql = tl.load(b + half * 64 + (e % 64)).to(tl.int32)
+        qh = tl.load(b + 128 + half * 32 + (e % 32)).to(tl.int32)
+        q = ((ql >> ((e // 64) * 4)) & 15) | (((qh >> ((e // 32) * 2)) & 3) << 4)
+        sc = tl.load(b + 192 + s).to(tl.int8, bitcast=True).to(tl.float32)
+        d = _f16_at(b + 208)
+        w = (d * sc) * (q - 32).to(tl.float32)
+    elif TYPE == 2:  # Q8_0: 8 blocks of (d f16, 32 int8)
+        b = row_ptr + (kb * 8 + s) * 34
+        d = _f16_at(b)
+        q = tl.load(b + 2 + l).to(tl.int8, bitcast=True).to(tl.float32)
+        w = q * d
+    else:  # Q4_0: 8 blocks of (d f16, 16 B nibbles: low = elems 0..15, high = 16..31)
+        b = row_ptr + (kb * 8 + s) * 18
+        d = _f16_at(b)
+        q = tl.load(b + 2 + (l % 16)).to(tl.int32)
+        q = ((q >> ((l // 16) * 4)) & 15) - 8
+        w = d * q.to(tl.float32)
+    return w
+
+
+@triton.jit
+def _qgemv_kernel(x_ptr, w_ptr, out_ptr, N, steps_per_split, row_bytes, stride_xm, stride_os, stride_om,
+                  M: tl.constexpr, MP: tl.constexpr, TYPE: tl.constexpr, S: tl.constexpr,
+                  L: tl.constexpr, BN: tl.constexpr, U: tl.constexpr):
+    """Program (i, j): rows i*BN.., K steps [j*steps_per_split, (j+1)*steps_per_split), U steps
+    decoded per iteration (more loads in flight); writes out[j, m, row] (fp32 partials if split)."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid * BN + tl.arange(0, BN)
+    rows_c = tl.minimum(rows, N - 1)  # tail rows re-read the last row; their results are not stored
+    row_ptr = (w_ptr + rows_c.to(tl.int64) * row_bytes)[:, None, None]
+    xo = tl.arange(0, S)[:, None] * L + tl.arange(0, L)[None, :]  # [S, L]
+    mi = tl.arange(0, MP)[:, None]  # [MP, 1]
+    acc = tl.zeros([MP, BN], dtype=tl.float32)
+    k_begin = split * steps_per_split
+    for kb0 in tl.range(k_begin, k_begin + steps_per_split, U):
+        for u in tl.static_range(U):
+            kb = kb0 + u
+            w = _decode(row_ptr, kb, TYPE, S, L)
+            for m in tl.static_range(M):
+                xv = tl.load(x_ptr + m * stride_xm + kb * 256 + xo).to(tl.float32)
+                part = tl.sum(tl.sum(w * xv[None, :, :], axis=2), axis=1)  # [BN]
+                acc = tl.where(mi == m, acc + part[None, :], acc)
+    mask = (mi < M) & (rows[None, :] < N)
+    ptrs = out_ptr + split * stride_os + mi * stride_om + rows[None, :]
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _qdequant_kernel(w_ptr, out_ptr, N, K, row_bytes, TYPE: tl.constexpr, S: tl.constexpr,
+                     L: tl.constexpr, BN: tl.constexpr):
+    pid = tl.program_id(0)
+    kb = tl.program_id(1)
+    rows = pid * BN + tl.arange(0, BN)
+    rows_c = tl.minimum(rows, N - 1)
+    row_ptr = (w_ptr + rows_c.to(tl.int64) * row_bytes)[:, None, None]
+    w = _decode(row_ptr, kb, TYPE, S, L)
+    s = tl.arange(0, S)[None, :, None]
+    l = tl.arange(0, L)[None, None, :]
+    r = rows.to(tl.int64)[:, None, None]
+    tl.store(out_ptr + r * K + kb * 256 + s * L + l, w.to(out_ptr.dtype.element_ty), mask=r < N)
+
+
+def _check(raw: torch.Tensor, bt_name: str, shape) -> tuple[int, int, int, int, int]:
+    tid, S, L, _ = _TYPES[bt_name]
+    n, k = shape
+    if k % STEP or raw.dtype != torch.uint8 or raw.dim() != 2 or raw.stride(1) != 1:
+        raise ValueError(f"{bt_name}: unsupported layout {tuple(raw.shape)} for {shape}")
+    return tid, S, L, n, k
+
+
+def _split_for(n: int, n_steps: int, bn: int, u: int, target: int = 264) -> int:
+    """Split K (fp32 partials, then a sum) until the grid has about `target` programs."""
+    split = 1
+    while triton.cdiv(n, bn) * split < target and n_steps % (split * 2 * u) == 0 and split < 16:
+        split *= 2
+    return split
+
+
+def qgemv(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch.Tensor | None = None,
+          bn: int = 8, u: int = 2, split: int | None = None, num_warps: int = 4) -> torch.Tensor:
+    """out [M, N] = x [M, K] @ W.T, W in GGUF blocks `raw` [N, row_bytes]; M <= 16; fp32 accumulate."""
+    tid, S, L, n, k = _check(raw, bt_name, shape)
+    m = x.shape[0]
+    if x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1 or not 1 <= m <= MAX_GEMV_M:
+        raise ValueError(f"qgemv: x {tuple(x.shape)} for weight {shape}")
+    n_steps = k // STEP
+    if n_steps % u:
+        u = 1
+    if split is None:
+        split = _split_for(n, n_steps, bn, u)
+    if n_steps % (split * u):
+        raise ValueError(f"qgemv: {n_steps} steps do not split into {split} x {u}")
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    dst = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    mp = 1 << (m - 1).bit_length()
+    stride_os = 0 if split == 1 else dst.stride(0)
+    _qgemv_kernel[(triton.cdiv(n, bn), split)](
+        x, raw, dst, n, n_steps // split, raw.stride(0), x.stride(0), stride_os, dst.stride(-2),
+        M=m, MP=mp, TYPE=tid, S=S, L=L, BN=bn, U=u, num_warps=num_warps)
+    if split > 1:
+        torch.sum(dst, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dst.sum(0))
+    return out
+
+
+def qdequant(raw: torch.Tensor, bt_name: str, shape, dtype=torch.float32, out: torch.Tensor | None = None,
+             bn: int = 16, num_warps: int = 4) -> torch.Tensor:
+    """The dense [N, K] matrix of GGUF blocks `raw`, in `dtype` (matches blocks.dequantize)."""
+    tid, S, L, n, k = _check(raw, bt_name, shape)
+    if out is None:
+        out = torch.empty((n, k), dtype=dtype, device=raw.device)
+    _qdequant_kernel[(triton.cdiv(n, bn), k // STEP)](raw, out, n, k, raw.stride(0),
+                                                       TYPE=tid, S=S, L=L, BN=bn, num_warps=num_warps)
+    return out
+
+
+def qmatmul(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, compute_dtype=None) -> torch.Tensor:
+    """x [M, K] @ W.T for any M: the GEMV kernel for M <= 16, else dequantize + cuBLAS.
+    compute_dtype (e.g. torch.bfloat16) sets the large-M matmul's operand type; default x.dtype."""
+    if x.shape[0] <= MAX_GEMV_M:
+        return qgemv(x, raw, bt_name, shape)
+    cd = compute_dtype or x.dtype
+    w = qdequant(raw, bt_name, shape, cd)
+    return torch.matmul(x.to(cd), w.t()).to(x.dtype)

@@ -1,0 +1,77 @@
+"""Triton GGUF-block kernels against the exact torch dequantizer (needs CUDA + triton; skips otherwise).
+
+With TRITON_INTERPRET=1 set and triton installed, the same checks run on CPU tensors through
+Triton's interpreter (slow, small shapes; used to develop without a GPU).
+"""
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not (torch.cuda.is_available() or INTERPRET):
+    pytest.skip("needs CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
+
+from ouzel.kernels.triton import gguf as G  # noqa: E402
+from ouzel.kernels.triton.testing import random_blocks, reference_linear, rel_err  # noqa: E402
+from ouzel.quant.blocks import block_type, dequantize  # noqa: E402
+
+DEV = "cpu" if INTERPRET else "cuda"
+TYPES = ("Q4_K", "Q6_K", "Q8_0", "Q4_0")
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequant_exact(name, dtype, gen):
+    n, k = 19, 512
+    raw = random_blocks(name, n, k, gen, DEV)
+    out = torch.full((n, k), float("nan"), dtype=dtype, device=DEV)
+    G.qdequant(raw, name, (n, k), dtype, out=out, bn=8)
+    ref = dequantize(raw, block_type(name))
+    if dtype == torch.float32:
+        assert torch.equal(out, ref)
+    else:  # one bf16 rounding (the interpreter truncates rather than rounds to nearest)
+        assert ((out.float() - ref).abs() <= ref.abs() * 2**-7).all()
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("m,bn,u,split", [(1, 8, 2, None), (1, 4, 1, 2), (3, 16, 2, 1), (16, 8, 2, 4)])
+def test_gemv(name, m, bn, u, split, gen):
+    n, k = 21, 2048
+    raw = random_blocks(name, n, k, gen, DEV)
+    x = torch.randn(m, k, generator=gen).to(DEV)
+    out = torch.full((m, n), float("nan"), device=DEV)
+    G.qgemv(x, raw, name, (n, k), out=out, bn=bn, u=u, split=split)
+    assert rel_err(out, reference_linear(x, raw, name)) < 1e-5
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_gemv_bf16_and_matmul(name, gen):
+    n, k = 24, 1024
+    raw = random_blocks(name, n, k, gen, DEV)
+    xb = torch.randn(2, k, generator=gen).to(DEV, torch.bfloat16)
+    assert rel_err(G.qgemv(xb, raw, name, (n, k)), reference_linear(xb, raw, name)) < 1e-2
+    x = torch.randn(20, k, generator=gen).to(DEV)
+    assert rel_err(G.qmatmul(x, raw, name, (n, k)), reference_linear(x, raw, name)) < 1e-4
+
+
+@pytest.mark.skipif(INTERPRET, reason="dispatch needs CUDA")
+def test_ops_linear_dispatch(gen):
+    from ouzel.kernels import cuda, ops
+    from ouzel.quant.tensor import QTensor
+    n, k = 40, 512
+    w = QTensor(random_blocks("Q4_K", n, k, gen, DEV), block_type("Q4_K"), (n, k))
+    for shape in ((1, k), (2, 3, k), (50, k)):
+        x = torch.randn(*shape, generator=gen).to(DEV)
+        assert cuda.qlinear(x, w) is not None
+        y = ops.linear(x, w)
+        assert y.shape == (*shape[:-1], n)
+        assert rel_err(y.reshape(-1, n), reference_linear(x.reshape(-1, k), w.raw, "Q4_K")) < 1e-4
+    assert cuda.qlinear(torch.randn(1, 64, device=DEV), QTensor(  # a type without a kernel -> reference
+        random_blocks("Q8_0", 4, 64, gen, DEV)[:, :0].new_zeros(4, 68), block_type("Q5_0"), (4, 128))) is None
