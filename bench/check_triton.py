@@ -87,7 +87,8 @@ def timings(gen: torch.Generator, bw: float, types) -> list[str]:
         for n, k in LLAMA8B:
             nbytes = n * bt.row_bytes(k)
             copies = max(2, -(-256 * 2**20 // nbytes))  # rotate > 256 MB of weights
-            raws = [random_blocks(name, n, k, gen, "cuda") for _ in range(copies)]
+            raw0 = random_blocks(name, n, k, gen, "cuda")
+            raws = [raw0] + [raw0.clone() for _ in range(copies - 1)]  # distinct addresses
             x = torch.randn(1, k, generator=gen).cuda()
             floor_us = nbytes / bw * 1e6
             res = []
@@ -97,15 +98,16 @@ def timings(gen: torch.Generator, bw: float, types) -> list[str]:
                 res.append((t, c))
             res.sort(key=lambda r: r[0])
             t, c = res[0]
-            all_t = " ".join(f"{r[1]['bn']}/{r[1]['u']}:{r[0]:.1f}" for r in sorted(res, key=lambda r: (r[1]['bn'], r[1]['u'])))
+            all_t = " ".join(f"{r[1]['bn']}/{r[1]['u']}/{r[1].get('num_warps', 4)}:{r[0]:.1f}"
+                             for r in sorted(res, key=lambda r: tuple(r[1].values())))
             rows.append(f"M=1   {name:5s} {n:5d}x{k:<5d} {nbytes / 1e6:7.1f} MB  best {t:7.1f} us {c}  "
-                        f"{nbytes / t / 1e3:6.0f} GB/s  floor {floor_us:6.1f} us ({floor_us / t:4.0%})  [bn/u:us {all_t}]")
-            print(rows[-1], flush=True)
+                        f"{nbytes / t / 1e3:6.0f} GB/s  floor {floor_us:6.1f} us ({floor_us / t:4.0%})  [bn/u/warps:us {all_t}]")
+            print("progress:", rows[-1], flush=True)
             if name == "Q4_K":
                 it = iter(range(1 << 62))
                 tr = bench_ms(lambda: F.linear(x, dequantize(raws[next(it) % copies], bt))) * 1e3
                 rows.append(f"M=1   {name:5s} {n:5d}x{k:<5d} torch reference {tr:8.1f} us ({tr / t:.0f}x the kernel)")
-                print(rows[-1], flush=True)
+                print("progress:", rows[-1], flush=True)
                 # M = 512: dequantize (Triton) + cuBLAS, fp32 and bf16
                 x5 = torch.randn(512, k, generator=gen).cuda()
                 flops = 2 * 512 * n * k
@@ -121,8 +123,8 @@ def timings(gen: torch.Generator, bw: float, types) -> list[str]:
                 rows.append(f"M=512 {name:5s} {n:5d}x{k:<5d} dequant f32 {tdq32:6.1f} us bf16 {tdq16:6.1f} us | "
                             f"qmatmul fp32 {t32:7.1f} us ({flops / t32 / 1e6:5.0f} TF/s)  bf16 {t16:7.1f} us "
                             f"({flops / t16 / 1e6:5.0f} TF/s) | bf16 matmul alone {tmm:6.1f} us | reference {tref:7.1f} us")
-                print(rows[-1], flush=True)
-            del raws
+                print("progress:", rows[-1], flush=True)
+            del raws, raw0
     return rows
 
 

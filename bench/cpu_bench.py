@@ -46,6 +46,11 @@ def worker_llamacpp(model: str, n_prompt: int, n_gen: int, runs: int, threads: i
     llm = llama_cpp.Llama(str(resolve(model)), n_ctx=n_prompt + n_gen + 8, n_threads=threads,
                           n_threads_batch=threads, n_batch=512, verbose=False)
     ids = llm.tokenize(TEXT.encode())[:n_prompt]
+    import numpy as np
+    n_vocab = llm.n_vocab()
+
+    def last_logits():  # the newest token's logits (llama-cpp-python keeps them only with logits_all)
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
     pp, tg = [], []
     for _ in range(runs + 1):
         llm.reset()
@@ -54,7 +59,7 @@ def worker_llamacpp(model: str, n_prompt: int, n_gen: int, runs: int, threads: i
         pp.append(n_prompt / (time.perf_counter() - t))
         t = time.perf_counter()
         for _ in range(n_gen):
-            tok = int(llm.scores[llm.n_tokens - 1].argmax())
+            tok = int(last_logits().argmax())
             llm.eval([tok])
         tg.append(n_gen / (time.perf_counter() - t))
     return {"pp": statistics.median(pp[1:]), "tg": statistics.median(tg[1:])}

@@ -26,11 +26,15 @@ class Sequence:
         self.tokens = []
         self.kv.trim(0)
 
-    def _forward(self, ids: list[int]) -> torch.Tensor:
+    def _forward(self, ids: list[int], last_only: bool = False) -> torch.Tensor:
+        """Run ids through the model; with last_only, only the last row of hidden is computed."""
         start = self.kv.length
         t = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.arange(start, start + len(ids), device=self.device)
-        hidden = self.model(t, pos, self.kv)
+        if last_only and getattr(self.model, "prunes_outputs", False):
+            hidden = self.model(t, pos, self.kv, last_only=True)
+        else:
+            hidden = self.model(t, pos, self.kv)
         self.kv.commit(len(ids))
         self.tokens.extend(ids)
         return hidden
@@ -54,7 +58,7 @@ class Sequence:
         todo = ids[common:]
         hidden = None
         for i in range(0, len(todo), PREFILL_CHUNK):
-            hidden = self._forward(todo[i:i + PREFILL_CHUNK])
+            hidden = self._forward(todo[i:i + PREFILL_CHUNK], last_only=True)
             if progress is not None:
                 progress(min(i + PREFILL_CHUNK, len(todo)), len(todo))
         self.reused = common

@@ -15,7 +15,8 @@ import torch
 _MOD: list = []
 _TUNED: dict = {}  # (type, n, k, m, dtype) -> qgemv kwargs
 # A handful of tile shapes; the split of K is derived so that the grid fills the chip.
-GEMV_CONFIGS = (dict(bn=8, u=2), dict(bn=4, u=2), dict(bn=16, u=2), dict(bn=8, u=1), dict(bn=32, u=2))
+GEMV_CONFIGS = (dict(bn=16, u=2), dict(bn=4, u=2), dict(bn=8, u=2), dict(bn=16, u=1),
+                dict(bn=32, u=2), dict(bn=32, u=2, num_warps=8))
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

@@ -23,11 +23,14 @@ def causal_mask(positions: torch.Tensor, n_keys: int, window: int | None) -> tor
 def attend(q, k, v, positions, window: int | None, scale: float) -> torch.Tensor:
     """q [T, H, D], k/v [S, Hkv, D] -> [T, H, D]; the pure-torch reference attention."""
     T, S = q.shape[0], k.shape[0]
-    need_mask = T > 1 or (window is not None and S > window)
+    # A fresh prefill the window cannot cut is plain causal: the fused kernel then skips the
+    # masked half instead of reading an explicit [T, S] mask.
+    plain_causal = T == S and T > 1 and (window is None or T <= window)
+    need_mask = not plain_causal and (T > 1 or (window is not None and S > window))
     mask = causal_mask(positions, S, window) if need_mask else None
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-        attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        attn_mask=mask, is_causal=plain_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return out[0].transpose(0, 1)
 
 
@@ -48,14 +51,16 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: KVState) -> torch.Tensor:
-        # x: [T, hidden]; positions: [T]
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: KVState, out_rows: slice | None = None):
+        # x: [T, hidden]; positions: [T]; out_rows: the rows whose output is wanted (all by default;
+        # every row's k/v is still stored)
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.n_heads, self.head_dim)
+        xq, qpos = (x, positions) if out_rows is None else (x[out_rows], positions[out_rows])
+        q = self.q_proj(xq).view(xq.shape[0], self.n_heads, self.head_dim)
         k = self.k_proj(x).view(T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(q, positions), self.rope(k, positions)
-        out = kv.attention(self.layer, q, k, v, positions, self.window, self.scale)
-        return self.o_proj(out.reshape(T, -1))
+        q, k = self.rope(q, qpos), self.rope(k, positions)
+        out = kv.attention(self.layer, q, k, v, qpos, self.window, self.scale)
+        return self.o_proj(out.reshape(xq.shape[0], -1))

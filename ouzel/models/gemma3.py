@@ -35,8 +35,9 @@ class Gemma3DecoderLayer(nn.Module):
         self.mlp = GatedMLP(d, cfg.intermediate_size, cfg.opt("hidden_activation", "gelu_pytorch_tanh"))
         self.post_feedforward_layernorm = RMSNorm(d, eps, unit_offset=True)
 
-    def forward(self, x, positions, kv):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, kv))
+    def forward(self, x, positions, kv, out_rows=None):
+        h = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, kv, out_rows))
+        x = (x if out_rows is None else x[out_rows]) + h
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 

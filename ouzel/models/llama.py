@@ -37,8 +37,9 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(d, eps)
         self.mlp = GatedMLP(d, cfg.intermediate_size, cfg.opt("hidden_act", "silu"))
 
-    def forward(self, x, positions, kv):
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv)
+    def forward(self, x, positions, kv, out_rows=None):
+        h = self.self_attn(self.input_layernorm(x), positions, kv, out_rows)
+        x = (x if out_rows is None else x[out_rows]) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -63,10 +64,14 @@ class LlamaForCausalLM(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, kv) -> torch.Tensor:
+    prunes_outputs = True  # forward(..., last_only=True) computes the last layer's output for one row
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, kv, last_only: bool = False) -> torch.Tensor:
         x = self.embed(ids)
-        for layer in self.model.layers:
-            x = layer(x, positions, kv)
+        last = len(self.model.layers) - 1
+        for i, layer in enumerate(self.model.layers):
+            # a prefill needs logits for its last token only: the last layer skips the other rows
+            x = layer(x, positions, kv, slice(-1, None) if last_only and i == last else None)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from ..layers.moe import Router, RoutedExperts
 from ..layers.norm import RMSNorm
 from ..layers.rope import Rope
 from .config import Config
-from .llama import LlamaForCausalLM, LlamaModel
+from .llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 
 
 def num_experts(cfg: Config) -> int:
@@ -65,9 +65,9 @@ class Qwen3SparseMoe(nn.Module):
         return self.experts(x, w, idx)  # [T, D]
 
 
-class Qwen3MoeDecoderLayer(nn.Module):
+class Qwen3MoeDecoderLayer(LlamaDecoderLayer):  # same forward, its own attention and MoE
     def __init__(self, cfg: Config, layer: int, rope: Rope):
-        super().__init__()
+        nn.Module.__init__(self)
         d, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.input_layernorm = RMSNorm(d, eps)
         self.self_attn = Attention(layer, d, cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim, rope,
@@ -78,9 +78,6 @@ class Qwen3MoeDecoderLayer(nn.Module):
         else:
             self.mlp = GatedMLP(d, cfg.intermediate_size, cfg.opt("hidden_act", "silu"))
 
-    def forward(self, x, positions, kv):
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Qwen3MoeForCausalLM(LlamaForCausalLM):

@@ -41,9 +41,17 @@ def _f16_at(p):
 
 
 @triton.jit
+def _int_f32(q, bias: tl.constexpr):
+    """float(q) - bias for int32 0 <= q < 2**22, without the slow int-to-float unit: the bits
+    0x4B000000 | q are the float 2**23 + q."""
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + bias)
+
+
+@triton.jit
 def _decode(row_ptr, kb, TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr):
     """row_ptr: [BN, 1, 1] byte pointers to each row's blocks; kb: 256-element step index.
-    Returns float32 [BN, S, L]: elements kb*256 + s*L + l of each row."""
+    Returns (q float32 [BN, S, L], scale, offset [BN, S, 1] or [BN, 1, 1]): elements
+    kb*256 + s*L + l of each row are scale * q - offset, computed as the reference does."""
     s = tl.arange(0, S)[None, :, None]
     l = tl.arange(0, L)[None, None, :]
     if TYPE == 0:  # Q4_K: d, dmin f16; 12 B of 6-bit scales/mins; 128 B nibbles
@@ -57,8 +65,9 @@ def _decode(row_ptr, kb, TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr):
         sc = tl.where(s < 4, a & 63, (c & 15) | ((a >> 2) & 48))
         mn = tl.where(s < 4, m & 63, (c >> 4) | ((m >> 2) & 48))
         q = tl.load(b + 16 + (s // 2) * 32 + l).to(tl.int32)
-        q = (q >> ((s % 2) * 4)) & 15
-        w = (d * sc.to(tl.float32)) * q.to(tl.float32) - dmin * mn.to(tl.float32)
+        qf = _int_f32((q >> ((s % 2) * 4)) & 15, 0.0)
+        scale = d * _int_f32(sc, 0.0)
+        offset = dmin * _int_f32(mn, 0.0)
     elif TYPE == 1:  # Q6_K: ql 128 B, qh 64 B, 16 int8 scales, d f16
         b = row_ptr + kb * 210
         e = (s % 8) * 16 + l  # position within a 128-element half
@@ -66,21 +75,22 @@ def _decode(row_ptr, kb, TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr):
         ql = tl.load(b + half * 64 + (e % 64)).to(tl.int32)
         qh = tl.load(b + 128 + half * 32 + (e % 32)).to(tl.int32)
         q = ((ql >> ((e // 64) * 4)) & 15) | (((qh >> ((e // 32) * 2)) & 3) << 4)
+        qf = _int_f32(q, 32.0)
         sc = tl.load(b + 192 + s).to(tl.int8, bitcast=True).to(tl.float32)
-        d = _f16_at(b + 208)
-        w = (d * sc) * (q - 32).to(tl.float32)
+        scale = _f16_at(b + 208) * sc
+        offset = 0.0
     elif TYPE == 2:  # Q8_0: 8 blocks of (d f16, 32 int8)
         b = row_ptr + (kb * 8 + s) * 34
-        d = _f16_at(b)
-        q = tl.load(b + 2 + l).to(tl.int8, bitcast=True).to(tl.float32)
-        w = q * d
+        scale = _f16_at(b)
+        qf = _int_f32(tl.load(b + 2 + l).to(tl.int32) ^ 0x80, 128.0)
+        offset = 0.0
     else:  # Q4_0: 8 blocks of (d f16, 16 B nibbles: low = elems 0..15, high = 16..31)
         b = row_ptr + (kb * 8 + s) * 18
-        d = _f16_at(b)
+        scale = _f16_at(b)
         q = tl.load(b + 2 + (l % 16)).to(tl.int32)
-        q = ((q >> ((l // 16) * 4)) & 15) - 8
-        w = d * q.to(tl.float32)
-    return w
+        qf = _int_f32((q >> ((l // 16) * 4)) & 15, 8.0)
+        offset = 0.0
+    return qf, scale, offset
 
 
 @triton.jit
@@ -97,15 +107,23 @@ def _qgemv_kernel(x_ptr, w_ptr, out_ptr, N, steps_per_split, row_bytes, stride_x
     xo = tl.arange(0, S)[:, None] * L + tl.arange(0, L)[None, :]  # [S, L]
     mi = tl.arange(0, MP)[:, None]  # [MP, 1]
     acc = tl.zeros([MP, BN], dtype=tl.float32)
+    acc1 = tl.zeros([BN, S, L], dtype=tl.float32)  # M = 1: elementwise, reduced once at the end
     k_begin = split * steps_per_split
     for kb0 in tl.range(k_begin, k_begin + steps_per_split, U):
         for u in tl.static_range(U):
             kb = kb0 + u
-            w = _decode(row_ptr, kb, TYPE, S, L)
-            for m in tl.static_range(M):
-                xv = tl.load(x_ptr + m * stride_xm + kb * 256 + xo).to(tl.float32)
-                part = tl.sum(tl.sum(w * xv[None, :, :], axis=2), axis=1)  # [BN]
-                acc = tl.where(mi == m, acc + part[None, :], acc)
+            qf, scale, offset = _decode(row_ptr, kb, TYPE, S, L)
+            w = scale * qf - offset
+            if M == 1:
+                xv = tl.load(x_ptr + kb * 256 + xo).to(tl.float32)
+                acc1 += w * xv[None, :, :]
+            else:
+                for m in tl.static_range(M):
+                    xv = tl.load(x_ptr + m * stride_xm + kb * 256 + xo).to(tl.float32)
+                    part = tl.sum(tl.sum(w * xv[None, :, :], axis=2), axis=1)  # [BN]
+                    acc = tl.where(mi == m, acc + part[None, :], acc)
+    if M == 1:
+        acc = tl.sum(tl.sum(acc1, axis=2), axis=1)[None, :]
     mask = (mi < M) & (rows[None, :] < N)
     ptrs = out_ptr + split * stride_os + mi * stride_om + rows[None, :]
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -119,7 +137,8 @@ def _qdequant_kernel(w_ptr, out_ptr, N, K, row_bytes, TYPE: tl.constexpr, S: tl.
     rows = pid * BN + tl.arange(0, BN)
     rows_c = tl.minimum(rows, N - 1)
     row_ptr = (w_ptr + rows_c.to(tl.int64) * row_bytes)[:, None, None]
-    w = _decode(row_ptr, kb, TYPE, S, L)
+    qf, scale, offset = _decode(row_ptr, kb, TYPE, S, L)
+    w = scale * qf - offset
     s = tl.arange(0, S)[None, :, None]
     l = tl.arange(0, L)[None, None, :]
     r = rows.to(tl.int64)[:, None, None]
