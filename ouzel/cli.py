@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--kv-mem-mb", type=int, default=1024, help="resident KV block pool size (default 1024)")
     srv.add_argument("--kv-disk-dir", default=None, help="keep KV prefixes on disk in this folder")
     srv.add_argument("--kv-disk-space-mb", type=int, default=4096, help="disk tier budget (default 4096)")
+    srv.add_argument("--kv-snapshot-every", type=int, default=64, help="DeepSeek V4: snapshot the compressed "
+                     "KV state every N 16-token blocks for prefix reuse (default 64)")
     srv.add_argument("--model-id", default=None, help="model name reported by /v1/models (default: -m)")
     srv.add_argument("--keepalive-s", type=float, default=5.0, help="SSE keep-alive interval while a reply "
                      "has nothing new, e.g. during a long prefill (default 5)")
@@ -235,12 +237,13 @@ def cmd_serve(args) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    if args.max_batch < 1 or args.kv_mem_mb < 1 or args.kv_disk_space_mb < 1:
-        raise OuzelError("--max-batch, --kv-mem-mb and --kv-disk-space-mb must be positive")
+    if min(args.max_batch, args.kv_mem_mb, args.kv_disk_space_mb, args.kv_snapshot_every) < 1:
+        raise OuzelError("--max-batch, --kv-mem-mb, --kv-disk-space-mb and --kv-snapshot-every must be positive")
     cfg = ServeConfig(model=args.model, model_id=args.model_id or args.model, host=args.host, port=args.port,
                       api_key=args.api_key, cors=args.cors, ctx=args.ctx, max_batch=args.max_batch,
                       kv_mem_mb=args.kv_mem_mb, kv_disk_dir=args.kv_disk_dir,
-                      kv_disk_space_mb=args.kv_disk_space_mb, keepalive_s=args.keepalive_s)
+                      kv_disk_space_mb=args.kv_disk_space_mb, kv_snapshot_every=args.kv_snapshot_every,
+                      keepalive_s=args.keepalive_s)
     return serve(cfg, args.device)
 
 

@@ -9,8 +9,9 @@ sequence's pending tokens are sampled.
 Models whose attention state is not paged K/V (DeepSeek V4's compressed state: the model has
 `new_kv(max_tokens, device)`) get one private state per sequence; each step then runs the planned
 chunks one sequence at a time. Scheduling, chunked prefill, streaming and cancellation are the same;
-prefix sharing and the disk tier for that state are still to come (snapshots at block boundaries,
-keyed by the same chain keys).
+prefix reuse goes through whole-state snapshots at block boundaries, keyed by the same chain keys
+(`BlockManager.restore` / `snapshot`, `ouzel.kv.snapshots`): prefill chunks stop at snapshot
+boundaries, and a finished sequence leaves a snapshot at its last block boundary.
 
 Admission control: a request whose prompt plus max_tokens can never fit the pool is refused at
 submit (OuzelError -> HTTP 4xx); one that does not fit now waits in the queue. When a decode step
@@ -136,7 +137,9 @@ class Scheduler:
         for run, n in plan:
             run.computed += n
             off += n
-            if not self.private_state:
+            if self.private_state:
+                self.kv.snapshot(run.tokens, run.keys, run.state)
+            else:
                 self.kv.filled(run.tokens, run.blocks, run.keys, run.computed)
             if run.pending == 0:
                 rows.append(off - 1)
@@ -206,7 +209,8 @@ class Scheduler:
                 run = Running(req, self.tokenizer, self.device)
             disk_before = self.kv.disk_hit_tokens
             if self.private_state:
-                run.state, run.computed = self.model.new_kv(self.ctx, self.device), 0
+                run.state, run.keys = self.model.new_kv(self.ctx, self.device), []
+                run.computed = self.kv.restore(run.tokens, run.state)
             else:
                 run.blocks, run.computed = self.kv.match(run.tokens)
                 run.keys = []
@@ -236,7 +240,7 @@ class Scheduler:
                 break
             if run not in self.running:
                 continue
-            n = min(run.pending, budget)
+            n = min(run.pending, budget, self._to_snapshot(run))
             if not self._ensure(run, run.computed + n, preempt=False):
                 # take what fits in the blocks already held
                 n = min(n, len(run.blocks) * self.kv.block_size - run.computed)
@@ -245,6 +249,14 @@ class Scheduler:
             plan.append((run, n))
             budget -= n
         return plan
+
+    def _to_snapshot(self, run: Running) -> int:
+        """Private state is snapshotted only at exact block boundaries: end chunks there."""
+        snaps = self.kv.snapshots
+        if not self.private_state or snaps is None:
+            return run.pending
+        every = snaps.every * self.kv.block_size
+        return (run.computed // every + 1) * every - run.computed
 
     def _ensure(self, run: Running, n_tokens: int, preempt: bool) -> bool:
         if self.private_state:
@@ -296,6 +308,8 @@ class Scheduler:
             tail = run.stops.push(run.decoder.flush())
             tail += "" if run.stops.stopped else run.stops.flush()
         self.kv.release(run.blocks, persist=reason != "error")
+        if run.state is not None and reason != "error":
+            self.kv.snapshot(run.tokens, run.keys, run.state, final=True)
         run.state = None
         u = run.usage
         u.completion_tokens = run.generated

@@ -40,6 +40,8 @@ DTYPE_OF = {v: k for k, v in DTYPES.items()}
 
 
 class DiskTier:
+    suffix = SUFFIX  # a subclass storing another record kind (kv/snapshots.py) uses its own
+
     def __init__(self, directory: str | os.PathLike, budget_bytes: int, fingerprint: bytes):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -59,7 +61,7 @@ class DiskTier:
             if p.name.startswith(".tmp-"):  # a write cut short by a crash
                 p.unlink(missing_ok=True)
                 continue
-            if p.suffix != SUFFIX or len(p.stem) != 2 * KEY_BYTES:
+            if p.suffix != self.suffix or len(p.stem) != 2 * KEY_BYTES:
                 continue
             try:
                 st = p.stat()
@@ -79,7 +81,7 @@ class DiskTier:
         return self._used
 
     def path(self, key: bytes) -> Path:
-        return self.dir / (key.hex() + SUFFIX)
+        return self.dir / (key.hex() + self.suffix)
 
     # --- write ---
     def write(self, key: bytes, parent: bytes, tokens: list[int], k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -121,17 +123,20 @@ class DiskTier:
         layers, n, heads, dim = shape
         header = _HEADER.pack(MAGIC, VERSION, HEADER_BYTES, self.fingerprint, key, parent, n, layers, heads, dim,
                               DTYPES[dtype], 0, len(payload), _checksum(body), bytes(16))
-        tmp = self.dir / f".tmp-{os.getpid()}-{key.hex()}"
+        return self._store_bytes(key, header + body)
+
+    def _store_bytes(self, key: bytes, data: bytes) -> bool:
+        """Write one whole file under a temporary name, rename it into place, account for it."""
+        tmp = self.dir / f".tmp-{os.getpid()}-{key.hex()}{self.suffix}"
         try:
             with open(tmp, "wb") as f:
-                f.write(header)
-                f.write(body)
+                f.write(data)
             os.replace(tmp, self.path(key))
         except OSError as e:
             tmp.unlink(missing_ok=True)
             log.warning("kv disk: cannot write %s: %s", self.path(key), e)
             return False
-        size = HEADER_BYTES + len(body)
+        size = len(data)
         with self._lock:
             self.files[key] = size
             self._used += size
@@ -175,15 +180,19 @@ class DiskTier:
         half = (len(data) - start) // 2
         k = torch.frombuffer(bytearray(data[start:start + half]), dtype=dtype).view(shape)
         v = torch.frombuffer(bytearray(data[start + half:]), dtype=dtype).view(shape)
+        self.touch(key)
+        return tokens, k, v
+
+    def touch(self, key: bytes) -> None:
+        """A file was used: most recently used now, in memory and (through its mtime) on disk."""
         with self._lock:
             if key in self.files:
                 self.files.move_to_end(key)
         try:
-            os.utime(p)  # the LRU order survives a restart through mtimes
+            os.utime(self.path(key))  # the LRU order survives a restart through mtimes
         except OSError:
             pass
         self.hits += 1
-        return tokens, k, v
 
     def _check(self, data: bytes, key: bytes, parent: bytes, shape, dtype) -> str | None:
         if len(data) < HEADER_BYTES:

@@ -3,8 +3,8 @@
 `match` gives a new sequence every block of its prompt that is already known (resident first,
 then from disk), `grow` adds blocks as a sequence lengthens, `filled` names blocks as they fill,
 `release` hands a finished sequence's blocks back (and writes their content to disk).
-Only full-attention K/V lives here today; DeepSeek V4's compressed rows will be another pool
-with its own block size, keyed by the same chain of token-block keys.
+Models whose state is not paged (DeepSeek V4) use `restore` / `snapshot` instead: whole-state
+snapshots at block boundaries, named by the same chain keys (`ouzel.kv.snapshots`).
 """
 from __future__ import annotations
 
@@ -14,14 +14,16 @@ import torch
 
 from .disk import DiskTier
 from .paged import BlockPool
-from .prefix import PrefixIndex, block_key
+from .prefix import PrefixIndex, block_key, chain_keys
+from .snapshots import SnapshotStore
 
 log = logging.getLogger(__name__)
 
 
 class BlockManager:
-    def __init__(self, pool: BlockPool, root: bytes, disk: DiskTier | None = None):
-        self.pool, self.disk, self.root = pool, disk, root
+    def __init__(self, pool: BlockPool, root: bytes, disk: DiskTier | None = None,
+                 snapshots: SnapshotStore | None = None):
+        self.pool, self.disk, self.root, self.snapshots = pool, disk, root, snapshots
         self.index = PrefixIndex(pool, root)
         self.parent_of: dict[int, bytes] = {}  # registered block -> parent key (for disk writes)
         self.tokens_of: dict[int, list[int]] = {}
@@ -67,6 +69,38 @@ class BlockManager:
         p.write_block(b, got[1], got[2])
         self._name(b, key, parent, tokens)
         return b
+
+    # --- a new sequence with private (snapshotted) state ---
+    def restore(self, tokens: list[int], state) -> int:
+        """Load the snapshot of the longest known prefix of tokens[:-1] into `state`; tokens covered."""
+        if self.snapshots is None:
+            return 0
+        disk_before = self.snapshots.disk_hit_tokens
+        got = self.snapshots.restore(chain_keys(self.root, tokens[:-1], self.block_size), tokens, state)
+        self.hit_tokens += got
+        self.disk_hit_tokens += self.snapshots.disk_hit_tokens - disk_before
+        return got
+
+    def snapshot(self, tokens: list[int], keys: list[bytes], state, final: bool = False) -> None:
+        """Called after each forward of a private-state sequence: `keys` (the chain keys of its full
+        blocks) is extended to state.length; the state is snapshotted when it sits on a boundary
+        every `snapshots.every` blocks, or (final: the sequence ends, its state is no longer needed)
+        after trimming it back to its last block boundary, where a continuation will resume."""
+        snaps, bs = self.snapshots, self.block_size
+        if snaps is None:
+            return
+        n = state.length
+        if final:
+            n = n // bs * bs
+        while (len(keys) + 1) * bs <= max(n, state.length):
+            i = len(keys)
+            keys.append(block_key(keys[-1] if keys else self.root, tokens[i * bs:(i + 1) * bs]))
+        nb = n // bs
+        if nb == 0 or keys[nb - 1] in snaps or (not final and (n % bs or nb % snaps.every)):
+            return
+        if final and state.trim(n) != n:  # not exactly reachable (trim is exact only 16 back)
+            return
+        snaps.put(keys[nb - 1], keys[nb - 2] if nb > 1 else self.root, tokens[(nb - 1) * bs:nb * bs], state)
 
     # --- growth ---
     def grow(self, blocks: list[int], n_tokens: int) -> bool:
@@ -133,7 +167,17 @@ class BlockManager:
                 "blocks_cached": len(self.pool.cached), "prefix_blocks": len(self.index),
                 "cache_hit_tokens": self.hit_tokens, "disk_hit_tokens": self.disk_hit_tokens,
                 "disk_bytes": d.used_bytes() if d else 0, "disk_bytes_written": d.bytes_written if d else 0,
-                "disk_files_discarded": d.discarded if d else 0}
+                "disk_files_discarded": d.discarded if d else 0, **self._snapshot_stats()}
+
+    def _snapshot_stats(self) -> dict[str, int]:
+        s = self.snapshots
+        if s is None:
+            return {}
+        d = s.disk
+        out = {"snapshots": len(s.mem), "snapshot_bytes": s.used}
+        if d is not None:  # the private-state model's disk tier is the snapshot files
+            out.update(disk_bytes=d.used_bytes(), disk_bytes_written=d.bytes_written, disk_files_discarded=d.discarded)
+        return out
 
 
 def kv_shape(model) -> tuple[int, int, int]:

@@ -15,6 +15,7 @@ from ..errors import OuzelError
 from ..kv.disk import DiskTier, model_fingerprint
 from ..kv.manager import BlockManager, default_dtype, kv_shape
 from ..kv.paged import BlockPool
+from ..kv.snapshots import SnapshotDisk, SnapshotStore
 from ..text.tool_formats import ToolCall, ToolStream
 from .errors import ApiError
 from .prompt import ChatPrompt, Sampled, ToolReplay
@@ -37,6 +38,7 @@ class ServeConfig:
     step_tokens: int = 256      # prefill chunk budget per step
     kv_disk_dir: str | None = None
     kv_disk_space_mb: int = 4096
+    kv_snapshot_every: int = 64  # private-state models: snapshot every N blocks (kv/snapshots.py)
     keepalive_s: float = 5.0
     max_body_bytes: int = 16 << 20
 
@@ -58,7 +60,8 @@ class ServeEngine:
         self.llm, self.cfg = llm, cfg
         self.model_id = cfg.model_id or cfg.model
         dtype = default_dtype()
-        if callable(getattr(llm.model, "new_kv", None)):
+        private = callable(getattr(llm.model, "new_kv", None))
+        if private:
             # per-sequence private state (DeepSeek V4): the paged pool is unused, keep it tiny
             layers, heads, dim, n_blocks = 1, 1, 1, -(-llm.ctx // cfg.block_size) + 1
         else:
@@ -67,8 +70,15 @@ class ServeEngine:
             n_blocks = max(cfg.kv_mem_mb * 2**20 // per_block, -(-llm.ctx // cfg.block_size) + 1)
         self.pool = BlockPool(layers, n_blocks, cfg.block_size, heads, dim, dtype, llm.device)
         fp = model_fingerprint(llm.loaded.path, f"kv={dtype}", f"block={cfg.block_size}")
-        disk = DiskTier(cfg.kv_disk_dir, cfg.kv_disk_space_mb * 2**20, fp) if cfg.kv_disk_dir else None
-        self.kv = BlockManager(self.pool, fp, disk)
+        disk = snaps = None
+        if private:
+            # the state is snapshotted whole at block boundaries: kv_mem_mb bounds resident
+            # snapshots, and the disk tier holds snapshot files instead of block files
+            sdisk = SnapshotDisk(cfg.kv_disk_dir, cfg.kv_disk_space_mb * 2**20, fp) if cfg.kv_disk_dir else None
+            snaps = SnapshotStore(cfg.kv_mem_mb * 2**20, fp, cfg.block_size, cfg.kv_snapshot_every, sdisk)
+        elif cfg.kv_disk_dir:
+            disk = DiskTier(cfg.kv_disk_dir, cfg.kv_disk_space_mb * 2**20, fp)
+        self.kv = BlockManager(self.pool, fp, disk, snaps)
         self.scheduler = Scheduler(llm.model, llm.tokenizer, self.kv, llm.ctx, cfg.max_batch,
                                    cfg.step_tokens, llm.device)
         self.replay = ToolReplay()
@@ -84,6 +94,8 @@ class ServeEngine:
         self.scheduler.stop()
         if self.kv.disk is not None:
             self.kv.disk.flush()
+        if self.kv.snapshots is not None and self.kv.snapshots.disk is not None:
+            self.kv.snapshots.disk.flush()
 
     # --- prompts ---
     def encode(self, prompt) -> list[int]:

@@ -83,6 +83,8 @@ def _load() -> None:
     bdir = build_directory()
     bdir.mkdir(parents=True, exist_ok=True)
     cflags, ldflags = _compile_flags()
+    if not any(bdir.glob("*.so")):  # a first build takes ~15 s: say why the first run waits
+        print(f"ouzel: compiling the CPU kernels once into {bdir} ...", file=sys.stderr, flush=True)
     cpp_extension.load(name="ouzel_qmatmul", sources=[str(_SRC)], extra_cflags=cflags, extra_ldflags=ldflags,
                        build_directory=str(bdir), is_python_module=False, verbose=False)
     ops = torch.ops.ouzel_cpu

@@ -1,0 +1,216 @@
+"""Prefix reuse for DeepSeek V4's compressed state through the scheduler: whole-state snapshots at
+block boundaries (ouzel/kv/snapshots.py), resident and on disk. Every answer is compared with the
+single-sequence generator on a fresh state (greedy), so a restored snapshot must continue exactly
+as a full prefill would."""
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+pytest.importorskip("transformers")
+
+from ouzel.engine.request import Request  # noqa: E402
+from ouzel.engine.sampler import SamplingParams  # noqa: E402
+from ouzel.engine.scheduler import Scheduler  # noqa: E402
+from ouzel.kv.manager import BlockManager  # noqa: E402
+from ouzel.kv.paged import BlockPool  # noqa: E402
+from ouzel.kv.snapshots import SnapshotDisk, SnapshotStore  # noqa: E402
+
+ROOT = b"v4-prefix-test!!"
+N = 8  # reply tokens
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import tiny_deepseek_v4 as v4
+    try:
+        return v4.tiny_fixture(tmp_path_factory)
+    except ImportError as e:
+        pytest.skip(f"transformers has no DeepSeek V4: {e}")
+
+
+def make(tiny, disk_dir=None, every=2, budget=64 << 20, step_tokens=16) -> Scheduler:
+    disk = SnapshotDisk(disk_dir, 64 << 20, ROOT) if disk_dir else None
+    snaps = SnapshotStore(budget, ROOT, 16, every, disk)
+    llm = tiny.loaded
+    return Scheduler(llm.model, llm.tokenizer, BlockManager(BlockPool(1, 64, 16, 1, 1), ROOT, None, snaps),
+                     512, 4, step_tokens).start()
+
+
+def run(s: Scheduler, ids: list[int]):
+    q: queue.Queue = queue.Queue()
+    s.submit(Request(ids, SamplingParams(temperature=0, max_tokens=N, ignore_eos=True), q.put))
+    out = []
+    while (e := q.get(timeout=300)).kind == "token":
+        out.append(e.token)
+    assert e.kind == "done", e.error
+    return out, e.usage
+
+
+def fresh(tiny, ids: list[int]) -> list[int]:
+    return tiny.loaded.generate_ids(ids, max_tokens=N, temperature=0, ignore_eos=True)
+
+
+def test_extension_restores_the_snapshot_and_answers_exactly(tiny):
+    s = make(tiny)
+    try:
+        first = tiny.ids[:61].tolist()
+        out1, u1 = run(s, first)
+        assert u1.cached_tokens == 0 and out1 == fresh(tiny, first)
+        # the conversation goes on: previous prompt + reply + a new turn
+        second = first + out1 + tiny.ids[100:120].tolist()
+        out2, u2 = run(s, second)
+        # the finished sequence left a snapshot at its last block boundary (61 + 7 computed -> 64)
+        assert u2.cached_tokens == 64
+        assert out2 == fresh(tiny, second)
+        # a request sharing only the first 40 tokens restores the every-2-blocks snapshot at 32
+        branch = first[:40] + tiny.ids[130:140].tolist()
+        out3, u3 = run(s, branch)
+        assert u3.cached_tokens == 32 and out3 == fresh(tiny, branch)
+        assert s.kv.stats()["snapshots"] >= 3
+    finally:
+        s.stop()
+
+
+def test_three_interleaved_sessions_keep_their_prefixes(tiny):
+    s = make(tiny, every=64)  # only the end-of-sequence snapshots
+    try:
+        starts = [tiny.ids[:37].tolist(), tiny.ids[40:90].tolist(), tiny.ids[95:140].tolist()]
+        convo = [list(p) for p in starts]
+        for turn in range(3):
+            got = [None] * 3
+
+            def go(i):
+                got[i] = run(s, convo[i])
+            threads = [threading.Thread(target=go, args=(i,)) for i in range(3)]
+            [t.start() for t in threads]
+            [t.join(300) for t in threads]
+            for i in range(3):
+                out, usage = got[i]
+                assert out == fresh(tiny, convo[i])
+                if turn:
+                    assert usage.cached_tokens >= len(convo[i]) - N - 20 - 16 > 0
+                convo[i] = convo[i] + out + tiny.ids[turn * 7:turn * 7 + 5].tolist()
+    finally:
+        s.stop()
+
+
+def test_budget_evicts_least_recently_used_snapshots(tiny):
+    s = make(tiny, every=1, budget=1)  # nothing fits: reuse silently off, answers still exact
+    try:
+        p = tiny.ids[:50].tolist()
+        assert run(s, p)[0] == fresh(tiny, p)
+        out, usage = run(s, p + [5, 6, 7])
+        assert usage.cached_tokens == 0 and out == fresh(tiny, p + [5, 6, 7])
+        assert s.kv.snapshots.used == 0
+    finally:
+        s.stop()
+
+
+def test_restart_finds_the_prefix_on_disk_and_bad_files_are_discarded(tiny, tmp_path):
+    first = tiny.ids[:61].tolist()
+    s = make(tiny, tmp_path)
+    try:
+        out1, _ = run(s, first)
+    finally:
+        s.stop()
+        s.kv.snapshots.disk.flush()
+    files = sorted(tmp_path.glob("*.kvs"), key=lambda p: p.stat().st_size)
+    assert len(files) == 2  # boundaries 32 (every 2 blocks) and 64 (the end of the sequence)
+    second = first + out1 + tiny.ids[100:120].tolist()
+    want = fresh(tiny, second)
+
+    s = make(tiny, tmp_path)  # a restart: nothing resident, the same directory
+    try:
+        out2, u2 = run(s, second)
+        assert (u2.cached_tokens, u2.disk_tokens) == (64, 64)
+        assert out2 == want
+    finally:
+        s.stop()
+
+    # damage the longest snapshot (one payload byte): discarded, the 32-token one is used instead
+    blob = bytearray(files[-1].read_bytes())
+    blob[-5] ^= 0xFF
+    files[-1].write_bytes(bytes(blob))
+    s = make(tiny, tmp_path)
+    try:
+        out3, u3 = run(s, second)
+        assert out3 == want
+        assert u3.cached_tokens == 32
+        assert s.kv.stats()["disk_files_discarded"] == 1
+        assert not files[-1].exists() or files[-1].read_bytes() != bytes(blob)
+    finally:
+        s.stop()
+
+    # a truncated file: also discarded; the request prefills from scratch
+    for f in tmp_path.glob("*.kvs"):
+        f.write_bytes(f.read_bytes()[:100])
+    s = make(tiny, tmp_path)
+    try:
+        out4, u4 = run(s, second)
+        assert out4 == want and u4.cached_tokens < 64
+        assert s.kv.stats()["disk_files_discarded"] >= 1
+    finally:
+        s.stop()
+
+
+def test_real_server_sigkill_restart_finds_the_v4_prefix(tiny, tmp_path):
+    """`ouzel serve` on the tiny V4 over loopback: a continued prompt is served from the snapshot,
+    also after a SIGKILL and restart with the same --kv-disk-dir; a damaged file is discarded."""
+    import json
+    import shutil
+    import time
+
+    import openai
+    from server_util import Server
+
+    model = tmp_path / "hf"
+    shutil.copytree(tiny.dir, model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # serve wants one
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+    def start():
+        return Server("-m", str(model), "--model-id", "v4", "--ctx", "256", "--kv-snapshot-every", "2",
+                      "--kv-disk-dir", str(tmp_path / "kv"), log_path=str(tmp_path / "server.log"))
+
+    def ask(s, ids):
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        r = c.completions.create(model="v4", prompt=ids, max_tokens=N, temperature=0)
+        return r.choices[0].text, r.usage.prompt_tokens_details.cached_tokens
+
+    first = tiny.ids[:61].tolist()
+    s = start()
+    try:
+        text1, cached1 = ask(s, first)
+        second = first + tiny.loaded.tokenizer.encode(text1, add_special=False) + [7, 8, 9]
+        text2, cached2 = ask(s, second)
+        assert cached1 == 0 and cached2 >= 32
+        for _ in range(100):  # written by a background thread
+            if len(list((tmp_path / "kv").glob("*.kvs"))) >= 2:
+                break
+            time.sleep(0.1)
+    finally:
+        s.kill()
+    s = start()
+    try:
+        assert ask(s, second) == (text2, cached2)
+        assert s.metrics()["ouzel_disk_hit_tokens_total"] == cached2
+    finally:
+        s.kill()
+    for f in (tmp_path / "kv").glob("*.kvs"):
+        blob = bytearray(f.read_bytes())
+        blob[200] ^= 0xFF
+        f.write_bytes(bytes(blob))
+    s = start()
+    try:
+        text3, cached3 = ask(s, second)
+        assert (text3, cached3) == (text2, 0)
+        assert s.metrics()["ouzel_kv_disk_files_discarded_total"] >= 1
+    finally:
+        s.stop()
