@@ -64,6 +64,7 @@ class Running:
         self.computed = 0
         self.generated = 0
         self.state = None  # a private KV state, for models whose state is not paged (DeepSeek V4)
+        self.snap: tuple[bytes, int] | None = None  # its latest snapshot (key, tokens): the next one's base
         self.sampler = Sampler(req.params, device)
         self.decoder = tokenizer.stream()
         self.stops = StopMatcher(req.params.stop)
