@@ -19,6 +19,7 @@ class Sequence:
     def __init__(self, model, max_tokens: int, device: torch.device):
         self.model, self.max_tokens, self.device = model, max_tokens, device
         self.tokens: list[int] = []
+        self.reused = 0  # tokens the last prefill took from the previous state instead of computing
         self.kv = (model.new_kv(max_tokens, device) if hasattr(model, "new_kv")
                    else DenseKV(len(model.model.layers), max_tokens, device))
 
