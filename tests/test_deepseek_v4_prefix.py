@@ -5,6 +5,7 @@ as a full prefill would."""
 from __future__ import annotations
 
 import queue
+import struct
 import sys
 import threading
 from pathlib import Path
@@ -73,6 +74,11 @@ def test_extension_restores_the_snapshot_and_answers_exactly(tiny):
         out3, u3 = run(s, branch)
         assert u3.cached_tokens == 32 and out3 == fresh(tiny, branch)
         assert s.kv.stats()["snapshots"] >= 3
+        # snapshots on top of an earlier one store only the compressed rows emitted since it
+        deltas = [sn for sn in s.kv.snapshots.mem.values() if sn.base is not None]
+        assert deltas
+        for sn in deltas:  # layer 1 is CSA, ratio 4
+            assert sn.state["1.compressor.rows"].shape[0] == (sn.n_tokens - sn.base_tokens) // 4
     finally:
         s.stop()
 
@@ -112,6 +118,11 @@ def test_budget_evicts_least_recently_used_snapshots(tiny):
         s.stop()
 
 
+def by_length(d: Path) -> dict[int, Path]:
+    """Snapshot files by the prefix length in their header (n_tokens, uint32 at offset 64)."""
+    return {struct.unpack_from("<I", f.read_bytes(), 64)[0]: f for f in d.glob("*.kvs")}
+
+
 def test_restart_finds_the_prefix_on_disk_and_bad_files_are_discarded(tiny, tmp_path):
     first = tiny.ids[:61].tolist()
     s = make(tiny, tmp_path)
@@ -120,8 +131,10 @@ def test_restart_finds_the_prefix_on_disk_and_bad_files_are_discarded(tiny, tmp_
     finally:
         s.stop()
         s.kv.snapshots.disk.flush()
-    files = sorted(tmp_path.glob("*.kvs"), key=lambda p: p.stat().st_size)
-    assert len(files) == 2  # boundaries 32 (every 2 blocks) and 64 (the end of the sequence)
+    # boundaries 32 (every 2 blocks, a full record) and 64 (the end of the sequence: only the
+    # compressed rows after 32, plus the window and frontier)
+    assert sorted(by_length(tmp_path)) == [32, 64]
+    files = [by_length(tmp_path)[32], by_length(tmp_path)[64]]
     second = first + out1 + tiny.ids[100:120].tolist()
     want = fresh(tiny, second)
 
@@ -147,13 +160,26 @@ def test_restart_finds_the_prefix_on_disk_and_bad_files_are_discarded(tiny, tmp_
     finally:
         s.stop()
 
+    # damage the chain's first snapshot (32 tokens): the later ones store only rows after it, so
+    # none is usable; the base file is discarded and the request prefills from scratch
+    blob = bytearray(by_length(tmp_path)[32].read_bytes())
+    blob[140] ^= 0x01
+    by_length(tmp_path)[32].write_bytes(bytes(blob))
+    s = make(tiny, tmp_path)
+    try:
+        out4, u4 = run(s, second)
+        assert out4 == want and u4.cached_tokens == 0
+        assert s.kv.stats()["disk_files_discarded"] == 1
+    finally:
+        s.stop()
+
     # a truncated file: also discarded; the request prefills from scratch
     for f in tmp_path.glob("*.kvs"):
         f.write_bytes(f.read_bytes()[:100])
     s = make(tiny, tmp_path)
     try:
-        out4, u4 = run(s, second)
-        assert out4 == want and u4.cached_tokens < 64
+        out5, u5 = run(s, second)
+        assert out5 == want and u5.cached_tokens == 0
         assert s.kv.stats()["disk_files_discarded"] >= 1
     finally:
         s.stop()

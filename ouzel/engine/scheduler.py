@@ -138,7 +138,7 @@ class Scheduler:
             run.computed += n
             off += n
             if self.private_state:
-                self.kv.snapshot(run.tokens, run.keys, run.state)
+                run.snap = self.kv.snapshot(run.tokens, run.keys, run.state, run.snap)
             else:
                 self.kv.filled(run.tokens, run.blocks, run.keys, run.computed)
             if run.pending == 0:
@@ -211,6 +211,9 @@ class Scheduler:
             if self.private_state:
                 run.state, run.keys = self.model.new_kv(self.ctx, self.device), []
                 run.computed = self.kv.restore(run.tokens, run.state)
+                run.snap = None
+                if run.computed:  # later snapshots of this sequence store only what is new since
+                    run.snap = (self.kv.index.keys_of(run.tokens[:run.computed])[-1], run.computed)
             else:
                 run.blocks, run.computed = self.kv.match(run.tokens)
                 run.keys = []
@@ -309,7 +312,7 @@ class Scheduler:
             tail += "" if run.stops.stopped else run.stops.flush()
         self.kv.release(run.blocks, persist=reason != "error")
         if run.state is not None and reason != "error":
-            self.kv.snapshot(run.tokens, run.keys, run.state, final=True)
+            self.kv.snapshot(run.tokens, run.keys, run.state, run.snap, final=True)
         run.state = None
         u = run.usage
         u.completion_tokens = run.generated

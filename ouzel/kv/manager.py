@@ -71,6 +71,35 @@ class BlockManager:
         return b
 
     # --- a new sequence with private (snapshotted) state ---
+    def snapshot(self, tokens: list[int], keys: list[bytes], state, base: tuple[bytes, int] | None = None,
+                 final: bool = False) -> tuple[bytes, int] | None:
+        """Called after each forward of a private-state sequence: `keys` (the chain keys of its full
+        blocks) is extended to state.length; the state is snapshotted when it sits on a boundary
+        every `snapshots.every` blocks, or (final: the sequence ends, its state is no longer needed)
+        after trimming it back to its last block boundary, where a continuation will resume.
+        `base` is the sequence's previous snapshot (rows before it are not stored again). Returns
+        the sequence's latest snapshot (key, tokens): the new one, or `base`."""
+        snaps, bs = self.snapshots, self.block_size
+        if snaps is None:
+            return base
+        n = state.length
+        if final:
+            n = n // bs * bs
+        while (len(keys) + 1) * bs <= max(n, state.length):
+            i = len(keys)
+            keys.append(block_key(keys[-1] if keys else self.root, tokens[i * bs:(i + 1) * bs]))
+        nb = n // bs
+        if nb == 0 or (base is not None and base[1] >= n) or (not final and (n % bs or nb % snaps.every)):
+            return base
+        key = keys[nb - 1]
+        if key in snaps:  # computed before (maybe by another sequence): build on it
+            return key, n
+        if final and state.trim(n) != n:  # not exactly reachable (trim is exact only 16 back)
+            return base
+        if not snaps.put(key, keys[nb - 2] if nb > 1 else self.root, tokens[(nb - 1) * bs:nb * bs], state, base):
+            return base
+        return key, n
+
     def restore(self, tokens: list[int], state) -> int:
         """Load the snapshot of the longest known prefix of tokens[:-1] into `state`; tokens covered."""
         if self.snapshots is None:
@@ -80,27 +109,6 @@ class BlockManager:
         self.hit_tokens += got
         self.disk_hit_tokens += self.snapshots.disk_hit_tokens - disk_before
         return got
-
-    def snapshot(self, tokens: list[int], keys: list[bytes], state, final: bool = False) -> None:
-        """Called after each forward of a private-state sequence: `keys` (the chain keys of its full
-        blocks) is extended to state.length; the state is snapshotted when it sits on a boundary
-        every `snapshots.every` blocks, or (final: the sequence ends, its state is no longer needed)
-        after trimming it back to its last block boundary, where a continuation will resume."""
-        snaps, bs = self.snapshots, self.block_size
-        if snaps is None:
-            return
-        n = state.length
-        if final:
-            n = n // bs * bs
-        while (len(keys) + 1) * bs <= max(n, state.length):
-            i = len(keys)
-            keys.append(block_key(keys[-1] if keys else self.root, tokens[i * bs:(i + 1) * bs]))
-        nb = n // bs
-        if nb == 0 or keys[nb - 1] in snaps or (not final and (n % bs or nb % snaps.every)):
-            return
-        if final and state.trim(n) != n:  # not exactly reachable (trim is exact only 16 back)
-            return
-        snaps.put(keys[nb - 1], keys[nb - 2] if nb > 1 else self.root, tokens[(nb - 1) * bs:nb * bs], state)
 
     # --- growth ---
     def grow(self, blocks: list[int], n_tokens: int) -> bool:

@@ -6,13 +6,18 @@ state is snapshotted at block boundaries and named by the chain key of the block
 (`ouzel.kv.prefix.block_key`, the key the paged prefix index and the block disk tier use), so a
 request whose prompt starts with that prefix restores the snapshot and prefills only the rest.
 
-Snapshots are full (not deltas): restoring one is a single read with nothing to chain. Their
-size is `CompressedKV.nbytes()` at the boundary, which grows with its length (compressed rows);
-the scheduler therefore snapshots only every `every` blocks and at the last block boundary of a
-finished sequence (where a continued conversation resumes). Resident snapshots are bounded by a
-byte budget, least recently used first out; with a disk directory each snapshot is also written
-as one file (record kind 2 of docs/kv-disk-format.md) by a background thread, validated on read
-like the block files, and found again after a restart.
+Compressed rows are append-only, so a snapshot taken on top of an earlier one of the same
+sequence (its `base`) stores only the rows emitted since; the sliding window's raw rows and the
+compressor frontier are small and rewritten, so they are stored whole. Restoring walks the base
+chain and concatenates the rows. A snapshot therefore costs (rows since its base) + (window and
+frontier, constant in length), not the whole state. The scheduler snapshots every `every` blocks
+and at the last block boundary of a finished sequence (where a continued conversation resumes).
+
+Resident snapshots are bounded by a byte budget, least recently used first out (a snapshot and
+its bases are touched child first, so a base outlives its children); a chain with a missing link
+is simply not used. With a disk directory each snapshot is also written as one file (record kind
+2 of docs/kv-disk-format.md) by a background thread, validated on read like the block files, and
+found again after a restart.
 """
 from __future__ import annotations
 
@@ -33,8 +38,8 @@ SNAP_MAGIC = b"OUZKVSNP"
 SNAP_VERSION = 1
 SNAP_SUFFIX = ".kvs"
 # magic, version, header size, fingerprint, key, parent key, n_tokens (prefix length), block tokens,
-# meta bytes, tensor count, payload bytes, checksum, reserved
-_HEADER = struct.Struct("<8sII16s16s16sIIIIQ16s24s")
+# meta bytes, tensor count, payload bytes, checksum, base key, base n_tokens, reserved
+_HEADER = struct.Struct("<8sII16s16s16sIIIIQ16s16sI4s")
 HEADER_BYTES = 128
 assert _HEADER.size == HEADER_BYTES
 
@@ -44,8 +49,10 @@ class Snapshot:
     parent: bytes  # chain key of the block before the last one (the fingerprint for block 0)
     tokens: list[int]  # the last block's token ids (they and `parent` hash to the key)
     n_tokens: int  # prefix length the state covers
-    state: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor]  # with a base, the "*.rows" tensors hold only the rows after the base's
     meta: dict[str, str]
+    base: bytes | None = None  # key of the snapshot of an earlier boundary of the same prefix
+    base_tokens: int = 0
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state.values())
@@ -65,60 +72,143 @@ class SnapshotStore:
     def __contains__(self, key: bytes) -> bool:
         return key in self.mem or (self.disk is not None and key in self.disk)
 
-    def put(self, key: bytes, parent: bytes, tokens: list[int], state) -> None:
-        """Snapshot a live state (CompressedKV at exactly the prefix named by key). Copies: the
-        state may be trimmed or extended afterwards (views of its tensors would pin whole bases)."""
-        if key in self.mem:
-            self.mem.move_to_end(key)
-            return
-        snap = Snapshot(parent, list(tokens), state.length, {k: v.clone() for k, v in state.state().items()},
-                        state.meta())
+    def put(self, key: bytes, parent: bytes, tokens: list[int], state,
+            base: tuple[bytes, int] | None = None) -> bool:
+        """Snapshot a live state (CompressedKV at exactly the prefix named by key), as rows since
+        `base` (key, tokens: an earlier snapshot of this prefix) when given. Copies: the state may
+        be trimmed or extended afterwards (views of its tensors would pin whole bases).
+        False if it was not kept (larger than the whole budget)."""
+        if key in self:
+            if key in self.mem:
+                self.mem.move_to_end(key)
+            return True
+        meta, full = state.meta(), state.state()
+        if base is not None and base[0] not in self:
+            base = None
+        out = {}
+        for name, t in full.items():
+            if base is not None and name.endswith(".rows"):
+                t = t[base[1] // _ratio(meta, name):]
+            out[name] = t.clone()
+        snap = Snapshot(parent, list(tokens), state.length, out, meta, *(base or (None, 0)))
         size = snap.nbytes()
         if size > self.budget:
-            return
+            return False
         self.mem[key] = snap
         self.used += size
         self.taken += 1
+        self._touch_chain(key)
         while self.used > self.budget:
             _, old = self.mem.popitem(last=False)
             self.used -= old.nbytes()
         if self.disk is not None:  # write-through: a SIGKILL loses nothing already snapshotted
             self.disk.write(key, snap)
+        return True
+
+    def _touch_chain(self, key: bytes | None) -> None:
+        # child first, bases last: under LRU a base is evicted only after its children
+        while key is not None:
+            snap = self.mem.get(key)
+            if snap is not None:
+                self.mem.move_to_end(key)
+            elif self.disk is not None:
+                self.disk.touch_key(key)
+            key = snap.base if snap is not None else (self.disk.bases.get(key) if self.disk else None)
 
     def restore(self, keys: list[bytes], tokens: list[int], state) -> int:
         """Load into `state` the snapshot of the longest prefix among keys (the chain keys of the
         request's tokens[:-1]); returns the tokens it covers (0: nothing usable, state untouched)."""
-        bs = self.block_size
+        seen: dict[int, Snapshot | None] = {}  # boundary index -> snapshot, read once per request
         for i in range(len(keys) - 1, -1, -1):
-            key = keys[i]
-            parent = keys[i - 1] if i else self.root
-            snap, from_disk = self.mem.get(key), False
-            if snap is not None:
-                self.mem.move_to_end(key)
-            elif self.disk is not None and key in self.disk:
-                snap = self.disk.read(key, parent, (i + 1) * bs, tokens[i * bs:(i + 1) * bs], bs)
-                from_disk = snap is not None
-            if snap is None:
+            chain = self._chain(i, keys, tokens, seen)
+            if chain is None:
                 continue
-            try:
-                state.load_state(snap.state, snap.meta)
-            except (KeyError, ValueError, RuntimeError) as e:  # another layout: not this model's state
-                if from_disk:
-                    self.disk.discard(key, f"state does not load ({e})")
-                else:
-                    self.used -= self.mem.pop(key).nbytes()
+            full = _compose(chain)
+            problem = None if full is not None else "rows of the chain do not add up"
+            if problem is None:
+                try:
+                    state.load_state(full, chain[0].meta)
+                except (KeyError, ValueError, RuntimeError) as e:  # another layout: not this model's state
+                    problem = f"state does not load ({e})"
+            if problem or state.length != chain[0].n_tokens:
+                log.warning("kv snapshot: not using %s: %s", keys[i].hex(), problem or "length differs")
+                self._drop(keys[i], problem or "length differs")
+                seen[i] = None
                 state.trim(-1)  # back to empty before trying a shorter prefix
                 continue
-            if state.length != (i + 1) * bs:
-                state.trim(-1)
-                continue
-            if from_disk:  # keep it resident: the conversation will likely continue
-                self.mem[key] = snap
-                self.used += snap.nbytes()
-                self.disk_hit_tokens += state.length
+            for snap, key in zip(chain, self._chain_keys(i, keys, chain)):
+                if key not in self.mem:  # read from disk: keep it resident, the conversation goes on
+                    self.mem[key] = snap
+                    self.used += snap.nbytes()
+                    self.disk_hit_tokens += 0 if snap is not chain[0] else state.length
+            self._touch_chain(keys[i])
+            while self.used > self.budget and len(self.mem) > 1:
+                _, old = self.mem.popitem(last=False)
+                self.used -= old.nbytes()
             self.hit_tokens += state.length
             return state.length
         return 0
+
+    def _get(self, i: int, keys: list[bytes], tokens: list[int], seen: dict) -> Snapshot | None:
+        if i not in seen:
+            bs, key = self.block_size, keys[i]
+            snap = self.mem.get(key)
+            if snap is None and self.disk is not None and key in self.disk:
+                snap = self.disk.read(key, keys[i - 1] if i else self.root, (i + 1) * bs,
+                                      tokens[i * bs:(i + 1) * bs], bs)
+            seen[i] = snap
+        return seen[i]
+
+    def _chain(self, i: int, keys: list[bytes], tokens: list[int], seen: dict) -> list[Snapshot] | None:
+        """The snapshot at boundary i and its bases, newest first; None if a link is missing."""
+        chain = []
+        while True:
+            snap = self._get(i, keys, tokens, seen)
+            if snap is None:
+                return None
+            chain.append(snap)
+            if snap.base is None:
+                return chain
+            j = snap.base_tokens // self.block_size - 1
+            if not (0 <= j < i and snap.base_tokens % self.block_size == 0 and keys[j] == snap.base):
+                self._drop(keys[i], f"base {snap.base.hex()} at {snap.base_tokens} tokens is not an earlier "
+                                    "boundary of this prefix")
+                seen[i] = None
+                return None
+            i = j
+
+    def _chain_keys(self, i: int, keys: list[bytes], chain: list[Snapshot]) -> list[bytes]:
+        out = [keys[i]]
+        for snap in chain[:-1]:
+            out.append(keys[snap.base_tokens // self.block_size - 1])
+        return out
+
+    def _drop(self, key: bytes, why: str) -> None:
+        snap = self.mem.pop(key, None)
+        if snap is not None:
+            self.used -= snap.nbytes()
+        if self.disk is not None and key in self.disk:
+            self.disk.discard(key, why)
+
+
+def _ratio(meta: dict[str, str], name: str) -> int:
+    layer, series, _ = name.split(".")
+    return int(meta[f"{layer}.{series}"].split(",")[0])
+
+
+def _compose(chain: list[Snapshot]) -> dict[str, torch.Tensor] | None:
+    """The full state of chain[0]: its own tensors, each "*.rows" preceded by its bases' rows."""
+    top = chain[0]
+    out = dict(top.state)
+    for name in [n for n in out if n.endswith(".rows")]:
+        parts = [s.state.get(name) for s in reversed(chain)]
+        if any(p is None for p in parts):
+            return None
+        rows = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if rows.shape[0] != top.n_tokens // _ratio(top.meta, name):
+            return None
+        out[name] = rows
+    return out
 
 
 class SnapshotDisk(DiskTier):
@@ -126,11 +216,22 @@ class SnapshotDisk(DiskTier):
 
     suffix = SNAP_SUFFIX
 
+    def __init__(self, *args, **kw):
+        self.bases: dict[bytes, bytes] = {}  # snapshot key -> its base's key, as far as seen
+        super().__init__(*args, **kw)
+
+    def touch_key(self, key: bytes) -> None:
+        with self._lock:
+            if key in self.files:
+                self.files.move_to_end(key)
+
     def write(self, key: bytes, snap: Snapshot) -> bool:  # type: ignore[override]
         with self._lock:
             if key in self.files or key in self._pending:
                 return False
             self._pending[key] = (_encode(self.fingerprint, key, snap),)
+            if snap.base is not None:
+                self.bases[key] = snap.base
         self._queue.put(key)
         return True
 
@@ -156,6 +257,8 @@ class SnapshotDisk(DiskTier):
         if problem:
             return self.discard(key, problem)
         self.touch(key)
+        if snap.base is not None:
+            self.bases[key] = snap.base
         return snap
 
     def discard(self, key: bytes, why: str) -> None:
@@ -175,7 +278,8 @@ def _encode(fingerprint: bytes, key: bytes, snap: Snapshot) -> bytes:
     payload_b = b"".join(payload)
     body = struct.pack(f"<{len(snap.tokens)}I", *snap.tokens) + meta + payload_b
     header = _HEADER.pack(SNAP_MAGIC, SNAP_VERSION, HEADER_BYTES, fingerprint, key, snap.parent, snap.n_tokens,
-                          len(snap.tokens), len(meta), len(directory), len(payload_b), _checksum(body), bytes(24))
+                          len(snap.tokens), len(meta), len(directory), len(payload_b), _checksum(body),
+                          snap.base or bytes(16), snap.base_tokens, bytes(4))
     return header + body
 
 
@@ -183,7 +287,8 @@ def _decode(data: bytes, fingerprint: bytes, key: bytes, parent: bytes, n_tokens
             block_size: int) -> tuple[Snapshot | None, str | None]:
     if len(data) < HEADER_BYTES:
         return None, f"truncated ({len(data)} bytes, header alone is {HEADER_BYTES})"
-    magic, version, hbytes, fp, fkey, fparent, n, nb, nmeta, ntensors, npay, checksum, _ = _HEADER.unpack_from(data)
+    (magic, version, hbytes, fp, fkey, fparent, n, nb, nmeta, ntensors, npay, checksum, base, base_n,
+     _) = _HEADER.unpack_from(data)
     checks = [
         (magic == SNAP_MAGIC, f"bad magic {magic!r}"),
         (version == SNAP_VERSION, f"snapshot version {version}, this build reads {SNAP_VERSION}"),
@@ -215,5 +320,7 @@ def _decode(data: bytes, fingerprint: bytes, key: bytes, parent: bytes, n_tokens
         meta = {str(k): str(v) for k, v in info["meta"].items()}
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         return None, f"bad tensor directory ({e})"
-    return Snapshot(parent, tokens, n, state, meta), None
+    if base_n >= n:
+        return None, f"base at {base_n} tokens is not before {n}"
+    return Snapshot(parent, tokens, n, state, meta, base if base_n else None, base_n), None
 
