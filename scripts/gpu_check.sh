@@ -10,7 +10,7 @@ else
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-OUZEL_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_quant_blocks.py tests/test_hf_oracle.py 2>&1 | tail -15
+OUZEL_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_quant_blocks.py tests/test_hf_oracle.py tests/test_triton_kernels.py 2>&1 | tail -15
 python3 - <<'PY'
 import sys, tempfile, subprocess
 sys.path.insert(0, "tests")
