@@ -119,10 +119,8 @@ def config_from_gguf(meta: dict[str, Any], path: str) -> dict[str, Any]:
         raise OuzelError(f"{path}: '{ARCH}.attention.head_count_kv' is {cfg['num_key_value_heads']}; "
                          "DeepSeek V4 shares one K=V head")
     if "vocab_size" not in cfg:
-        tokens = meta.get("tokenizer.ggml.tokens")
-        if tokens is None:
-            raise OuzelError(f"{path}: missing metadata key '{ARCH}.vocab_size' (and no tokenizer.ggml.tokens)")
-        cfg["vocab_size"] = len(tokens)
+        from .gguf_names import vocab_size_from_tokens
+        cfg["vocab_size"] = vocab_size_from_tokens(meta, ARCH, path)
     gating = meta.get(f"{ARCH}.expert_gating_func")
     if gating is None:
         raise OuzelError(f"{path}: missing metadata key '{ARCH}.expert_gating_func'")
@@ -245,23 +243,5 @@ class GGUFNames:
         return torch.from_numpy(arr.astype(np.int64)).reshape(shape)
 
     def _experts(self, names: tuple[str, ...], shape) -> ExpertStack:
-        """Per-expert row slices of the stacked [E, rows, cols] tensors: views, nothing copied."""
-        E, out, cols = shape
-        rows = out // len(names)
-        per_piece = []
-        for g in names:
-            info = self._info(g)
-            if tuple(info.shape) != (E, rows, cols):
-                raise OuzelError(f"{self.file.path}: tensor {g!r} has shape {list(info.shape)}, "
-                                 f"the metadata implies {[E, rows, cols]}")
-            try:
-                bt = block_type(info.ggml_type)
-            except UnsupportedError as e:  # name the tensor: expert files mix block types
-                raise UnsupportedError(f"{self.file.path}: routed experts {g!r}: {e}") from None
-            raw = self.file.raw(g)
-            if bt.name == "F32":
-                dense = raw.view(torch.float32).reshape(E, rows, cols)
-                per_piece.append([dense[e] for e in range(E)])
-            else:
-                per_piece.append([QTensor(raw[e * rows:(e + 1) * rows], bt, (rows, cols)) for e in range(E)])
-        return ExpertStack([[p[e] for p in per_piece] for e in range(E)], tuple(shape))
+        from .moe_weights import gguf_expert_stack
+        return gguf_expert_stack(self.file, names, tuple(shape))

@@ -82,6 +82,14 @@ def hf_to_gguf_names(arch: str) -> Callable[[str], str | None]:
     return lookup
 
 
+def vocab_size_from_tokens(meta: dict[str, Any], arch: str, path: str) -> int:
+    """Files without '{arch}.vocab_size' have one row per tokenizer token."""
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise OuzelError(f"{path}: missing metadata key '{arch}.vocab_size' (and no tokenizer.ggml.tokens)")
+    return len(tokens)
+
+
 def config_from_gguf(arch: str, meta: dict[str, Any], path: str) -> dict[str, Any]:
     if arch == "deepseek_v4":  # its own key set (compress ratios, hyper-connections, indexer)
         from .gguf_deepseek4 import config_from_gguf as deepseek4_config
@@ -106,10 +114,7 @@ def config_from_gguf(arch: str, meta: dict[str, Any], path: str) -> dict[str, An
             value = value[0]
         cfg[field] = value
     if "vocab_size" not in cfg:
-        tokens = meta.get("tokenizer.ggml.tokens")
-        if tokens is None:
-            raise OuzelError(f"{path}: missing metadata key '{arch}.vocab_size' (and no tokenizer.ggml.tokens)")
-        cfg["vocab_size"] = len(tokens)
+        cfg["vocab_size"] = vocab_size_from_tokens(meta, arch, path)
     scaling = meta.get(f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
         if scaling != "linear":

@@ -35,6 +35,32 @@ def split_expert_name(name: str) -> tuple[int, str] | None:
     return None
 
 
+def gguf_expert_stack(f, names, shape) -> ExpertStack:
+    """Experts from llama.cpp's stacked [E, rows, cols] GGUF tensors, one per fused piece
+    (gate, up): each expert is a row slice of the file's blocks, nothing copied."""
+    E, out, cols = shape
+    rows = out // len(names)
+    pieces = []  # per GGUF tensor: E row blocks
+    for g in names:
+        if g not in f.tensors:
+            raise OuzelError(f"{f.path}: missing tensor {g!r}")
+        info = f.tensors[g]
+        if tuple(info.shape) != (E, rows, cols):
+            raise OuzelError(f"{f.path}: tensor {g!r} has shape {list(info.shape)}, "
+                             f"the metadata implies {[E, rows, cols]}")
+        try:
+            bt = block_type(info.ggml_type)
+        except UnsupportedError as e:  # name the tensor: expert files mix block types
+            raise UnsupportedError(f"{f.path}: routed experts {g!r}: {e}") from None
+        raw = f.raw(g)  # [E * rows, row_bytes]
+        if bt.name == "F32":
+            dense = raw.view(torch.float32).reshape(E, rows, cols)
+            pieces.append([dense[e] for e in range(E)])
+        else:
+            pieces.append([QTensor(raw[e * rows:(e + 1) * rows], bt, (rows, cols)) for e in range(E)])
+    return ExpertStack([[p[e] for p in pieces] for e in range(E)], shape)
+
+
 class StackedExpertsSource:
     def __init__(self, source):
         self.source = source
@@ -57,29 +83,8 @@ class StackedExpertsSource:
         return self.source.nbytes()
 
     def _gguf(self, layer: int, kind: str, shape) -> ExpertStack:
-        f = self.source.file
-        E, out, cols = shape
         names = [f"blk.{layer}.{s}" for s in GGUF_EXPERTS[kind]]
-        rows = out // len(names)
-        pieces = []  # per GGUF tensor: E row blocks
-        for g in names:
-            if g not in f.tensors:
-                raise OuzelError(f"{f.path}: missing tensor {g!r}")
-            info = f.tensors[g]
-            if tuple(info.shape) != (E, rows, cols):
-                raise OuzelError(f"{f.path}: tensor {g!r} has shape {list(info.shape)}, "
-                                 f"the metadata implies {[E, rows, cols]}")
-            try:
-                bt = block_type(info.ggml_type)
-            except UnsupportedError as e:  # name the tensor: expert files mix block types
-                raise UnsupportedError(f"{f.path}: routed experts {g!r}: {e}") from None
-            raw = f.raw(g)  # [E * rows, row_bytes]
-            if bt.name == "F32":
-                dense = raw.view(torch.float32).reshape(E, rows, cols)
-                pieces.append([dense[e] for e in range(E)])
-            else:
-                pieces.append([QTensor(raw[e * rows:(e + 1) * rows], bt, (rows, cols)) for e in range(E)])
-        return ExpertStack([[p[e] for p in pieces] for e in range(E)], shape)
+        return gguf_expert_stack(self.source.file, names, tuple(shape))
 
     def _hf(self, name: str, layer: int, kind: str, shape) -> ExpertStack:
         if self.source.has(name):  # already fused and stacked
