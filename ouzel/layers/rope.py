@@ -35,26 +35,25 @@ def inv_freq(spec: RopeSpec) -> torch.Tensor:
 
 
 class Rope:
-    """cos/sin tables computed once per (spec, device), grown on demand, indexed by position."""
+    """Rotates by position; cos/sin are computed from the positions tensor on its device, so no
+    step reads a position back to the host (a table sized by positions.max() would)."""
 
     def __init__(self, spec: RopeSpec):
         self.spec = spec
         self._inv = inv_freq(spec)
-        self._cos = self._sin = None
+        self._inv_on: dict[torch.device, torch.Tensor] = {}
 
-    def _tables(self, n: int, device: torch.device):
-        if self._cos is None or self._cos.shape[0] < n or self._cos.device != device:
-            size = max(n, 4096 if self._cos is None else 2 * self._cos.shape[0])
-            t = torch.arange(size, dtype=torch.int64).float()
-            f = torch.outer(t, self._inv)
-            emb = torch.cat([f, f], dim=-1)
-            self._cos, self._sin = emb.cos().to(device), emb.sin().to(device)
-        return self._cos, self._sin
+    def _cos_sin(self, positions: torch.Tensor):
+        inv = self._inv_on.get(positions.device)
+        if inv is None:
+            inv = self._inv_on[positions.device] = self._inv.to(positions.device)
+        f = positions.float()[:, None] * inv[None, :]  # the outer product HF computes, in float32
+        emb = torch.cat([f, f], dim=-1)
+        return emb.cos()[:, None, :], emb.sin()[:, None, :]
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [T, H, D] float32, positions: [T]."""
-        cos, sin = self._tables(int(positions.max()) + 1, x.device)
-        cos, sin = cos[positions][:, None, :], sin[positions][:, None, :]
+        cos, sin = self._cos_sin(positions)
         d = self.spec.dim
         xr = x[..., :d]
         x1, x2 = xr[..., : d // 2], xr[..., d // 2:]
