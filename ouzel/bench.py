@@ -165,12 +165,17 @@ class Bench:
                    floor * dn / ds if ds else 0.0)
 
     def warmup(self, tokens: list[int]) -> None:
-        """One short prefill and a few steps first: kernel compilation and first-touch page faults
-        belong to no frontier."""
+        """A full prefill chunk plus a partial one and a few steps first: kernel compilation, the
+        first call of each matmul shape (library heuristics) and first-touch page faults belong to
+        no frontier. The KV cache is then sized for the whole run, so no decode step is re-captured
+        (CUDA graphs) inside a timed region."""
+        from .engine.generate import PREFILL_CHUNK
         self.seq.reset()
-        logits = self.seq.prefill(tokens[:min(32, len(tokens))])
+        logits = self.seq.prefill(tokens[:min(PREFILL_CHUNK + 32, len(tokens))])
         for _ in range(min(4, self.tg)):
             logits = self.seq.step(int(logits.argmax().item()))
+        if hasattr(self.seq.kv, "reserve"):
+            self.seq.kv.reserve(self.seq.max_tokens)
         self.seq.reset()
 
     def frontiers(self, tokens: list[int], frontiers: list[int], on_row=None) -> list[Row]:

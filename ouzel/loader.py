@@ -78,6 +78,10 @@ def load_weights(model: nn.Module, source, device: torch.device, progress: bool 
                 w = w.to(device)
         done[hf_name] = w
         setattr(mod, attr, w)
+    if device.type == "cuda":  # one matmul for q/k/v (and gate/up) where their blocks allow it
+        for mod in model.modules():
+            if hasattr(mod, "fuse_weights"):
+                mod.fuse_weights()
 
 
 def load(ref: str | Path, device: str | torch.device = "cpu", progress: bool = True) -> Loaded:

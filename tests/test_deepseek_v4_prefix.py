@@ -35,20 +35,23 @@ def tiny(tmp_path_factory):
         pytest.skip(f"transformers has no DeepSeek V4: {e}")
 
 
-def make(tiny, disk_dir=None, every=2, budget=64 << 20, step_tokens=16) -> Scheduler:
+def make(tiny, disk_dir=None, every=2, budget=64 << 20, step_tokens=16, full_every=16) -> Scheduler:
     disk = SnapshotDisk(disk_dir, 64 << 20, ROOT) if disk_dir else None
-    snaps = SnapshotStore(budget, ROOT, 16, every, disk)
+    snaps = SnapshotStore(budget, ROOT, 16, every, disk, full_every)
     llm = tiny.loaded
     return Scheduler(llm.model, llm.tokenizer, BlockManager(BlockPool(1, 64, 16, 1, 1), ROOT, None, snaps),
                      512, 4, step_tokens).start()
 
 
-def run(s: Scheduler, ids: list[int]):
+def run(s: Scheduler, ids: list[int], logprobs: list | None = None):
     q: queue.Queue = queue.Queue()
-    s.submit(Request(ids, SamplingParams(temperature=0, max_tokens=N, ignore_eos=True), q.put))
+    s.submit(Request(ids, SamplingParams(temperature=0, max_tokens=N, ignore_eos=True), q.put,
+                     logprobs=None if logprobs is None else 0))
     out = []
     while (e := q.get(timeout=300)).kind == "token":
         out.append(e.token)
+        if logprobs is not None:
+            logprobs.append(e.logprob)
     assert e.kind == "done", e.error
     return out, e.usage
 
@@ -181,6 +184,42 @@ def test_restart_finds_the_prefix_on_disk_and_bad_files_are_discarded(tiny, tmp_
         out5, u5 = run(s, second)
         assert out5 == want and u5.cached_tokens == 0
         assert s.kv.stats()["disk_files_discarded"] >= 1
+    finally:
+        s.stop()
+
+
+def test_snapshot_chains_are_capped(tiny, tmp_path):
+    """Every K-th snapshot of a chain is stored whole: a restore reads at most K records, and
+    records before the chain's last full one are not needed."""
+    K = 4
+    first = tiny.ids[:130].tolist()  # a snapshot at each of the 8 block boundaries 16..128
+    s = make(tiny, tmp_path, every=1, full_every=K)
+    try:
+        out1, _ = run(s, first)
+    finally:
+        s.stop()
+        s.kv.snapshots.disk.flush()
+    files = by_length(tmp_path)
+    base_tokens = {n: struct.unpack_from("<I", f.read_bytes(), 120)[0] for n, f in files.items()}
+    assert base_tokens == {16: 0, 32: 16, 48: 32, 64: 48, 80: 0, 96: 80, 112: 96, 128: 112}
+    for n in (16, 32, 48, 64):  # the first chain: restoring 128 must not need it
+        files[n].unlink()
+
+    second = first + out1 + tiny.ids[140:150].tolist()
+    live_lp: list[float] = []
+    s = make(tiny, every=1, full_every=K)  # no cache: the live computation, chunked the same way
+    try:
+        live, _ = run(s, second, live_lp)
+    finally:
+        s.stop()
+    restored_lp: list[float] = []
+    s = make(tiny, tmp_path, every=1, full_every=K)  # a restart on the same directory
+    try:
+        out2, u2 = run(s, second, restored_lp)
+        assert (u2.cached_tokens, u2.disk_tokens) == (128, 128)
+        assert s.kv.snapshots.records_read == K
+        assert out2 == live == fresh(tiny, second)
+        assert restored_lp == live_lp  # bit for bit: the restored state is the live one
     finally:
         s.stop()
 

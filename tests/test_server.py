@@ -112,6 +112,29 @@ def test_responses(oai):
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
 
 
+def test_responses_previous_response_id_continues_the_conversation(oai):
+    kw = dict(model="smollm2-135m", max_output_tokens=8, temperature=0)
+    first = oai.responses.create(input="My name is Ada and I like trains.", **kw)
+    second = oai.responses.create(input="What is my name?", previous_response_id=first.id, **kw)
+    assert second.previous_response_id == first.id
+    # the model saw the first turn: the same prompt as sending the whole conversation, whose
+    # first-turn blocks are reused from the cache
+    whole = oai.responses.create(input=[{"role": "user", "content": "My name is Ada and I like trains."},
+                                        {"role": "assistant", "content": first.output_text},
+                                        {"role": "user", "content": "What is my name?"}], store=False, **kw)
+    assert second.usage.input_tokens == whole.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
+    assert second.output_text == whole.output_text
+    assert second.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens // 16 * 16 > 0
+    # a third turn, streamed, continues the second
+    events = list(oai.responses.create(input="And what do I like?", previous_response_id=second.id, stream=True, **kw))
+    done = events[-1].response
+    assert done.previous_response_id == second.id and done.usage.input_tokens > second.usage.input_tokens
+    # store=False keeps nothing: naming it is the Responses API's not-found error
+    with pytest.raises(openai.NotFoundError) as e:
+        oai.responses.create(input="Hi?", previous_response_id=whole.id, **kw)
+    assert e.value.code == "previous_response_not_found" and e.value.type == "invalid_request_error"
+
+
 def test_messages(claude):
     msgs = [{"role": "user", "content": "Say hi."}]
     r = claude.messages.create(model="smollm2-135m", max_tokens=8, extra_body=T0, messages=msgs, system="Be brief.")
@@ -301,7 +324,7 @@ BAD = [
     ("/v1/completions", {"prompt": [10**9], "max_tokens": 1}, 400, "vocabulary"),
     ("/v1/messages", {"messages": [{"role": "user", "content": "x"}]}, 400, "max_tokens"),
     ("/v1/responses", {"input": 5}, 400, "input"),
-    ("/v1/responses", {"input": "x", "previous_response_id": "resp_1"}, 400, "previous_response_id"),
+    ("/v1/responses", {"input": "x", "previous_response_id": "resp_1"}, 404, "previous_response_not_found"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "'n'"),
 ]
 

@@ -8,6 +8,7 @@ import torch
 
 from ..errors import OuzelError
 from ..kv.cache import DenseKV
+from .graphs import DecodeGraph, graphs_enabled
 from .sampler import Sampler, SamplingParams
 
 PREFILL_CHUNK = 512
@@ -22,6 +23,7 @@ class Sequence:
         self.reused = 0  # tokens the last prefill took from the previous state instead of computing
         self.kv = (model.new_kv(max_tokens, device) if hasattr(model, "new_kv")
                    else DenseKV(len(model.model.layers), max_tokens, device))
+        self.graph = DecodeGraph(model, self.kv, device) if graphs_enabled(model, self.kv, device) else None
 
     def reset(self) -> None:
         self.tokens = []
@@ -69,6 +71,11 @@ class Sequence:
     def step(self, token: int) -> torch.Tensor:
         if len(self.tokens) >= self.max_tokens:
             raise OuzelError(f"context full ({self.max_tokens} tokens)")
+        if self.graph is not None:
+            logits = self.graph(token, self.kv.length)
+            self.kv.commit(1)
+            self.tokens.append(token)
+            return logits[0].float()
         return self.model.logits(self._forward([token]))[0].float()
 
 

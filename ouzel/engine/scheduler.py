@@ -7,11 +7,13 @@ once over the batch through a `BatchKV` view of the shared block pool; rows that
 sequence's pending tokens are sampled.
 
 Models whose attention state is not paged K/V (DeepSeek V4's compressed state: the model has
-`new_kv(max_tokens, device)`) get one private state per sequence; each step then runs the planned
-chunks one sequence at a time. Scheduling, chunked prefill, streaming and cancellation are the same;
-prefix reuse goes through whole-state snapshots at block boundaries, keyed by the same chain keys
-(`BlockManager.restore` / `snapshot`, `ouzel.kv.snapshots`): prefill chunks stop at snapshot
-boundaries, and a finished sequence leaves a snapshot at its last block boundary.
+`new_kv(max_tokens, device)`) get one private state per sequence; each step runs the planned chunks
+in one forward over the model's join of those states (`batch_kv`: only attention loops over them),
+or one forward per sequence for a model without one. Scheduling, chunked prefill, streaming and
+cancellation are the same; prefix reuse goes through whole-state snapshots at block boundaries,
+keyed by the same chain keys (`BlockManager.restore` / `snapshot`, `ouzel.kv.snapshots`): prefill
+chunks stop at snapshot boundaries, and a finished sequence leaves a snapshot at its last block
+boundary.
 
 Admission control: a request whose prompt plus max_tokens can never fit the pool is refused at
 submit (OuzelError -> HTTP 4xx); one that does not fit now waits in the queue. When a decode step
@@ -141,6 +143,9 @@ class Scheduler:
                 run.snap = self.kv.snapshot(run.tokens, run.keys, run.state, run.snap)
             else:
                 self.kv.filled(run.tokens, run.blocks, run.keys, run.computed)
+                if run.pending == 0 and run.generated == 0:
+                    # the prompt is in: its full blocks go to disk now, so a crash mid-reply keeps them
+                    self.kv.persist(run.blocks)
             if run.pending == 0:
                 rows.append(off - 1)
                 sample.append(run)
@@ -169,14 +174,19 @@ class Scheduler:
         return hidden
 
     def _forward_private(self, plan) -> torch.Tensor:
-        """Sequences with their own state (not pageable): one forward each, same output layout."""
-        out = []
-        for run, n in plan:
-            ids = torch.tensor(run.tokens[run.computed:run.computed + n], device=self.device)
-            pos = torch.arange(run.computed, run.computed + n, device=self.device)
-            out.append(self.model(ids, pos, run.state))
-            run.state.commit(n)
-        return torch.cat(out)
+        """Sequences with their own state (not pageable), same output layout: one forward over
+        every chunk if the model joins states (`batch_kv`), else one forward per sequence."""
+        join = getattr(self.model, "batch_kv", None)
+        if join is None:
+            return torch.cat([self._forward_state(run.state, [(run, n)]) for run, n in plan])
+        return self._forward_state(join([(run.state, n) for run, n in plan]), plan)
+
+    def _forward_state(self, kv, plan) -> torch.Tensor:
+        ids = [t for run, n in plan for t in run.tokens[run.computed:run.computed + n]]
+        pos = [p for run, n in plan for p in range(run.computed, run.computed + n)]
+        hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device), kv)
+        kv.commit(len(ids))
+        return hidden
 
     def _reap(self) -> None:
         for run in [r for r in self.running if r.req.cancelled]:

@@ -57,8 +57,11 @@ def gguf_expert_stack(f, names, shape) -> ExpertStack:
             dense = raw.view(torch.float32).reshape(E, rows, cols)
             pieces.append([dense[e] for e in range(E)])
         else:
-            pieces.append([QTensor(raw[e * rows:(e + 1) * rows], bt, (rows, cols)) for e in range(E)])
-    return ExpertStack([[p[e] for p in pieces] for e in range(E)], shape)
+            pieces.append(QTensor(raw, bt, (E * rows, cols)))
+    if all(isinstance(p, QTensor) for p in pieces):
+        return ExpertStack.from_stacked(pieces, shape)
+    return ExpertStack([[p[e] if isinstance(p, list) else QTensor(p.raw[e * rows:(e + 1) * rows], p.bt, (rows, cols))
+                         for p in pieces] for e in range(E)], shape)
 
 
 class StackedExpertsSource:

@@ -3,7 +3,8 @@
 `qlinear` returns None when no kernel fits (other block types, no Triton, odd layouts), and
 `ops.linear` then runs the torch reference. Environment switches (for A/B runs):
   OUZEL_NO_TRITON=1              never use the Triton kernels
-  OUZEL_CUDA_PREFILL_DTYPE=bf16  large-M matmuls in bf16 on the tensor cores (default: x's dtype)
+  OUZEL_CUDA_PREFILL_DTYPE=f32   large-M matmuls (prefill) in x's dtype instead of bf16 operands
+                                 with fp32 accumulation on the tensor cores (the default)
   OUZEL_TRITON_TUNE=0            use the default GEMV config instead of timing a few on first use
 """
 from __future__ import annotations
@@ -13,10 +14,11 @@ import os
 import torch
 
 _MOD: list = []
-_TUNED: dict = {}  # (type, n, k, m, dtype) -> qgemv kwargs
-# A handful of tile shapes; the split of K is derived so that the grid fills the chip.
-GEMV_CONFIGS = (dict(bn=16, u=2), dict(bn=4, u=2), dict(bn=8, u=2), dict(bn=16, u=1),
-                dict(bn=32, u=2), dict(bn=32, u=2, num_warps=8))
+_TUNED: dict = {}  # (type, n, k, m, dtype, moe) -> qgemv kwargs
+# A handful of tile shapes (u: 256-element steps per loop iteration); unless a config says,
+# the split of K is derived so that the grid fills the chip.
+GEMV_CONFIGS = (dict(bn=4, u=2), dict(bn=16, u=2), dict(bn=16, u=4), dict(bn=16, u=8), dict(bn=16, u=1),
+                dict(bn=4, u=4, target=2048), dict(bn=16, u=2, target=2048), dict(bn=32, u=2, num_warps=8))
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -33,21 +35,42 @@ def _gguf():
     return _MOD[0]
 
 
-def _gemv_config(g, x2, w) -> dict:
-    key = (w.bt.name, *w.shape, x2.shape[0], x2.dtype)
+def supports(bt_name: str) -> bool:
+    """Whether a Triton GEMV reads this block type here."""
+    g = _gguf()
+    return g is not None and g.supports(bt_name)
+
+
+def _gemv_config(g, x2, raw, bt_name: str, shape, **moe) -> dict:
+    """The fastest of a few configs for this shape, timed on first use (must not run while a
+    CUDA graph is being captured: the first call of every shape happens in an eager warm-up)."""
+    key = (bt_name, *shape, x2.shape[0], x2.dtype, raw.shape[0], len(moe["idx"]) if moe else 0)
     cfg = _TUNED.get(key)
     if cfg is None:
-        cfg = GEMV_CONFIGS[0]
+        configs = GEMV_CONFIGS
+        cfg = configs[0]
         if os.environ.get("OUZEL_TRITON_TUNE", "1") != "0":
             from triton.testing import do_bench  # noqa: PLC0415
             best = None
-            for c in GEMV_CONFIGS:
-                t = do_bench(lambda c=c: g.qgemv(x2, w.raw, w.bt.name, w.shape, **c), warmup=2, rep=10,
+            for c in configs:
+                t = do_bench(lambda c=c: g.qgemv(x2, raw, bt_name, shape, **c, **moe), warmup=2, rep=10,
                              return_mode="median")
                 if best is None or t < best:
                     best, cfg = t, c
         _TUNED[key] = cfg
     return cfg
+
+
+def qgemv_experts(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, idx: torch.Tensor,
+                  x_div: int) -> torch.Tensor | None:
+    """MoE decode: out [G, n] row g = x[g // x_div] @ W[idx[g]].T for E experts' GGUF blocks
+    `raw` [E * n, row_bytes]; None where no kernel applies."""
+    g = _gguf()
+    if g is None or not g.supports(bt_name) or x.dtype not in _DTYPES or shape[1] % g.STEP:
+        return None
+    x = x.contiguous()
+    moe = dict(idx=idx, x_div=x_div)
+    return g.qgemv(x, raw, bt_name, shape, **_gemv_config(g, x, raw, bt_name, shape, **moe), **moe)
 
 
 def qlinear(x: torch.Tensor, w) -> torch.Tensor | None:
@@ -65,9 +88,27 @@ def qlinear(x: torch.Tensor, w) -> torch.Tensor | None:
     if m == 0:
         return None
     if m <= g.MAX_GEMV_M:
-        out = g.qgemv(x2, w.raw, w.bt.name, w.shape, **_gemv_config(g, x2, w))
+        out = g.qgemv(x2, w.raw, w.bt.name, w.shape, **_gemv_config(g, x2, w.raw, w.bt.name, w.shape))
     else:
-        cd = torch.bfloat16 if os.environ.get("OUZEL_CUDA_PREFILL_DTYPE") == "bf16" else x.dtype
+        cd = x.dtype if os.environ.get("OUZEL_CUDA_PREFILL_DTYPE", "bf16") in ("f32", "fp32") else torch.bfloat16
         wd = g.qdequant(w.raw, w.bt.name, w.shape, cd)
         out = torch.matmul(x2.to(cd), wd.t()).to(x.dtype)
     return out.reshape(*x.shape[:-1], n)
+
+
+_ATTN: list = []
+
+
+def decode_attention(q, k_cache, v_cache, lengths, window, scale):
+    """The Triton flash-decoding kernel (`kernels/triton/attention.py`), or None where it can't run."""
+    if not _ATTN:
+        mod = None
+        if _gguf() is not None:
+            try:
+                from .triton import attention as mod  # noqa: PLC0415
+            except ImportError:
+                mod = None
+        _ATTN.append(mod)
+    if _ATTN[0] is None or k_cache.stride(-1) != 1:
+        return None
+    return _ATTN[0].decode_attention(q, k_cache, v_cache, lengths, scale, window=window)

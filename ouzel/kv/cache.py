@@ -7,9 +7,24 @@ serving a batch of sequences implements the same two calls (`attention`, `commit
 """
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 import torch
+
+KV_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def default_kv_dtype(device: torch.device | str) -> torch.dtype:
+    """float32 on the CPU; float16 on GPUs (what llama.cpp stores: half the bytes read per decoded
+    token at depth). OUZEL_KV_DTYPE=f32|f16|bf16 overrides."""
+    name = os.environ.get("OUZEL_KV_DTYPE")
+    if name:
+        if name not in KV_DTYPES:
+            from ..errors import OuzelError
+            raise OuzelError(f"OUZEL_KV_DTYPE={name!r}: expected one of {', '.join(KV_DTYPES)}")
+        return KV_DTYPES[name]
+    return torch.float32 if torch.device(device).type == "cpu" else torch.float16
 
 
 class KVState(Protocol):
@@ -24,39 +39,62 @@ class KVState(Protocol):
 
 
 class DenseKV:
-    """One sequence; contiguous K/V per layer: [capacity, kv_heads, head_dim], doubled when full."""
+    """One sequence; contiguous K/V per layer: [capacity, kv_heads, head_dim], doubled when full.
+
+    A single-token step writes its k/v at `positions` and attends with the visible length read
+    from `positions` on the device, so the step has no host-side shape that depends on the length:
+    it can be captured once in a CUDA graph and replayed while the buffers stay the same
+    (`generation` counts reallocations)."""
 
     def __init__(self, n_layers: int, max_tokens: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
-        self.max_tokens, self.device, self.dtype = max_tokens, torch.device(device), dtype
+                 dtype: torch.dtype | None = None):
+        self.max_tokens, self.device = max_tokens, torch.device(device)
+        self.dtype = dtype or default_kv_dtype(self.device)
         self.length = 0
+        self.generation = 0
         self._k: list[torch.Tensor | None] = [None] * n_layers
         self._v: list[torch.Tensor | None] = [None] * n_layers
 
-    def _reserve(self, layer: int, k: torch.Tensor, v: torch.Tensor, end: int) -> None:
+    def _reserve(self, layer: int, k_shape, v_shape, end: int) -> None:
         cur = self._k[layer]
         if cur is not None and cur.shape[0] >= end:
             return
         size = min(self.max_tokens, max(end, 256, 2 * (0 if cur is None else cur.shape[0])))
-        nk = torch.empty((size, *k.shape[1:]), dtype=self.dtype, device=self.device)
-        nv = torch.empty((size, *v.shape[1:]), dtype=self.dtype, device=self.device)
+        nk = torch.empty((size, *k_shape), dtype=self.dtype, device=self.device)
+        nv = torch.empty((size, *v_shape), dtype=self.dtype, device=self.device)
         if cur is not None:
             nk[: self.length] = cur[: self.length]
             nv[: self.length] = self._v[layer][: self.length]
         self._k[layer], self._v[layer] = nk, nv
+        self.generation += 1
+
+    def reserve(self, end: int) -> None:
+        """Make every layer seen so far hold `end` tokens (before replaying a captured step)."""
+        for i, k in enumerate(self._k):
+            if k is not None:
+                self._reserve(i, k.shape[1:], self._v[i].shape[1:], end)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [T, H, D] at positions length..length+T-1; return all [length+T, H, D]."""
         end = self.length + k.shape[0]
         if end > self.max_tokens:
             raise ValueError(f"KV cache holds {self.max_tokens} tokens; {end} needed")
-        self._reserve(layer, k, v, end)
+        self._reserve(layer, k.shape[1:], v.shape[1:], end)
         self._k[layer][self.length:end] = k
         self._v[layer][self.length:end] = v
         return self._k[layer][:end], self._v[layer][:end]
 
     def attention(self, layer, q, k, v, positions, window, scale):
-        from ..layers.attention import attend
+        from ..layers.attention import attend, decode_attention
+        if q.shape[0] == 1 and k.shape[0] == 1 and self.device.type == "cuda":
+            end = self.length + 1
+            if end > self.max_tokens:
+                raise ValueError(f"KV cache holds {self.max_tokens} tokens; {end} needed")
+            self._reserve(layer, k.shape[1:], v.shape[1:], end)
+            kc, vc = self._k[layer], self._v[layer]
+            kc.index_copy_(0, positions, k.to(self.dtype))
+            vc.index_copy_(0, positions, v.to(self.dtype))
+            return decode_attention(q, kc, vc, positions + 1, window, scale)
         k_all, v_all = self.update(layer, k, v)
         return attend(q, k_all, v_all, positions, window, scale)
 

@@ -13,8 +13,9 @@ tokens is exact (a chat turn usually re-sends all but the last few tokens). Furt
 compressed row or a slid-out raw row can't be taken back: trim resets to 0 and the caller
 re-prefills (trim returns the length kept).
 
-Attention modules call `window`, `frontier` and `append_rows`; the engine calls `commit(n)`
-after each forward.
+Attention modules call `split`, then per sequence `window`, `frontier` and `append_rows`; the
+engine calls `commit(n)` after each forward. `MultiState` runs several sequences' new tokens
+through one forward: everything but attention is per row, so only attention loops over the states.
 """
 from __future__ import annotations
 
@@ -51,6 +52,10 @@ class CompressedKV:
         self.rewind = rewind
         self.length = 0
         self._layers = [_Layer() for _ in range(n_layers)]
+
+    def split(self, n_rows: int) -> list[tuple["CompressedKV", slice]]:
+        """(state, rows of the forward) per sequence: here all rows are this state's."""
+        return [(self, slice(0, n_rows))]
 
     # ---- sliding window
 
@@ -186,6 +191,27 @@ class CompressedKV:
             ts += [t for s in st.series.values() for t in s.tensors()]
             total += sum(t.numel() * t.element_size() for t in ts)
         return total
+
+
+class MultiState:
+    """Several sequences in one forward: segments [(state, n_rows)] own consecutive rows of the
+    batch, in order; each segment's positions are its own sequence's."""
+
+    def __init__(self, segments: list[tuple[CompressedKV, int]]):
+        self.segments = segments
+
+    def split(self, n_rows: int) -> list[tuple[CompressedKV, slice]]:
+        if n_rows != sum(n for _, n in self.segments):
+            raise ValueError(f"{n_rows} rows for segments of {[n for _, n in self.segments]}")
+        out, start = [], 0
+        for state, n in self.segments:
+            out.append((state, slice(start, start + n)))
+            start += n
+        return out
+
+    def commit(self, n: int) -> None:
+        for state, rows in self.split(n):
+            state.commit(rows.stop - rows.start)
 
 
 def state_bytes(n_tokens: int, layer_types: list[str], rates: dict[str, int], head_dim: int, index_head_dim: int,

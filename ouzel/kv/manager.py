@@ -1,8 +1,10 @@
-"""The block manager: the pool, the prefix index and the disk tier behind four calls.
+"""The block manager: the pool, the prefix index and the disk tier behind a few calls.
 
 `match` gives a new sequence every block of its prompt that is already known (resident first,
 then from disk), `grow` adds blocks as a sequence lengthens, `filled` names blocks as they fill,
-`release` hands a finished sequence's blocks back (and writes their content to disk).
+`release` hands a finished sequence's blocks back (and writes their content to disk); `persist`
+writes them without releasing (the scheduler calls it once a prompt is prefilled, so a crash
+mid-reply keeps the prompt's blocks).
 Models whose state is not paged (DeepSeek V4) use `restore` / `snapshot` instead: whole-state
 snapshots at block boundaries, named by the same chain keys (`ouzel.kv.snapshots`).
 """

@@ -10,8 +10,10 @@ Compressed rows are append-only, so a snapshot taken on top of an earlier one of
 sequence (its `base`) stores only the rows emitted since; the sliding window's raw rows and the
 compressor frontier are small and rewritten, so they are stored whole. Restoring walks the base
 chain and concatenates the rows. A snapshot therefore costs (rows since its base) + (window and
-frontier, constant in length), not the whole state. The scheduler snapshots every `every` blocks
-and at the last block boundary of a finished sequence (where a continued conversation resumes).
+frontier, constant in length), not the whole state. Chains are capped: every `full_every`-th
+snapshot of a chain is stored whole (no base), so a restore reads at most `full_every` records.
+The scheduler snapshots every `every` blocks and at the last block boundary of a finished sequence
+(where a continued conversation resumes).
 
 Resident snapshots are bounded by a byte budget, least recently used first out (a snapshot and
 its bases are touched child first, so a base outlives its children); a chain with a missing link
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 SNAP_MAGIC = b"OUZKVSNP"
 SNAP_VERSION = 1
 SNAP_SUFFIX = ".kvs"
+FULL_EVERY = 16  # a chain's every 16th snapshot is a full record: restores read at most 16 records
 # magic, version, header size, fingerprint, key, parent key, n_tokens (prefix length), block tokens,
 # meta bytes, tensor count, payload bytes, checksum, base key, base n_tokens, reserved
 _HEADER = struct.Struct("<8sII16s16s16sIIIIQ16s16sI4s")
@@ -53,6 +56,7 @@ class Snapshot:
     meta: dict[str, str]
     base: bytes | None = None  # key of the snapshot of an earlier boundary of the same prefix
     base_tokens: int = 0
+    depth: int = 1  # records a restore reads for it: itself and its bases
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state.values())
@@ -62,12 +66,13 @@ class SnapshotStore:
     """key -> Snapshot, resident (LRU, byte budget) and optionally on disk."""
 
     def __init__(self, budget_bytes: int, fingerprint: bytes, block_size: int, every: int = 64,
-                 disk: "SnapshotDisk | None" = None):
+                 disk: "SnapshotDisk | None" = None, full_every: int = FULL_EVERY):
         self.budget, self.root, self.block_size, self.every = int(budget_bytes), fingerprint, block_size, every
-        self.disk = disk
+        self.disk, self.full_every = disk, full_every
         self.mem: collections.OrderedDict[bytes, Snapshot] = collections.OrderedDict()
         self.used = 0
         self.hit_tokens = self.disk_hit_tokens = self.taken = 0
+        self.records_read = 0  # snapshot records (resident or on disk) that restores looked at
 
     def __contains__(self, key: bytes) -> bool:
         return key in self.mem or (self.disk is not None and key in self.disk)
@@ -83,14 +88,18 @@ class SnapshotStore:
                 self.mem.move_to_end(key)
             return True
         meta, full = state.meta(), state.state()
-        if base is not None and base[0] not in self:
-            base = None
+        # a base must be resident (its depth is known) and its chain shorter than the cap;
+        # otherwise this record is stored whole and starts a new chain
+        below = self.mem.get(base[0]) if base is not None else None
+        if below is None or below.depth >= self.full_every:
+            base, below = None, None
         out = {}
         for name, t in full.items():
             if base is not None and name.endswith(".rows"):
                 t = t[base[1] // _ratio(meta, name):]
             out[name] = t.clone()
-        snap = Snapshot(parent, list(tokens), state.length, out, meta, *(base or (None, 0)))
+        snap = Snapshot(parent, list(tokens), state.length, out, meta, *(base or (None, 0)),
+                        depth=below.depth + 1 if below else 1)
         size = snap.nbytes()
         if size > self.budget:
             return False
@@ -136,7 +145,8 @@ class SnapshotStore:
                 seen[i] = None
                 state.trim(-1)  # back to empty before trying a shorter prefix
                 continue
-            for snap, key in zip(chain, self._chain_keys(i, keys, chain)):
+            for d, (snap, key) in enumerate(zip(chain, self._chain_keys(i, keys, chain))):
+                snap.depth = len(chain) - d
                 if key not in self.mem:  # read from disk: keep it resident, the conversation goes on
                     self.mem[key] = snap
                     self.used += snap.nbytes()
@@ -157,10 +167,12 @@ class SnapshotStore:
                 snap = self.disk.read(key, keys[i - 1] if i else self.root, (i + 1) * bs,
                                       tokens[i * bs:(i + 1) * bs], bs)
             seen[i] = snap
+            self.records_read += snap is not None
         return seen[i]
 
     def _chain(self, i: int, keys: list[bytes], tokens: list[int], seen: dict) -> list[Snapshot] | None:
-        """The snapshot at boundary i and its bases, newest first; None if a link is missing."""
+        """The snapshot at boundary i and its bases, newest first; None if a link is missing or
+        the chain is longer than the cap (not written by this policy: not read further)."""
         chain = []
         while True:
             snap = self._get(i, keys, tokens, seen)
@@ -169,6 +181,8 @@ class SnapshotStore:
             chain.append(snap)
             if snap.base is None:
                 return chain
+            if len(chain) >= self.full_every:
+                return None
             j = snap.base_tokens // self.block_size - 1
             if not (0 <= j < i and snap.base_tokens % self.block_size == 0 and keys[j] == snap.base):
                 self._drop(keys[i], f"base {snap.base.hex()} at {snap.base_tokens} tokens is not an earlier "

@@ -42,12 +42,15 @@ class Compressor(nn.Module):
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"position_bias": (self.ratio, (2 if self.overlap else 1) * self.dim)}
 
-    def compress(self, x: torch.Tensor, kv, layer: int) -> torch.Tensor:
-        """x [T, hidden] -> every compressed row so far [n, dim]."""
-        chunk_kv, chunk_gate, first, prior = kv.frontier(layer, self.series, self.kv_proj(x), self.gate_proj(x),
-                                                         self.ratio, self.overlap)
+    def project(self, x: torch.Tensor, q_residual: torch.Tensor, positions: torch.Tensor) -> tuple:
+        """The per-row projections [T, ...] the per-sequence part reads (batched over sequences)."""
+        return self.kv_proj(x), self.gate_proj(x)
+
+    def compress(self, kv_x: torch.Tensor, gate_x: torch.Tensor, kv, layer: int) -> torch.Tensor:
+        """One sequence's projections kv_x, gate_x [T, c*dim] -> every compressed row so far [n, dim]."""
+        chunk_kv, chunk_gate, first, prior = kv.frontier(layer, self.series, kv_x, gate_x, self.ratio, self.overlap)
         n, r, d = chunk_kv.shape[0] // self.ratio, self.ratio, self.dim
-        new = x.new_zeros((0, d))
+        new = kv_x.new_zeros((0, d))
         if n:
             bias = dense(self.position_bias)
             # compute in float32 whatever the state stores
@@ -55,7 +58,7 @@ class Compressor(nn.Module):
             if self.overlap:
                 ckv, cgate = self._overlap(ckv, cgate, prior, bias)
             pooled = (ckv * cgate.softmax(dim=1, dtype=torch.float32).to(ckv.dtype)).sum(dim=1)
-            positions = torch.arange(n, device=x.device) * r + first
+            positions = torch.arange(n, device=kv_x.device) * r + first
             new = self.rope(self.kv_norm(pooled), positions)
         return kv.append_rows(layer, self.series, new, d)
 
@@ -91,19 +94,24 @@ class Indexer(Compressor):
         self.q_b_proj = Linear(q_rank, heads * dim)
         self.scorer = _Scorer(hidden, heads)
 
-    def select(self, x, q_residual, positions, kv, layer) -> torch.Tensor:
-        """Indices [T, min(top_k, n)] of the compressed rows each query reads; -1 = none."""
-        rows = self.compress(x, kv, layer)  # [n, dim]
+    def project(self, x, q_residual, positions) -> tuple:
+        """+ the queries [T, heads, dim] and their head weights [T, heads]."""
         q = self.rope(self.q_b_proj(q_residual).view(x.shape[0], self.heads, self.dim), positions)
-        scores = F.relu(torch.einsum("thd,nd->thn", q.float(), rows.float())) * self.dim ** -0.5
         w = self.scorer.weights_proj(x).float() * self.heads ** -0.5
+        return *super().project(x, q_residual, positions), q, w
+
+    def select(self, proj, positions, kv, layer) -> torch.Tensor:
+        """One sequence: indices [T, min(top_k, n)] of the compressed rows each query reads; -1 = none."""
+        kv_x, gate_x, q, w = proj
+        rows = self.compress(kv_x, gate_x, kv, layer)  # [n, dim]
+        scores = F.relu(torch.einsum("thd,nd->thn", q.float(), rows.float())) * self.dim ** -0.5
         index = (scores * w[..., None]).sum(dim=1)  # [T, n]
         n = rows.shape[0]
         k = min(self.top_k, n)
         if n == 0:
-            return index.new_zeros((x.shape[0], 0), dtype=torch.long)
+            return index.new_zeros((q.shape[0], 0), dtype=torch.long)
         ready = ((positions + 1) // self.ratio)[:, None]  # rows a query may read: index < ready
-        index = index.masked_fill(torch.arange(n, device=x.device)[None, :] >= ready, float("-inf"))
+        index = index.masked_fill(torch.arange(n, device=q.device)[None, :] >= ready, float("-inf"))
         top = index.topk(k, dim=-1).indices
         return torch.where(top >= ready, torch.full_like(top, -1), top)
 
@@ -114,20 +122,24 @@ class CSACompressor(Compressor):
         self.indexer = Indexer(cfg.hidden_size, cfg.q_lora_rank, cfg.index_n_heads, cfg.index_head_dim, ratio,
                                cfg.index_topk, cfg.rms_norm_eps, rope)
 
-    def picks(self, x, q_residual, positions, kv, layer):
-        """(compressed rows [n, dim], indices [T, k] of the rows each query reads, -1 = none)."""
-        rows = self.compress(x, kv, layer)
-        return rows, self.indexer.select(x, q_residual, positions, kv, layer)
+    def project(self, x, q_residual, positions) -> tuple:
+        return *super().project(x, q_residual, positions), *self.indexer.project(x, q_residual, positions)
+
+    def picks(self, proj, positions, kv, layer):
+        """One sequence: (compressed rows [n, dim], indices [T, k] of the rows each query reads, -1 = none)."""
+        rows = self.compress(proj[0], proj[1], kv, layer)
+        return rows, self.indexer.select(proj[2:], positions, kv, layer)
 
 
 class HCACompressor(Compressor):
     def __init__(self, cfg, rope: InterleavedRope, ratio: int):
         super().__init__(cfg.hidden_size, cfg.head_dim, ratio, False, cfg.rms_norm_eps, rope)
 
-    def visible(self, x, q_residual, positions, kv, layer):
-        rows = self.compress(x, kv, layer)
+    def visible(self, proj, positions, kv, layer):
+        """One sequence: (compressed rows [n, dim], mask [T, n] of the complete ones each query sees)."""
+        rows = self.compress(*proj, kv, layer)
         ready = ((positions + 1) // self.ratio)[:, None]
-        return rows, torch.arange(rows.shape[0], device=x.device)[None, :] < ready
+        return rows, torch.arange(rows.shape[0], device=rows.device)[None, :] < ready
 
 
 class GroupedLinear(nn.Module):
@@ -184,18 +196,26 @@ class V4Attention(nn.Module):
         q = unit_rms(self.q_b_proj(q_res).view(T, self.heads, self.head_dim), self.eps)
         q = self.rope.rotate(q, cos, sin)
         rows = self.rope.rotate(self.kv_norm(self.kv_proj(x)), cos, sin)
+        proj = () if self.compressor is None else self.compressor.project(x, q_res, positions)
+        # kv may hold several sequences (MultiState): all else is per row, attention per sequence
+        outs = [self._sequence(q[s], rows[s], positions[s], [p[s] for p in proj], state)
+                for state, s in kv.split(T)]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        out = self.rope.rotate(out, cos, -sin)
+        return self.o_b_proj(self.o_a_proj(out.reshape(T, self.o_groups, -1)))
+
+    def _sequence(self, q, rows, positions, proj, kv) -> torch.Tensor:
+        """One sequence's attention over its window and compressed rows: q [T, H, D] -> [T, H, D]."""
         keys, key_pos = kv.window(self.layer, rows, positions, self.window)
         mask = (key_pos[None, :] <= positions[:, None]) & (key_pos[None, :] > positions[:, None] - self.window)
         picked = None
         if isinstance(self.compressor, HCACompressor):  # dense over every complete compressed row
-            crows, cmask = self.compressor.visible(x, q_res, positions, kv, self.layer)
+            crows, cmask = self.compressor.visible(proj, positions, kv, self.layer)
             keys, mask = torch.cat([keys, crows.to(keys.dtype)]), torch.cat([mask, cmask], dim=1)
         elif self.compressor is not None:  # only the indexer's picks: gather them per query
-            crows, top = self.compressor.picks(x, q_res, positions, kv, self.layer)
+            crows, top = self.compressor.picks(proj, positions, kv, self.layer)
             picked = (crows.to(q.dtype), top)
-        out = self._attend(q, keys.to(q.dtype), mask, picked)
-        out = self.rope.rotate(out, cos, -sin)
-        return self.o_b_proj(self.o_a_proj(out.reshape(T, self.o_groups, -1)))
+        return self._attend(q, keys.to(q.dtype), mask, picked)
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, picked=None) -> torch.Tensor:
         """q [T, H, D], keys (= values) [S, D], mask [T, S] -> [T, H, D]; with picked = (rows [n, D],

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..kernels import ops
-from ..quant.tensor import Weight
+from ..quant.tensor import QTensor, Weight
 
 
 class Linear(nn.Module):
@@ -40,3 +40,45 @@ class Embedding(nn.Module):
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"weight": (self.num_embeddings, self.dim)}
+
+
+class LinearGroup:
+    """Linears that read the same input (q/k/v, gate/up). After `fuse()` the ones whose weights
+    are GGUF blocks of one type run as one matmul over their row-concatenated blocks (one kernel
+    launch instead of three in a decode step); each Linear's weight becomes a view of its rows, so
+    nothing is stored twice. Unfused, it calls each Linear in turn (the reference)."""
+
+    def __init__(self, linears: list[Linear]):
+        self.linears = linears
+        self.groups: list[tuple[list[int], QTensor]] | None = None
+
+    def fuse(self) -> None:
+        by_type: dict[str, list[int]] = {}
+        for i, lin in enumerate(self.linears):
+            w = lin.weight
+            if isinstance(w, QTensor) and w.raw.is_cuda and w.raw.is_contiguous():
+                by_type.setdefault(w.bt.name, []).append(i)
+        groups = []
+        for members in by_type.values():
+            if len(members) < 2:
+                continue
+            ws = [self.linears[i].weight for i in members]
+            raw = torch.cat([w.raw for w in ws])
+            fused = QTensor(raw, ws[0].bt, (sum(w.shape[0] for w in ws), ws[0].shape[1]))
+            row = 0
+            for i, w in zip(members, ws):
+                self.linears[i].weight = QTensor(raw[row:row + w.shape[0]], w.bt, w.shape)
+                row += w.shape[0]
+            groups.append((members, fused))
+        self.groups = groups or None
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.groups is None:
+            return [lin(x) for lin in self.linears]
+        out: list[torch.Tensor | None] = [None] * len(self.linears)
+        for members, w in self.groups:
+            ys = ops.linear(x, w).split([self.linears[i].out_features for i in members], dim=-1)
+            for i, y in zip(members, ys):
+                b = self.linears[i].bias
+                out[i] = y if b is None else y + b
+        return [o if o is not None else lin(x) for o, lin in zip(out, self.linears)]

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import Linear
+from .linear import Linear, LinearGroup
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -21,6 +21,11 @@ class GatedMLP(nn.Module):
         self.up_proj = Linear(hidden, intermediate)
         self.down_proj = Linear(intermediate, hidden)
         self.act = ACTIVATIONS[act]
+        self.gate_up = LinearGroup([self.gate_proj, self.up_proj])
+
+    def fuse_weights(self) -> None:
+        self.gate_up.fuse()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x)
+        return self.down_proj(self.act(gate) * up)

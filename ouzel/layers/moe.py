@@ -17,6 +17,8 @@ from ..quant.tensor import QTensor, Weight
 from .hyper_connections import dense
 from .linear import Linear
 
+FUSED_MAX_PAIRS = 64  # (token, expert) pairs up to which the fused kernels run (decode steps)
+
 SCORING = {
     "sqrtsoftplus": lambda x: F.softplus(x).sqrt(),
     "sigmoid": torch.sigmoid,
@@ -28,10 +30,14 @@ SCORING = {
 class ExpertStack:
     """E experts' matrices of one kind, logically [E, out, in]. Each expert's matrix is a list of
     row blocks concatenated along `out` (a fused gate_up may be stored as separate gate and up),
-    each block a Weight (dense tensor, QTensor, or anything with `dequantize()` and a shape)."""
+    each block a Weight (dense tensor, QTensor, or anything with `dequantize()` and a shape).
+
+    `stacked` (GGUF files): per block kind, one QTensor [E * rows, in] whose row slices are the
+    experts' blocks; it moves to a device in one piece and feeds the fused MoE kernels."""
 
     parts: list[list[Weight]]
     shape: tuple[int, int, int]
+    stacked: list[QTensor] | None = None
 
     def linear(self, x: torch.Tensor, e: int) -> torch.Tensor:
         blocks = self.parts[e]
@@ -40,6 +46,8 @@ class ExpertStack:
         return torch.cat([ops.linear(x, b) for b in blocks], dim=-1)
 
     def to(self, device) -> "ExpertStack":
+        if self.stacked is not None:
+            return ExpertStack.from_stacked([w.to(device) for w in self.stacked], self.shape)
         return ExpertStack([[b.to(device) for b in p] for p in self.parts], self.shape)
 
     @property
@@ -50,6 +58,13 @@ class ExpertStack:
     @classmethod
     def from_dense(cls, w: torch.Tensor) -> "ExpertStack":
         return cls([[w[e]] for e in range(w.shape[0])], tuple(w.shape))
+
+    @classmethod
+    def from_stacked(cls, pieces: list[QTensor], shape) -> "ExpertStack":
+        E = shape[0]
+        parts = [[QTensor(w.raw[e * (w.shape[0] // E):(e + 1) * (w.shape[0] // E)], w.bt,
+                          (w.shape[0] // E, w.shape[1])) for w in pieces] for e in range(E)]
+        return cls(parts, tuple(shape), pieces)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None) -> torch.Tensor:
@@ -119,6 +134,10 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         # x [T, D]; weights, idx [T, K]
         gu, down = self._stack(self.gate_up_proj), self._stack(self.down_proj)
+        if x.is_cuda and idx.numel() <= FUSED_MAX_PAIRS:
+            out = self._fused(x, weights, idx, gu, down)
+            if out is not None:
+                return out
         out = torch.zeros_like(x)
         for e in torch.unique(idx).tolist():  # only the active experts
             tok, slot = torch.where(idx == e)
@@ -126,6 +145,33 @@ class RoutedExperts(nn.Module):
             y = down.linear(swiglu(h[:, : self.intermediate], h[:, self.intermediate:], self.limit), e)
             out.index_add_(0, tok, (y * weights[tok, slot, None]).to(out.dtype))
         return out
+
+    def fusable(self) -> bool:
+        """Whether `_fused` runs for decode steps here (stacked GGUF blocks of kernel types on CUDA)."""
+        from ..kernels.cuda import supports  # noqa: PLC0415
+        stacks = [w for w in (self.gate_up_proj, self.down_proj) if isinstance(w, ExpertStack)]
+        return len(stacks) == 2 and all(
+            s.stacked is not None and all(w.raw.is_cuda and supports(w.bt.name) for w in s.stacked) for s in stacks)
+
+    def _fused(self, x, weights, idx, gu: ExpertStack, down: ExpertStack) -> torch.Tensor | None:
+        """Every (token, expert) pair in one kernel per matrix, expert ids read on the device: no
+        per-expert loop, no host sync (a decode step can be captured in a CUDA graph). None where
+        the weights are not stacked GGUF blocks with a kernel."""
+        if gu.stacked is None or down.stacked is None:
+            return None
+        from ..kernels.cuda import qgemv_experts  # noqa: PLC0415
+        T, K = idx.shape
+        E, D, I = self.n_experts, self.hidden, self.intermediate
+        flat = idx.reshape(-1)
+        hs = [qgemv_experts(x, w.raw, w.bt.name, (w.shape[0] // E, D), flat, K) for w in gu.stacked]
+        if any(h is None for h in hs):
+            return None
+        h = hs[0] if len(hs) == 1 else torch.cat(hs, dim=-1)  # [T * K, 2I]
+        w = down.stacked[0]
+        y = qgemv_experts(swiglu(h[:, :I], h[:, I:], self.limit), w.raw, w.bt.name, (D, I), flat, 1)
+        if y is None:
+            return None
+        return (y.view(T, K, D) * weights[..., None]).sum(1).to(x.dtype)
 
     @staticmethod
     def _stack(w) -> ExpertStack:

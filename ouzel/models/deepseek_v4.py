@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import OuzelError
-from ..kv.compressed import CompressedKV
+from ..kv.compressed import CompressedKV, MultiState
 from ..layers.compressed_attention import V4Attention
 from ..layers.hyper_connections import HyperConnection, HyperHead
 from ..layers.interleaved_rope import InterleavedRope
@@ -117,7 +117,8 @@ class DeepseekV4Model(nn.Module):
 
 class DeepseekV4ForCausalLM(nn.Module):
     """forward(ids [T], positions [T], kv) -> hidden [T, D]; logits(hidden) -> [T, V];
-    kv comes from new_kv() (compressed per-layer state, not a dense K/V cache)."""
+    kv comes from new_kv() (compressed per-layer state, not a dense K/V cache), or batch_kv() joins
+    several sequences' states for one forward (their rows in order; only attention is per sequence)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -128,6 +129,10 @@ class DeepseekV4ForCausalLM(nn.Module):
     def new_kv(self, max_tokens: int, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32) -> CompressedKV:
         return CompressedKV(len(self.model.layers), max_tokens, device, dtype)
+
+    def batch_kv(self, segments: list[tuple[CompressedKV, int]]) -> MultiState:
+        """One forward's view of several sequences' states, each with its number of new rows."""
+        return MultiState(segments)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)

@@ -64,6 +64,7 @@ class LlamaForCausalLM(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)
 
+    graph_safe = True  # no host reads in forward: a decode step can be captured in a CUDA graph
     prunes_outputs = True  # forward(..., last_only=True) computes the last layer's output for one row
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, kv, last_only: bool = False) -> torch.Tensor:

@@ -89,6 +89,12 @@ class Qwen3MoeForCausalLM(LlamaForCausalLM):
         self.model = LlamaModel(cfg, Qwen3MoeDecoderLayer)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
 
+    @property
+    def graph_safe(self) -> bool:
+        """Decode steps are capturable when every MoE layer runs the fused kernels (no host loop)."""
+        return all(layer.mlp.experts.fusable() for layer in self.model.layers
+                   if isinstance(layer.mlp, Qwen3SparseMoe))
+
     def weight_source(self, source):
         """Checkpoints store experts per expert (HF) or stacked per kind (GGUF); the model asks
         for transformers' fused [E, 2I, D] / [E, D, I] names, the adapter answers."""

@@ -67,6 +67,7 @@ def create_app(engine: ServeEngine) -> FastAPI:
     from . import anthropic, openai, responses
     app.include_router(openai.router)
     app.include_router(responses.router)
+    app.state.responses = responses.ResponseStore()
     app.include_router(anthropic.router)
     return app
 

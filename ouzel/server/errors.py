@@ -5,9 +5,10 @@ from typing import Any
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
 
 
 _TYPES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array",
@@ -32,7 +33,7 @@ def field(body: dict, name: str, types: type | tuple, default: Any = None, *, re
 
 
 def openai_error(e: ApiError) -> dict:
-    return {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": None}}
+    return {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}}
 
 
 def anthropic_error(e: ApiError) -> dict:

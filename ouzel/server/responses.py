@@ -1,6 +1,9 @@
-"""OpenAI Responses API (POST /v1/responses), stateless: `previous_response_id` is not kept."""
+"""OpenAI Responses API (POST /v1/responses). Finished responses are kept in memory (bounded) for
+`previous_response_id`: a request naming one continues that conversation."""
 from __future__ import annotations
 
+import collections
+import functools
 import json
 import secrets
 import time
@@ -15,23 +18,59 @@ from .prompt import text_of
 router = APIRouter()
 
 
-def _messages(body: dict) -> list[dict]:
-    """Responses input items -> chat messages (function calls become assistant tool_calls)."""
-    msgs = []
-    instructions = field(body, "instructions", str)
-    if instructions:
-        msgs.append({"role": "system", "content": instructions})
+class ResponseStore:
+    """Response id -> its conversation (input items, previous turns included, then output items).
+
+    Least recently used dropped past `limit`; in memory only, so a restart forgets them. Used
+    from the event loop only: no lock."""
+
+    def __init__(self, limit: int = 256):
+        self._items: collections.OrderedDict[str, list[dict]] = collections.OrderedDict()
+        self.limit = limit
+
+    def put(self, response_id: str, items: list[dict], output: list[dict]) -> None:
+        self._items[response_id] = items + output
+        while len(self._items) > self.limit:
+            self._items.popitem(last=False)
+
+    def get(self, response_id: str) -> list[dict] | None:
+        items = self._items.get(response_id)
+        if items is not None:
+            self._items.move_to_end(response_id)
+        return items
+
+
+def _input_items(body: dict, store: ResponseStore) -> tuple[list[dict], int]:
+    """The conversation's items: the previous response's (if named), then this request's `input`;
+    and how many came from the previous response."""
     items = body.get("input")
     if isinstance(items, str):
-        return msgs + [{"role": "user", "content": items}]
+        items = [{"type": "message", "role": "user", "content": items}]
     if not isinstance(items, list) or not items:
         raise ApiError(400, "'input' must be a string or a non-empty array of items", param="input")
+    previous_id = field(body, "previous_response_id", str)
+    if not previous_id:
+        return items, 0
+    previous = store.get(previous_id)
+    if previous is None:
+        raise ApiError(404, f"Previous response with id '{previous_id}' not found.", param="previous_response_id",
+                       code="previous_response_not_found")
+    return previous + items, len(previous)
+
+
+def _messages(instructions: str | None, items: list[dict], skip: int) -> list[dict]:
+    """Responses input items -> chat messages (function calls become assistant tool_calls). The
+    first `skip` items were checked when their response was made; errors name this request's items."""
+    msgs = []
+    if instructions:
+        msgs.append({"role": "system", "content": instructions})
     for i, it in enumerate(items):
+        where = f"input[{i - skip}]"
         if not isinstance(it, dict):
-            raise ApiError(400, f"input[{i}] must be an object", param="input")
+            raise ApiError(400, f"{where} must be an object", param="input")
         kind = it.get("type", "message")
         if kind == "message":
-            msgs.append({"role": it.get("role", "user"), "content": text_of(it.get("content"), f"input[{i}]")})
+            msgs.append({"role": it.get("role", "user"), "content": text_of(it.get("content"), where)})
         elif kind == "function_call":
             call = {"id": it.get("call_id"), "type": "function",
                     "function": {"name": it.get("name"), "arguments": it.get("arguments", "{}")}}
@@ -44,7 +83,7 @@ def _messages(body: dict) -> list[dict]:
             msgs.append({"role": "tool", "tool_call_id": it.get("call_id"),
                          "content": out if isinstance(out, str) else json.dumps(out)})
         else:
-            raise ApiError(400, f"input[{i}]: unsupported item type {kind!r}", param="input")
+            raise ApiError(400, f"{where}: unsupported item type {kind!r}", param="input")
     return msgs
 
 
@@ -78,30 +117,33 @@ def _call_item(call, status="completed") -> dict:
 
 @router.post("/v1/responses")
 async def responses(request: Request):
-    engine = request.app.state.engine
+    engine, store = request.app.state.engine, request.app.state.responses
     body = await read_body(request)
     check_model(engine, body)
-    if body.get("previous_response_id"):
-        raise ApiError(400, "previous_response_id is not supported: this server keeps no responses; send the "
-                            "whole conversation in 'input' (its prefix is cached, so that is cheap)",
-                       param="previous_response_id")
+    items, skip = _input_items(body, store)
     tools = _tools(body)
     choice = body.get("tool_choice")
     if isinstance(choice, dict) and choice.get("type") == "function":
         choice = {"function": {"name": choice.get("name")}}
-    ids, forced, text = engine.chat.build(_messages(body), tools, choice)
+    msgs = _messages(field(body, "instructions", str), items, skip)
+    ids, forced, text = engine.chat.build(msgs, tools, choice)
     p = params.sampling(body, engine.ctx_left(ids), max_names=("max_output_tokens",))
     engine.validate(ids, p)
     use_tools = bool(tools) and choice != "none"
     kw = dict(tools=use_tools, forced=forced, text=text, is_disconnected=request.is_disconnected)
+    keep = field(body, "store", bool, True)
     head = {"id": "resp_" + secrets.token_hex(12), "object": "response", "created_at": int(time.time()),
             "model": engine.model_id, "tool_choice": choice or "auto", "tools": body.get("tools") or [],
-            "parallel_tool_calls": True, "temperature": p.temperature, "top_p": p.top_p}
+            "parallel_tool_calls": True, "temperature": p.temperature, "top_p": p.top_p,
+            "previous_response_id": body.get("previous_response_id"), "store": keep}
+    # a finished response is kept (unless store: false) for a later previous_response_id
+    save = functools.partial(store.put, head["id"], items) if keep else lambda output: None
     if field(body, "stream", bool, False):
         run = engine.stream(ids, p, **kw)
-        return sse(_events(run, head), run=run, named=True)
+        return sse(_events(run, head, save), run=run, named=True)
     r = await engine.collect(ids, p, **kw)
     output = ([_text_item(r["text"])] if r["text"] or not r["calls"] else []) + [_call_item(c) for c in r["calls"]]
+    save(output)
     return {**head, "status": _status(r["finish_reason"]), "output": output, "usage": _usage(r["usage"]),
             "incomplete_details": {"reason": "max_output_tokens"} if r["finish_reason"] == "length" else None}
 
@@ -110,7 +152,7 @@ def _status(reason: str) -> str:
     return "incomplete" if reason == "length" else "completed"
 
 
-async def _events(run, head: dict):
+async def _events(run, head: dict, save):
     seq = iter(range(1 << 30))
 
     def ev(kind: str, **kw) -> dict:
@@ -155,6 +197,7 @@ async def _events(run, head: dict):
                 output.append({**text_item, "status": "completed",
                                "content": [{"type": "output_text", "text": "".join(text), "annotations": []}]})
             status = _status(d.finish_reason)
+            save(output)
             yield ev(f"response.{status}", response={**head, "status": status, "output": output,
                                                      "usage": _usage(d.usage)})
 

@@ -94,22 +94,30 @@ def _decode(row_ptr, kb, TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr):
 
 
 @triton.jit
-def _qgemv_kernel(x_ptr, w_ptr, out_ptr, N, steps_per_split, row_bytes, stride_xm, stride_os, stride_om,
+def _qgemv_kernel(x_ptr, w_ptr, out_ptr, idx_ptr, N, steps_per_split, row_bytes, expert_bytes,
+                  stride_xm, stride_xg, x_div, stride_os, stride_og, stride_om,
                   M: tl.constexpr, MP: tl.constexpr, TYPE: tl.constexpr, S: tl.constexpr,
-                  L: tl.constexpr, BN: tl.constexpr, U: tl.constexpr):
+                  L: tl.constexpr, BN: tl.constexpr, U: tl.constexpr, HAS_IDX: tl.constexpr,
+                  STAGES: tl.constexpr = 1):
     """Program (i, j): rows i*BN.., K steps [j*steps_per_split, (j+1)*steps_per_split), U steps
     decoded per iteration (more loads in flight); writes out[j, m, row] (fp32 partials if split)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
+    g = tl.program_id(2)  # MoE: (token, expert) pair g uses x row g // x_div and expert idx[g]
     rows = pid * BN + tl.arange(0, BN)
     rows_c = tl.minimum(rows, N - 1)  # tail rows re-read the last row; their results are not stored
-    row_ptr = (w_ptr + rows_c.to(tl.int64) * row_bytes)[:, None, None]
+    wrow = rows_c.to(tl.int64) * row_bytes
+    if HAS_IDX:
+        wrow += tl.load(idx_ptr + g).to(tl.int64) * expert_bytes
+    row_ptr = (w_ptr + wrow)[:, None, None]
+    x_ptr += (g // x_div) * stride_xg
     xo = tl.arange(0, S)[:, None] * L + tl.arange(0, L)[None, :]  # [S, L]
     mi = tl.arange(0, MP)[:, None]  # [MP, 1]
     acc = tl.zeros([MP, BN], dtype=tl.float32)
     acc1 = tl.zeros([BN, S, L], dtype=tl.float32)  # M = 1: elementwise, reduced once at the end
     k_begin = split * steps_per_split
-    for kb0 in tl.range(k_begin, k_begin + steps_per_split, U):
+    for i in tl.range(0, steps_per_split, U, num_stages=STAGES):
+        kb0 = k_begin + i
         for u in tl.static_range(U):
             kb = kb0 + u
             qf, scale, offset = _decode(row_ptr, kb, TYPE, S, L)
@@ -125,7 +133,7 @@ def _qgemv_kernel(x_ptr, w_ptr, out_ptr, N, steps_per_split, row_bytes, stride_x
     if M == 1:
         acc = tl.sum(tl.sum(acc1, axis=2), axis=1)[None, :]
     mask = (mi < M) & (rows[None, :] < N)
-    ptrs = out_ptr + split * stride_os + mi * stride_om + rows[None, :]
+    ptrs = out_ptr + split * stride_os + g * stride_og + mi * stride_om + rows[None, :]
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -156,33 +164,49 @@ def _check(raw: torch.Tensor, bt_name: str, shape) -> tuple[int, int, int, int, 
 def _split_for(n: int, n_steps: int, bn: int, u: int, target: int = 264) -> int:
     """Split K (fp32 partials, then a sum) until the grid has about `target` programs."""
     split = 1
-    while triton.cdiv(n, bn) * split < target and n_steps % (split * 2 * u) == 0 and split < 16:
+    while triton.cdiv(n, bn) * split < target and n_steps % (split * 2 * u) == 0 and split < 64:
         split *= 2
     return split
 
 
 def qgemv(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch.Tensor | None = None,
-          bn: int = 8, u: int = 2, split: int | None = None, num_warps: int = 4) -> torch.Tensor:
-    """out [M, N] = x [M, K] @ W.T, W in GGUF blocks `raw` [N, row_bytes]; M <= 16; fp32 accumulate."""
+          bn: int = 8, u: int = 2, split: int | None = None, num_warps: int = 4,
+          idx: torch.Tensor | None = None, x_div: int = 1, stages: int = 1, target: int = 264) -> torch.Tensor:
+    """out [M, N] = x [M, K] @ W.T, W in GGUF blocks `raw` [N, row_bytes]; M <= 16; fp32 accumulate.
+
+    MoE form (idx given): raw holds E experts' blocks [E * N, row_bytes]; out [G, N] row g is
+    x[g // x_div] @ W[idx[g]].T (G = len(idx); x_div = experts per token for the shared input of
+    gate/up, 1 for down's per-pair input). `target` sizes the grid when split is derived."""
     tid, S, L, n, k = _check(raw, bt_name, shape)
-    m = x.shape[0]
+    moe = idx is not None
+    m = 1 if moe else x.shape[0]
+    groups = len(idx) if moe else 1
     if x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1 or not 1 <= m <= MAX_GEMV_M:
         raise ValueError(f"qgemv: x {tuple(x.shape)} for weight {shape}")
+    if moe and (raw.shape[0] % n or x.shape[0] * x_div != groups):
+        raise ValueError(f"qgemv: {raw.shape[0]} rows are not experts of {n}, or x {tuple(x.shape)} "
+                         f"does not feed {groups} pairs / {x_div}")
     n_steps = k // STEP
     if n_steps % u:
         u = 1
     if split is None:
-        split = _split_for(n, n_steps, bn, u)
+        split = _split_for(n * groups, n_steps, bn, u, target)
     if n_steps % (split * u):
         raise ValueError(f"qgemv: {n_steps} steps do not split into {split} x {u}")
+    rows_out = groups if moe else m
     if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    dst = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-    mp = 1 << (m - 1).bit_length()
+        out = torch.empty((rows_out, n), dtype=x.dtype, device=x.device)
+    dst = out if split == 1 else torch.empty((split, rows_out, n), dtype=torch.float32, device=x.device)
     stride_os = 0 if split == 1 else dst.stride(0)
-    _qgemv_kernel[(triton.cdiv(n, bn), split)](
-        x, raw, dst, n, n_steps // split, raw.stride(0), x.stride(0), stride_os, dst.stride(-2),
-        M=m, MP=mp, TYPE=tid, S=S, L=L, BN=bn, U=u, num_warps=num_warps)
+    stride_og = dst.stride(-2) if moe else 0
+    idx_arg = idx if moe else raw
+    expert = n * raw.stride(0)
+    mp = 1 << (m - 1).bit_length()
+    grid = (triton.cdiv(n, bn), split, groups)
+    _qgemv_kernel[grid](
+        x, raw, dst, idx_arg, n, n_steps // split, raw.stride(0), expert,
+        x.stride(0), x.stride(0), x_div, stride_os, stride_og, dst.stride(-2),
+        M=m, MP=mp, TYPE=tid, S=S, L=L, BN=bn, U=u, HAS_IDX=moe, STAGES=stages, num_warps=num_warps)
     if split > 1:
         torch.sum(dst, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dst.sum(0))
     return out

@@ -1,0 +1,95 @@
+"""Time the decode GEMVs (M = 1) on the lent GPU: every config of the word-load Q4_K kernel and of
+the generic block decoder, on the llama8b and qwen3moe shapes, and the MoE form (8 (token, expert)
+pairs over 128 stacked experts). Weights rotate over > 256 MB so L2 can't hold them.
+
+    python3 bench/gemv_bench.py
+"""
+from __future__ import annotations
+
+import torch
+from triton.testing import do_bench
+
+from ouzel.kernels import cuda as ocuda
+from ouzel.kernels.triton import gguf as G
+from ouzel.kernels.triton.testing import random_blocks, reference_linear, rel_err
+from ouzel.quant.blocks import block_type
+
+import itertools
+import os
+
+SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (128256, 4096))
+# the sweep (SWEEP=1): tile rows, steps per iteration, pipelining stages, grid size target for the K split
+SWEEP = [dict(bn=bn, u=u, stages=st, target=tg) for bn, u, st, tg in
+         itertools.product((4, 16), (2, 4, 8), (1, 3), (264, 2048))]
+
+
+def bench_us(fn) -> float:
+    return do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+
+
+def rotated(name, rows, k, gen, nbytes):
+    raw0 = random_blocks(name, rows, k, gen, "cuda")
+    copies = max(2, -(-256 * 2**20 // nbytes))
+    return [raw0] + [raw0.clone() for _ in range(copies - 1)]
+
+
+def dense(name, n, k, gen, bw) -> None:
+    nbytes = n * block_type(name).row_bytes(k)
+    raws = rotated(name, n, k, gen, nbytes)
+    x = torch.randn(1, k, generator=gen).cuda()
+    ref = reference_linear(x, raws[0], name)
+    for fast in (False,):
+        configs = SWEEP if os.environ.get("SWEEP") else ocuda.GEMV_CONFIGS
+        res = []
+        for c in configs:
+            err = rel_err(G.qgemv(x, raws[0], name, (n, k), **c), ref)
+            assert err < 1e-5, (name, n, k, c, err)
+            it = iter(range(1 << 62))
+            res.append((bench_us(lambda c=c: G.qgemv(x, raws[next(it) % len(raws)], name, (n, k), **c)), c))
+        res.sort(key=lambda r: r[0])
+        t, c = res[0]
+        print(f"{name}  {n:6d}x{k:<6d} {nbytes / 1e6:7.1f} MB best {t:7.1f} us "
+              f"{nbytes / t / 1e3:5.0f} GB/s ({nbytes / t / 1e3 / bw:4.0%} of copy bw) {c} | "
+              + " ".join(f"{r[0]:.0f}" for r in res[1:4]), flush=True)
+
+
+def moe(name, E, n, k, pairs, x_div, gen, bw) -> None:
+    bt = block_type(name)
+    nbytes_all = E * n * bt.row_bytes(k)
+    raws = rotated(name, E * n, k, gen, nbytes_all)
+    idx = torch.randperm(E, generator=gen)[:pairs].cuda()
+    x = torch.randn(pairs // x_div, k, generator=gen).cuda()
+    ref = torch.stack([reference_linear(x[p // x_div][None], raws[0][idx[p] * n:(idx[p] + 1) * n], name)[0]
+                       for p in range(pairs)])
+    read = pairs * n * bt.row_bytes(k)
+    res = []
+    for c in ocuda.GEMV_CONFIGS:
+        err = rel_err(G.qgemv(x, raws[0], name, (n, k), idx=idx, x_div=x_div, **c), ref)
+        assert err < 1e-5, (name, c, err)
+        it = iter(range(1 << 62))
+        res.append((bench_us(lambda c=c: G.qgemv(x, raws[next(it) % len(raws)], name, (n, k), idx=idx,
+                                                 x_div=x_div, **c)), c))
+    res.sort(key=lambda r: r[0])
+    t, c = res[0]
+    print(f"MoE {name} {pairs} pairs of {E}x[{n}x{k}] read {read / 1e6:5.1f} MB best {t:6.1f} us "
+          f"{read / t / 1e3:5.0f} GB/s ({read / t / 1e3 / bw:4.0%}) {c}", flush=True)
+
+
+def main() -> None:
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    bw = 2 * a.numel() / (bench_us(lambda: b.copy_(a)) / 1e6) / 1e9
+    print(f"copy bandwidth {bw:.0f} GB/s (read + write)", flush=True)
+    del a, b
+    gen = torch.Generator().manual_seed(0)
+    for name in ("Q4_K", "Q6_K", "Q8_0"):
+        for n, k in SHAPES:
+            dense(name, n, k, gen, bw)
+    for name in ("Q4_K", "Q6_K"):
+        moe(name, 128, 768, 2048, 8, 8, gen, bw)   # gate (or up): one token, 8 experts
+        moe(name, 128, 2048, 768, 8, 1, gen, bw)   # down: 8 pairs, each its own input
+
+
+if __name__ == "__main__":
+    main()

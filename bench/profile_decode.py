@@ -1,0 +1,71 @@
+"""Where a decode step's time goes, on the lent GPU: prefill/decode timings with and without the
+CUDA graph, the GPU time of one graph replay, capture time, and the torch profiler's top kernels
+of an eager decode step and of a 512-token prefill.
+
+    python3 bench/profile_decode.py MODEL.gguf
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from ouzel.engine.generate import Sequence
+from ouzel.loader import load
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def main() -> None:
+    path = sys.argv[1]
+    dev = torch.device("cuda")
+    model = load(path, device="cuda", progress=False).model
+    seq = Sequence(model, 2048, dev)
+    ids = [(i * 7919) % 30000 + 10 for i in range(512)]
+    seq.prefill(ids[:32])
+    for t in (11, 12, 13, 14):
+        seq.step(t)
+    for r in range(3):
+        seq.reset()
+        _, dt = timed(lambda: seq.prefill(ids))
+        print(f"prefill 512 run {r}: {dt * 1e3:.1f} ms = {512 / dt:.0f} tok/s", flush=True)
+    if seq.graph is not None:
+        _, dt = timed(lambda: seq.step(5))
+        print(f"first step after prefill (capture if the cache grew): {dt * 1e3:.1f} ms, captures {seq.graph.captures}")
+        _, dt = timed(lambda: [seq.step(5) for _ in range(64)])
+        print(f"graph decode: {dt / 64 * 1e3:.2f} ms/token = {64 / dt:.1f} tok/s", flush=True)
+        g = seq.graph.graph
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(20):
+            g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        print(f"graph replay GPU time: {a.elapsed_time(b) / 20:.2f} ms", flush=True)
+        graph, seq.graph = seq.graph, None
+    _, dt = timed(lambda: [seq.step(5) for _ in range(16)])
+    print(f"eager decode: {dt / 16 * 1e3:.2f} ms/token = {16 / dt:.1f} tok/s", flush=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            seq.step(5)
+        torch.cuda.synchronize()
+    print("eager decode step x2, top kernels by CUDA time:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+    seq.reset()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        seq.prefill(ids)
+        torch.cuda.synchronize()
+    print("prefill 512, top kernels by CUDA time:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Flash-decoding attention for the decode step: one query row per sequence against its KV cache.
+
+Reference: `decode_attention_reference` below (plain torch, fp32 softmax over the valid keys only).
+
+The call is CUDA-graph capturable with `lengths` changing between replays: the host never reads
+`lengths`, so the grid depends only on shapes (B, Hkv, the capacity C and the split count).
+
+- `_split_kernel`, program (b, kv head, head block) x split: the valid keys [lo, len) (lo from the
+  sliding window) are cut into SPLITS equal chunks *on the device*, so the work stays balanced at
+  any length; a chunk past the end does nothing and writes a neutral partial (lse = -inf, o = 0).
+  It loads each [BN, D] tile of K and V once for all G query heads that share the kv head
+  (GQA), with an online softmax in fp32 (exp2; scores scaled by scale * log2(e) after the dot).
+- `_combine_kernel`, program (b, h): merges the SPLITS partials (o normalized, lse in log2 units).
+  With splits == 1 the first kernel writes the output itself.
+
+Scores and P @ V use `tl.dot`: the G heads are padded to 16 rows (mma needs M >= 16; the padding
+rows are zeros and never stored). q and P go in at the cache dtype, as flash attention does; the
+softmax scale is applied to the fp32 scores, so a bf16 q on a bf16 cache is not rounded at all.
+An fp32 q on a 16-bit cache goes in as hi + lo 16-bit pieces (P too): one more mma per dot, fp32-
+level accuracy. An fp32 cache uses fp32 "ieee" dots (no tf32).
+
+Compiled for sm_90 (ptxas, no GPU run yet): bf16, D=128, BN=64, 4 warps: 95 registers, no spills,
+72 KB shared, K/V loads pipelined with cp.async over 3 stages. An elementwise multiply + sum
+version (no tensor cores) spilled at BN=64, took 255 registers at BN=32 and its loads were not
+pipelined, so it was dropped.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_SPLITS = 64
+_LOG2E = math.log2(math.e)
+
+
+@triton.jit
+def _dot(a, b, SPLIT: tl.constexpr, F32_DOT: tl.constexpr):
+    """a (fp32) @ b with a rounded to b's dtype; SPLIT adds the product of the rounding remainder
+    (two 16-bit pieces carry ~16 bits of a's mantissa)."""
+    hi = a.to(b.dtype)
+    if F32_DOT:  # the interpreter's bf16 x bf16 dot is wrong: same rounded operands, fp32 product
+        r = tl.dot(hi.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        r = tl.dot(hi, b, input_precision="ieee")
+    if SPLIT:
+        r += _dot(a - hi.to(tl.float32), b, False, F32_DOT)
+    return r
+
+
+@triton.jit
+def _tile(q, qk_scale, k_head, v_head, s_kc, s_vc, key0, end, m_i, l_i, acc, D: tl.constexpr,
+          DP: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, F32_DOT: tl.constexpr):
+    """One online-softmax step over keys key0 .. key0+BN-1 (those < end): q [BG, DP] fp32;
+    k_head/v_head point at key 0 of this kv head; returns the updated (m_i, l_i, acc)."""
+    keys = key0 + tl.arange(0, BN)
+    key_ok = keys < end
+    d = tl.arange(0, DP)
+    rows = keys.to(tl.int64)
+    mask = key_ok[:, None] & (d < D)[None, :]  # rows past len are never loaded
+    v = tl.load(v_head + rows[:, None] * s_vc + d[None, :], mask=mask, other=0.0)  # [BN, DP]
+    # K^T loaded as [DP, BN] (a tl.trans of a loaded [BN, DP] tile kept the load out of the pipeline)
+    kt = tl.load(k_head + rows[None, :] * s_kc + d[:, None], mask=tl.trans(mask), other=0.0)
+    s = _dot(q, kt, SPLIT, F32_DOT) * qk_scale  # [BG, BN], log2 units; scaled after the dot: q exact if bf16
+    s = tl.where(key_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with no valid key changes nothing
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
+    pv = _dot(p, v, SPLIT, F32_DOT)  # [BG, DP]
+    return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + pv
+
+
+@triton.jit
+def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_ptr, lse_ptr, qk_scale, window, C, G, Hkv,
+                  s_qb, s_qh, s_kb, s_kc, s_kh, s_vb, s_vc, s_vh, s_ob, s_oh,
+                  D: tl.constexpr, DP: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
+                  SPLITS: tl.constexpr, ONE_PASS: tl.constexpr, SPLIT_DOT: tl.constexpr,
+                  MAX_ITERS: tl.constexpr):
+    """q [B, H, D]; k/v rows at b*s_kb + key*s_kc + hkv*s_kh; BG heads of one kv head per program.
+    ONE_PASS: o_ptr is the output [B, H, D]; else o_ptr [B*H, SPLITS, D] fp32 and lse [B*H, SPLITS]."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_gblk = tl.cdiv(G, BG)
+    gb = pid % n_gblk
+    hkv = (pid // n_gblk) % Hkv
+    b = pid // (n_gblk * Hkv)
+
+    length = tl.minimum(tl.maximum(tl.load(len_ptr + b).to(tl.int32), 0), C)  # clamp: never read past C
+    lo = tl.maximum(length - window, 0)
+    chunk = tl.cdiv(tl.cdiv(length - lo, SPLITS), BN) * BN
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, length)
+
+    g = gb * BG + tl.arange(0, BG)
+    heads = hkv * G + g
+    d = tl.arange(0, DP)
+    gd_mask = (g < G)[:, None] & (d < D)[None, :]
+    q = tl.load(q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=gd_mask, other=0.0)
+    q = q.to(tl.float32)
+    k_head = k_ptr + b.to(tl.int64) * s_kb + hkv * s_kh
+    v_head = v_ptr + b.to(tl.int64) * s_vb + hkv * s_vh
+
+    m_i = tl.full([BG], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BG], dtype=tl.float32)
+    acc = tl.zeros([BG, DP], dtype=tl.float32)
+    if MAX_ITERS == 0:  # GPU: the trip count comes from the device-side length
+        for i in range(0, tl.cdiv(tl.maximum(end - start, 0), BN)):
+            m_i, l_i, acc = _tile(q, qk_scale, k_head, v_head, s_kc, s_vc, start + i * BN, end,
+                                  m_i, l_i, acc, D, DP, BN, SPLIT_DOT, False)
+    else:  # the interpreter cannot loop to a runtime bound: loop to the capacity's, idle tiles masked
+        for i in range(0, MAX_ITERS):
+            m_i, l_i, acc = _tile(q, qk_scale, k_head, v_head, s_kc, s_vc, start + i * BN, end,
+                                  m_i, l_i, acc, D, DP, BN, SPLIT_DOT, True)
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]  # an empty range gives o = 0
+    if ONE_PASS:
+        tl.store(o_ptr + b * s_ob + heads[:, None] * s_oh + d[None, :], o.to(o_ptr.dtype.element_ty), mask=gd_mask)
+    else:
+        row = b * (Hkv * G) + heads  # b * H + h
+        tl.store(o_ptr + (row[:, None] * SPLITS + split) * D + d[None, :], o, mask=gd_mask)
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(lse_ptr + row * SPLITS + split, lse, mask=g < G)
+
+
+@triton.jit
+def _combine_kernel(o_part_ptr, lse_ptr, out_ptr, H, s_ob, s_oh,
+                    D: tl.constexpr, DP: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr):
+    """out[b, h] = sum_s w_s o_s / sum_s w_s, w_s = 2**(lse_s - max lse); 0 if every split is empty."""
+    row = tl.program_id(0)
+    s = tl.arange(0, SP)
+    d = tl.arange(0, DP)
+    lse = tl.load(lse_ptr + row * SPLITS + s, mask=s < SPLITS, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    mask = (s < SPLITS)[:, None] & (d < D)[None, :]
+    o = tl.load(o_part_ptr + (row * SPLITS + s)[:, None] * D + d[None, :], mask=mask, other=0.0)
+    tot = tl.sum(w, axis=0)
+    out = tl.sum(w[:, None] * o, axis=0) / tl.where(tot > 0, tot, 1.0)
+    b = row // H
+    h = row % H
+    tl.store(out_ptr + b * s_ob + h * s_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def _block_n_for(DP: int, dtype: torch.dtype) -> int:
+    """Keys per tile: 16 KB K tiles for 16-bit caches (64 keys at D = 128); fp32 caches take the
+    non-tensor-core dot, which spilled registers past 16 keys at D = 128 (sm_90, 4 warps)."""
+    per_tile = 2048 if dtype == torch.float32 else 8192
+    return min(64, max(16, per_tile // DP))
+
+
+def _splits_for(progs: int, capacity: int, block_n: int, sms: int) -> int:
+    """Double the splits while the grid stays within one wave of ~2 programs per SM (a partial
+    second wave costs more than it spreads) and each split still gets >= 2 tiles at full capacity
+    (the real length is only known on the device)."""
+    splits = 1
+    while progs * splits * 2 <= 2 * sms and capacity >= (2 * splits) * (2 * block_n) and splits < MAX_SPLITS:
+        splits *= 2
+    return splits
+
+
+def _kv_view(cache: torch.Tensor, B: int) -> tuple[torch.Tensor, int]:
+    """[B, C, Hkv, D] or [C, Hkv, D] (B == 1) -> (4-d view, batch stride)."""
+    if cache.dim() == 3 and B == 1:
+        return cache[None], 0
+    if cache.dim() != 4 or cache.shape[0] != B:
+        raise ValueError(f"decode_attention: cache {tuple(cache.shape)} is not [B={B}, C, Hkv, D]")
+    return cache, cache.stride(0)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
+                     scale: float, window: int | None = None, out: torch.Tensor | None = None,
+                     block_n: int | None = None, splits: int | None = None, *, num_warps: int = 4,
+                     num_stages: int = 3) -> torch.Tensor:
+    """out [B, H, D] = softmax(q k^T * scale) v over keys [max(0, len - window), len) of each sequence.
+
+    q [B, H, D]; k_cache/v_cache [B, C, Hkv, D] (or [C, Hkv, D] if B == 1), last dim contiguous,
+    H = G * Hkv (head h reads kv head h // G); lengths [B] int32/int64 on the device, read only by
+    the kernel (graph-capturable). A sequence of length 0 gives zeros. block_n (keys per tile) and
+    splits (programs per kv head along the keys) default to `_block_n_for` / `_splits_for`."""
+    B, H, D = q.shape
+    k4, s_kb = _kv_view(k_cache, B)
+    v4, s_vb = _kv_view(v_cache, B)
+    _, C, Hkv, Dk = k4.shape
+    if k4.shape != v4.shape or Dk != D or H % Hkv:
+        raise ValueError(f"decode_attention: q {tuple(q.shape)}, k {tuple(k_cache.shape)}, "
+                         f"v {tuple(v_cache.shape)} (need H = G * Hkv, same D)")
+    if k4.stride(-1) != 1 or v4.stride(-1) != 1:
+        raise ValueError("decode_attention: k/v cache rows must be contiguous in the last dim")
+    if lengths.shape != (B,) or lengths.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"decode_attention: lengths must be int32/int64 [B={B}], "
+                         f"got {lengths.dtype} {tuple(lengths.shape)}")
+    if window is not None and window < 1:
+        raise ValueError(f"decode_attention: window must be >= 1, got {window}")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if out is None:
+        out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
+    elif out.shape != (B, H, D) or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"decode_attention: out must be [B, H, D] {q.dtype} with a contiguous last dim")
+
+    G = H // Hkv
+    DP = max(16, triton.next_power_of_2(D))  # D need not be a power of two: masked to DP
+    BG = min(64, max(16, triton.next_power_of_2(G)))  # tl.dot needs >= 16 rows
+    progs = B * Hkv * triton.cdiv(G, BG)
+    block_n = block_n or _block_n_for(DP, k4.dtype)
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"decode_attention: block_n must be a power of two >= 16, got {block_n}")
+    if splits is None:
+        splits = _splits_for(progs, C, block_n, _sm_count(q.device))
+    if not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"decode_attention: splits must be in 1..{MAX_SPLITS}, got {splits}")
+    win = C + 1 if window is None else min(window, C + 1)  # int32-safe "all keys"
+    qk_scale = float(scale) * _LOG2E
+    max_iters = 0 if q.device.type == "cuda" else triton.cdiv(triton.cdiv(C, splits), block_n)
+    # fp32 q on a 16-bit cache: q and P go through the dots as hi + lo pieces (fp32-level accuracy)
+    split_dot = q.dtype == torch.float32 and k4.dtype != torch.float32
+    meta = dict(D=D, DP=DP, BG=BG, BN=block_n, SPLITS=splits, SPLIT_DOT=split_dot, MAX_ITERS=max_iters,
+                num_warps=num_warps, num_stages=num_stages)
+    strides = (q.stride(0), q.stride(1), s_kb, k4.stride(1), k4.stride(2), s_vb, v4.stride(1), v4.stride(2))
+    if splits == 1:
+        _split_kernel[(progs, 1)](q, k4, v4, lengths, out, out, qk_scale, win, C, G, Hkv, *strides,
+                                  out.stride(0), out.stride(1), ONE_PASS=True, **meta)
+        return out
+    o_part = torch.empty((B * H, splits, D), dtype=torch.float32, device=q.device)
+    lse = torch.empty((B * H, splits), dtype=torch.float32, device=q.device)
+    _split_kernel[(progs, splits)](q, k4, v4, lengths, o_part, lse, qk_scale, win, C, G, Hkv, *strides,
+                                   0, 0, ONE_PASS=False, **meta)
+    _combine_kernel[(B * H,)](o_part, lse, out, H, out.stride(0), out.stride(1),
+                              D=D, DP=DP, SPLITS=splits, SP=triton.next_power_of_2(splits), num_warps=4)
+    return out
+
+
+def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               lengths: torch.Tensor, scale: float, window: int | None = None) -> torch.Tensor:
+    """The oracle: per sequence, slice the visible keys, fp32 scores and softmax, q's dtype out."""
+    B, H, D = q.shape
+    out = torch.zeros((B, H, D), dtype=torch.float32, device=q.device)
+    for b in range(B):
+        k = k_cache[b] if k_cache.dim() == 4 else k_cache  # [C, Hkv, D]
+        v = v_cache[b] if v_cache.dim() == 4 else v_cache
+        n = int(lengths[b])
+        lo = 0 if window is None else max(0, n - window)
+        if n == 0:
+            continue
+        G = H // k.shape[1]
+        kb = k[lo:n].float().repeat_interleave(G, dim=1)  # [S, H, D]
+        vb = v[lo:n].float().repeat_interleave(G, dim=1)
+        s = torch.einsum("hd,shd->hs", q[b].float(), kb) * scale
+        out[b] = torch.einsum("hs,shd->hd", torch.softmax(s, dim=-1), vb)
+    return out.to(q.dtype)
+

@@ -1,0 +1,131 @@
+"""Small fused kernels for the decode step: RMSNorm (optionally with the residual add) and the
+q + k rotary embedding, one launch each where torch launches several.
+
+References: `RMSNorm.forward` (`layers/norm.py`) and `Rope.__call__` (`layers/rope.py`).
+
+- `rms_norm`, program per row: fp32 math in the reference's order, x * rsqrt(mean(x^2) + eps) * w
+  (or * (1 + w)); with a residual it first stores h = x + residual (rounded to h's dtype, as the
+  separate torch add would) and normalizes that.
+- `rope_qk`, program (token, head) over the H query heads then the Hkv key heads: cos/sin of
+  positions[t] * inv_freq in fp32 on the device (no host read: graph-capturable), rotate-half on
+  the first rot_dim dims, the rest copied. Compiled without fp fusion, so x * cos and
+  rot * sin are rounded apart as in torch (only cos/sin themselves may differ by an ulp).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_D = 16384  # one row must fit one program's registers
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, D, eps, s_x, s_r, s_y, s_h,
+                     BD: tl.constexpr, UNIT_OFFSET: tl.constexpr, RESIDUAL: tl.constexpr):
+    """y[row] = h * rsqrt(mean(h^2) + eps) * w with h = x[row] (+ residual[row], stored to h_ptr)."""
+    row = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BD)
+    m = d < D
+    h = tl.load(x_ptr + row * s_x + d, mask=m, other=0.0).to(tl.float32)
+    if RESIDUAL:
+        h = h + tl.load(r_ptr + row * s_r + d, mask=m, other=0.0).to(tl.float32)
+        hq = h.to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + row * s_h + d, hq, mask=m)
+        h = hq.to(tl.float32)  # normalize the stored (rounded) sum, as the unfused path does
+    r = tl.rsqrt(tl.sum(h * h, axis=0) / D + eps)
+    w = tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32)
+    if UNIT_OFFSET:
+        w = 1.0 + w
+    tl.store(y_ptr + row * s_y + d, (h * r * w).to(y_ptr.dtype.element_ty), mask=m)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False,
+             residual: torch.Tensor | None = None):
+    """x [..., D] -> y in x's dtype; with residual (x's shape): h = x + residual, returns (norm(h), h).
+    weight [D] fp32 or 16-bit. Any leading shape and row stride (the last dim is made contiguous)."""
+    D = x.shape[-1]
+    if weight.shape != (D,):
+        raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match D={D}")
+    if D > MAX_D:
+        raise ValueError(f"rms_norm: D={D} > {MAX_D}")
+    x2 = x.reshape(-1, D)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out_dtype = x.dtype
+    r2 = h = None
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"rms_norm: residual {tuple(residual.shape)} is not x's {tuple(x.shape)}")
+        out_dtype = torch.promote_types(x.dtype, residual.dtype)
+        r2 = residual.reshape(-1, D)
+        if r2.stride(-1) != 1:
+            r2 = r2.contiguous()
+        h = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    T = x2.shape[0]
+    if T:
+        BD = triton.next_power_of_2(D)
+        y2, h2 = y.view(-1, D), (h.view(-1, D) if h is not None else y.view(-1, D))
+        _rms_norm_kernel[(T,)](x2, r2 if r2 is not None else x2, weight.contiguous(), y2, h2, D, float(eps),
+                               x2.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0), h2.stride(0),
+                               BD=BD, UNIT_OFFSET=bool(unit_offset), RESIDUAL=residual is not None,
+                               num_warps=max(1, min(8, BD // 512)))
+    return y if residual is None else (y, h)
+
+
+@triton.jit
+def _rope_qk_kernel(q_ptr, k_ptr, pos_ptr, inv_ptr, qo_ptr, ko_ptr, H, Hkv, s_qt, s_qh, s_kt, s_kh,
+                    D: tl.constexpr, ROT: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr):
+    """Program (t, j): head j of q (j < H) or head j - H of k; outputs contiguous [T, heads, D]."""
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    if j < H:
+        src = q_ptr + t * s_qt + j * s_qh
+        dst = qo_ptr + (t * H + j) * D
+    else:
+        src = k_ptr + t * s_kt + (j - H) * s_kh
+        dst = ko_ptr + (t * Hkv + (j - H)) * D
+    HALF: tl.constexpr = ROT // 2
+    i = tl.arange(0, HP)
+    m = i < HALF
+    f = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_ptr + i, mask=m, other=0.0)
+    c = tl.cos(f)
+    s = tl.sin(f)
+    x1 = tl.load(src + i, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF + i, mask=m, other=0.0).to(tl.float32)
+    ty = dst.dtype.element_ty
+    tl.store(dst + i, (x1 * c + -x2 * s).to(ty), mask=m)  # rotate_half(x) = [-x2, x1]
+    tl.store(dst + HALF + i, (x2 * c + x1 * s).to(ty), mask=m)
+    if ROT < D:  # partial rope: the remaining dims pass through
+        p = ROT + tl.arange(0, DP)
+        pm = p < D
+        tl.store(dst + p, tl.load(src + p, mask=pm, other=0.0).to(ty), mask=pm)
+
+
+def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+            rot_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rope.__call__ on q [T, H, D] and k [T, Hkv, D] (same dtype; any strides in the first two
+    dims, last dim contiguous) in one launch. positions [T] int32/int64 and inv_freq [rot_dim / 2]
+    fp32 on the device. New contiguous outputs in the reference's dtype: fp32 (x * fp32 cos)."""
+    T, H, D = q.shape
+    Tk, Hkv, Dk = k.shape
+    if Tk != T or Dk != D or q.dtype != k.dtype:
+        raise ValueError(f"rope_qk: q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}")
+    if rot_dim % 2 or not 0 < rot_dim <= D or inv_freq.shape != (rot_dim // 2,):
+        raise ValueError(f"rope_qk: rot_dim {rot_dim}, D {D}, inv_freq {tuple(inv_freq.shape)}")
+    if positions.shape != (T,) or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"rope_qk: positions must be int32/int64 [T={T}], got {positions.dtype} "
+                         f"{tuple(positions.shape)}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError("rope_qk: q and k rows must be contiguous in the last dim")
+    out_dtype = torch.promote_types(q.dtype, torch.float32)
+    qo = torch.empty((T, H, D), dtype=out_dtype, device=q.device)
+    ko = torch.empty((T, Hkv, D), dtype=out_dtype, device=q.device)
+    if T:
+        HP = triton.next_power_of_2(rot_dim // 2)
+        DP = triton.next_power_of_2(D - rot_dim) if rot_dim < D else 1
+        _rope_qk_kernel[(T, H + Hkv)](q, k, positions, inv_freq.float().contiguous(), qo, ko, H, Hkv,
+                                      q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                                      D=D, ROT=rot_dim, HP=HP, DP=DP, num_warps=1, enable_fp_fusion=False)
+    return qo, ko

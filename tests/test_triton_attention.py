@@ -1,0 +1,130 @@
+"""Triton flash-decoding attention against the plain torch oracle (needs CUDA + triton; skips otherwise).
+
+With TRITON_INTERPRET=1 the same checks run on CPU tensors through Triton's interpreter (small shapes).
+Cache rows outside each sequence's visible range hold NaN and every output buffer starts as NaN, so
+a read past the length or an unwritten output fails the check.
+"""
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not (torch.cuda.is_available() or INTERPRET):
+    pytest.skip("needs CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
+
+from ouzel.kernels.triton.attention import decode_attention, decode_attention_reference  # noqa: E402
+from ouzel.kernels.triton.testing import rel_err  # noqa: E402
+
+DEV = "cpu" if INTERPRET else "cuda"
+F32, BF16 = torch.float32, torch.bfloat16
+TOL = {F32: 1e-5, BF16: 1e-2}
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+
+def make_case(gen, lens, H, Hkv, D, C, q_dtype, cache_dtype, window=None, batched=True):
+    """q [B, H, D], caches [B, C, Hkv, D] (or [C, Hkv, D] if not batched) with NaN outside each
+    sequence's visible rows [max(0, len - window), len), lengths int32 [B]."""
+    B = len(lens)
+    q = torch.randn(B, H, D, generator=gen).to(DEV, q_dtype)
+    k = torch.randn(B, C, Hkv, D, generator=gen)
+    v = torch.randn(B, C, Hkv, D, generator=gen)
+    for b, n in enumerate(lens):
+        lo = 0 if window is None else max(0, n - window)
+        for t in (k, v):
+            t[b, :lo] = float("nan")
+            t[b, n:] = float("nan")
+    k, v = k.to(DEV, cache_dtype), v.to(DEV, cache_dtype)
+    if not batched:
+        k, v = k[0], v[0]
+    return q, k, v, torch.tensor(lens, dtype=torch.int32, device=DEV)
+
+
+def check(q, k, v, lengths, window, tol, **kw):
+    scale = q.shape[-1] ** -0.5
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=DEV)
+    assert decode_attention(q, k, v, lengths, scale, window=window, out=out, **kw) is out
+    ref = decode_attention_reference(q, k, v, lengths, scale, window=window)
+    assert torch.isfinite(ref).all()
+    err = rel_err(out, ref)  # inf if any NaN survived
+    assert err < tol, f"rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("lens", [(200,), (256,), (1, 17, 256)])
+@pytest.mark.parametrize("H,Hkv,D", [(32, 8, 128), (8, 8, 64), (4, 1, 64)])
+@pytest.mark.parametrize("window", [None, 32])
+@pytest.mark.parametrize("q_dtype,cache_dtype", [(F32, F32), (BF16, BF16)])
+def test_matches_reference(lens, H, Hkv, D, window, q_dtype, cache_dtype, gen):
+    # (200,) uses the [C, Hkv, D] cache of B == 1; 2 splits of <= 2 tiles (few tiles: the interpreter is slow)
+    q, k, v, lengths = make_case(gen, lens, H, Hkv, D, 256, q_dtype, cache_dtype, window, batched=lens != (200,))
+    check(q, k, v, lengths, window, TOL[cache_dtype], block_n=64, splits=2)
+
+
+@pytest.mark.parametrize("block_n,splits", [(64, 1), (32, 3), (16, 16)])
+@pytest.mark.parametrize("lens,window", [((1, 100, 256), None), ((5, 256, 64), 40), ((0, 3), None)])
+def test_splits_and_lengths(block_n, splits, lens, window, gen):
+    """Splits past the length write neutral partials; length 0 gives zeros."""
+    q, k, v, lengths = make_case(gen, lens, 8, 2, 64, 256, F32, F32, window)
+    scale = 0.125
+    out = torch.full(q.shape, float("nan"), device=DEV)
+    decode_attention(q, k, v, lengths, scale, window=window, out=out, block_n=block_n, splits=splits)
+    ref = decode_attention_reference(q, k, v, lengths, scale, window=window)
+    assert torch.isfinite(out).all()
+    for b, n in enumerate(lens):
+        if n == 0:
+            assert (out[b] == 0).all()
+        else:
+            assert rel_err(out[b], ref[b]) < 1e-5
+
+
+def test_mixed_dtypes_strides_and_big_groups(gen):
+    """fp32 q on a bf16 cache (hi + lo dots: near fp32 accuracy); K and V interleaved in one tensor (strided rows) and q a slice of
+    a wider tensor; G = 128 query heads on one kv head (two head blocks per program row)."""
+    B, C, D = 2, 96, 64
+    for H, Hkv, q_dtype, cache_dtype, tol in ((8, 2, F32, BF16, 1e-4), (128, 1, BF16, torch.float16, 1e-2)):
+        kv = torch.randn(B, C, 2, Hkv, D, generator=gen).to(DEV, cache_dtype)
+        kv[0, 40:] = float("nan")
+        qw = torch.randn(B, H, 2 * D, generator=gen).to(DEV, q_dtype)
+        lengths = torch.tensor([40, C], dtype=torch.int64, device=DEV)
+        check(qw[:, :, D:], kv[:, :, 0], kv[:, :, 1], lengths, None, tol, block_n=32, splits=2)
+
+
+def test_d_not_power_of_two(gen):
+    q, k, v, lengths = make_case(gen, (30, 7), 4, 2, 80, 64, F32, F32)
+    check(q, k, v, lengths, None, 1e-5)  # default block_n / splits
+    check(q, k, v, lengths, None, 1e-5, block_n=16, splits=1)
+
+
+def test_rejects_bad_shapes():
+    q = torch.zeros(2, 8, 64, device=DEV)
+    k = torch.zeros(2, 32, 3, 64, device=DEV)
+    lengths = torch.ones(2, dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="decode_attention"):
+        decode_attention(q, k, k, lengths, 1.0)  # 8 heads on 3 kv heads
+    with pytest.raises(ValueError, match="lengths"):
+        decode_attention(q, k[:, :, :2], k[:, :, :2], lengths.float(), 1.0)
+
+
+@pytest.mark.skipif(INTERPRET, reason="CUDA graphs need CUDA")
+def test_cuda_graph_replay_with_new_lengths(gen):
+    """Lengths are read on the device: one captured graph serves every length."""
+    lens0 = (300, 4096)
+    q, k, v, lengths = make_case(gen, lens0, 32, 8, 128, 4096, BF16, BF16)
+    k = torch.nan_to_num(k)  # later replays use longer lengths than the NaN layout above
+    v = torch.nan_to_num(v)
+    out = torch.empty_like(q)
+    decode_attention(q, k, v, lengths, 0.088, out=out)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode_attention(q, k, v, lengths, 0.088, out=out)
+    for lens in ((300, 4096), (1, 17), (4000, 64), (4096, 4096)):
+        lengths.copy_(torch.tensor(lens, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        assert rel_err(out, decode_attention_reference(q, k, v, lengths, 0.088)) < 1e-2
