@@ -171,7 +171,7 @@ class Bench:
         (CUDA graphs) inside a timed region."""
         from .engine.generate import PREFILL_CHUNK
         self.seq.reset()
-        logits = self.seq.prefill(tokens[:min(PREFILL_CHUNK + 32, len(tokens))])
+        logits = self.seq.prefill(tokens[:min(PREFILL_CHUNK + 32, len(tokens), self.seq.max_tokens - 8)])
         for _ in range(min(4, self.tg)):
             logits = self.seq.step(int(logits.argmax().item()))
         if hasattr(self.seq.kv, "reserve"):

@@ -112,3 +112,38 @@ def decode_attention(q, k_cache, v_cache, lengths, window, scale):
     if _ATTN[0] is None or k_cache.stride(-1) != 1:
         return None
     return _ATTN[0].decode_attention(q, k_cache, v_cache, lengths, scale, window=window)
+
+
+_FUSED: list = []
+
+
+def _fused():
+    """The fused norm / rope kernels (`kernels/triton/fused.py`), or None where they can't run."""
+    if not _FUSED:
+        mod = None
+        if _gguf() is not None:
+            try:
+                from .triton import fused as mod  # noqa: PLC0415
+            except ImportError:
+                mod = None
+        _FUSED.append(mod)
+    return _FUSED[0]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False,
+             residual: torch.Tensor | None = None):
+    """`fused.rms_norm` (one launch), or None where it can't run (the caller runs the reference)."""
+    f = _fused()
+    if (f is None or x.dtype not in _DTYPES or weight.dtype not in _DTYPES or weight.device != x.device
+            or x.shape[-1] > f.MAX_D or (residual is not None and residual.dtype not in _DTYPES)):
+        return None
+    return f.rms_norm(x, weight, eps, unit_offset, residual)
+
+
+def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, rot_dim: int):
+    """`fused.rope_qk` (q and k in one launch), or None where it can't run."""
+    f = _fused()
+    if (f is None or q.dtype not in _DTYPES or k.dtype != q.dtype or q.stride(-1) != 1 or k.stride(-1) != 1
+            or positions.dtype not in (torch.int32, torch.int64) or positions.device != q.device):
+        return None
+    return f.rope_qk(q, k, positions, inv_freq, rot_dim)

@@ -100,6 +100,9 @@ class Attention(nn.Module):
         v = v.view(T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(q, qpos), self.rope(k, positions)
+        if out_rows is None:  # q and k share the positions: one fused rope on CUDA
+            q, k = self.rope.apply_qk(q, k, positions)
+        else:
+            q, k = self.rope(q, qpos), self.rope(k, positions)
         out = kv.attention(self.layer, q, k, v, qpos, self.window, self.scale)
         return self.o_proj(out.reshape(xq.shape[0], -1))

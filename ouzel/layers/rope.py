@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels import cuda as _cuda
+
 
 @dataclass(frozen=True)
 class RopeSpec:
@@ -43,10 +45,14 @@ class Rope:
         self._inv = inv_freq(spec)
         self._inv_on: dict[torch.device, torch.Tensor] = {}
 
-    def _cos_sin(self, positions: torch.Tensor):
-        inv = self._inv_on.get(positions.device)
+    def _inv_for(self, device: torch.device) -> torch.Tensor:
+        inv = self._inv_on.get(device)
         if inv is None:
-            inv = self._inv_on[positions.device] = self._inv.to(positions.device)
+            inv = self._inv_on[device] = self._inv.to(device)
+        return inv
+
+    def _cos_sin(self, positions: torch.Tensor):
+        inv = self._inv_for(positions.device)
         f = positions.float()[:, None] * inv[None, :]  # the outer product HF computes, in float32
         emb = torch.cat([f, f], dim=-1)
         return emb.cos()[:, None, :], emb.sin()[:, None, :]
@@ -60,3 +66,11 @@ class Rope:
         rot = torch.cat([-x2, x1], dim=-1)
         out = xr * cos + rot * sin
         return out if d == x.shape[-1] else torch.cat([out, x[..., d:]], dim=-1)
+
+    def apply_qk(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(q, positions), self(k, positions)); on CUDA one fused launch for both."""
+        if q.is_cuda:
+            out = _cuda.rope_qk(q, k, positions, self._inv_for(q.device), self.spec.dim)
+            if out is not None:
+                return out
+        return self(q, positions), self(k, positions)

@@ -1,0 +1,172 @@
+"""Fused RMSNorm and q/k rope kernels against the torch references (needs CUDA + triton; skips otherwise).
+
+With TRITON_INTERPRET=1 the same checks run on CPU tensors through Triton's interpreter. Every
+output buffer starts out NaN (fused.py's `torch.empty` is patched), so an unwritten element fails
+the check (rel_err is inf on any NaN).
+"""
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not (torch.cuda.is_available() or INTERPRET):
+    pytest.skip("needs CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
+
+from ouzel.kernels.triton import fused  # noqa: E402
+from ouzel.kernels.triton.testing import rel_err  # noqa: E402
+from ouzel.layers.norm import RMSNorm  # noqa: E402
+from ouzel.layers.rope import Rope, RopeSpec  # noqa: E402
+
+DEV = "cpu" if INTERPRET else "cuda"
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+
+class _TorchNanEmpty:
+    """torch, except that `empty` gives NaN-filled tensors."""
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(shape, dtype=None, device=None):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@pytest.fixture(autouse=True)
+def nan_outputs(monkeypatch):
+    """fused.py allocates its outputs with torch.empty: poison them so unwritten elements show."""
+    monkeypatch.setattr(fused, "torch", _TorchNanEmpty())
+
+
+def within_ulp(out, ref):
+    """bf16 out within one bf16 ulp of ref elementwise: a 1-ulp fp32 difference may flip a rounding,
+    and the interpreter truncates fp32 -> bf16 instead of rounding to nearest."""
+    return ((out.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -7 + 1e-30).all()
+
+
+def norm_reference(x, w, eps, unit_offset):
+    n = RMSNorm(x.shape[-1], eps, unit_offset)
+    n.weight = w
+    return n.reference(x)
+
+
+@pytest.mark.parametrize("T", [1, 5, 64])
+@pytest.mark.parametrize("D", [64, 100, 2048])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_rms_norm(T, D, dtype, gen):
+    x = (torch.randn(T, D, generator=gen) * 3).to(DEV, dtype)
+    for w_dtype, unit_offset in ((F32, False), (BF16, True)):
+        w = (torch.randn(D, generator=gen) * 0.5 + 1).to(DEV, w_dtype)
+        y = fused.rms_norm(x, w, 1e-6, unit_offset)
+        ref = norm_reference(x, w, 1e-6, unit_offset)
+        assert y.dtype == dtype and y.shape == x.shape
+        assert rel_err(y, ref) < 1e-6 if dtype == F32 else within_ulp(y, ref)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_rms_norm_residual(dtype, gen):
+    T, D = 5, 100
+    x = torch.randn(T, D, generator=gen).to(DEV, dtype)
+    res = torch.randn(T, D, generator=gen).to(DEV, dtype)
+    w = torch.randn(D, generator=gen).to(DEV)
+    y, h = fused.rms_norm(x, w, 1e-5, residual=res)
+    if dtype == F32 or not INTERPRET:
+        assert torch.equal(h, x + res)  # the same rounded sum the unfused add gives
+    assert h.dtype == dtype and within_ulp(h, x + res)
+    ref = norm_reference(h, w, 1e-5, False)  # the kernel normalizes the stored h
+    assert rel_err(y, ref) < 1e-6 if dtype == F32 else within_ulp(y, ref)
+
+
+def test_rms_norm_shapes_and_strides(gen):
+    """[T, H, D] input (q/k norms) and a strided row view; T = 0 launches nothing."""
+    w = torch.randn(64, generator=gen).to(DEV)
+    q = torch.randn(3, 4, 64, generator=gen).to(DEV)
+    assert rel_err(fused.rms_norm(q, w, 1e-6), norm_reference(q, w, 1e-6, False)) < 1e-6
+    wide = torch.randn(6, 128, generator=gen).to(DEV)
+    x = wide[::2, 64:]
+    assert rel_err(fused.rms_norm(x, w, 1e-6), norm_reference(x, w, 1e-6, False)) < 1e-6
+    assert fused.rms_norm(x[:0], w, 1e-6).shape == (0, 64)
+    with pytest.raises(ValueError, match="rms_norm"):
+        fused.rms_norm(x, w[:10], 1e-6)
+
+
+def qkv_views(gen, T, H, Hkv, D, dtype):
+    """q [T, H, D] and k [T, Hkv, D] as slices of one [T, (H + 2 Hkv) * D] projection output."""
+    qkv = torch.randn(T, (H + 2 * Hkv) * D, generator=gen).to(DEV, dtype)
+    q = qkv[:, : H * D].view(T, H, D)
+    k = qkv[:, H * D: (H + Hkv) * D].view(T, Hkv, D)
+    return q, k
+
+
+@pytest.mark.parametrize("D,rot", [(64, 64), (64, 32), (128, 128), (128, 64)])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_rope_qk(D, rot, dtype, gen):
+    T, H, Hkv = 3, 4, 2
+    rope = Rope(RopeSpec(theta=10000.0, dim=rot))
+    q, k = qkv_views(gen, T, H, Hkv, D, dtype)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    positions = torch.tensor([17, 1000, 32767], device=DEV)
+    qo, ko = fused.rope_qk(q, k, positions, rope._inv_for(q.device), rot)
+    for out, x in ((qo, q), (ko, k)):
+        ref = rope(x, positions)
+        assert out.dtype == ref.dtype and out.is_contiguous() and out.shape == x.shape
+        assert rel_err(out, ref) < 1e-6  # cos/sin may differ by an ulp; dtype is fp32 either way
+        assert torch.equal(out[..., rot:], ref[..., rot:])
+
+
+def test_rope_qk_llama3_scaling_and_int32_positions(gen):
+    spec = RopeSpec(theta=500000.0, dim=128, scaling="llama3", factor=8.0, original_max_pos=8192)
+    rope = Rope(spec)
+    q, k = qkv_views(gen, 2, 8, 1, 128, F32)
+    positions = torch.tensor([5, 100000], dtype=torch.int32, device=DEV)
+    qo, ko = fused.rope_qk(q, k, positions, rope._inv_for(q.device), 128)
+    assert rel_err(qo, rope(q, positions)) < 1e-6 and rel_err(ko, rope(k, positions)) < 1e-6
+
+
+def test_rope_apply_qk_matches_two_calls(gen):
+    """Rope.apply_qk is the dispatch point Attention uses (the kernel on CUDA, the reference elsewhere)."""
+    rope = Rope(RopeSpec(theta=10000.0, dim=32))
+    q, k = qkv_views(gen, 2, 4, 2, 64, F32)
+    positions = torch.tensor([3, 4], device=DEV)
+    qo, ko = rope.apply_qk(q, k, positions)
+    assert rel_err(qo, rope(q, positions)) < 1e-6 and rel_err(ko, rope(k, positions)) < 1e-6
+
+
+def test_rope_qk_rejects_bad_shapes():
+    q = torch.zeros(2, 4, 64, device=DEV)
+    pos = torch.zeros(2, dtype=torch.int64, device=DEV)
+    inv = torch.ones(16, device=DEV)
+    with pytest.raises(ValueError, match="rope_qk"):
+        fused.rope_qk(q, q[:1], pos, inv, 32)
+    with pytest.raises(ValueError, match="rope_qk"):
+        fused.rope_qk(q, q, pos, inv, 64)  # inv_freq has 16 entries, not 32
+    with pytest.raises(ValueError, match="positions"):
+        fused.rope_qk(q, q, pos.float(), inv, 32)
+
+
+@pytest.mark.skipif(INTERPRET, reason="CUDA graphs need CUDA")
+def test_cuda_graph_replay_with_new_positions(gen):
+    """Positions are read on the device: one captured graph serves every position."""
+    rope = Rope(RopeSpec(theta=10000.0, dim=128))
+    q, k = qkv_views(gen, 1, 32, 8, 128, BF16)
+    positions = torch.zeros(1, dtype=torch.int64, device=DEV)
+    w = torch.randn(128, generator=gen).to(DEV)
+    inv = rope._inv_for(q.device)
+    fused.rope_qk(q, k, positions, inv, 128)  # compile outside the capture
+    fused.rms_norm(q, w, 1e-6)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        qo, ko = fused.rope_qk(q, k, positions, inv, 128)
+        y = fused.rms_norm(qo, w, 1e-6)
+    for p in (0, 7, 4095, 131071):
+        positions.fill_(p)
+        graph.replay()
+        assert rel_err(qo, rope(q, positions)) < 1e-6 and rel_err(ko, rope(k, positions)) < 1e-6
+        assert rel_err(y, norm_reference(rope(q, positions), w, 1e-6, False)) < 1e-6
