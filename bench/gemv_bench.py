@@ -11,6 +11,7 @@ from triton.testing import do_bench
 
 from ouzel.kernels import cuda as ocuda
 from ouzel.kernels.triton import gguf as G
+from ouzel.kernels.triton import q8act as Q8
 from ouzel.kernels.triton.testing import random_blocks, reference_linear, rel_err
 from ouzel.quant.blocks import block_type
 
@@ -38,17 +39,20 @@ def dense(name, n, k, gen, bw) -> None:
     raws = rotated(name, n, k, gen, nbytes)
     x = torch.randn(1, k, generator=gen).cuda()
     ref = reference_linear(x, raws[0], name)
-    for fast in (False,):
-        configs = SWEEP if os.environ.get("SWEEP") else ocuda.GEMV_CONFIGS
+    kinds = [("fp32 x", G.qgemv, SWEEP if os.environ.get("SWEEP") else ocuda.GEMV_CONFIGS, ref, 1e-5)]
+    if name in Q8.SUPPORTED:
+        xq, dx, _ = Q8.quantize_x(x)
+        kinds.append(("int8 x", Q8.qgemv_q8, ocuda.Q8_CONFIGS, reference_linear(Q8.dequantized_x(xq, dx), raws[0], name), 1e-5))
+    for label, fn, configs, want, tol in kinds:
         res = []
         for c in configs:
-            err = rel_err(G.qgemv(x, raws[0], name, (n, k), **c), ref)
-            assert err < 1e-5, (name, n, k, c, err)
+            err = rel_err(fn(x, raws[0], name, (n, k), **c), want)
+            assert err < tol, (name, n, k, c, err)
             it = iter(range(1 << 62))
-            res.append((bench_us(lambda c=c: G.qgemv(x, raws[next(it) % len(raws)], name, (n, k), **c)), c))
+            res.append((bench_us(lambda c=c: fn(x, raws[next(it) % len(raws)], name, (n, k), **c)), c))
         res.sort(key=lambda r: r[0])
         t, c = res[0]
-        print(f"{name}  {n:6d}x{k:<6d} {nbytes / 1e6:7.1f} MB best {t:7.1f} us "
+        print(f"{name} {label} {n:6d}x{k:<6d} {nbytes / 1e6:7.1f} MB best {t:7.1f} us "
               f"{nbytes / t / 1e3:5.0f} GB/s ({nbytes / t / 1e3 / bw:4.0%} of copy bw) {c} | "
               + " ".join(f"{r[0]:.0f}" for r in res[1:4]), flush=True)
 
@@ -62,13 +66,17 @@ def moe(name, E, n, k, pairs, x_div, gen, bw) -> None:
     ref = torch.stack([reference_linear(x[p // x_div][None], raws[0][idx[p] * n:(idx[p] + 1) * n], name)[0]
                        for p in range(pairs)])
     read = pairs * n * bt.row_bytes(k)
+    fn, configs = (Q8.qgemv_q8, ocuda.Q8_CONFIGS) if name in Q8.SUPPORTED else (G.qgemv, ocuda.GEMV_CONFIGS)
+    if fn is Q8.qgemv_q8:
+        xd = Q8.dequantized_x(*Q8.quantize_x(x)[:2])
+        ref = torch.stack([reference_linear(xd[p // x_div][None], raws[0][idx[p] * n:(idx[p] + 1) * n], name)[0]
+                           for p in range(pairs)])
     res = []
-    for c in ocuda.GEMV_CONFIGS:
-        err = rel_err(G.qgemv(x, raws[0], name, (n, k), idx=idx, x_div=x_div, **c), ref)
+    for c in configs:
+        err = rel_err(fn(x, raws[0], name, (n, k), idx=idx, x_div=x_div, **c), ref)
         assert err < 1e-5, (name, c, err)
         it = iter(range(1 << 62))
-        res.append((bench_us(lambda c=c: G.qgemv(x, raws[next(it) % len(raws)], name, (n, k), idx=idx,
-                                                 x_div=x_div, **c)), c))
+        res.append((bench_us(lambda c=c: fn(x, raws[next(it) % len(raws)], name, (n, k), idx=idx, x_div=x_div, **c)), c))
     res.sort(key=lambda r: r[0])
     t, c = res[0]
     print(f"MoE {name} {pairs} pairs of {E}x[{n}x{k}] read {read / 1e6:5.1f} MB best {t:6.1f} us "
@@ -83,10 +91,11 @@ def main() -> None:
     print(f"copy bandwidth {bw:.0f} GB/s (read + write)", flush=True)
     del a, b
     gen = torch.Generator().manual_seed(0)
-    for name in ("Q4_K", "Q6_K", "Q8_0"):
+    types = os.environ.get("TYPES", "Q4_K,Q6_K,Q8_0").split(",")
+    for name in types:
         for n, k in SHAPES:
             dense(name, n, k, gen, bw)
-    for name in ("Q4_K", "Q6_K"):
+    for name in [t for t in types if t in ("Q4_K", "Q6_K")]:
         moe(name, 128, 768, 2048, 8, 8, gen, bw)   # gate (or up): one token, 8 experts
         moe(name, 128, 2048, 768, 8, 1, gen, bw)   # down: 8 pairs, each its own input
 

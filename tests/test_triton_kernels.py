@@ -76,3 +76,47 @@ def test_ops_linear_dispatch(gen):
         assert rel_err(y.reshape(-1, n), reference_linear(x.reshape(-1, k), w.raw, "Q4_K")) < tol
     q5 = QTensor(torch.zeros(4, 88, dtype=torch.uint8, device=DEV), block_type("Q5_0"), (4, 128))
     assert cuda.qlinear(torch.randn(1, 128, device=DEV), q5) is None  # no kernel: the reference runs
+
+
+# --- int8-activation GEMVs (kernels/triton/q8act.py) ---
+from ouzel.kernels.triton import q8act as Q8  # noqa: E402
+
+
+def test_quantize_x(gen):
+    x = torch.randn(3, 512, generator=gen).to(DEV)
+    x[1, :32] = 0.0  # an all-zero group: scale 0, quants 0
+    xq, dx, sx = Q8.quantize_x(x)
+    g = x.view(3, -1, 32).cpu()
+    d = g.abs().amax(-1, keepdim=True) / 127
+    want = torch.clamp(torch.floor(g / torch.where(d > 0, d, 1) + 0.5), -127, 127)
+    assert (xq.view(3, -1, 32).cpu().float() - want).abs().max() <= 1  # a tie may round either way
+    assert torch.allclose(dx.cpu(), d[..., 0], rtol=1e-6)
+    xd = Q8.dequantized_x(xq, dx)
+    assert torch.allclose(sx, xd.view(3, -1, 32).sum(-1), rtol=1e-5, atol=1e-6)
+    assert rel_err(xd, x) < 0.01
+
+
+@pytest.mark.parametrize("m,cfg", [(1, dict(bn=8, u=1)), (1, dict(bn=4, u=2, split=2)), (3, dict(bn=16, u=1)),
+                                   (16, dict(bn=8, u=2, split=2))])
+def test_q8_gemv_matches_dequantized_x(m, cfg, gen):
+    n, k = 21, 1024
+    raw = random_blocks("Q4_K", n, k, gen, DEV)
+    x = torch.randn(m, k, generator=gen).to(DEV)
+    xq, dx, sx = Q8.quantize_x(x)
+    out = torch.full((m, n), float("nan"), device=DEV)
+    Q8.qgemv_q8(x, raw, "Q4_K", (n, k), out=out, xq=(xq, dx, sx), **cfg)
+    assert rel_err(out, reference_linear(Q8.dequantized_x(xq, dx), raw, "Q4_K")) < 1e-5  # exact integer dots
+    assert rel_err(out, reference_linear(x, raw, "Q4_K")) < 2e-2  # x's rounding to 8 bits
+
+
+def test_q8_gemv_experts(gen):
+    E, n, k, T, K = 5, 24, 512, 2, 3
+    raw = random_blocks("Q4_K", E * n, k, gen, DEV)
+    idx = torch.randint(0, E, (T * K,), generator=gen).to(DEV)
+    x = torch.randn(T, k, generator=gen).to(DEV)
+    xq, dx, sx = Q8.quantize_x(x)
+    xd = Q8.dequantized_x(xq, dx)
+    out = Q8.qgemv_q8(x, raw, "Q4_K", (n, k), idx=idx, x_div=K, bn=8, u=1, xq=(xq, dx, sx))
+    ref = torch.stack([reference_linear(xd[p // K][None], raw[idx[p] * n:(idx[p] + 1) * n], "Q4_K")[0]
+                       for p in range(T * K)])
+    assert rel_err(out, ref) < 1e-5

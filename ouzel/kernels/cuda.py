@@ -6,6 +6,8 @@
   OUZEL_CUDA_PREFILL_DTYPE=f32   large-M matmuls (prefill) in x's dtype instead of bf16 operands
                                  with fp32 accumulation on the tensor cores (the default)
   OUZEL_TRITON_TUNE=0            use the default GEMV config instead of timing a few on first use
+  OUZEL_EXACT_GEMV=1             decode GEMVs multiply fp32 activations (default: Q4_K rounds x to
+                                 int8 per 32 values and uses integer dot products, as llama.cpp does)
 """
 from __future__ import annotations
 
@@ -19,7 +21,18 @@ _TUNED: dict = {}  # (type, n, k, m, dtype, moe) -> qgemv kwargs
 # the split of K is derived so that the grid fills the chip.
 GEMV_CONFIGS = (dict(bn=4, u=2), dict(bn=16, u=2), dict(bn=16, u=4), dict(bn=16, u=8), dict(bn=16, u=1),
                 dict(bn=4, u=4, target=2048), dict(bn=16, u=2, target=2048), dict(bn=32, u=2, num_warps=8))
+Q8_CONFIGS = (dict(bn=32, u=2), dict(bn=16, u=2), dict(bn=32, u=4, num_warps=8), dict(bn=64, u=1, num_warps=8),
+              dict(bn=8, u=1), dict(bn=16, u=1, target=1024), dict(bn=32, u=2, target=1024))
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _q8():
+    """The int8-activation GEMVs (`triton/q8act.py`), unless OUZEL_EXACT_GEMV=1 asks for fp32 x."""
+    g = _gguf()
+    if g is None or os.environ.get("OUZEL_EXACT_GEMV"):
+        return None
+    from .triton import q8act  # noqa: PLC0415
+    return q8act
 
 
 def _gguf():
@@ -41,19 +54,28 @@ def supports(bt_name: str) -> bool:
     return g is not None and g.supports(bt_name)
 
 
-def _gemv_config(g, x2, raw, bt_name: str, shape, **moe) -> dict:
+def _gemv(x2, raw, bt_name: str, shape, **moe) -> torch.Tensor:
+    """x2 [M <= 16, K] @ W.T: int8 activations where a kernel reads this type, else fp32 x."""
+    q8 = _q8()
+    if q8 is not None and bt_name in q8.SUPPORTED:
+        fn, configs = q8.qgemv_q8, Q8_CONFIGS
+    else:
+        fn, configs = _gguf().qgemv, GEMV_CONFIGS
+    return fn(x2, raw, bt_name, shape, **_gemv_config(fn, configs, x2, raw, bt_name, shape, **moe), **moe)
+
+
+def _gemv_config(fn, configs, x2, raw, bt_name: str, shape, **moe) -> dict:
     """The fastest of a few configs for this shape, timed on first use (must not run while a
     CUDA graph is being captured: the first call of every shape happens in an eager warm-up)."""
-    key = (bt_name, *shape, x2.shape[0], x2.dtype, raw.shape[0], len(moe["idx"]) if moe else 0)
+    key = (fn.__name__, bt_name, *shape, x2.shape[0], x2.dtype, raw.shape[0], len(moe["idx"]) if moe else 0)
     cfg = _TUNED.get(key)
     if cfg is None:
-        configs = GEMV_CONFIGS
         cfg = configs[0]
         if os.environ.get("OUZEL_TRITON_TUNE", "1") != "0":
             from triton.testing import do_bench  # noqa: PLC0415
             best = None
             for c in configs:
-                t = do_bench(lambda c=c: g.qgemv(x2, raw, bt_name, shape, **c, **moe), warmup=2, rep=10,
+                t = do_bench(lambda c=c: fn(x2, raw, bt_name, shape, **c, **moe), warmup=2, rep=10,
                              return_mode="median")
                 if best is None or t < best:
                     best, cfg = t, c
@@ -68,9 +90,7 @@ def qgemv_experts(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, idx: 
     g = _gguf()
     if g is None or not g.supports(bt_name) or x.dtype not in _DTYPES or shape[1] % g.STEP:
         return None
-    x = x.contiguous()
-    moe = dict(idx=idx, x_div=x_div)
-    return g.qgemv(x, raw, bt_name, shape, **_gemv_config(g, x, raw, bt_name, shape, **moe), **moe)
+    return _gemv(x.contiguous(), raw, bt_name, shape, idx=idx, x_div=x_div)
 
 
 def qlinear(x: torch.Tensor, w) -> torch.Tensor | None:
@@ -88,7 +108,7 @@ def qlinear(x: torch.Tensor, w) -> torch.Tensor | None:
     if m == 0:
         return None
     if m <= g.MAX_GEMV_M:
-        out = g.qgemv(x2, w.raw, w.bt.name, w.shape, **_gemv_config(g, x2, w.raw, w.bt.name, w.shape))
+        out = _gemv(x2, w.raw, w.bt.name, w.shape)
     else:
         cd = x.dtype if os.environ.get("OUZEL_CUDA_PREFILL_DTYPE", "bf16") in ("f32", "fp32") else torch.bfloat16
         wd = g.qdequant(w.raw, w.bt.name, w.shape, cd)

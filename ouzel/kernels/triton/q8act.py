@@ -1,0 +1,194 @@
+"""Decode GEMVs with 8-bit activations: integer dot products of the GGUF quants with x rounded
+to int8 per 32 values (llama.cpp's scheme for its CUDA decode matmuls).
+
+Why: a GEMV over 4-bit weights at memory speed has ~1 instruction per weight to spend; decoding
+each weight to float and multiplying in fp32 costs ~12 (measured in SASS). Here the weight bytes
+stay packed: one `dp4a` multiplies 4 weight bytes by 4 activation bytes and accumulates in int32,
+exactly. The scales are applied once per sub-block.
+
+x [M, K] -> xq int8 (round(x / dx)), dx = max|x| / 127 and sx = dx * sum(xq) per 32 values
+(fp32; for Q4_K's minimums). The only approximation is x's rounding to 8 bits (~0.4% per value);
+the oracle is therefore the exact dequantized matmul of xq * dx (`dequantized_x`), which the
+kernel matches to fp32 rounding.
+
+Q4_K block (144 B): d, dmin (f16), 12 B of 6-bit sub-block scales/mins, 128 B of nibbles where
+byte l of 32-byte group j holds elements 64j + l (low nibble) and 64j + 32 + l (high). Read as
+32-bit words, word w of group j masked with 0x0F0F0F0F holds elements 64j + 4w .. +3, which is
+exactly the int8 word 16j + w of xq: one dp4a per 4 weights, no shuffling.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+QBLOCK = 32  # activation values per int8 scale
+
+
+@triton.jit
+def _quant_x_kernel(x_ptr, xq_ptr, dx_ptr, sx_ptr, K, stride_xm, BLOCK: tl.constexpr):
+    """Program (m, b): values b*BLOCK .. of row m -> int8, and per 32 the scale and the sum."""
+    m = tl.program_id(0)
+    b = tl.program_id(1)
+    offs = b * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + m * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+    xr = tl.reshape(x, [BLOCK // 32, 32])
+    amax = tl.max(tl.abs(xr), axis=1)
+    d = amax / 127.0
+    inv = tl.where(amax > 0, 127.0 / tl.where(amax > 0, amax, 1.0), 0.0)
+    q = tl.floor(xr * inv[:, None] + 0.5)
+    q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
+    tl.store(xq_ptr + m * K + offs, tl.reshape(q, [BLOCK]), mask=offs < K)
+    sub = b * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
+    tl.store(dx_ptr + m * (K // 32) + sub, d, mask=sub < K // 32)
+    tl.store(sx_ptr + m * (K // 32) + sub, d * tl.sum(q.to(tl.float32), axis=1), mask=sub < K // 32)
+
+
+def quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] (K % 32 == 0) -> xq int8 [M, K], dx [M, K/32], sx = dx * sum(xq) [M, K/32] (fp32)."""
+    m, k = x.shape
+    xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    dx = torch.empty((m, k // QBLOCK), dtype=torch.float32, device=x.device)
+    sx = torch.empty_like(dx)
+    block = 256 if k % 256 == 0 else 32
+    _quant_x_kernel[(m, triton.cdiv(k, block))](x, xq, dx, sx, k, x.stride(0), BLOCK=block)
+    return xq, dx, sx
+
+
+def dequantized_x(xq: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """The activations the kernels actually multiply: xq * dx, float32 [M, K] (the test oracle's x)."""
+    return (xq.float().view(xq.shape[0], -1, QBLOCK) * dx[:, :, None]).view(xq.shape)
+
+
+@triton.jit
+def _dp4a(a, b, c, USE_ASM: tl.constexpr):
+    """c + sum over the 4 bytes of (unsigned byte of a) * (signed byte of b)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:  # the same integer arithmetic, spelled out (Triton's CPU interpreter has no inline PTX)
+        for t in tl.static_range(4):
+            c += ((a >> (8 * t)) & 255) * ((b << (24 - 8 * t)) >> 24)
+        return c
+
+
+@triton.jit
+def _f16_lo(w):
+    return (w & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _q4k_scale(p, s):
+    """Q4_K's 6-bit scale and min of sub-block(s) s (0..7) from the 12 bytes at p, as float32."""
+    j = s % 4
+    a = tl.load(p + j).to(tl.int32)
+    m = tl.load(p + 4 + j).to(tl.int32)
+    c = tl.load(p + 8 + j).to(tl.int32)
+    sc = tl.where(s < 4, a & 63, (c & 15) | ((a >> 2) & 48))
+    mn = tl.where(s < 4, m & 63, (c >> 4) | ((m >> 2) & 48))
+    return sc.to(tl.float32), mn.to(tl.float32)
+
+
+@triton.jit
+def _q4k_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, wb_ptr, out_ptr, idx_ptr, N, blocks_per_split, row_words,
+                expert_words, K, x_div, stride_os, stride_og, stride_om,
+                M: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr,
+                HAS_IDX: tl.constexpr, USE_ASM: tl.constexpr):
+    """Program (i, split, g): rows i*BN.., blocks [split*blocks_per_split, ...), pair g (MoE: x row
+    g // x_div, expert idx[g]). Tile [BN rows, NB blocks, 4 groups j, 8 words w]."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    g = tl.program_id(2)
+    rows = pid * BN + tl.arange(0, BN)
+    wrow = tl.minimum(rows, N - 1).to(tl.int64) * row_words
+    if HAS_IDX:
+        wrow += tl.load(idx_ptr + g).to(tl.int64) * expert_words
+    xrow = (g // x_div) * M
+    r4 = wrow[:, None, None, None]
+    b4 = tl.arange(0, NB)[None, :, None, None]
+    j4 = tl.arange(0, 4)[None, None, :, None]
+    w4 = tl.arange(0, 8)[None, None, None, :]
+    r3 = wrow[:, None, None]
+    b3 = tl.arange(0, NB)[None, :, None]
+    j3 = tl.arange(0, 4)[None, None, :]
+    mi = tl.arange(0, MP)[:, None]
+    acc = tl.zeros([MP, BN], dtype=tl.float32)
+    acc1 = tl.zeros([BN, NB, 4], dtype=tl.float32)
+    blk_begin = split * blocks_per_split
+    for i in range(0, blocks_per_split, NB):
+        blk0 = blk_begin + i
+        qw = tl.load(w_ptr + r4 + (blk0 + b4) * 36 + 4 + j4 * 8 + w4)  # [BN, NB, 4, 8] nibble words
+        lo = qw & 0x0F0F0F0F
+        hi = (qw >> 4) & 0x0F0F0F0F
+        base = r3 + (blk0 + b3) * 36
+        hdr = tl.load(w_ptr + base)  # [BN, NB, 1]: d | dmin << 16
+        d = _f16_lo(hdr)
+        dmin = _f16_lo(hdr >> 16)
+        sc_lo, mn_lo = _q4k_scale(wb_ptr + base * 4 + 4, 2 * j3)  # sub-block 2j: the low nibbles
+        sc_hi, mn_hi = _q4k_scale(wb_ptr + base * 4 + 4, 2 * j3 + 1)
+        for m in tl.static_range(M):
+            xw = xq_ptr + (xrow + m) * (K // 4) + (blk0 + b4) * 64 + j4 * 16 + w4  # int8 words
+            dl = tl.sum(_dp4a(lo, tl.load(xw), 0, USE_ASM), axis=3)  # [BN, NB, 4] exact
+            dh = tl.sum(_dp4a(hi, tl.load(xw + 8), 0, USE_ASM), axis=3)
+            xs = (xrow + m) * (K // 32) + (blk0 + b3) * 8 + 2 * j3  # [1, NB, 4] sub-block index
+            part = d * (sc_lo * tl.load(dx_ptr + xs) * dl.to(tl.float32)
+                        + sc_hi * tl.load(dx_ptr + xs + 1) * dh.to(tl.float32)) \
+                - dmin * (mn_lo * tl.load(sx_ptr + xs) + mn_hi * tl.load(sx_ptr + xs + 1))
+            if M == 1:
+                acc1 += part
+            else:
+                p = tl.sum(tl.sum(part, axis=2), axis=1)
+                acc = tl.where(mi == m, acc + p[None, :], acc)
+    if M == 1:
+        acc = tl.sum(tl.sum(acc1, axis=2), axis=1)[None, :]
+    mask = (mi < M) & (rows[None, :] < N)
+    tl.store(out_ptr + split * stride_os + g * stride_og + mi * stride_om + rows[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+SUPPORTED = ("Q4_K",)
+
+
+def _split_for(n_tiles: int, n_blocks: int, nb: int, target: int) -> int:
+    split = 1
+    while n_tiles * split < target and n_blocks % (split * 2 * nb) == 0 and split < 64:
+        split *= 2
+    return split
+
+
+def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch.Tensor | None = None,
+             bn: int = 8, u: int = 1, split: int | None = None, num_warps: int = 4, target: int = 264,
+             idx: torch.Tensor | None = None, x_div: int = 1, xq=None) -> torch.Tensor:
+    """out [M, N] = x [M, K] @ W.T with x rounded to int8 per 32 (see the module doc); M <= 16.
+    MoE form as `gguf.qgemv`: idx [G] experts of raw [E * N, row_bytes], out [G, N], x row g // x_div.
+    xq: a `quantize_x(x)` result to reuse (several matrices reading the same x)."""
+    if bt_name not in SUPPORTED:
+        raise ValueError(f"qgemv_q8: {bt_name} is not supported ({', '.join(SUPPORTED)})")
+    n, k = shape
+    moe = idx is not None
+    m = 1 if moe else x.shape[0]
+    groups = len(idx) if moe else 1
+    if k % 256 or raw.dtype != torch.uint8 or raw.stride(1) != 1 or raw.stride(0) % 4 or raw.data_ptr() % 16:
+        raise ValueError(f"qgemv_q8: unsupported layout {tuple(raw.shape)} for {shape}")
+    if x.shape[-1] != k or not 1 <= m <= 16 or (moe and x.shape[0] * x_div != groups):
+        raise ValueError(f"qgemv_q8: x {tuple(x.shape)} for weight {shape}")
+    xq, dx, sx = xq if xq is not None else quantize_x(x)
+    n_blocks = k // 256
+    if n_blocks % u:
+        u = 1
+    if split is None:
+        split = _split_for(triton.cdiv(n, bn) * groups, n_blocks, u, target)
+    if n_blocks % (split * u):
+        raise ValueError(f"qgemv_q8: {n_blocks} blocks do not split into {split} x {u}")
+    rows_out = groups if moe else m
+    if out is None:
+        out = torch.empty((rows_out, n), dtype=x.dtype, device=x.device)
+    dst = out if split == 1 else torch.empty((split, rows_out, n), dtype=torch.float32, device=x.device)
+    _q4k_kernel[(triton.cdiv(n, bn), split, groups)](
+        xq.view(torch.int32), dx, sx, raw.view(torch.int32), raw, dst, idx if moe else dx, n,
+        n_blocks // split, raw.stride(0) // 4, n * raw.stride(0) // 4, k, x_div,
+        0 if split == 1 else dst.stride(0), dst.stride(-2) if moe else 0, dst.stride(-2),
+        M=m, MP=1 << (m - 1).bit_length(), BN=bn, NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps)
+    if split > 1:
+        torch.sum(dst, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dst.sum(0))
+    return out
