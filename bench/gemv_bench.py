@@ -7,7 +7,7 @@ pairs over 128 stacked experts). Weights rotate over > 256 MB so L2 can't hold t
 from __future__ import annotations
 
 import torch
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from ouzel.kernels import cuda as ocuda
 from ouzel.kernels.triton import gguf as G
@@ -22,10 +22,13 @@ SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (128256, 409
 # the sweep (SWEEP=1): tile rows, steps per iteration, pipelining stages, grid size target for the K split
 SWEEP = [dict(bn=bn, u=u, stages=st, target=tg) for bn, u, st, tg in
          itertools.product((4, 16), (2, 4, 8), (1, 3), (264, 2048))]
+SWEEP_Q8 = [dict(bn=bn, u=u, num_warps=w, target=tg) for bn, u, w, tg in
+            itertools.product((8, 16, 32, 64), (1, 2, 4), (4, 8), (264, 1024)) if bn * u <= 128]
 
 
 def bench_us(fn) -> float:
-    return do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+    """GPU time of fn, replayed in a CUDA graph (eager timing of a 10 us kernel is Python's)."""
+    return do_bench_cudagraph(fn, rep=40, return_mode="median") * 1e3
 
 
 def rotated(name, rows, k, gen, nbytes):
@@ -42,7 +45,7 @@ def dense(name, n, k, gen, bw) -> None:
     kinds = [("fp32 x", G.qgemv, SWEEP if os.environ.get("SWEEP") else ocuda.GEMV_CONFIGS, ref, 1e-5)]
     if name in Q8.SUPPORTED:
         xq, dx, _ = Q8.quantize_x(x)
-        kinds.append(("int8 x", Q8.qgemv_q8, ocuda.Q8_CONFIGS, reference_linear(Q8.dequantized_x(xq, dx), raws[0], name), 1e-5))
+        kinds.append(("int8 x", Q8.qgemv_q8, SWEEP_Q8 if os.environ.get("SWEEP") else ocuda.Q8_CONFIGS, reference_linear(Q8.dequantized_x(xq, dx), raws[0], name), 1e-5))
     for label, fn, configs, want, tol in kinds:
         res = []
         for c in configs:

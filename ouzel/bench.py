@@ -248,6 +248,8 @@ def add_arguments(p) -> None:
     p.add_argument("--pp", type=int, default=None, help="instead of the walk: prefill this many tokens "
                    "from empty, then decode --tg (llama-bench's -p/-n pair)")
     p.add_argument("--tg", type=int, default=128, help="tokens decoded at each frontier (default 128)")
+    p.add_argument("--runs", type=int, default=3, help="with --pp: repetitions, the median row is shown "
+                   "(llama-bench's -r; default 3)")
     p.add_argument("--text-file", default=None, help="walk this text instead of the built-in one")
     p.add_argument("--csv", default=None, help="write the rows to this CSV file")
     p.add_argument("--plot", default=None, help="write a PNG of both curves (needs matplotlib)")
@@ -258,8 +260,8 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.tg < 1 or (args.pp is not None and args.pp < 1):
-        raise OuzelError("--tg and --pp must be positive")
+    if args.tg < 1 or (args.pp is not None and args.pp < 1) or args.runs < 1:
+        raise OuzelError("--tg, --pp and --runs must be positive")
     device = resolve_device(args.device)
     loaded = load_model(args.model, device, progress=sys.stderr.isatty())
     model_ctx = int(loaded.config.opt("max_position_embeddings", 4096))
@@ -296,7 +298,11 @@ def run(args) -> int:
     with torch.inference_mode():
         b.warmup(tokens)
         if args.pp is not None:
-            rows = [b.pp_tg(tokens, args.pp)]
+            runs = [b.pp_tg(tokens, args.pp) for _ in range(args.runs)]
+            pick = lambda key: sorted(runs, key=key)[len(runs) // 2]  # noqa: E731
+            p, d = pick(lambda r: r.prefill_tps), pick(lambda r: r.decode_tps)
+            rows = [Row("pp-tg", p.context, p.prefill_tokens, p.prefill_s, p.prefill_tps, d.decode_tokens,
+                        d.decode_s, d.decode_tps, d.floor_fraction)]
             show(rows[0])
         else:
             rows = b.frontiers(tokens, frontiers, on_row=show)

@@ -72,7 +72,7 @@ def test_ops_linear_dispatch(gen):
         assert cuda.qlinear(x, w) is not None
         y = ops.linear(x, w)
         assert y.shape == (*shape[:-1], n)
-        tol = 1e-4 if x.reshape(-1, k).shape[0] <= G.MAX_GEMV_M else 2e-2  # prefill: bf16 operands
+        tol = 2e-2  # prefill: bf16 operands; decode: x rounded to int8 per 32 values
         assert rel_err(y.reshape(-1, n), reference_linear(x.reshape(-1, k), w.raw, "Q4_K")) < tol
     q5 = QTensor(torch.zeros(4, 88, dtype=torch.uint8, device=DEV), block_type("Q5_0"), (4, 128))
     assert cuda.qlinear(torch.randn(1, 128, device=DEV), q5) is None  # no kernel: the reference runs
