@@ -96,27 +96,29 @@ def test_quantize_x(gen):
     assert rel_err(xd, x) < 0.01
 
 
+@pytest.mark.parametrize("name", Q8.SUPPORTED)
 @pytest.mark.parametrize("m,cfg", [(1, dict(bn=8, u=1)), (1, dict(bn=4, u=2, split=2)), (3, dict(bn=16, u=1)),
                                    (16, dict(bn=8, u=2, split=2))])
-def test_q8_gemv_matches_dequantized_x(m, cfg, gen):
+def test_q8_gemv_matches_dequantized_x(name, m, cfg, gen):
     n, k = 21, 1024
-    raw = random_blocks("Q4_K", n, k, gen, DEV)
+    raw = random_blocks(name, n, k, gen, DEV)
     x = torch.randn(m, k, generator=gen).to(DEV)
     xq, dx, sx = Q8.quantize_x(x)
     out = torch.full((m, n), float("nan"), device=DEV)
-    Q8.qgemv_q8(x, raw, "Q4_K", (n, k), out=out, xq=(xq, dx, sx), **cfg)
-    assert rel_err(out, reference_linear(Q8.dequantized_x(xq, dx), raw, "Q4_K")) < 1e-5  # exact integer dots
-    assert rel_err(out, reference_linear(x, raw, "Q4_K")) < 2e-2  # x's rounding to 8 bits
+    Q8.qgemv_q8(x, raw, name, (n, k), out=out, xq=(xq, dx, sx), **cfg)
+    assert rel_err(out, reference_linear(Q8.dequantized_x(xq, dx), raw, name)) < 1e-5  # exact integer dots
+    assert rel_err(out, reference_linear(x, raw, name)) < 2e-2  # x's rounding to 8 bits
 
 
-def test_q8_gemv_experts(gen):
+@pytest.mark.parametrize("name", Q8.SUPPORTED)
+def test_q8_gemv_experts(name, gen):
     E, n, k, T, K = 5, 24, 512, 2, 3
-    raw = random_blocks("Q4_K", E * n, k, gen, DEV)
+    raw = random_blocks(name, E * n, k, gen, DEV)
     idx = torch.randint(0, E, (T * K,), generator=gen).to(DEV)
     x = torch.randn(T, k, generator=gen).to(DEV)
     xq, dx, sx = Q8.quantize_x(x)
     xd = Q8.dequantized_x(xq, dx)
-    out = Q8.qgemv_q8(x, raw, "Q4_K", (n, k), idx=idx, x_div=K, bn=8, u=1, xq=(xq, dx, sx))
-    ref = torch.stack([reference_linear(xd[p // K][None], raw[idx[p] * n:(idx[p] + 1) * n], "Q4_K")[0]
+    out = Q8.qgemv_q8(x, raw, name, (n, k), idx=idx, x_div=K, bn=8, u=1, xq=(xq, dx, sx))
+    ref = torch.stack([reference_linear(xd[p // K][None], raw[idx[p] * n:(idx[p] + 1) * n], name)[0]
                        for p in range(T * K)])
     assert rel_err(out, ref) < 1e-5
