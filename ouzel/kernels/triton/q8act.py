@@ -11,7 +11,9 @@ x [M, K] -> xq int8 (round(x / dx)), dx = max|x| / 127 and sx = dx * sum(xq) per
 the oracle is therefore the exact dequantized matmul of xq * dx (`dequantized_x`), which the
 kernel matches to fp32 rounding.
 
-Kernels for Q4_K, Q6_K and Q8_0 (`SUPPORTED`); each documents its block layout. Q4_K (144 B): d, dmin (f16), 12 B of 6-bit sub-block scales/mins, 128 B of nibbles where
+Q4_K only (`SUPPORTED`): for Q6_K and Q8_0, whose blocks are only 2-byte aligned, the same scheme
+read through int16 pairs was no faster than the fp32-activation decoder on an H200 (Q8_0 slower;
+bench/NOTES.md), so they keep that one. Q4_K (144 B): d, dmin (f16), 12 B of 6-bit sub-block scales/mins, 128 B of nibbles where
 byte l of 32-byte group j holds elements 64j + l (low nibble) and 64j + 32 + l (high). Read as
 32-bit words, word w of group j masked with 0x0F0F0F0F holds elements 64j + 4w .. +3, which is
 exactly the int8 word 16j + w of xq: one dp4a per 4 weights, no shuffling.
@@ -61,28 +63,15 @@ def dequantized_x(xq: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _dp4a(a, b, c, USE_ASM: tl.constexpr, SIGNED_A: tl.constexpr = False):
-    """c + sum over the 4 bytes of (unsigned, or signed with SIGNED_A, byte of a) * (signed byte of b)."""
+def _dp4a(a, b, c, USE_ASM: tl.constexpr):
+    """c + sum over the 4 bytes of (unsigned byte of a) * (signed byte of b)."""
     if USE_ASM:
-        if SIGNED_A:
-            return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
-                                             dtype=tl.int32, is_pure=True, pack=1)
         return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
                                          dtype=tl.int32, is_pure=True, pack=1)
     else:  # the same integer arithmetic, spelled out (Triton's CPU interpreter has no inline PTX)
         for t in tl.static_range(4):
-            if SIGNED_A:
-                c += ((a << (24 - 8 * t)) >> 24) * ((b << (24 - 8 * t)) >> 24)
-            else:
-                c += ((a >> (8 * t)) & 255) * ((b << (24 - 8 * t)) >> 24)
+            c += ((a >> (8 * t)) & 255) * ((b << (24 - 8 * t)) >> 24)
         return c
-
-
-@triton.jit
-def _word16(p):
-    """The 32-bit little-endian word at 2-byte-aligned int16 pointer(s) p (Q6_K/Q8_0 blocks are only
-    2-byte aligned)."""
-    return (tl.load(p).to(tl.int32) & 0xFFFF) | (tl.load(p + 1).to(tl.int32) << 16)
 
 
 @triton.jit
@@ -168,112 +157,7 @@ def _q4k_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, wb_ptr, out_ptr, idx_ptr, N, bloc
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _q6k_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, idx_ptr, N, blocks_per_split, row_halves, expert_halves,
-                K, x_div, stride_os, stride_og, stride_om,
-                M: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr,
-                HAS_IDX: tl.constexpr, USE_ASM: tl.constexpr):
-    """Q6_K (210 B: ql 128, qh 64, 16 int8 scales, d f16), read through an int16 pointer. Tile
-    [BN rows, NB blocks, 16 sub-blocks s, 4 words]: sub-block s = (half h, quadrant qd, pair wg) holds
-    elements h*128 + qd*32 + 16*wg .. +15; word w = 4*wg + wi of it takes its low 4 bits from ql byte
-    h*64 + (qd % 2)*32 + 4w (nibble qd // 2) and its high 2 from qh byte h*32 + 4w (bits 2*qd).
-    Values are q + 32 (0..63): the dot subtracts 32 * sum(xq) per sub-block."""
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    g = tl.program_id(2)
-    rows = pid * BN + tl.arange(0, BN)
-    wrow = tl.minimum(rows, N - 1).to(tl.int64) * row_halves
-    if HAS_IDX:
-        wrow += tl.load(idx_ptr + g).to(tl.int64) * expert_halves
-    xrow = (g // x_div) * M
-    s4 = tl.arange(0, 16)[None, None, :, None]
-    wi = tl.arange(0, 4)[None, None, None, :]
-    h, qd, wg = s4 // 8, (s4 // 2) % 4, s4 % 2
-    w = 4 * wg + wi
-    ql_off = (h * 64 + (qd % 2) * 32 + 4 * w) // 2  # in int16 units within a block
-    qh_off = (128 + h * 32 + 4 * w) // 2
-    ql_shift, qh_shift = 4 * (qd // 2), 2 * qd
-    x_off = h * 32 + qd * 8 + w  # int8 word within the block's 64
-    r4 = wrow[:, None, None, None]
-    b4 = tl.arange(0, NB)[None, :, None, None]
-    s3 = tl.arange(0, 16)[None, None, :]
-    dxs = (s3 // 8) * 4 + (s3 // 2) % 4  # the x block (32 values) of each sub-block
-    r3 = wrow[:, None, None]
-    b3 = tl.arange(0, NB)[None, :, None]
-    mi = tl.arange(0, MP)[:, None]
-    acc = tl.zeros([MP, BN], dtype=tl.float32)
-    acc1 = tl.zeros([BN, NB, 16], dtype=tl.float32)
-    blk_begin = split * blocks_per_split
-    for i in range(0, blocks_per_split, NB):
-        blk0 = blk_begin + i
-        bw = w_ptr + r4 + (blk0 + b4) * 105  # 210 B = 105 int16 per block
-        q = ((_word16(bw + ql_off) >> ql_shift) & 0x0F0F0F0F) | (((_word16(bw + qh_off) >> qh_shift) & 0x03030303) << 4)
-        bh = w_ptr + r3 + (blk0 + b3) * 105
-        d = tl.load(bh + 104).to(tl.float16, bitcast=True).to(tl.float32)  # [BN, NB, 1]
-        sc = ((tl.load(bh + 96 + s3 // 2).to(tl.int32) >> (8 * (s3 % 2))) << 24 >> 24).to(tl.float32)  # int8
-        for m in tl.static_range(M):
-            xw = xq_ptr + (xrow + m) * (K // 4) + (blk0 + b4) * 64 + x_off
-            xv = tl.load(xw)
-            dot = tl.sum(_dp4a(q, xv, 0, USE_ASM), axis=3)  # [BN, NB, 16]
-            sq = tl.sum(_dp4a(tl.full(xv.shape, 0x01010101, tl.int32), xv, 0, USE_ASM), axis=3)
-            dx = tl.load(dx_ptr + (xrow + m) * (K // 32) + (blk0 + b3) * 8 + dxs)
-            part = d * sc * dx * (dot - 32 * sq).to(tl.float32)
-            if M == 1:
-                acc1 += part
-            else:
-                p = tl.sum(tl.sum(part, axis=2), axis=1)
-                acc = tl.where(mi == m, acc + p[None, :], acc)
-    if M == 1:
-        acc = tl.sum(tl.sum(acc1, axis=2), axis=1)[None, :]
-    mask = (mi < M) & (rows[None, :] < N)
-    tl.store(out_ptr + split * stride_os + g * stride_og + mi * stride_om + rows[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _q80_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, idx_ptr, N, blocks_per_split, row_halves, expert_halves,
-                K, x_div, stride_os, stride_og, stride_om,
-                M: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr,
-                HAS_IDX: tl.constexpr, USE_ASM: tl.constexpr):
-    """Q8_0 (34 B per 32: d f16, 32 int8), through an int16 pointer; a loop step covers NB*8 blocks
-    (256 values) so the split arithmetic is the same as the K-quants'. Tile [BN, NB*8 blocks, 8 words]."""
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    g = tl.program_id(2)
-    rows = pid * BN + tl.arange(0, BN)
-    wrow = tl.minimum(rows, N - 1).to(tl.int64) * row_halves
-    if HAS_IDX:
-        wrow += tl.load(idx_ptr + g).to(tl.int64) * expert_halves
-    xrow = (g // x_div) * M
-    r3 = wrow[:, None, None]
-    b3 = tl.arange(0, NB * 8)[None, :, None]
-    w3 = tl.arange(0, 8)[None, None, :]
-    r2 = wrow[:, None]
-    b2 = tl.arange(0, NB * 8)[None, :]
-    mi = tl.arange(0, MP)[:, None]
-    acc = tl.zeros([MP, BN], dtype=tl.float32)
-    acc1 = tl.zeros([BN, NB * 8], dtype=tl.float32)
-    blk_begin = split * blocks_per_split * 8
-    for i in range(0, blocks_per_split * 8, NB * 8):
-        blk0 = blk_begin + i
-        q = _word16(w_ptr + r3 + (blk0 + b3) * 17 + 1 + 2 * w3)  # [BN, NB*8, 8]
-        d = tl.load(w_ptr + r2 + (blk0 + b2) * 17).to(tl.float16, bitcast=True).to(tl.float32)
-        for m in tl.static_range(M):
-            xv = tl.load(xq_ptr + (xrow + m) * (K // 4) + (blk0 + b3) * 8 + w3)
-            dot = tl.sum(_dp4a(q, xv, 0, USE_ASM, True), axis=2)  # [BN, NB*8]
-            part = d * tl.load(dx_ptr + (xrow + m) * (K // 32) + blk0 + b2) * dot.to(tl.float32)
-            if M == 1:
-                acc1 += part
-            else:
-                acc = tl.where(mi == m, acc + tl.sum(part, axis=1)[None, :], acc)
-    if M == 1:
-        acc = tl.sum(acc1, axis=1)[None, :]
-    mask = (mi < M) & (rows[None, :] < N)
-    tl.store(out_ptr + split * stride_os + g * stride_og + mi * stride_om + rows[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-SUPPORTED = ("Q4_K", "Q6_K", "Q8_0")
+SUPPORTED = ("Q4_K",)
 
 
 def _split_for(n_tiles: int, n_blocks: int, nb: int, target: int) -> int:
@@ -295,8 +179,7 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch
     moe = idx is not None
     m = 1 if moe else x.shape[0]
     groups = len(idx) if moe else 1
-    align = 4 if bt_name == "Q4_K" else 2
-    if k % 256 or raw.dtype != torch.uint8 or raw.stride(1) != 1 or raw.stride(0) % align or raw.data_ptr() % 16:
+    if k % 256 or raw.dtype != torch.uint8 or raw.stride(1) != 1 or raw.stride(0) % 4 or raw.data_ptr() % 16:
         raise ValueError(f"qgemv_q8: unsupported layout {tuple(raw.shape)} for {shape}")
     if x.shape[-1] != k or not 1 <= m <= 16 or (moe and x.shape[0] * x_div != groups):
         raise ValueError(f"qgemv_q8: x {tuple(x.shape)} for weight {shape}")
@@ -316,13 +199,8 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch
     common = dict(M=m, MP=1 << (m - 1).bit_length(), BN=bn, NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps)
     strides = (k, x_div, 0 if split == 1 else dst.stride(0), dst.stride(-2) if moe else 0, dst.stride(-2))
     idx_arg = idx if moe else dx
-    if bt_name == "Q4_K":
-        _q4k_kernel[grid](xq.view(torch.int32), dx, sx, raw.view(torch.int32), raw, dst, idx_arg, n, n_blocks // split,
-                          raw.stride(0) // 4, n * raw.stride(0) // 4, *strides, PREFETCH=prefetch, **common)
-    else:
-        kernel = _q6k_kernel if bt_name == "Q6_K" else _q80_kernel
-        kernel[grid](xq.view(torch.int32), dx, raw.view(torch.int16), dst, idx_arg, n, n_blocks // split,
-                     raw.stride(0) // 2, n * raw.stride(0) // 2, *strides, **common)
+    _q4k_kernel[grid](xq.view(torch.int32), dx, sx, raw.view(torch.int32), raw, dst, idx_arg, n, n_blocks // split,
+                      raw.stride(0) // 4, n * raw.stride(0) // 4, *strides, PREFETCH=prefetch, **common)
     if split > 1:
         torch.sum(dst, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dst.sum(0))
     return out
