@@ -151,3 +151,19 @@ def test_decode_bytes_count_only_active_experts(plain):
     total = ouzel.loader.weight_bytes(llm.model)
     want = total - embed - experts + experts * cfg.num_experts_per_tok // cfg.num_experts
     assert abs(decode_weight_bytes(llm.model) - want) <= 1
+
+
+@torch.no_grad()
+def test_grouped_prefill_equals_the_expert_loop(plain):
+    """The batched (padded, sorted-by-expert) MoE path used for CUDA prefills computes what the
+    per-expert loop does; run here on the CPU in float32 with the exact dequantizer."""
+    model, files, _, _ = plain
+    llm = ouzel.load(files["Q8_0"])
+    experts = llm.model.model.layers[0].mlp.experts
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(37, model.config.hidden_size, generator=g)
+    w, idx = llm.model.model.layers[0].mlp.gate(x)
+    gu, down = experts._stack(experts.gate_up_proj), experts._stack(experts.down_proj)
+    grouped = experts._grouped(x, w, idx, gu, down)
+    assert grouped is not None
+    assert_close(grouped, experts(x, w, idx), "grouped MoE vs the expert loop", abs_tol=1e-6)

@@ -93,6 +93,18 @@ def qgemv_experts(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, idx: 
     return _gemv(x.contiguous(), raw, bt_name, shape, idx=idx, x_div=x_div)
 
 
+def _prefill_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    return x_dtype if os.environ.get("OUZEL_CUDA_PREFILL_DTYPE", "bf16") in ("f32", "fp32") else torch.bfloat16
+
+
+def dequantize_for_matmul(w, x_dtype: torch.dtype) -> torch.Tensor | None:
+    """The dense [N, K] matrix of a CUDA QTensor in the prefill matmul dtype, or None (no kernel)."""
+    g = _gguf()
+    if g is None or not g.supports(w.bt.name) or w.shape[1] % g.STEP or w.raw.stride(1) != 1:
+        return None
+    return g.qdequant(w.raw, w.bt.name, w.shape, _prefill_dtype(x_dtype))
+
+
 def qlinear(x: torch.Tensor, w) -> torch.Tensor | None:
     """y = x @ w.T for a CUDA QTensor w, or None where no kernel applies."""
     g = _gguf()
@@ -110,7 +122,7 @@ def qlinear(x: torch.Tensor, w) -> torch.Tensor | None:
     if m <= g.MAX_GEMV_M:
         out = _gemv(x2, w.raw, w.bt.name, w.shape)
     else:
-        cd = x.dtype if os.environ.get("OUZEL_CUDA_PREFILL_DTYPE", "bf16") in ("f32", "fp32") else torch.bfloat16
+        cd = _prefill_dtype(x.dtype)
         wd = g.qdequant(w.raw, w.bt.name, w.shape, cd)
         out = torch.matmul(x2.to(cd), wd.t()).to(x.dtype)
     return out.reshape(*x.shape[:-1], n)

@@ -59,3 +59,15 @@ def embedding(ids: torch.Tensor, w: Weight) -> torch.Tensor:
         if cpu is not None and cpu.supports(w.bt):
             return cpu.embedding(w.raw, w.bt, ids)
     return w.dequantize(ids)
+
+
+def dequantize_stacked(w: Weight, like: torch.Tensor) -> torch.Tensor | None:
+    """All of w [rows, in] dense, for a batched matmul with `like`: on CUDA through the Triton
+    dequantizer into the prefill dtype (None where no kernel reads the type), elsewhere the exact
+    torch dequantizer in like's dtype."""
+    if not isinstance(w, QTensor):
+        return w.to(like.dtype)
+    if w.raw.is_cuda:
+        from .cuda import dequantize_for_matmul  # noqa: PLC0415
+        return dequantize_for_matmul(w, like.dtype)
+    return w.dequantize().to(like.dtype)
