@@ -71,11 +71,11 @@ class Sequence:
     def step(self, token: int) -> torch.Tensor:
         if len(self.tokens) >= self.max_tokens:
             raise OuzelError(f"context full ({self.max_tokens} tokens)")
-        if self.graph is not None:
+        if self.graph is not None and not self.graph.failed:
             logits = self.graph(token, self.kv.length)
             self.kv.commit(1)
             self.tokens.append(token)
-            return logits[0].float()
+            return logits[0].to(torch.float32, copy=True)  # the graph's output buffer is overwritten by the next step
         return self.model.logits(self._forward([token]))[0].float()
 
 

@@ -13,11 +13,14 @@ on CUDA; OUZEL_NO_CUDA_GRAPH=1 switches it off (the eager step is the reference)
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 from ..kv.cache import DenseKV
+
+log = logging.getLogger(__name__)
 
 
 def graphs_enabled(model, kv, device: torch.device) -> bool:
@@ -34,6 +37,7 @@ class DecodeGraph:
         self.logits: torch.Tensor | None = None
         self.generation = -1
         self.captures = 0
+        self.failed = False
 
     def _step(self) -> torch.Tensor:
         return self.model.logits(self.model(self.ids, self.pos, self.kv))
@@ -57,6 +61,11 @@ class DecodeGraph:
         self.ids.fill_(token)
         self.pos.fill_(position)
         if self.graph is None or self.generation != self.kv.generation:
-            self._capture()  # the replay below recomputes the warm-up's step: same values
+            try:
+                self._capture()  # the replay below recomputes the warm-up's step: same values
+            except Exception as e:  # a host read inside the step: run it eagerly from now on
+                log.warning("decode step not capturable (%s); running it eagerly", e)
+                self.failed = True
+                return self._step()
         self.graph.replay()
         return self.logits

@@ -48,10 +48,11 @@ def _gguf():
     return _MOD[0]
 
 
-def supports(bt_name: str) -> bool:
-    """Whether a Triton GEMV reads this block type here."""
+def gemv_supports(w) -> bool:
+    """Whether a Triton GEMV reads this CUDA QTensor (block type and a K of whole 256-steps)."""
     g = _gguf()
-    return g is not None and g.supports(bt_name)
+    return (g is not None and w.raw.is_cuda and g.supports(w.bt.name) and w.shape[1] % g.STEP == 0
+            and w.raw.stride(1) == 1)
 
 
 def _gemv(x2, raw, bt_name: str, shape, **moe) -> torch.Tensor:
