@@ -134,9 +134,10 @@ def test_restart_finds_the_prefix_on_disk_and_bad_files_are_discarded(tiny, tmp_
     finally:
         s.stop()
         s.kv.snapshots.disk.flush()
-    # boundaries 32 (every 2 blocks, a full record) and 64 (the end of the sequence: only the
-    # compressed rows after 32, plus the window and frontier)
-    assert sorted(by_length(tmp_path)) == [32, 64]
+    # boundaries 32 (every 2 blocks, a full record), 48 (the prompt's last, taken during prefill)
+    # and 64 (the end of the sequence); 48 and 64 store only the compressed rows after their base,
+    # plus the window and frontier
+    assert sorted(by_length(tmp_path)) == [32, 48, 64]
     files = [by_length(tmp_path)[32], by_length(tmp_path)[64]]
     second = first + out1 + tiny.ids[100:120].tolist()
     want = fresh(tiny, second)
@@ -149,7 +150,7 @@ def test_restart_finds_the_prefix_on_disk_and_bad_files_are_discarded(tiny, tmp_
     finally:
         s.stop()
 
-    # damage the longest snapshot (one payload byte): discarded, the 32-token one is used instead
+    # damage the longest snapshot (one payload byte): discarded, the 48-token one is used instead
     blob = bytearray(files[-1].read_bytes())
     blob[-5] ^= 0xFF
     files[-1].write_bytes(bytes(blob))
@@ -157,7 +158,7 @@ def test_restart_finds_the_prefix_on_disk_and_bad_files_are_discarded(tiny, tmp_
     try:
         out3, u3 = run(s, second)
         assert out3 == want
-        assert u3.cached_tokens == 32
+        assert u3.cached_tokens == 48
         assert s.kv.stats()["disk_files_discarded"] == 1
         assert not files[-1].exists() or files[-1].read_bytes() != bytes(blob)
     finally:

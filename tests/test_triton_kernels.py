@@ -18,7 +18,7 @@ from ouzel.kernels.triton.testing import random_blocks, reference_linear, rel_er
 from ouzel.quant.blocks import block_type, dequantize  # noqa: E402
 
 DEV = "cpu" if INTERPRET else "cuda"
-TYPES = ("Q4_K", "Q6_K", "Q8_0", "Q4_0")
+TYPES = ("Q4_K", "Q6_K", "Q8_0", "Q4_0", "Q2_K", "IQ2_XXS")
 
 
 @pytest.fixture

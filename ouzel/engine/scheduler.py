@@ -12,8 +12,9 @@ in one forward over the model's join of those states (`batch_kv`: only attention
 or one forward per sequence for a model without one. Scheduling, chunked prefill, streaming and
 cancellation are the same; prefix reuse goes through whole-state snapshots at block boundaries,
 keyed by the same chain keys (`BlockManager.restore` / `snapshot`, `ouzel.kv.snapshots`): prefill
-chunks stop at snapshot boundaries, and a finished sequence leaves a snapshot at its last block
-boundary.
+chunks stop at snapshot boundaries (every N blocks, and the prompt's last block boundary, so the
+prompt's prefix is on disk before the reply starts), and a finished sequence leaves a snapshot at
+its last block boundary.
 
 Admission control: a request whose prompt plus max_tokens can never fit the pool is refused at
 submit (OuzelError -> HTTP 4xx); one that does not fit now waits in the queue. When a decode step
@@ -265,11 +266,8 @@ class Scheduler:
 
     def _to_snapshot(self, run: Running) -> int:
         """Private state is snapshotted only at exact block boundaries: end chunks there."""
-        snaps = self.kv.snapshots
-        if not self.private_state or snaps is None:
-            return run.pending
-        every = snaps.every * self.kv.block_size
-        return (run.computed // every + 1) * every - run.computed
+        stop = self.kv.snapshot_stop(run.tokens, run.computed) if self.private_state else None
+        return run.pending if stop is None else stop - run.computed
 
     def _ensure(self, run: Running, n_tokens: int, preempt: bool) -> bool:
         if self.private_state:

@@ -77,8 +77,10 @@ class BlockManager:
                  final: bool = False) -> tuple[bytes, int] | None:
         """Called after each forward of a private-state sequence: `keys` (the chain keys of its full
         blocks) is extended to state.length; the state is snapshotted when it sits on a boundary
-        every `snapshots.every` blocks, or (final: the sequence ends, its state is no longer needed)
-        after trimming it back to its last block boundary, where a continuation will resume.
+        every `snapshots.every` blocks or on the last block boundary of tokens[:-1] (the prompt's:
+        taken during prefill, so a resend after a crash mid-reply finds it), or (final: the sequence
+        ends, its state is no longer needed) after trimming it back to its last block boundary,
+        where a continuation will resume.
         `base` is the sequence's previous snapshot (rows before it are not stored again). Returns
         the sequence's latest snapshot (key, tokens): the new one, or `base`."""
         snaps, bs = self.snapshots, self.block_size
@@ -91,7 +93,7 @@ class BlockManager:
             i = len(keys)
             keys.append(block_key(keys[-1] if keys else self.root, tokens[i * bs:(i + 1) * bs]))
         nb = n // bs
-        if nb == 0 or (base is not None and base[1] >= n) or (not final and (n % bs or nb % snaps.every)):
+        if nb == 0 or (base is not None and base[1] >= n) or (not final and n != self.snapshot_stop(tokens, n - 1)):
             return base
         key = keys[nb - 1]
         if key in snaps:  # computed before (maybe by another sequence): build on it
@@ -101,6 +103,17 @@ class BlockManager:
         if not snaps.put(key, keys[nb - 2] if nb > 1 else self.root, tokens[(nb - 1) * bs:nb * bs], state, base):
             return base
         return key, n
+
+    def snapshot_stop(self, tokens: list[int], computed: int) -> int | None:
+        """The next length after `computed` where `snapshot` takes one while prefilling `tokens`:
+        the next boundary every `snapshots.every` blocks, or the last block boundary of tokens[:-1]
+        (the longest prefix a resend can restore) if sooner. None without snapshots."""
+        if self.snapshots is None:
+            return None
+        every = self.snapshots.every * self.block_size
+        stop = (computed // every + 1) * every
+        last = (len(tokens) - 1) // self.block_size * self.block_size
+        return last if computed < last < stop else stop
 
     def restore(self, tokens: list[int], state) -> int:
         """Load the snapshot of the longest known prefix of tokens[:-1] into `state`; tokens covered."""

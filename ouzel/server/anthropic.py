@@ -33,7 +33,7 @@ def _messages(body: dict) -> list[dict]:
             continue
         if not isinstance(content, list):
             raise ApiError(400, f"messages[{i}].content must be a string or an array of blocks", param="messages")
-        text, calls = [], []
+        text, calls, thought = [], [], []
         for b in content:
             kind = b.get("type") if isinstance(b, dict) else None
             if kind == "text":
@@ -45,7 +45,12 @@ def _messages(body: dict) -> list[dict]:
                 c = b.get("content")
                 msgs.append({"role": "tool", "tool_call_id": b.get("tool_use_id"),
                              "content": text_of(c, f"messages[{i}] tool_result") if c is not None else ""})
-            elif kind in ("thinking", "redacted_thinking"):
+            elif kind == "thinking":
+                if not isinstance(b.get("thinking", ""), str):
+                    raise ApiError(400, f"messages[{i}]: a thinking block's 'thinking' must be a string",
+                                   param="messages")
+                thought.append(b.get("thinking", ""))
+            elif kind == "redacted_thinking":
                 continue
             else:
                 raise ApiError(400, f"messages[{i}]: unsupported content block {kind!r}", param="messages")
@@ -53,6 +58,8 @@ def _messages(body: dict) -> list[dict]:
             msg = {"role": m["role"], "content": "".join(text)}
             if calls:
                 msg["tool_calls"] = calls
+            if thought and m["role"] == "assistant":
+                msg["reasoning_content"] = "".join(thought)
             msgs.append(msg)
     return msgs
 
@@ -90,21 +97,27 @@ async def messages(request: Request):
     engine = request.app.state.engine
     body = await read_body(request)
     check_model(engine, body)
-    field(body, "max_tokens", int, required=True)
+    max_tokens = field(body, "max_tokens", int, required=True)
     tools, choice = _tools(body)
-    ids, forced, text = engine.chat.build(_messages(body), tools, choice)
+    ids, forced, text = engine.chat.build(_messages(body), tools, choice, params.anthropic_thinking(body, max_tokens))
     p = params.sampling(body, engine.ctx_left(ids), stop_name="stop_sequences")
     engine.validate(ids, p)
     use_tools = bool(tools) and choice != "none"
-    kw = dict(tools=use_tools, forced=forced, text=text, is_disconnected=request.is_disconnected)
+    kw = dict(tools=use_tools, forced=forced, text=text, reasoning=True, is_disconnected=request.is_disconnected)
     head = {"id": "msg_" + secrets.token_hex(12), "type": "message", "role": "assistant", "model": engine.model_id}
     if field(body, "stream", bool, False):
         run = engine.stream(ids, p, **kw)
         return sse(_events(run, head, len(ids)), run=run, named=True)
     r = await engine.collect(ids, p, **kw)
-    content = ([{"type": "text", "text": r["text"]}] if r["text"] else []) + [_tool_block(c) for c in r["calls"]]
+    content = ([_thinking_block(r["reasoning"])] if r["reasoning"] else []) + \
+        ([{"type": "text", "text": r["text"]}] if r["text"] else []) + [_tool_block(c) for c in r["calls"]]
     return {**head, "content": content, "stop_reason": _stop_reason(r["finish_reason"], r["stop_sequence"]),
             "stop_sequence": r["stop_sequence"], "usage": _usage(r["usage"])}
+
+
+def _thinking_block(text: str) -> dict:
+    # no signature: the thought is not verified when a client sends it back
+    return {"type": "thinking", "thinking": text, "signature": ""}
 
 
 def _stop_reason(reason: str, stop_sequence: str | None) -> str:
@@ -114,19 +127,26 @@ def _stop_reason(reason: str, stop_sequence: str | None) -> str:
 async def _events(run, head: dict, n_prompt: int):
     yield {"type": "message_start", "message": {**head, "content": [], "stop_reason": None, "stop_sequence": None,
                                                 "usage": {"input_tokens": n_prompt, "output_tokens": 0}}}
-    index, open_text = 0, False
+    index, open_block = 0, None  # the kind ("thinking" | "text") of the open content block
     async for d in run:
         if d.kind == "keepalive":
             yield {"type": "ping"}
-        elif d.kind == "text" and d.text:
-            if not open_text:
-                yield {"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}}
-                open_text = True
-            yield {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": d.text}}
+        elif d.kind in ("text", "reasoning") and d.text:
+            kind = "text" if d.kind == "text" else "thinking"
+            if open_block != kind:
+                if open_block is not None:
+                    yield {"type": "content_block_stop", "index": index}
+                    index += 1
+                block = {"type": "text", "text": ""} if kind == "text" else _thinking_block("")
+                yield {"type": "content_block_start", "index": index, "content_block": block}
+                open_block = kind
+            delta = {"type": "text_delta", "text": d.text} if kind == "text" else \
+                {"type": "thinking_delta", "thinking": d.text}
+            yield {"type": "content_block_delta", "index": index, "delta": delta}
         elif d.kind == "call_start":
-            if open_text:
+            if open_block is not None:
                 yield {"type": "content_block_stop", "index": index}
-                index, open_text = index + 1, False
+                index, open_block = index + 1, None
             yield {"type": "content_block_start", "index": index,
                    "content_block": {"type": "tool_use", "id": d.call.id, "name": d.call.name, "input": {}}}
         elif d.kind == "call_done":
@@ -135,7 +155,7 @@ async def _events(run, head: dict, n_prompt: int):
             yield {"type": "content_block_stop", "index": index}
             index += 1
         elif d.kind == "done":
-            if open_text:
+            if open_block is not None:
                 yield {"type": "content_block_stop", "index": index}
             yield {"type": "message_delta", "delta": {"stop_reason": _stop_reason(d.finish_reason, d.stop_sequence),
                                                       "stop_sequence": d.stop_sequence}, "usage": _usage(d.usage)}

@@ -16,6 +16,7 @@ from ..kv.disk import DiskTier, model_fingerprint
 from ..kv.manager import BlockManager, default_dtype, kv_shape
 from ..kv.paged import BlockPool
 from ..kv.snapshots import SnapshotDisk, SnapshotStore
+from ..text.reasoning import ReasoningStream, opens_thought, reply_events
 from ..text.tool_formats import ToolCall, ToolStream
 from .errors import ApiError
 from .prompt import ChatPrompt, Sampled, ToolReplay
@@ -45,8 +46,8 @@ class ServeConfig:
 
 @dataclass
 class Delta:
-    """What handlers format: text, a tool call starting/finished, or the end."""
-    kind: str  # "text" | "call_start" | "call_done" | "done" | "keepalive"
+    """What handlers format: answer text, reasoning text, a tool call starting/finished, or the end."""
+    kind: str  # "text" | "reasoning" | "call_start" | "call_done" | "done" | "keepalive"
     text: str = ""
     call: ToolCall | None = None
     logprobs: list | None = None  # [(token text, logprob, [(alt text, logprob)])]
@@ -121,10 +122,11 @@ class ServeEngine:
 
     # --- generation ---
     async def stream(self, ids: list[int], params: SamplingParams, *, logprobs: int | None = None,
-                     tools: bool = False, forced: str = "", text: str = "",
+                     tools: bool = False, forced: str = "", text: str = "", reasoning: bool = False,
                      is_disconnected=None) -> AsyncIterator[Delta]:
         """Run one request; yield Deltas (and "keepalive" while nothing happens, e.g. a long
-        prefill). Leaving the generator early (client gone) cancels the request and frees its KV."""
+        prefill). Leaving the generator early (client gone) cancels the request and frees its KV.
+        reasoning: a chat reply of a thinking model, split into reasoning and answer."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
         req = Request(ids, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev), logprobs)
@@ -134,12 +136,16 @@ class ServeEngine:
             self.scheduler.metrics.rejected += 1
             raise ApiError(400, str(e)) from None
         parser = ToolStream(self.chat.format, forced) if tools else None
+        # a forced call starts the reply, so there is no thought to split off
+        split = ReasoningStream(opens_thought(text)) if reasoning and self.chat.thinks and not forced else None
+        out = _Out()
         done = closed = False
-        sampled: list[int] = []  # token ids behind parser.raw, for replay
+        raw = [forced]           # the reply exactly as sampled (forced prefix included), for replay
+        sampled: list[int] = []  # its token ids
         checked = loop.time()
         try:
             if parser is not None:
-                for d in self._tool_deltas(parser.events, None):
+                for d in out.deltas(parser.events, None):
                     yield d
             while True:
                 try:
@@ -160,30 +166,25 @@ class ServeEngine:
                 lps = self._logprobs(ev) if ev.kind == "token" and ev.logprob is not None else None
                 if ev.kind == "token" and not closed:
                     sampled.append(ev.token)
-                if closed:
-                    pass  # a forced call is complete; what the model said after it is dropped
-                elif parser is None:
-                    if ev.text or lps:
-                        yield Delta("text", ev.text, logprobs=lps)
-                else:
-                    for d in self._tool_deltas(parser.push(ev.text), lps):
+                if not closed:  # once a forced call is complete, what the model said after it is dropped
+                    raw.append(ev.text)
+                    for d in out.deltas(reply_events(split, parser, ev.text, ev.kind == "done"), lps):
                         yield d
                     # a forced call ends as soon as its JSON closes: stop sampling there, as a
                     # grammar would, instead of letting a small model ramble on
                     if forced and parser.in_call and self.chat.format.end_of(parser.buf, True) is not None:
-                        for d in self._tool_deltas(parser.finish(), None):
+                        for d in out.deltas(parser.finish(), None):
                             yield d
                         closed = True
                         req.cancel()
                         self.scheduler.wake()
                 if ev.kind == "done":
                     done = True
-                    if parser is not None and not closed:
-                        for d in self._tool_deltas(parser.finish(), None):
-                            yield d
+                    for d in out.deltas([], None, final=True):
+                        yield d
                     if parser is not None and parser.calls:
-                        self.replay.remember([c.id for c in parser.calls], self._sampled(parser.raw, forced, text,
-                                                                                         ids, sampled))
+                        self.replay.remember([c.id for c in parser.calls],
+                                             self._sampled("".join(raw), forced, text, ids, sampled))
                     reason = ev.finish_reason
                     if parser is not None and parser.calls:
                         reason = "tool_calls"
@@ -200,14 +201,6 @@ class ServeEngine:
             return Sampled(raw)
         return Sampled(raw, text + generated, list(ids) + sampled)
 
-    @staticmethod
-    def _tool_deltas(events, lps) -> list[Delta]:
-        out = []
-        for kind, value in events:
-            out.append(Delta("text", value, logprobs=lps) if kind == "text" else Delta(kind, call=value))
-            lps = None
-        return out
-
     def _logprobs(self, ev: Event) -> list:
         tok = self.llm.tokenizer
         text = lambda i: tok.token_bytes(i).decode("utf-8", "replace")  # noqa: E731
@@ -215,16 +208,16 @@ class ServeEngine:
 
     async def collect(self, ids, params, **kw) -> dict:
         """Non-streaming: the whole reply."""
-        text, calls, lps, end = [], [], [], None
+        text, thought, calls, lps, end = [], [], [], [], None
         async for d in self.stream(ids, params, **kw):
-            if d.kind == "text":
-                text.append(d.text)
+            if d.kind in ("text", "reasoning"):
+                (text if d.kind == "text" else thought).append(d.text)
                 lps.extend(d.logprobs or [])
             elif d.kind == "call_done":
                 calls.append(d.call)
             elif d.kind == "done":
                 end = d
-        return {"text": "".join(text), "calls": calls, "logprobs": lps, "finish_reason": end.finish_reason,
+        return {"text": "".join(text), "reasoning": "".join(thought), "calls": calls, "logprobs": lps, "finish_reason": end.finish_reason,
                 "usage": end.usage, "stop_sequence": end.stop_sequence}
 
     # --- observability ---
@@ -257,3 +250,25 @@ class ServeEngine:
         for name, kind, value in rows:
             lines += [f"# TYPE {name} {kind}", f"{name} {value}"]
         return "\n".join(lines) + "\n"
+
+
+class _Out:
+    """Parser events -> Deltas. A token's logprobs ride on the next text it produces (text held
+    back by a parser comes out with a later token); left over at the end, on an empty text."""
+
+    def __init__(self):
+        self.lps: list = []
+
+    def deltas(self, events, lps, final: bool = False) -> list[Delta]:
+        self.lps += lps or []
+        out = []
+        for kind, value in events:
+            if kind not in ("text", "reasoning"):
+                out.append(Delta(kind, call=value))
+            elif value or self.lps:
+                out.append(Delta(kind, value, logprobs=self.lps or None))
+                self.lps = []
+        if final and self.lps:
+            out.append(Delta("text", "", logprobs=self.lps))
+            self.lps = []
+        return out

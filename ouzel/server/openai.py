@@ -46,18 +46,21 @@ async def chat_completions(request: Request):
     check_model(engine, body)
     tools = openai_tools(body.get("tools"))
     tool_choice = body.get("tool_choice")
-    ids, forced, text = engine.chat.build(body.get("messages"), tools, tool_choice)
+    ids, forced, text = engine.chat.build(body.get("messages"), tools, tool_choice,
+                                          params.openai_chat_reasoning(body))
     p = params.sampling(body, engine.ctx_left(ids), max_names=("max_tokens", "max_completion_tokens"))
     lp = params.logprobs(body)
     engine.validate(ids, p)
     head = {"id": "chatcmpl-" + secrets.token_hex(12), "created": int(time.time()), "model": engine.model_id}
-    kw = dict(logprobs=lp, tools=bool(tools) and tool_choice != "none", forced=forced, text=text,
+    kw = dict(logprobs=lp, tools=bool(tools) and tool_choice != "none", forced=forced, text=text, reasoning=True,
               is_disconnected=request.is_disconnected)
     if field(body, "stream", bool, False):
         run = engine.stream(ids, p, **kw)
         return sse(_chat_chunks(run, head, _stream_options(body)), run=run, done=True)
     r = await engine.collect(ids, p, **kw)
     message = {"role": "assistant", "content": r["text"] if (r["text"] or not r["calls"]) else None}
+    if r["reasoning"]:
+        message["reasoning_content"] = r["reasoning"]  # the DeepSeek / vLLM field
     if r["calls"]:
         message["tool_calls"] = [call_json(c) for c in r["calls"]]
     choice = {"index": 0, "message": message, "finish_reason": r["finish_reason"],
@@ -74,8 +77,9 @@ async def _chat_chunks(run, head: dict, include_usage: bool):
     async for d in run:
         if d.kind == "keepalive":
             yield None
-        elif d.kind == "text" and d.text:
-            yield chunk({"content": d.text}, logprobs=chat_logprobs(d.logprobs) if d.logprobs else None)
+        elif d.kind in ("text", "reasoning") and d.text:
+            key = "content" if d.kind == "text" else "reasoning_content"
+            yield chunk({key: d.text}, logprobs=chat_logprobs(d.logprobs) if d.logprobs else None)
         elif d.kind == "call_start":
             yield chunk({"tool_calls": [call_json(d.call, n_calls, arguments=False)]})
         elif d.kind == "call_done":

@@ -54,3 +54,69 @@ def logprobs(body: dict) -> int | None:
     if not 0 <= n <= 20:
         raise ApiError(400, f"top_logprobs must be in [0, 20] (got {n})", param="top_logprobs")
     return n
+
+
+# --- reasoning controls -> chat-template variables ---
+# OpenAI's efforts (the openai client's set); "none" turns thinking off for on/off templates
+EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+# set by the server itself: a request cannot override them through chat_template_kwargs
+RESERVED = ("messages", "tools", "add_generation_prompt")
+
+
+def _effort(value, param: str) -> dict:
+    if value is None:
+        return {}
+    if value not in EFFORTS:
+        raise ApiError(400, f"'{param}' must be one of {', '.join(EFFORTS)} (got {value!r})", param=param)
+    on = value != "none"
+    # enable_thinking: Qwen3 / SmolLM3 templates; thinking: DeepSeek V3.1+; reasoning_effort: gpt-oss
+    return {"enable_thinking": on, "thinking": on, "reasoning_effort": value}
+
+
+def template_kwargs(body: dict) -> dict:
+    """`chat_template_kwargs` (vLLM's extension, taken by every API here), verbatim."""
+    kw = field(body, "chat_template_kwargs", dict, {})
+    for key in kw:
+        if key in RESERVED:
+            raise ApiError(400, f"'chat_template_kwargs' cannot set {key!r}; it comes from the request itself",
+                           param="chat_template_kwargs")
+    return kw
+
+
+def openai_chat_reasoning(body: dict) -> dict:
+    """Template variables of a chat completion: `reasoning_effort`, then `chat_template_kwargs`
+    (which win: they are the explicit, template-specific form)."""
+    return {**_effort(field(body, "reasoning_effort", str), "reasoning_effort"), **template_kwargs(body)}
+
+
+def responses_reasoning(body: dict) -> tuple[dict, bool]:
+    """Template variables of a Responses request (`reasoning.effort`) and whether a reasoning
+    summary was asked for (`reasoning.summary`)."""
+    r = field(body, "reasoning", dict, {})
+    effort = field(r, "effort", str)
+    summary = field(r, "summary", str)
+    if summary not in (None, "auto", "concise", "detailed"):
+        raise ApiError(400, f"'reasoning.summary' must be auto, concise or detailed (got {summary!r})",
+                       param="reasoning.summary")
+    return {**_effort(effort, "reasoning.effort"), **template_kwargs(body)}, summary is not None
+
+
+def anthropic_thinking(body: dict, max_tokens: int) -> dict:
+    """Template variables of an Anthropic `thinking` config: {"type": "enabled", "budget_tokens": N}
+    (or "adaptive") turns thinking on, {"type": "disabled"} off. The budget is checked, not enforced:
+    the model thinks until it closes its thought or max_tokens runs out."""
+    t = field(body, "thinking", dict)
+    out = {}
+    if t is not None:
+        kind = t.get("type")
+        if kind == "enabled":
+            budget = field(t, "budget_tokens", int, required=True)
+            if not 0 < budget < max(max_tokens, 1):
+                raise ApiError(400, f"'thinking.budget_tokens' must be positive and less than max_tokens "
+                                    f"({max_tokens}), got {budget}", param="thinking.budget_tokens")
+        elif kind not in ("disabled", "adaptive"):
+            raise ApiError(400, f"'thinking.type' must be enabled, adaptive or disabled (got {kind!r})",
+                           param="thinking.type")
+        on = kind != "disabled"
+        out = {"enable_thinking": on, "thinking": on}
+    return {**out, **template_kwargs(body)}

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ..errors import OuzelError
 from ..text.chat import encode_chat_prompt
+from ..text.reasoning import thinks
 from ..text.tool_formats import ToolFormat, format_for
 from .errors import ApiError
 
@@ -92,10 +93,13 @@ class ChatPrompt:
         src = self.template.source
         self.template_tools = "tools" in src
         self.template_tool_calls = "tool_calls" in src
+        self.thinks = thinks(src, llm.tokenizer)  # replies are split into reasoning and answer
         self._history: Sampled | None = None  # set by _message while build() runs (no await inside)
 
-    def build(self, messages: list[dict], tools: list[dict], tool_choice) -> tuple[list[int], str, str]:
-        """Prompt ids, the forced prefix (text the reply is taken to start with) and the prompt text."""
+    def build(self, messages: list[dict], tools: list[dict], tool_choice,
+              template_vars: dict | None = None) -> tuple[list[int], str, str]:
+        """Prompt ids, the forced prefix (text the reply is taken to start with) and the prompt text.
+        template_vars: extra chat-template variables (enable_thinking, chat_template_kwargs, ...)."""
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "'messages' must be a non-empty array", param="messages")
         self._history = None
@@ -110,7 +114,8 @@ class ChatPrompt:
                 msgs.insert(0, {"role": "system", "content": note})
         try:
             text = self.template.render(msgs, add_generation_prompt=True,
-                                        tools=tools if use_tools and self.template_tools else None)
+                                        tools=tools if use_tools and self.template_tools else None,
+                                        **(template_vars or {}))
         except OuzelError as e:
             raise ApiError(400, str(e)) from None
         forced = ""
@@ -135,6 +140,9 @@ class ChatPrompt:
         if role == "developer":
             role = "system"
         content = text_of(m.get("content"), f"messages[{i}]")
+        reasoning = m.get("reasoning_content")
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise ApiError(400, f"messages[{i}].reasoning_content must be a string", param="messages")
         calls = m.get("tool_calls")
         if role == "assistant" and calls:
             sampled = self.replay.get(calls[0].get("id") if isinstance(calls[0], dict) else None)
@@ -151,11 +159,17 @@ class ChatPrompt:
                     raise ApiError(400, f"messages[{i}]: tool call arguments are not JSON") from None
                 parsed.append((fn.get("name", ""), args))
             if self.template_tool_calls:
-                return {"role": "assistant", "content": content,
-                        "tool_calls": [{"type": "function", "id": c.get("id"),
-                                        "function": {"name": n, "arguments": a}} for c, (n, a) in zip(calls, parsed)]}
-            return {"role": "assistant", "content": content + self.format.render(parsed)}
+                out = {"role": "assistant", "content": content,
+                       "tool_calls": [{"type": "function", "id": c.get("id"),
+                                       "function": {"name": n, "arguments": a}} for c, (n, a) in zip(calls, parsed)]}
+            else:
+                out = {"role": "assistant", "content": content + self.format.render(parsed)}
+            if reasoning:
+                out["reasoning_content"] = reasoning
+            return out
         out = {"role": role, "content": content}
+        if role == "assistant" and reasoning:
+            out["reasoning_content"] = reasoning  # templates that keep the thought (Qwen3) render it
         if role == "tool" and m.get("tool_call_id"):
             out["tool_call_id"] = m["tool_call_id"]
         return out

@@ -61,7 +61,7 @@ def _input_items(body: dict, store: ResponseStore) -> tuple[list[dict], int]:
 def _messages(instructions: str | None, items: list[dict], skip: int) -> list[dict]:
     """Responses input items -> chat messages (function calls become assistant tool_calls). The
     first `skip` items were checked when their response was made; errors name this request's items."""
-    msgs = []
+    msgs, thought = [], None  # a reasoning item goes with the assistant turn after it
     if instructions:
         msgs.append({"role": "system", "content": instructions})
     for i, it in enumerate(items):
@@ -71,6 +71,11 @@ def _messages(instructions: str | None, items: list[dict], skip: int) -> list[di
         kind = it.get("type", "message")
         if kind == "message":
             msgs.append({"role": it.get("role", "user"), "content": text_of(it.get("content"), where)})
+            if thought is not None and msgs[-1]["role"] == "assistant":
+                msgs[-1]["reasoning_content"] = thought
+            thought = None
+        elif kind == "reasoning":
+            thought = text_of(it.get("content") or it.get("summary"), where) or None
         elif kind == "function_call":
             call = {"id": it.get("call_id"), "type": "function",
                     "function": {"name": it.get("name"), "arguments": it.get("arguments", "{}")}}
@@ -78,6 +83,9 @@ def _messages(instructions: str | None, items: list[dict], skip: int) -> list[di
                 msgs[-1]["tool_calls"].append(call)
             else:
                 msgs.append({"role": "assistant", "content": "", "tool_calls": [call]})
+                if thought is not None:
+                    msgs[-1]["reasoning_content"] = thought
+            thought = None
         elif kind == "function_call_output":
             out = it.get("output")
             msgs.append({"role": "tool", "tool_call_id": it.get("call_id"),
@@ -110,6 +118,15 @@ def _text_item(text: str, status="completed") -> dict:
             "content": [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []}
 
 
+def _reasoning_item(text: str, summary: bool, status="completed", item_id: str = "") -> dict:
+    """The thought as reasoning_text content (gpt-oss style); also as the summary when one was asked
+    for (the model writes no separate summary)."""
+    done = status == "completed"
+    return {"type": "reasoning", "id": item_id or "rs_" + secrets.token_hex(12), "status": status,
+            "summary": [{"type": "summary_text", "text": text}] if summary and done else [],
+            "content": [{"type": "reasoning_text", "text": text}] if done else []}
+
+
 def _call_item(call, status="completed") -> dict:
     return {"type": "function_call", "id": "fc_" + call.id, "call_id": call.id, "name": call.name,
             "arguments": call.arguments if status == "completed" else "", "status": status}
@@ -126,11 +143,12 @@ async def responses(request: Request):
     if isinstance(choice, dict) and choice.get("type") == "function":
         choice = {"function": {"name": choice.get("name")}}
     msgs = _messages(field(body, "instructions", str), items, skip)
-    ids, forced, text = engine.chat.build(msgs, tools, choice)
+    template_vars, summary = params.responses_reasoning(body)
+    ids, forced, text = engine.chat.build(msgs, tools, choice, template_vars)
     p = params.sampling(body, engine.ctx_left(ids), max_names=("max_output_tokens",))
     engine.validate(ids, p)
     use_tools = bool(tools) and choice != "none"
-    kw = dict(tools=use_tools, forced=forced, text=text, is_disconnected=request.is_disconnected)
+    kw = dict(tools=use_tools, forced=forced, text=text, reasoning=True, is_disconnected=request.is_disconnected)
     keep = field(body, "store", bool, True)
     head = {"id": "resp_" + secrets.token_hex(12), "object": "response", "created_at": int(time.time()),
             "model": engine.model_id, "tool_choice": choice or "auto", "tools": body.get("tools") or [],
@@ -140,9 +158,10 @@ async def responses(request: Request):
     save = functools.partial(store.put, head["id"], items) if keep else lambda output: None
     if field(body, "stream", bool, False):
         run = engine.stream(ids, p, **kw)
-        return sse(_events(run, head, save), run=run, named=True)
+        return sse(_events(run, head, save, summary), run=run, named=True)
     r = await engine.collect(ids, p, **kw)
-    output = ([_text_item(r["text"])] if r["text"] or not r["calls"] else []) + [_call_item(c) for c in r["calls"]]
+    output = ([_reasoning_item(r["reasoning"], summary)] if r["reasoning"] else []) + \
+        ([_text_item(r["text"])] if r["text"] or not r["calls"] else []) + [_call_item(c) for c in r["calls"]]
     save(output)
     return {**head, "status": _status(r["finish_reason"]), "output": output, "usage": _usage(r["usage"]),
             "incomplete_details": {"reason": "max_output_tokens"} if r["finish_reason"] == "length" else None}
@@ -152,7 +171,7 @@ def _status(reason: str) -> str:
     return "incomplete" if reason == "length" else "completed"
 
 
-async def _events(run, head: dict, save):
+async def _events(run, head: dict, save, summary: bool):
     seq = iter(range(1 << 30))
 
     def ev(kind: str, **kw) -> dict:
@@ -161,10 +180,19 @@ async def _events(run, head: dict, save):
     yield ev("response.created", response={**head, "status": "in_progress", "output": []})
     yield ev("response.in_progress", response={**head, "status": "in_progress", "output": []})
     output, text_item, text, index = [], None, [], 0
+    thought = _Thought(ev, summary)
     async for d in run:
         if d.kind == "keepalive":
             yield None
-        elif d.kind == "text" and d.text:
+        elif d.kind == "reasoning" and d.text:
+            for e in thought.delta(d.text, index):
+                yield e
+        elif d.kind in ("text", "call_start", "done") and thought.item is not None:
+            for e in thought.close(index):  # the answer follows the thought
+                yield e
+            output.append(thought.done_item)
+            index += 1
+        if d.kind == "text" and d.text:
             if text_item is None:
                 text_item = _text_item("", "in_progress")
                 yield ev("response.output_item.added", output_index=index, item=text_item)
@@ -209,3 +237,41 @@ def _close_text(ev, item: dict, text: str, index: int) -> list[dict]:
             ev("response.content_part.done", item_id=item["id"], output_index=index, content_index=0, part=part),
             ev("response.output_item.done", output_index=index,
                item={**item, "status": "completed", "content": [part]})]
+
+
+class _Thought:
+    """The streamed reasoning item: reasoning_text events, plus summary_text events when a summary
+    was asked for."""
+
+    def __init__(self, ev, summary: bool):
+        self.ev, self.summary = ev, summary
+        self.item, self.text = None, []
+
+    def delta(self, text: str, index: int) -> list[dict]:
+        ev, out = self.ev, []
+        if self.item is None:
+            self.item = _reasoning_item("", self.summary, "in_progress")
+            out.append(ev("response.output_item.added", output_index=index, item=self.item))
+            if self.summary:
+                out.append(ev("response.reasoning_summary_part.added", item_id=self.item["id"], output_index=index,
+                              summary_index=0, part={"type": "summary_text", "text": ""}))
+        self.text.append(text)
+        out.append(ev("response.reasoning_text.delta", item_id=self.item["id"], output_index=index, content_index=0,
+                      delta=text))
+        if self.summary:
+            out.append(ev("response.reasoning_summary_text.delta", item_id=self.item["id"], output_index=index,
+                          summary_index=0, delta=text))
+        return out
+
+    def close(self, index: int) -> list[dict]:
+        ev, text, item_id = self.ev, "".join(self.text), self.item["id"]
+        self.done_item = _reasoning_item(text, self.summary, item_id=item_id)
+        out = [ev("response.reasoning_text.done", item_id=item_id, output_index=index, content_index=0, text=text)]
+        if self.summary:
+            out += [ev("response.reasoning_summary_text.done", item_id=item_id, output_index=index, summary_index=0,
+                       text=text),
+                    ev("response.reasoning_summary_part.done", item_id=item_id, output_index=index, summary_index=0,
+                       part={"type": "summary_text", "text": text})]
+        out.append(ev("response.output_item.done", output_index=index, item=self.done_item))
+        self.item, self.text = None, []
+        return out

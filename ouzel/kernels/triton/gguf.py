@@ -14,7 +14,8 @@ Why direct reads rather than a repack at load: no second copy of the weights (Mo
 large), and the decoder is the same one-screen function per type for both paths.
 
 Per step of 256 elements a type is viewed as a [S, L] tile (S * L = 256):
-Q4_K [8, 32] (sub-blocks of 32), Q6_K [16, 16], Q8_0 and Q4_0 [8, 32] (8 blocks of 32).
+Q4_K [8, 32] (sub-blocks of 32), Q6_K [16, 16], Q8_0 and Q4_0 [8, 32] (8 blocks of 32), Q2_K
+[16, 16], IQ2_XXS [8, 32] (its 256-entry grid and 128 sign patterns come in as small tables).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ import triton
 import triton.language as tl
 
 # type ids (constexpr in the kernels): name -> (id, S, L, bytes per 256-element step)
-_TYPES = {"Q4_K": (0, 8, 32, 144), "Q6_K": (1, 16, 16, 210), "Q8_0": (2, 8, 32, 272), "Q4_0": (3, 8, 32, 144)}
+_TYPES = {"Q4_K": (0, 8, 32, 144), "Q6_K": (1, 16, 16, 210), "Q8_0": (2, 8, 32, 272), "Q4_0": (3, 8, 32, 144),
+          "Q2_K": (4, 16, 16, 84), "IQ2_XXS": (5, 8, 32, 66)}
 STEP = 256
 MAX_GEMV_M = 16
 
@@ -48,7 +50,7 @@ def _int_f32(q, bias: tl.constexpr):
 
 
 @triton.jit
-def _decode(row_ptr, kb, TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr):
+def _decode(row_ptr, kb, grid_ptr, signs_ptr, TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr):
     """row_ptr: [BN, 1, 1] byte pointers to each row's blocks; kb: 256-element step index.
     Returns (q float32 [BN, S, L], scale, offset [BN, S, 1] or [BN, 1, 1]): elements
     kb*256 + s*L + l of each row are scale * q - offset, computed as the reference does."""
@@ -84,6 +86,24 @@ def _decode(row_ptr, kb, TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr):
         scale = _f16_at(b)
         qf = _int_f32(tl.load(b + 2 + l).to(tl.int32) ^ 0x80, 128.0)
         offset = 0.0
+    elif TYPE == 4:  # Q2_K: 16 scale bytes (low 4 bits scale, high 4 min), 64 B of 2-bit quants, d, dmin
+        b = row_ptr + kb * 84
+        sc = tl.load(b + s).to(tl.int32)  # sub-block s of 16: half s // 8, shift 2 * ((s % 8) // 2)
+        q = tl.load(b + 16 + (s // 8) * 32 + (s % 2) * 16 + l).to(tl.int32)
+        qf = _int_f32((q >> (2 * ((s % 8) // 2))) & 3, 0.0)
+        scale = _f16_at(b + 80) * _int_f32(sc & 15, 0.0)
+        offset = _f16_at(b + 82) * _int_f32(sc >> 4, 0.0)
+    elif TYPE == 5:  # IQ2_XXS: d f16, then per 32: 4 grid-index bytes, u32 of 4 x 7-bit sign ids | scale << 28
+        b = row_ptr + kb * 66
+        g = b + 2 + s * 8
+        aux = (tl.load(g + 4).to(tl.int32) | (tl.load(g + 5).to(tl.int32) << 8)
+               | (tl.load(g + 6).to(tl.int32) << 16) | (tl.load(g + 7).to(tl.int32) << 24))  # [BN, S, 1]
+        part = l // 8  # 4 parts of 8 values, each a grid row with its own sign pattern
+        grid = tl.load(grid_ptr + tl.load(g + part).to(tl.int32) * 8 + l % 8)
+        signs = tl.load(signs_ptr + ((aux >> (7 * part)) & 127))
+        qf = grid * (1 - 2 * ((signs >> (l % 8)) & 1)).to(tl.float32)
+        scale = _f16_at(b) * (0.5 + ((aux >> 28) & 15).to(tl.float32)) * 0.25
+        offset = 0.0
     else:  # Q4_0: 8 blocks of (d f16, 16 B nibbles: low = elems 0..15, high = 16..31)
         b = row_ptr + (kb * 8 + s) * 18
         scale = _f16_at(b)
@@ -94,7 +114,7 @@ def _decode(row_ptr, kb, TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr):
 
 
 @triton.jit
-def _qgemv_kernel(x_ptr, w_ptr, out_ptr, idx_ptr, N, steps_per_split, row_bytes, expert_bytes,
+def _qgemv_kernel(x_ptr, w_ptr, out_ptr, idx_ptr, grid_ptr, signs_ptr, N, steps_per_split, row_bytes, expert_bytes,
                   stride_xm, stride_xg, x_div, stride_os, stride_og, stride_om,
                   M: tl.constexpr, MP: tl.constexpr, TYPE: tl.constexpr, S: tl.constexpr,
                   L: tl.constexpr, BN: tl.constexpr, U: tl.constexpr, HAS_IDX: tl.constexpr,
@@ -120,7 +140,7 @@ def _qgemv_kernel(x_ptr, w_ptr, out_ptr, idx_ptr, N, steps_per_split, row_bytes,
         kb0 = k_begin + i
         for u in tl.static_range(U):
             kb = kb0 + u
-            qf, scale, offset = _decode(row_ptr, kb, TYPE, S, L)
+            qf, scale, offset = _decode(row_ptr, kb, grid_ptr, signs_ptr, TYPE, S, L)
             w = scale * qf - offset
             if M == 1:
                 xv = tl.load(x_ptr + kb * 256 + xo).to(tl.float32)
@@ -138,19 +158,30 @@ def _qgemv_kernel(x_ptr, w_ptr, out_ptr, idx_ptr, N, steps_per_split, row_bytes,
 
 
 @triton.jit
-def _qdequant_kernel(w_ptr, out_ptr, N, K, row_bytes, TYPE: tl.constexpr, S: tl.constexpr,
+def _qdequant_kernel(w_ptr, out_ptr, grid_ptr, signs_ptr, N, K, row_bytes, TYPE: tl.constexpr, S: tl.constexpr,
                      L: tl.constexpr, BN: tl.constexpr):
     pid = tl.program_id(0)
     kb = tl.program_id(1)
     rows = pid * BN + tl.arange(0, BN)
     rows_c = tl.minimum(rows, N - 1)
     row_ptr = (w_ptr + rows_c.to(tl.int64) * row_bytes)[:, None, None]
-    qf, scale, offset = _decode(row_ptr, kb, TYPE, S, L)
+    qf, scale, offset = _decode(row_ptr, kb, grid_ptr, signs_ptr, TYPE, S, L)
     w = scale * qf - offset
     s = tl.arange(0, S)[None, :, None]
     l = tl.arange(0, L)[None, None, :]
     r = rows.to(tl.int64)[:, None, None]
     tl.store(out_ptr + r * K + kb * 256 + s * L + l, w.to(out_ptr.dtype.element_ty), mask=r < N)
+
+
+_TABLES: dict = {}
+
+
+def _tables(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """IQ2_XXS's grid (float32 [256 * 8]) and sign patterns (int32 [128]) on `device`."""
+    if device not in _TABLES:
+        from ...quant.blocks import _IQ2_XXS_GRID, _IQ2_XXS_SIGNS  # noqa: PLC0415
+        _TABLES[device] = (_IQ2_XXS_GRID.reshape(-1).to(device), _IQ2_XXS_SIGNS.to(device))
+    return _TABLES[device]
 
 
 def _check(raw: torch.Tensor, bt_name: str, shape) -> tuple[int, int, int, int, int]:
@@ -204,7 +235,7 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch.Te
     mp = 1 << (m - 1).bit_length()
     grid = (triton.cdiv(n, bn), split, groups)
     _qgemv_kernel[grid](
-        x, raw, dst, idx_arg, n, n_steps // split, raw.stride(0), expert,
+        x, raw, dst, idx_arg, *_tables(raw.device), n, n_steps // split, raw.stride(0), expert,
         x.stride(0), x.stride(0), x_div, stride_os, stride_og, dst.stride(-2),
         M=m, MP=mp, TYPE=tid, S=S, L=L, BN=bn, U=u, HAS_IDX=moe, STAGES=stages, num_warps=num_warps)
     if split > 1:
@@ -218,7 +249,7 @@ def qdequant(raw: torch.Tensor, bt_name: str, shape, dtype=torch.float32, out: t
     tid, S, L, n, k = _check(raw, bt_name, shape)
     if out is None:
         out = torch.empty((n, k), dtype=dtype, device=raw.device)
-    _qdequant_kernel[(triton.cdiv(n, bn), k // STEP)](raw, out, n, k, raw.stride(0),
+    _qdequant_kernel[(triton.cdiv(n, bn), k // STEP)](raw, out, *_tables(raw.device), n, k, raw.stride(0),
                                                        TYPE=tid, S=S, L=L, BN=bn, num_warps=num_warps)
     return out
 

@@ -6,7 +6,7 @@ import torch
 from ...quant.blocks import block_type, dequantize
 
 # byte offsets of each type's float16 scale fields (all other bytes may hold any value)
-_F16_FIELDS = {"Q4_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,), "Q4_0": (0,)}
+_F16_FIELDS = {"Q4_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,), "Q4_0": (0,), "Q2_K": (80, 82), "IQ2_XXS": (0,)}
 
 
 def random_blocks(name: str, n: int, k: int, gen: torch.Generator, device="cpu") -> torch.Tensor:
