@@ -306,6 +306,9 @@ def run(args) -> int:
             show(rows[0])
         else:
             rows = b.frontiers(tokens, frontiers, on_row=show)
+    if device.type == "cuda":
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated by torch "
+              f"(weights {loaded.nbytes / 2**30:.2f} GiB in the file)")
     if args.csv:
         write_csv(rows, args.csv, dev_name, str(loaded.path))
     if args.plot:

@@ -98,6 +98,10 @@ def load(ref: str | Path, device: str | torch.device = "cpu", progress: bool = T
         f = GGUFFile(path)
         arch = registry.canonical(f.architecture)
         raw_cfg = gguf_names.config_from_gguf(arch, f.meta, str(path))
+        if "rope_freqs.weight" in f.tensors:  # Llama 3.x: rope scaling stored as per-frequency factors
+            from .quant.blocks import block_type, dequantize
+            bt = block_type(f.tensors["rope_freqs.weight"].ggml_type)
+            raw_cfg["rope_freq_factors"] = dequantize(f.raw("rope_freqs.weight"), bt).flatten().tolist()
         source = GGUFSource(f, arch, raw_cfg)
         tokenizer = Tokenizer.from_gguf(f.meta)
     cfg = Config(raw_cfg)

@@ -225,21 +225,28 @@ def test_snapshot_chains_are_capped(tiny, tmp_path):
         s.stop()
 
 
+def serve_dir(tiny, tmp_path: Path) -> Path:
+    """A copy of the tiny V4's directory that `ouzel serve` accepts (it wants a chat template)."""
+    import json
+    import shutil
+
+    model = tmp_path / "hf"
+    shutil.copytree(tiny.dir, model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return model
+
+
 def test_real_server_sigkill_restart_finds_the_v4_prefix(tiny, tmp_path):
     """`ouzel serve` on the tiny V4 over loopback: a continued prompt is served from the snapshot,
     also after a SIGKILL and restart with the same --kv-disk-dir; a damaged file is discarded."""
-    import json
-    import shutil
     import time
 
     import openai
     from server_util import Server
 
-    model = tmp_path / "hf"
-    shutil.copytree(tiny.dir, model)
-    cfg = json.loads((model / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # serve wants one
-    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    model = serve_dir(tiny, tmp_path)
 
     def start():
         return Server("-m", str(model), "--model-id", "v4", "--ctx", "256", "--kv-snapshot-every", "2",
@@ -278,5 +285,48 @@ def test_real_server_sigkill_restart_finds_the_v4_prefix(tiny, tmp_path):
         text3, cached3 = ask(s, second)
         assert (text3, cached3) == (text2, 0)
         assert s.metrics()["ouzel_kv_disk_files_discarded_total"] >= 1
+    finally:
+        s.stop()
+
+
+def test_real_server_sigkill_mid_reply_keeps_the_prompt_snapshot(tiny, tmp_path):
+    """The snapshot at the prompt's last block boundary is taken (and written) when the prefill
+    reaches it, not when the reply ends: after a SIGKILL mid-reply the resend prefills only the tail."""
+    import time
+
+    import openai
+    from server_util import Server
+
+    model = serve_dir(tiny, tmp_path)
+    prompt = tiny.ids[:100].tolist()  # 6 full blocks of prompt[:-1]; no every-64-blocks boundary
+
+    def start():
+        return Server("-m", str(model), "--model-id", "v4", "--ctx", "512", "--kv-disk-dir", str(tmp_path / "kv"),
+                      log_path=str(tmp_path / "server.log"))
+
+    def client(s: Server) -> openai.OpenAI:
+        return openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+    s = start()
+    try:
+        stream = client(s).completions.create(model="v4", prompt=prompt, max_tokens=400, temperature=0,
+                                              stream=True, extra_body={"ignore_eos": True})
+        chunks = [c for _, c in zip(range(3), stream)]
+        assert all(c.choices[0].finish_reason is None for c in chunks)
+        for _ in range(100):  # written by a background thread
+            if by_length(tmp_path / "kv"):
+                break
+            time.sleep(0.05)
+        assert s.metrics()["ouzel_requests_running"] == 1  # still generating
+    finally:
+        s.kill()  # SIGKILL mid-reply: no finish, no shutdown hook
+    assert sorted(by_length(tmp_path / "kv")) == [96]
+
+    s = start()
+    try:
+        again = client(s).completions.create(model="v4", prompt=prompt, max_tokens=N, temperature=0)
+        assert again.usage.prompt_tokens_details.cached_tokens == 96
+        assert s.metrics()["ouzel_disk_hit_tokens_total"] == 96
+        assert again.choices[0].text.startswith("".join(c.choices[0].text for c in chunks))
     finally:
         s.stop()

@@ -176,9 +176,12 @@ def test_openai_chat_reasoning_content(thinking_server):
     assert "".join((ch.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
                    for ch in chunks if ch.choices) == thought
     assert not any(ch.choices[0].delta.content for ch in chunks if ch.choices)
+    default = c.chat.completions.create(**kw)  # the template's default: thinking on
+    assert default.choices[0].message.model_extra["reasoning_content"]
+    assert on.usage.prompt_tokens > default.usage.prompt_tokens  # "[effort=high][thinking=True]"
     off = c.chat.completions.create(**{**kw, "extra_body": {**GEN, "chat_template_kwargs": {"enable_thinking": False}}})
     assert off.choices[0].message.content and "reasoning_content" not in (off.choices[0].message.model_extra or {})
-    assert off.usage.prompt_tokens > on.usage.prompt_tokens  # the template closed an empty thought
+    assert off.usage.prompt_tokens > default.usage.prompt_tokens  # the template closed an empty thought
     # the thought sent back with the assistant turn reaches the template; nothing chokes on it
     again = c.chat.completions.create(model="thinker", max_tokens=2, extra_body=GEN, messages=MSGS + [
         {"role": "assistant", "content": "", "reasoning_content": thought}, {"role": "user", "content": "Go on."}])

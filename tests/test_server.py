@@ -152,6 +152,22 @@ def test_messages(claude):
     assert cut.content[0].text == r.content[0].text[:r.content[0].text.index(word)]
 
 
+def test_reasoning_controls_leave_a_template_without_them_alone(oai, claude):
+    """SmolLM2 does not think: the reasoning fields are taken (200), its template ignores them, and
+    the reply is passed through unsplit."""
+    msgs = [{"role": "user", "content": "Say hello."}]
+    plain = chat(oai, msgs)
+    r = chat(oai, msgs, reasoning_effort="low", extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert r.choices[0].message.content == plain.choices[0].message.content
+    assert r.usage.prompt_tokens == plain.usage.prompt_tokens and "reasoning_content" not in r.choices[0].message.model_extra
+    resp = oai.responses.create(model="smollm2-135m", input="Say hi.", max_output_tokens=4, temperature=0,
+                                reasoning={"effort": "high", "summary": "auto"})
+    assert [o.type for o in resp.output] == ["message"]
+    m = claude.messages.create(model="smollm2-135m", max_tokens=8, extra_body=T0, messages=msgs,
+                               thinking={"type": "enabled", "budget_tokens": 4})
+    assert [b.type for b in m.content] == ["text"]
+
+
 def test_tool_call_round_trip_replays_sampled_text(server, oai):
     """A forced tool call comes back as JSON; sent back, its sampled text is replayed byte for
     byte, so the second prompt's cached prefix covers the whole first turn."""
@@ -326,6 +342,17 @@ BAD = [
     ("/v1/responses", {"input": 5}, 400, "input"),
     ("/v1/responses", {"input": "x", "previous_response_id": "resp_1"}, 404, "previous_response_not_found"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "'n'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "reasoning_effort": "lots"}, 400,
+     "reasoning_effort"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": "x"}, 400,
+     "chat_template_kwargs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "chat_template_kwargs": {"add_generation_prompt": False}}, 400, "add_generation_prompt"),
+    ("/v1/responses", {"input": "x", "reasoning": {"effort": "lots"}}, 400, "reasoning.effort"),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 8,
+                      "thinking": {"type": "enabled", "budget_tokens": 8}}, 400, "budget_tokens"),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 8, "thinking": "on"}, 400,
+     "thinking"),
 ]
 
 

@@ -322,13 +322,14 @@ def gguf_metadata(hf_model, arch: str) -> dict[str, tuple[object, str]]:
 
 def write_gguf(hf_model, arch: str, path: str | Path, qtype: str = "F32", *, architecture: str | None = None,
                drop_tensors=(), drop_keys=(), set_keys: dict | None = None,
-               raw_tensors: dict | None = None) -> Path:
+               raw_tensors: dict | None = None, extra_tensors: dict | None = None) -> Path:
     """Write hf_model's weights as a llama.cpp-layout GGUF file.
 
     qtype: F32, F16 or Q8_0 for the 2-D weights (norms stay F32). The keyword arguments make
     broken files for error tests: `architecture` (general.architecture), `drop_tensors` (GGUF
     names), `drop_keys` (metadata keys), `set_keys` ({key: value} overriding metadata values),
-    `raw_tensors` ({GGUF name: (uint8 bytes, GGMLQuantizationType)} replacing a tensor as is)."""
+    `raw_tensors` ({GGUF name: (uint8 bytes, GGMLQuantizationType)} replacing a tensor as is).
+    `extra_tensors` ({GGUF name: float32 array}) adds tensors HF has no weight for (rope_freqs)."""
     import gguf
 
     path = Path(path)
@@ -353,6 +354,8 @@ def write_gguf(hf_model, arch: str, path: str | Path, qtype: str = "F32", *, arc
         if raw_tensors and name in raw_tensors:
             arr, t = raw_tensors[name]
         writer.add_tensor(name, arr, raw_dtype=t if t != gguf.GGMLQuantizationType.F32 or arr.dtype == np.uint8 else None)
+    for name, arr in (extra_tensors or {}).items():
+        writer.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -18,6 +18,7 @@ class RopeSpec:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_pos: int = 8192
+    freq_factors: tuple[float, ...] | None = None  # llama.cpp's rope_freqs tensor: theta_i / factor_i
 
 
 def inv_freq(spec: RopeSpec) -> torch.Tensor:
@@ -33,6 +34,11 @@ def inv_freq(spec: RopeSpec) -> torch.Tensor:
         mid = (1 - smooth) * scaled / spec.factor + smooth * scaled
         is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         freqs = torch.where(is_mid, mid, scaled)
+    if spec.freq_factors is not None:
+        if len(spec.freq_factors) != len(freqs):
+            from ..errors import OuzelError
+            raise OuzelError(f"rope_freqs has {len(spec.freq_factors)} factors; the rotary dims need {len(freqs)}")
+        freqs = freqs / torch.tensor(spec.freq_factors, dtype=torch.float32)
     return freqs
 
 

@@ -17,8 +17,9 @@ def rope_spec(cfg: Config, theta: float | None = None, scaling: dict | None = No
     scaling = scaling if scaling is not None else (cfg.opt("rope_scaling") or params)
     theta = theta or params.get("rope_theta") or cfg.opt("rope_theta", 10000.0)
     kind = (scaling.get("rope_type") or scaling.get("type") or "default") if scaling else "default"
+    factors = cfg.opt("rope_freq_factors")  # GGUF files carry Llama 3's scaling as per-frequency factors
     if kind == "default":
-        return RopeSpec(float(theta), cfg.head_dim)
+        return RopeSpec(float(theta), cfg.head_dim, freq_factors=tuple(factors) if factors else None)
     if kind in ("linear", "llama3"):
         return RopeSpec(float(theta), cfg.head_dim, kind, float(scaling["factor"]),
                         float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0)),

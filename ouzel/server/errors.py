@@ -15,9 +15,13 @@ _TYPES = {int: "an integer", float: "a number", str: "a string", bool: "a boolea
           dict: "an object"}
 
 
-def field(body: dict, name: str, types: type | tuple, default: Any = None, *, required: bool = False) -> Any:
-    """body[name] checked against types (None counts as absent); 400 with the field's name if wrong."""
+def field(body: dict, name: str, types: type | tuple, default: Any = None, *, required: bool = False,
+          where: str = "") -> Any:
+    """body[name] checked against types (None counts as absent); 400 with the field's name if wrong.
+    where: the enclosing object's path for nested fields (e.g. "thinking")."""
     value = body.get(name)
+    if where:
+        name = f"{where}.{name}"
     if value is None:
         if required:
             raise ApiError(400, f"'{name}' is required", param=name)

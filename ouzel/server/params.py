@@ -93,8 +93,8 @@ def responses_reasoning(body: dict) -> tuple[dict, bool]:
     """Template variables of a Responses request (`reasoning.effort`) and whether a reasoning
     summary was asked for (`reasoning.summary`)."""
     r = field(body, "reasoning", dict, {})
-    effort = field(r, "effort", str)
-    summary = field(r, "summary", str)
+    effort = field(r, "effort", str, where="reasoning")
+    summary = field(r, "summary", str, where="reasoning")
     if summary not in (None, "auto", "concise", "detailed"):
         raise ApiError(400, f"'reasoning.summary' must be auto, concise or detailed (got {summary!r})",
                        param="reasoning.summary")
@@ -110,7 +110,7 @@ def anthropic_thinking(body: dict, max_tokens: int) -> dict:
     if t is not None:
         kind = t.get("type")
         if kind == "enabled":
-            budget = field(t, "budget_tokens", int, required=True)
+            budget = field(t, "budget_tokens", int, required=True, where="thinking")
             if not 0 < budget < max(max_tokens, 1):
                 raise ApiError(400, f"'thinking.budget_tokens' must be positive and less than max_tokens "
                                     f"({max_tokens}), got {budget}", param="thinking.budget_tokens")
