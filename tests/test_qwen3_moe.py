@@ -167,3 +167,21 @@ def test_grouped_prefill_equals_the_expert_loop(plain):
     grouped = experts._grouped(x, w, idx, gu, down)
     assert grouped is not None
     assert_close(grouped, experts(x, w, idx), "grouped MoE vs the expert loop", abs_tol=1e-6)
+
+
+@torch.no_grad()
+def test_fused_gate_up_stack_gives_the_same_experts(plain):
+    """On CUDA gate and up stacks are fused into one (one kernel per step); same outputs."""
+    model, files, _, _ = plain
+    llm = ouzel.load(files["Q8_0"])
+    experts = llm.model.model.layers[0].mlp.experts
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(9, model.config.hidden_size, generator=g)
+    w, idx = llm.model.model.layers[0].mlp.gate(x)
+    before = experts(x, w, idx)
+    stack = experts.gate_up_proj
+    fused = stack.fused()
+    assert len(stack.stacked) == 2 and len(fused.stacked) == 1 and fused.shape == stack.shape
+    experts.gate_up_proj = fused
+    assert torch.equal(experts(x, w, idx), before)
+    assert_close(experts._grouped(x, w, idx, fused, experts.down_proj), before, "grouped, fused stack", abs_tol=1e-6)

@@ -47,8 +47,21 @@ class ExpertStack:
 
     def to(self, device) -> "ExpertStack":
         if self.stacked is not None:
-            return ExpertStack.from_stacked([w.to(device) for w in self.stacked], self.shape)
+            moved = ExpertStack.from_stacked([w.to(device) for w in self.stacked], self.shape)
+            return moved.fused() if torch.device(device).type == "cuda" else moved
         return ExpertStack([[b.to(device) for b in p] for p in self.parts], self.shape)
+
+    def fused(self) -> "ExpertStack":
+        """Gate and up stored as two stacks of one block type become one stack whose expert e is
+        [gate_e; up_e]: one kernel per MoE step instead of two. Same bytes (the pieces are freed)."""
+        if self.stacked is None or len(self.stacked) < 2 or len({w.bt.name for w in self.stacked}) != 1:
+            return self
+        E = self.shape[0]
+        per = [w.raw.view(E, -1, w.raw.shape[1]) for w in self.stacked]
+        if len({p.shape[2] for p in per}) != 1:
+            return self
+        raw = torch.cat(per, dim=1).reshape(-1, per[0].shape[2])
+        return ExpertStack.from_stacked([QTensor(raw, self.stacked[0].bt, (raw.shape[0], self.shape[2]))], self.shape)
 
     @property
     def nbytes(self) -> int:
