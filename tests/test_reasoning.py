@@ -115,7 +115,7 @@ def test_request_fields_become_template_variables():
     assert render(**params.openai_chat_reasoning({"reasoning_effort": "high",
                                                   "chat_template_kwargs": {"enable_thinking": False}})).endswith("</think>\n\n")
     assert render(**params.responses_reasoning({"reasoning": {"effort": "low"}})[0]).endswith("[effort=low][thinking=True]<think>\n")
-    assert params.responses_reasoning({"reasoning": {"summary": "auto"}}) == ({}, True)
+    assert params.responses_reasoning({"reasoning": {"summary": "auto"}}) == ({}, "auto")
     assert render(**params.anthropic_thinking({"thinking": {"type": "disabled"}}, 64)).endswith("[thinking=False]<think>\n\n</think>\n\n")
     assert render(**params.anthropic_thinking({"thinking": {"type": "enabled", "budget_tokens": 32}}, 64)) == \
         render(**params.anthropic_thinking({"thinking": {"type": "adaptive"}}, 64)) != default

@@ -89,16 +89,16 @@ def openai_chat_reasoning(body: dict) -> dict:
     return {**_effort(field(body, "reasoning_effort", str), "reasoning_effort"), **template_kwargs(body)}
 
 
-def responses_reasoning(body: dict) -> tuple[dict, bool]:
-    """Template variables of a Responses request (`reasoning.effort`) and whether a reasoning
-    summary was asked for (`reasoning.summary`)."""
+def responses_reasoning(body: dict) -> tuple[dict, str | None]:
+    """Template variables of a Responses request (`reasoning.effort`) and the reasoning summary
+    asked for (`reasoning.summary`, or None)."""
     r = field(body, "reasoning", dict, {})
     effort = field(r, "effort", str, where="reasoning")
     summary = field(r, "summary", str, where="reasoning")
     if summary not in (None, "auto", "concise", "detailed"):
         raise ApiError(400, f"'reasoning.summary' must be auto, concise or detailed (got {summary!r})",
                        param="reasoning.summary")
-    return {**_effort(effort, "reasoning.effort"), **template_kwargs(body)}, summary is not None
+    return {**_effort(effort, "reasoning.effort"), **template_kwargs(body)}, summary
 
 
 def anthropic_thinking(body: dict, max_tokens: int) -> dict:

@@ -118,12 +118,12 @@ def _text_item(text: str, status="completed") -> dict:
             "content": [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []}
 
 
-def _reasoning_item(text: str, summary: bool, status="completed", item_id: str = "") -> dict:
+def _reasoning_item(text: str, summary: str | None, status="completed", item_id: str = "") -> dict:
     """The thought as reasoning_text content (gpt-oss style); also as the summary when one was asked
     for (the model writes no separate summary)."""
     done = status == "completed"
     return {"type": "reasoning", "id": item_id or "rs_" + secrets.token_hex(12), "status": status,
-            "summary": [{"type": "summary_text", "text": text}] if summary and done else [],
+            "summary": [{"type": "summary_text", "text": text}] if summary is not None and done else [],
             "content": [{"type": "reasoning_text", "text": text}] if done else []}
 
 
@@ -143,7 +143,7 @@ async def responses(request: Request):
     if isinstance(choice, dict) and choice.get("type") == "function":
         choice = {"function": {"name": choice.get("name")}}
     msgs = _messages(field(body, "instructions", str), items, skip)
-    template_vars, summary = params.responses_reasoning(body)
+    template_vars, summary = params.responses_reasoning(body)  # summary: None when not asked for
     ids, forced, text = engine.chat.build(msgs, tools, choice, template_vars)
     p = params.sampling(body, engine.ctx_left(ids), max_names=("max_output_tokens",))
     engine.validate(ids, p)
@@ -153,7 +153,8 @@ async def responses(request: Request):
     head = {"id": "resp_" + secrets.token_hex(12), "object": "response", "created_at": int(time.time()),
             "model": engine.model_id, "tool_choice": choice or "auto", "tools": body.get("tools") or [],
             "parallel_tool_calls": True, "temperature": p.temperature, "top_p": p.top_p,
-            "previous_response_id": body.get("previous_response_id"), "store": keep}
+            "previous_response_id": body.get("previous_response_id"), "store": keep,
+            "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": summary}}
     # a finished response is kept (unless store: false) for a later previous_response_id
     save = functools.partial(store.put, head["id"], items) if keep else lambda output: None
     if field(body, "stream", bool, False):
@@ -171,7 +172,7 @@ def _status(reason: str) -> str:
     return "incomplete" if reason == "length" else "completed"
 
 
-async def _events(run, head: dict, save, summary: bool):
+async def _events(run, head: dict, save, summary: str | None):
     seq = iter(range(1 << 30))
 
     def ev(kind: str, **kw) -> dict:
@@ -243,14 +244,14 @@ class _Thought:
     """The streamed reasoning item: reasoning_text events, plus summary_text events when a summary
     was asked for."""
 
-    def __init__(self, ev, summary: bool):
-        self.ev, self.summary = ev, summary
+    def __init__(self, ev, summary: str | None):
+        self.ev, self.summary = ev, summary  # "auto" | "concise" | "detailed" | None
         self.item, self.text = None, []
 
     def delta(self, text: str, index: int) -> list[dict]:
         ev, out = self.ev, []
         if self.item is None:
-            self.item = _reasoning_item("", self.summary, "in_progress")
+            self.item = _reasoning_item("", None, "in_progress")
             out.append(ev("response.output_item.added", output_index=index, item=self.item))
             if self.summary:
                 out.append(ev("response.reasoning_summary_part.added", item_id=self.item["id"], output_index=index,
