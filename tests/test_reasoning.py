@@ -112,11 +112,14 @@ def test_request_fields_become_template_variables():
     high = render(**params.openai_chat_reasoning({"reasoning_effort": "high", "chat_template_kwargs": {"style": "x"}}))
     assert "[effort=high][thinking=True][style=x]<think>\n" in high
     # chat_template_kwargs win over reasoning_effort: they are the template's own switch
-    assert render(**params.openai_chat_reasoning({"reasoning_effort": "high",
-                                                  "chat_template_kwargs": {"enable_thinking": False}})).endswith("</think>\n\n")
-    assert render(**params.responses_reasoning({"reasoning": {"effort": "low"}})[0]).endswith("[effort=low][thinking=True]<think>\n")
+    both = params.openai_chat_reasoning({"reasoning_effort": "high",
+                                         "chat_template_kwargs": {"enable_thinking": False}})
+    assert render(**both).endswith("</think>\n\n")
+    low = params.responses_reasoning({"reasoning": {"effort": "low"}})[0]
+    assert render(**low).endswith("[effort=low][thinking=True]<think>\n")
     assert params.responses_reasoning({"reasoning": {"summary": "auto"}}) == ({}, "auto")
-    assert render(**params.anthropic_thinking({"thinking": {"type": "disabled"}}, 64)).endswith("[thinking=False]<think>\n\n</think>\n\n")
+    off = params.anthropic_thinking({"thinking": {"type": "disabled"}}, 64)
+    assert render(**off).endswith("[thinking=False]<think>\n\n</think>\n\n")
     assert render(**params.anthropic_thinking({"thinking": {"type": "enabled", "budget_tokens": 32}}, 64)) == \
         render(**params.anthropic_thinking({"thinking": {"type": "adaptive"}}, 64)) != default
     # an assistant turn's reasoning_content reaches templates that keep it
@@ -134,7 +137,8 @@ def test_request_fields_become_template_variables():
     (params.responses_reasoning, {"reasoning": {"summary": "long"}}, "reasoning.summary"),
     (lambda b: params.anthropic_thinking(b, 64), {"thinking": {"type": "on"}}, "thinking.type"),
     (lambda b: params.anthropic_thinking(b, 64), {"thinking": {"type": "enabled"}}, "budget_tokens"),
-    (lambda b: params.anthropic_thinking(b, 64), {"thinking": {"type": "enabled", "budget_tokens": "9"}}, "budget_tokens"),
+    (lambda b: params.anthropic_thinking(b, 64), {"thinking": {"type": "enabled", "budget_tokens": "9"}},
+     "thinking.budget_tokens"),
     (lambda b: params.anthropic_thinking(b, 64), {"thinking": {"type": "enabled", "budget_tokens": 64}}, "max_tokens"),
     (lambda b: params.anthropic_thinking(b, 64), {"thinking": True}, "thinking"),
 ])
@@ -241,3 +245,74 @@ def test_bad_reasoning_requests_get_4xx(thinking_server, path, body, needle):
     r = httpx.post(thinking_server.url + path, json={**body, "max_tokens": 2} if "max_tokens" not in body else body,
                    timeout=30)
     assert r.status_code == 400 and needle in r.text, r.text
+
+
+# --- the three APIs' streams of one reply (thought, answer, tool call), checked against the SDK types ---
+
+def _reply():
+    from ouzel.engine.request import Usage
+    from ouzel.server.engine import Delta
+    from ouzel.text.tool_formats import ToolCall
+    call = ToolCall.new("get_weather", {"city": "Paris"})
+    return [Delta("reasoning", "Need the "), Delta("keepalive"), Delta("reasoning", "weather."),
+            Delta("text", "Checking."), Delta("call_start", call=call), Delta("call_done", call=call),
+            Delta("done", finish_reason="tool_calls", usage=Usage(10, 7))]
+
+
+async def _run(deltas):
+    for d in deltas:
+        yield d
+
+
+def _events(gen) -> list:
+    import asyncio
+
+    async def go():
+        return [e async for e in gen if e is not None]
+    return asyncio.run(go())
+
+
+def test_stream_shapes_openai_chat():
+    openai = pytest.importorskip("openai")
+    from ouzel.server.openai import _chat_chunks
+    chunks = [openai.types.chat.ChatCompletionChunk.model_validate(c)
+              for c in _events(_chat_chunks(_run(_reply()), {"id": "x", "created": 0, "model": "m"}, False))]
+    deltas = [c.choices[0].delta for c in chunks]
+    assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == "Need the weather."
+    assert "".join(d.content or "" for d in deltas) == "Checking."
+    first = [i for i, d in enumerate(deltas) if d.model_extra.get("reasoning_content") or d.content or d.tool_calls]
+    assert deltas[first[0]].model_extra.get("reasoning_content") and deltas[first[-1]].tool_calls
+
+
+def test_stream_shapes_anthropic():
+    anthropic = pytest.importorskip("anthropic")
+    from pydantic import TypeAdapter
+
+    from ouzel.server.anthropic import _events as events
+    raw = _events(events(_run(_reply()), {"id": "msg_x", "type": "message", "role": "assistant", "model": "m"}, 10))
+    evs = [TypeAdapter(anthropic.types.RawMessageStreamEvent).validate_python(e) for e in raw if e["type"] != "ping"]
+    starts = [(e.index, e.content_block.type) for e in evs if e.type == "content_block_start"]
+    assert starts == [(0, "thinking"), (1, "text"), (2, "tool_use")]
+    assert [e.index for e in evs if e.type == "content_block_stop"] == [0, 1, 2]
+    deltas = [e.delta for e in evs if e.type == "content_block_delta"]
+    assert "".join(d.thinking for d in deltas if d.type == "thinking_delta") == "Need the weather."
+
+
+def test_stream_shapes_responses():
+    openai = pytest.importorskip("openai")
+    from pydantic import TypeAdapter
+
+    from ouzel.server.responses import _events as events
+    head = {"id": "resp_x", "object": "response", "created_at": 0, "model": "m", "tool_choice": "auto", "tools": [],
+            "parallel_tool_calls": True}
+    saved = []
+    raw = _events(events(_run(_reply()), head, saved.append, "auto"))
+    evs = [TypeAdapter(openai.types.responses.ResponseStreamEvent).validate_python(e) for e in raw]
+    added = [(e.output_index, e.item.type) for e in evs if e.type == "response.output_item.added"]
+    assert added == [(0, "reasoning"), (1, "message"), (2, "function_call")]
+    assert [(e.output_index, e.item.type) for e in evs if e.type == "response.output_item.done"] == added
+    assert "".join(e.delta for e in evs if e.type == "response.reasoning_summary_text.delta") == "Need the weather."
+    out = evs[-1].response.output
+    assert [o.type for o in out] == ["reasoning", "message", "function_call"]
+    assert out[0].content[0].text == out[0].summary[0].text == "Need the weather."
+    assert saved[0][0]["type"] == "reasoning"

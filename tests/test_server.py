@@ -159,7 +159,8 @@ def test_reasoning_controls_leave_a_template_without_them_alone(oai, claude):
     plain = chat(oai, msgs)
     r = chat(oai, msgs, reasoning_effort="low", extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     assert r.choices[0].message.content == plain.choices[0].message.content
-    assert r.usage.prompt_tokens == plain.usage.prompt_tokens and "reasoning_content" not in r.choices[0].message.model_extra
+    assert r.usage.prompt_tokens == plain.usage.prompt_tokens
+    assert "reasoning_content" not in r.choices[0].message.model_extra
     resp = oai.responses.create(model="smollm2-135m", input="Say hi.", max_output_tokens=4, temperature=0,
                                 reasoning={"effort": "high", "summary": "auto"})
     assert [o.type for o in resp.output] == ["message"]

@@ -122,3 +122,22 @@ def test_q8_gemv_experts(name, gen):
     ref = torch.stack([reference_linear(xd[p // K][None], raw[idx[p] * n:(idx[p] + 1) * n], name)[0]
                        for p in range(T * K)])
     assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_moe_gemm_experts(name, gen):
+    """MoE prefill GEMM: pairs sorted by expert, tiles of one expert each, blocks decoded in the tiles."""
+    E, n, k, T, K = 5, 40, 512, 23, 3
+    raw = random_blocks(name, E * n, k, gen, DEV)
+    idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]).to(DEV)
+    x = torch.randn(T, k, generator=gen).to(DEV)
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    tiles = G.moe_tiles(torch.bincount(flat, minlength=E).tolist(), 16, DEV)
+    pair_rows = (order // K).to(torch.int32)
+    out = torch.full((T * K, n), float("nan"), device=DEV)
+    G.qgemm_experts(x, raw, name, (n, k), pair_rows, tiles, out=out, bm=16, bn=16, dot_dtype=torch.float32)
+    es = flat[order].tolist()
+    ref = torch.stack([reference_linear(x[pair_rows[p]][None], raw[es[p] * n:(es[p] + 1) * n], name)[0]
+                       for p in range(T * K)])
+    assert rel_err(out, ref) < 1e-5

@@ -180,3 +180,16 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq:
             or positions.dtype not in (torch.int32, torch.int64) or positions.device != q.device):
         return None
     return f.rope_qk(q, k, positions, inv_freq, rot_dim)
+
+
+def moe_gemm(x: torch.Tensor, w, n_experts: int, pair_rows: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
+    """MoE prefill: out [P, n] row p = x[pair_rows[p]] @ W_e.T for pairs sorted by expert (counts[e]
+    each), w a stacked QTensor [E * n, K]; the blocks are decoded inside the matmul tiles. None where
+    no kernel reads the type."""
+    g = _gguf()
+    if g is None or not gemv_supports(w) or x.dtype not in _DTYPES:
+        return None
+    bm = 64
+    dot = _prefill_dtype(x.dtype)
+    return g.qgemm_experts(x.contiguous(), w.raw, w.bt.name, (w.shape[0] // n_experts, w.shape[1]), pair_rows,
+                           g.moe_tiles(counts, bm, x.device), bm=bm, bn=64, dot_dtype=dot)

@@ -196,16 +196,20 @@ class RoutedExperts(nn.Module):
         from ..kernels.ops import dequantize_stacked  # noqa: PLC0415
         T, K = idx.shape
         E, D, I = self.n_experts, self.hidden, self.intermediate
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # pairs grouped by expert
+        counts = torch.bincount(flat, minlength=E)
+        if x.is_cuda:
+            out = self._grouped_kernels(x, weights, order, counts.tolist(), K, gu, down)
+            if out is not None:
+                return out
         ws = [dequantize_stacked(w, x) for w in (*gu.stacked, *down.stacked)]
         if any(w is None for w in ws):
             return None
         dt = ws[0].dtype
         w_gu = torch.cat([w.view(E, -1, D) for w in ws[:-1]], dim=1)  # [E, 2I, D]
         w_down = ws[-1].view(E, D, I)
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)  # pairs grouped by expert
         e_sorted = flat[order]
-        counts = torch.bincount(flat, minlength=E)
         slot = torch.arange(len(order), device=x.device) - (torch.cumsum(counts, 0) - counts)[e_sorted]
         xs = torch.zeros((E, int(counts.max()), D), dtype=dt, device=x.device)
         xs[e_sorted, slot] = x[order // K].to(dt)
@@ -214,6 +218,26 @@ class RoutedExperts(nn.Module):
         y = torch.bmm(a, w_down.transpose(1, 2))[e_sorted, slot].float()  # [T*K, D], sorted order
         out = torch.zeros_like(x)
         out.index_add_(0, order // K, (y * weights.reshape(-1)[order, None]).to(out.dtype))
+        return out
+
+    def _grouped_kernels(self, x, weights, order, counts: list[int], K: int, gu: ExpertStack,
+                         down: ExpertStack) -> torch.Tensor | None:
+        """`_grouped` with the experts' blocks decoded inside the matmul tiles (no dense copy of
+        every expert per layer): kernels/triton/gguf.py `qgemm_experts`."""
+        from ..kernels.cuda import moe_gemm  # noqa: PLC0415
+        E, I = self.n_experts, self.intermediate
+        pair_rows = (order // K).to(torch.int32)
+        hs = [moe_gemm(x, w, E, pair_rows, counts) for w in gu.stacked]  # [P, 2I] in sorted order
+        if any(h is None for h in hs):
+            return None
+        h = hs[0] if len(hs) == 1 else torch.cat(hs, dim=-1)
+        a = swiglu(h[:, :I].float(), h[:, I:].float(), self.limit).to(x.dtype)
+        own = torch.arange(len(order), dtype=torch.int32, device=x.device)
+        y = moe_gemm(a, down.stacked[0], E, own, counts)
+        if y is None:
+            return None
+        out = torch.zeros_like(x)
+        out.index_add_(0, order // K, (y.float() * weights.reshape(-1)[order, None]).to(out.dtype))
         return out
 
     @staticmethod

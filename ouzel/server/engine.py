@@ -217,8 +217,8 @@ class ServeEngine:
                 calls.append(d.call)
             elif d.kind == "done":
                 end = d
-        return {"text": "".join(text), "reasoning": "".join(thought), "calls": calls, "logprobs": lps, "finish_reason": end.finish_reason,
-                "usage": end.usage, "stop_sequence": end.stop_sequence}
+        return {"text": "".join(text), "reasoning": "".join(thought), "calls": calls, "logprobs": lps,
+                "finish_reason": end.finish_reason, "usage": end.usage, "stop_sequence": end.stop_sequence}
 
     # --- observability ---
     def metrics_text(self) -> str:

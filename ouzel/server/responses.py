@@ -108,7 +108,8 @@ def _tools(body: dict) -> list[dict]:
 
 
 def _usage(u) -> dict:
-    return {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": u.cached_tokens},
+    details = {"cached_tokens": u.cached_tokens, "cache_write_tokens": 0}
+    return {"input_tokens": u.prompt_tokens, "input_tokens_details": details,
             "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": u.prompt_tokens + u.completion_tokens}
 

@@ -51,14 +51,19 @@ def _dot(a, b, SPLIT: tl.constexpr, F32_DOT: tl.constexpr):
 
 
 @triton.jit
-def _tile(q, qk_scale, k_head, v_head, s_kc, s_vc, key0, end, m_i, l_i, acc, D: tl.constexpr,
-          DP: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, F32_DOT: tl.constexpr):
+def _tile(q, qk_scale, k_head, v_head, s_kc, s_vc, tbl, key0, end, m_i, l_i, acc, D: tl.constexpr,
+          DP: tl.constexpr, BN: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, F32_DOT: tl.constexpr):
     """One online-softmax step over keys key0 .. key0+BN-1 (those < end): q [BG, DP] fp32;
-    k_head/v_head point at key 0 of this kv head; returns the updated (m_i, l_i, acc)."""
+    k_head/v_head point at row 0 of this kv head; returns the updated (m_i, l_i, acc).
+    PAGE > 0: key t sits at row tbl[t // PAGE] * PAGE + t % PAGE (tbl: the sequence's block table)."""
     keys = key0 + tl.arange(0, BN)
     key_ok = keys < end
     d = tl.arange(0, DP)
-    rows = keys.to(tl.int64)
+    if PAGE > 0:  # a tile may straddle blocks: one table entry per key (a few bytes, cached)
+        blk = tl.load(tbl + keys // PAGE, mask=key_ok, other=0)
+        rows = blk.to(tl.int64) * PAGE + keys % PAGE
+    else:
+        rows = keys.to(tl.int64)
     mask = key_ok[:, None] & (d < D)[None, :]  # rows past len are never loaded
     v = tl.load(v_head + rows[:, None] * s_vc + d[None, :], mask=mask, other=0.0)  # [BN, DP]
     # K^T loaded as [DP, BN] (a tl.trans of a loaded [BN, DP] tile kept the load out of the pipeline)
@@ -74,12 +79,14 @@ def _tile(q, qk_scale, k_head, v_head, s_kc, s_vc, key0, end, m_i, l_i, acc, D: 
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_ptr, lse_ptr, qk_scale, window, C, G, Hkv,
-                  s_qb, s_qh, s_kb, s_kc, s_kh, s_vb, s_vc, s_vh, s_ob, s_oh,
+def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, tbl_ptr, o_ptr, lse_ptr, qk_scale, window, C, G, Hkv,
+                  s_qb, s_qh, s_kb, s_kc, s_kh, s_vb, s_vc, s_vh, s_tb, s_ob, s_oh,
                   D: tl.constexpr, DP: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
-                  SPLITS: tl.constexpr, ONE_PASS: tl.constexpr, SPLIT_DOT: tl.constexpr,
-                  MAX_ITERS: tl.constexpr):
-    """q [B, H, D]; k/v rows at b*s_kb + key*s_kc + hkv*s_kh; BG heads of one kv head per program.
+                  PAGE: tl.constexpr, SPLITS: tl.constexpr, ONE_PASS: tl.constexpr,
+                  SPLIT_DOT: tl.constexpr, MAX_ITERS: tl.constexpr):
+    """q [B, H, D]; BG heads of one kv head per program. PAGE == 0: k/v rows at b*s_kb + key*s_kc
+    + hkv*s_kh. PAGE > 0 (a paged pool, s_kb = 0): the row of a key comes from the block table
+    tbl_ptr + b*s_tb (see `_tile`); C is then the table's capacity in keys.
     ONE_PASS: o_ptr is the output [B, H, D]; else o_ptr [B*H, SPLITS, D] fp32 and lse [B*H, SPLITS]."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -102,18 +109,19 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_ptr, lse_ptr, qk_scale, window
     q = q.to(tl.float32)
     k_head = k_ptr + b.to(tl.int64) * s_kb + hkv * s_kh
     v_head = v_ptr + b.to(tl.int64) * s_vb + hkv * s_vh
+    tbl = tbl_ptr + b.to(tl.int64) * s_tb
 
     m_i = tl.full([BG], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BG], dtype=tl.float32)
     acc = tl.zeros([BG, DP], dtype=tl.float32)
     if MAX_ITERS == 0:  # GPU: the trip count comes from the device-side length
         for i in range(0, tl.cdiv(tl.maximum(end - start, 0), BN)):
-            m_i, l_i, acc = _tile(q, qk_scale, k_head, v_head, s_kc, s_vc, start + i * BN, end,
-                                  m_i, l_i, acc, D, DP, BN, SPLIT_DOT, False)
+            m_i, l_i, acc = _tile(q, qk_scale, k_head, v_head, s_kc, s_vc, tbl, start + i * BN, end,
+                                  m_i, l_i, acc, D, DP, BN, PAGE, SPLIT_DOT, False)
     else:  # the interpreter cannot loop to a runtime bound: loop to the capacity's, idle tiles masked
         for i in range(0, MAX_ITERS):
-            m_i, l_i, acc = _tile(q, qk_scale, k_head, v_head, s_kc, s_vc, start + i * BN, end,
-                                  m_i, l_i, acc, D, DP, BN, SPLIT_DOT, True)
+            m_i, l_i, acc = _tile(q, qk_scale, k_head, v_head, s_kc, s_vc, tbl, start + i * BN, end,
+                                  m_i, l_i, acc, D, DP, BN, PAGE, SPLIT_DOT, True)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]  # an empty range gives o = 0
@@ -185,26 +193,70 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     H = G * Hkv (head h reads kv head h // G); lengths [B] int32/int64 on the device, read only by
     the kernel (graph-capturable). A sequence of length 0 gives zeros. block_n (keys per tile) and
     splits (programs per kv head along the keys) default to `_block_n_for` / `_splits_for`."""
-    B, H, D = q.shape
+    B = q.shape[0]
     k4, s_kb = _kv_view(k_cache, B)
     v4, s_vb = _kv_view(v_cache, B)
-    _, C, Hkv, Dk = k4.shape
+    _check_kv(q, k4, v4, "decode_attention")
+    return _launch(q, k4, v4, (s_kb, s_vb), k4.shape[1], lengths, None, 0, scale, window, out, block_n,
+                   splits, num_warps, num_stages, "decode_attention")
+
+
+def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                           block_table: torch.Tensor, lengths: torch.Tensor, block_size: int, scale: float,
+                           window: int | None = None, out: torch.Tensor | None = None,
+                           block_n: int | None = None, splits: int | None = None, *, num_warps: int = 4,
+                           num_stages: int = 3) -> torch.Tensor:
+    """`decode_attention` over a paged pool: key t of sequence b sits at pool row
+    block_table[b, t // block_size] * block_size + t % block_size.
+
+    q [B, H, D]; k_pool/v_pool [slots, Hkv, D] (one layer of the pool, last dim contiguous);
+    block_table int32/int64 [B, max_blocks] and lengths [B] on the device, read only by the kernel
+    (graph-capturable). Lengths are clamped to max_blocks * block_size; table entries past a
+    sequence's length are never read. Other arguments as `decode_attention`."""
+    B = q.shape[0]
+    name = "paged_decode_attention"
+    if k_pool.dim() != 3:
+        raise ValueError(f"{name}: pool {tuple(k_pool.shape)} is not [slots, Hkv, D]")
+    _check_kv(q, k_pool[None], v_pool[None], name)
+    if (block_table.dim() != 2 or block_table.shape[0] != B
+            or block_table.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"{name}: block_table must be int32/int64 [B={B}, max_blocks], "
+                         f"got {block_table.dtype} {tuple(block_table.shape)}")
+    if block_size < 1:
+        raise ValueError(f"{name}: block_size must be >= 1, got {block_size}")
+    if block_table.stride(1) != 1:
+        block_table = block_table.contiguous()
+    C = block_table.shape[1] * block_size
+    return _launch(q, k_pool[None], v_pool[None], (0, 0), C, lengths, block_table, block_size, scale,
+                   window, out, block_n, splits, num_warps, num_stages, name)
+
+
+def _check_kv(q: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, name: str) -> None:
+    H, D = q.shape[1:]
+    Hkv, Dk = k4.shape[2:]
     if k4.shape != v4.shape or Dk != D or H % Hkv:
-        raise ValueError(f"decode_attention: q {tuple(q.shape)}, k {tuple(k_cache.shape)}, "
-                         f"v {tuple(v_cache.shape)} (need H = G * Hkv, same D)")
+        raise ValueError(f"{name}: q {tuple(q.shape)}, k {tuple(k4.shape)}, v {tuple(v4.shape)} "
+                         f"(need H = G * Hkv, same D)")
     if k4.stride(-1) != 1 or v4.stride(-1) != 1:
-        raise ValueError("decode_attention: k/v cache rows must be contiguous in the last dim")
+        raise ValueError(f"{name}: k/v rows must be contiguous in the last dim")
+
+
+def _launch(q, k4, v4, batch_strides, C, lengths, table, page, scale, window, out, block_n, splits,
+            num_warps, num_stages, name):
+    """Shared by both entry points: k4/v4 [B or 1, C or slots, Hkv, D] checked by `_check_kv`;
+    table None (contiguous caches) or the block table of a paged pool with `page` keys a block."""
+    B, H, D = q.shape
+    Hkv = k4.shape[2]
     if lengths.shape != (B,) or lengths.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"decode_attention: lengths must be int32/int64 [B={B}], "
-                         f"got {lengths.dtype} {tuple(lengths.shape)}")
+        raise ValueError(f"{name}: lengths must be int32/int64 [B={B}], got {lengths.dtype} {tuple(lengths.shape)}")
     if window is not None and window < 1:
-        raise ValueError(f"decode_attention: window must be >= 1, got {window}")
+        raise ValueError(f"{name}: window must be >= 1, got {window}")
     if q.stride(-1) != 1:
         q = q.contiguous()
     if out is None:
         out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
     elif out.shape != (B, H, D) or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise ValueError(f"decode_attention: out must be [B, H, D] {q.dtype} with a contiguous last dim")
+        raise ValueError(f"{name}: out must be [B, H, D] {q.dtype} with a contiguous last dim")
 
     G = H // Hkv
     DP = max(16, triton.next_power_of_2(D))  # D need not be a power of two: masked to DP
@@ -212,26 +264,28 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     progs = B * Hkv * triton.cdiv(G, BG)
     block_n = block_n or _block_n_for(DP, k4.dtype)
     if block_n < 16 or block_n & (block_n - 1):
-        raise ValueError(f"decode_attention: block_n must be a power of two >= 16, got {block_n}")
+        raise ValueError(f"{name}: block_n must be a power of two >= 16, got {block_n}")
     if splits is None:
         splits = _splits_for(progs, C, block_n, _sm_count(q.device))
     if not 1 <= splits <= MAX_SPLITS:
-        raise ValueError(f"decode_attention: splits must be in 1..{MAX_SPLITS}, got {splits}")
+        raise ValueError(f"{name}: splits must be in 1..{MAX_SPLITS}, got {splits}")
     win = C + 1 if window is None else min(window, C + 1)  # int32-safe "all keys"
     qk_scale = float(scale) * _LOG2E
-    max_iters = 0 if q.device.type == "cuda" else triton.cdiv(triton.cdiv(C, splits), block_n)
+    max_iters = 0 if q.device.type == "cuda" else max(1, triton.cdiv(triton.cdiv(C, splits), block_n))
     # fp32 q on a 16-bit cache: q and P go through the dots as hi + lo pieces (fp32-level accuracy)
     split_dot = q.dtype == torch.float32 and k4.dtype != torch.float32
-    meta = dict(D=D, DP=DP, BG=BG, BN=block_n, SPLITS=splits, SPLIT_DOT=split_dot, MAX_ITERS=max_iters,
-                num_warps=num_warps, num_stages=num_stages)
-    strides = (q.stride(0), q.stride(1), s_kb, k4.stride(1), k4.stride(2), s_vb, v4.stride(1), v4.stride(2))
+    meta = dict(D=D, DP=DP, BG=BG, BN=block_n, PAGE=page, SPLITS=splits, SPLIT_DOT=split_dot,
+                MAX_ITERS=max_iters, num_warps=num_warps, num_stages=num_stages)
+    s_kb, s_vb = batch_strides
+    tbl, s_tb = (lengths, 0) if table is None else (table, table.stride(0))  # lengths: an unread stand-in
+    strides = (q.stride(0), q.stride(1), s_kb, k4.stride(1), k4.stride(2), s_vb, v4.stride(1), v4.stride(2), s_tb)
     if splits == 1:
-        _split_kernel[(progs, 1)](q, k4, v4, lengths, out, out, qk_scale, win, C, G, Hkv, *strides,
+        _split_kernel[(progs, 1)](q, k4, v4, lengths, tbl, out, out, qk_scale, win, C, G, Hkv, *strides,
                                   out.stride(0), out.stride(1), ONE_PASS=True, **meta)
         return out
     o_part = torch.empty((B * H, splits, D), dtype=torch.float32, device=q.device)
     lse = torch.empty((B * H, splits), dtype=torch.float32, device=q.device)
-    _split_kernel[(progs, splits)](q, k4, v4, lengths, o_part, lse, qk_scale, win, C, G, Hkv, *strides,
+    _split_kernel[(progs, splits)](q, k4, v4, lengths, tbl, o_part, lse, qk_scale, win, C, G, Hkv, *strides,
                                    0, 0, ONE_PASS=False, **meta)
     _combine_kernel[(B * H,)](o_part, lse, out, H, out.stride(0), out.stride(1),
                               D=D, DP=DP, SPLITS=splits, SP=triton.next_power_of_2(splits), num_warps=4)
@@ -257,3 +311,21 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         out[b] = torch.einsum("hs,shd->hd", torch.softmax(s, dim=-1), vb)
     return out.to(q.dtype)
 
+
+
+def paged_decode_attention_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                                     block_table: torch.Tensor, lengths: torch.Tensor, block_size: int,
+                                     scale: float, window: int | None = None) -> torch.Tensor:
+    """The paged oracle: gather each sequence's keys into [B, C, Hkv, D] (zeros past its length),
+    then `decode_attention_reference`."""
+    B = q.shape[0]
+    C = block_table.shape[1] * block_size
+    lengths = lengths.clamp(0, C)
+    k = k_pool.new_zeros((B, C, *k_pool.shape[1:]))
+    v = v_pool.new_zeros((B, C, *v_pool.shape[1:]))
+    for b in range(B):
+        t = torch.arange(int(lengths[b]), device=k_pool.device)
+        rows = block_table[b].long()[t // block_size] * block_size + t % block_size
+        k[b, :len(t)] = k_pool[rows]
+        v[b, :len(t)] = v_pool[rows]
+    return decode_attention_reference(q, k, v, lengths, scale, window)

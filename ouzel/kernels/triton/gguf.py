@@ -184,6 +184,69 @@ def _tables(device) -> tuple[torch.Tensor, torch.Tensor]:
     return _TABLES[device]
 
 
+@triton.jit
+def _moe_gemm_kernel(x_ptr, w_ptr, out_ptr, grid_ptr, signs_ptr, pair_row_ptr, tile_expert_ptr, tile_start_ptr,
+                     tile_end_ptr, N, K, row_bytes, expert_bytes, stride_xm, stride_om,
+                     TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (t, j): (token, expert) pairs tile_start[t] .. tile_end[t] (all of one expert e =
+    tile_expert[t], at most BM) times output rows j*BN.. of W_e: out[pair] = x[pair_row[pair]] . W_e.T.
+    Each 256-step of W_e's blocks is decoded in registers and fed to tl.dot: the experts' weights
+    are never written out dense."""
+    t = tl.program_id(0)
+    j = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + t).to(tl.int64)
+    rows = tl.load(tile_start_ptr + t) + tl.arange(0, BM)
+    rmask = rows < tl.load(tile_end_ptr + t)
+    xrow = tl.load(pair_row_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    cols = j * BN + tl.arange(0, BN)
+    row_ptr = (w_ptr + e * expert_bytes + tl.minimum(cols, N - 1).to(tl.int64) * row_bytes)[:, None, None]
+    kk = tl.arange(0, 256)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for kb in range(0, K // 256):
+        qf, scale, offset = _decode(row_ptr, kb, grid_ptr, signs_ptr, TYPE, S, L)
+        w = tl.reshape(scale * qf - offset, [BN, 256]).to(DOT_DTYPE)
+        xk = tl.load(x_ptr + xrow[:, None] * stride_xm + kb * 256 + kk[None, :], mask=rmask[:, None], other=0.0)
+        acc += tl.dot(xk.to(DOT_DTYPE), tl.trans(w), input_precision=PRECISION, out_dtype=tl.float32)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=rmask[:, None] & (cols < N)[None, :])
+
+
+def moe_tiles(counts: list[int], bm: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For pairs sorted by expert with counts[e] pairs each: per tile of at most bm pairs of one
+    expert, (expert, first pair, end pair) as int32 device tensors."""
+    experts, starts, ends, at = [], [], [], 0
+    for e, c in enumerate(counts):
+        for s in range(at, at + c, bm):
+            experts.append(e), starts.append(s), ends.append(min(s + bm, at + c))
+        at += c
+    as_t = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
+    return as_t(experts), as_t(starts), as_t(ends)
+
+
+def qgemm_experts(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, pair_rows: torch.Tensor, tiles,
+                  out: torch.Tensor | None = None, bm: int = 64, bn: int = 64, num_warps: int = 4,
+                  dot_dtype=None) -> torch.Tensor:
+    """MoE prefill: out [P, n] row p = x[pair_rows[p]] @ W_e.T for pairs p sorted by expert, `tiles`
+    from `moe_tiles(counts, bm)`; raw holds E experts' blocks [E * n, row_bytes]. Matmul operands in
+    dot_dtype (default bf16 on CUDA, fp32 in the CPU interpreter), fp32 accumulation."""
+    tid, S, L, n, k = _check(raw, bt_name, shape)
+    if x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
+        raise ValueError(f"qgemm_experts: x {tuple(x.shape)} for weight {shape}")
+    p = len(pair_rows)
+    if out is None:
+        out = torch.empty((p, n), dtype=x.dtype, device=x.device)
+    dot = dot_dtype or (torch.bfloat16 if x.is_cuda else torch.float32)
+    tile_expert, tile_start, tile_end = tiles
+    _moe_gemm_kernel[(len(tile_expert), triton.cdiv(n, bn))](
+        x, raw, out, *_tables(raw.device), pair_rows, tile_expert, tile_start, tile_end, n, k, raw.stride(0),
+        n * raw.stride(0), x.stride(0), out.stride(0), TYPE=tid, S=S, L=L, BM=bm, BN=bn,
+        DOT_DTYPE=tl.bfloat16 if dot == torch.bfloat16 else (tl.float16 if dot == torch.float16 else tl.float32),
+        PRECISION="ieee" if dot == torch.float32 else "tf32",  # fp32 operands: exact fp32, not TF32
+        num_warps=num_warps, num_stages=1)  # deeper pipelining of the fp32 x tiles overflows shared memory
+    return out
+
+
 def _check(raw: torch.Tensor, bt_name: str, shape) -> tuple[int, int, int, int, int]:
     tid, S, L, _ = _TYPES[bt_name]
     n, k = shape
