@@ -111,7 +111,7 @@ def anthropic_thinking(body: dict, max_tokens: int) -> dict:
         kind = t.get("type")
         if kind == "enabled":
             budget = field(t, "budget_tokens", int, required=True, where="thinking")
-            if not 0 < budget < max(max_tokens, 1):
+            if not 0 < budget < max_tokens:
                 raise ApiError(400, f"'thinking.budget_tokens' must be positive and less than max_tokens "
                                     f"({max_tokens}), got {budget}", param="thinking.budget_tokens")
         elif kind not in ("disabled", "adaptive"):
