@@ -14,7 +14,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not (torch.cuda.is_available() or INTERPRET):
     pytest.skip("needs CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
 
-from ouzel.kernels.triton.attention import decode_attention, decode_attention_reference  # noqa: E402
+from ouzel.kernels.triton.attention import (decode_attention, decode_attention_reference,  # noqa: E402
+                                            paged_decode_attention, paged_decode_attention_reference)
 from ouzel.kernels.triton.testing import rel_err  # noqa: E402
 
 DEV = "cpu" if INTERPRET else "cuda"
@@ -128,3 +129,70 @@ def test_cuda_graph_replay_with_new_lengths(gen):
         out.fill_(float("nan"))
         graph.replay()
         assert rel_err(out, decode_attention_reference(q, k, v, lengths, 0.088)) < 1e-2
+
+
+def make_paged(gen, lens, H, Hkv, D, bs, n_blocks, q_dtype, pool_dtype, window=None):
+    """q [B, H, D], one layer's pool [n_blocks * bs, Hkv, D] holding NaN in every slot no query may
+    see (other blocks, rows past a length or before the window), shuffled block tables int32
+    [B, W] whose entries past a length point at NaN blocks, lengths int32 [B]."""
+    B, W = len(lens), max(1, *(-(-n // bs) for n in lens))
+    table = torch.randperm(n_blocks, generator=gen)[:B * W].view(B, W).to(torch.int32)
+    k = torch.full((n_blocks * bs, Hkv, D), float("nan"))
+    v = torch.full((n_blocks * bs, Hkv, D), float("nan"))
+    for b, n in enumerate(lens):
+        t = torch.arange(0 if window is None else max(0, n - window), n)
+        rows = table[b, t // bs].long() * bs + t % bs
+        k[rows] = torch.randn(len(t), Hkv, D, generator=gen)
+        v[rows] = torch.randn(len(t), Hkv, D, generator=gen)
+    q = torch.randn(B, H, D, generator=gen).to(DEV, q_dtype)
+    return (q, k.to(DEV, pool_dtype), v.to(DEV, pool_dtype), table.to(DEV),
+            torch.tensor(lens, dtype=torch.int32, device=DEV))
+
+
+def check_paged(q, k, v, table, lengths, bs, window, tol, **kw):
+    scale = q.shape[-1] ** -0.5
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=DEV)
+    assert paged_decode_attention(q, k, v, table, lengths, bs, scale, window=window, out=out, **kw) is out
+    ref = paged_decode_attention_reference(q, k, v, table, lengths, bs, scale, window=window)
+    assert torch.isfinite(ref).all()
+    err = rel_err(out, ref)  # inf if a NaN slot leaked or a row was left unwritten
+    assert err < tol, f"rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("bs,lens", [(16, (1, 32, 23)), (4, (1, 8, 23))])  # 1, block boundary, mid-block
+@pytest.mark.parametrize("window", [None, 10])
+@pytest.mark.parametrize("q_dtype,pool_dtype", [(F32, F32), (BF16, BF16)])
+def test_paged_matches_reference(bs, lens, window, q_dtype, pool_dtype, gen):
+    # bs 4 < block_n 16: each tile reads keys of several blocks
+    q, k, v, table, lengths = make_paged(gen, lens, 8, 2, 64, bs, 24, q_dtype, pool_dtype, window)
+    check_paged(q, k, v, table, lengths, bs, window, TOL[pool_dtype], block_n=16, splits=2)
+
+
+def test_paged_defaults_and_mixed_dtypes(gen):
+    """Default block_n / splits; an fp32 q on a bf16 pool (hi + lo dots); a block size that is no
+    power of two; an int64 table; a length 0 gives zeros."""
+    q, k, v, table, lengths = make_paged(gen, (0, 13, 40), 4, 1, 32, 6, 24, F32, BF16)
+    check_paged(q[1:], k, v, table[1:].long(), lengths[1:], 6, None, 1e-4)
+    out = paged_decode_attention(q, k, v, table, lengths, 6, 0.2)
+    assert (out[0] == 0).all() and torch.isfinite(out).all()
+
+
+@pytest.mark.skipif(INTERPRET, reason="CUDA graphs need CUDA")
+def test_paged_cuda_graph_replay_with_new_tables(gen):
+    """Tables and lengths are read on the device: one captured graph serves every step."""
+    bs, n_blocks = 16, 160
+    q, k, v, table, lengths = make_paged(gen, (300, 1000), 32, 8, 128, bs, n_blocks, BF16, BF16)
+    k, v = torch.nan_to_num(k), torch.nan_to_num(v)
+    table = torch.zeros(2, 64, dtype=torch.int32, device=DEV)
+    out = torch.empty_like(q)
+    paged_decode_attention(q, k, v, table, lengths, bs, 0.088, out=out)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_decode_attention(q, k, v, table, lengths, bs, 0.088, out=out)
+    for lens in ((300, 1000), (1, 17), (1024, 64)):
+        table.copy_(torch.randperm(n_blocks, generator=gen)[:128].view(2, 64).to(torch.int32))
+        lengths.copy_(torch.tensor(lens, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        assert rel_err(out, paged_decode_attention_reference(q, k, v, table, lengths, bs, 0.088)) < 1e-2

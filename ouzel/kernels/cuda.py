@@ -132,8 +132,8 @@ def qlinear(x: torch.Tensor, w) -> torch.Tensor | None:
 _ATTN: list = []
 
 
-def decode_attention(q, k_cache, v_cache, lengths, window, scale):
-    """The Triton flash-decoding kernel (`kernels/triton/attention.py`), or None where it can't run."""
+def _attention():
+    """The Triton attention module (`kernels/triton/attention.py`), or None where it can't run."""
     if not _ATTN:
         mod = None
         if _gguf() is not None:
@@ -142,9 +142,15 @@ def decode_attention(q, k_cache, v_cache, lengths, window, scale):
             except ImportError:
                 mod = None
         _ATTN.append(mod)
-    if _ATTN[0] is None or k_cache.stride(-1) != 1:
+    return _ATTN[0]
+
+
+def decode_attention(q, k_cache, v_cache, lengths, window, scale):
+    """The Triton flash-decoding kernel (`kernels/triton/attention.py`), or None where it can't run."""
+    a = _attention()
+    if a is None or k_cache.stride(-1) != 1:
         return None
-    return _ATTN[0].decode_attention(q, k_cache, v_cache, lengths, scale, window=window)
+    return a.decode_attention(q, k_cache, v_cache, lengths, scale, window=window)
 
 
 _FUSED: list = []
@@ -193,3 +199,19 @@ def moe_gemm(x: torch.Tensor, w, n_experts: int, pair_rows: torch.Tensor, counts
     dot = _prefill_dtype(x.dtype)
     return g.qgemm_experts(x.contiguous(), w.raw, w.bt.name, (w.shape[0] // n_experts, w.shape[1]), pair_rows,
                            g.moe_tiles(counts, bm, x.device), bm=bm, bn=64, dot_dtype=dot)
+
+
+def paged_decode_attention(q, k_pool, v_pool, block_table, lengths, block_size: int, window, scale,
+                           out=None, interpret: bool = False):
+    """One new token of each of B sequences against a paged pool in one launch
+    (`attention.paged_decode_attention`), or None where it can't run. interpret: tests only, run
+    the kernel on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1 set before import)."""
+    if interpret and not q.is_cuda:
+        from .triton import attention as a  # noqa: PLC0415
+    else:
+        a = _attention()
+    if (a is None or q.dtype not in _DTYPES or k_pool.dtype not in _DTYPES or k_pool.stride(-1) != 1
+            or v_pool.stride(-1) != 1):
+        return None
+    return a.paged_decode_attention(q, k_pool, v_pool, block_table, lengths, block_size, scale,
+                                    window=window, out=out)

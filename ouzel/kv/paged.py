@@ -8,7 +8,8 @@ cache until the space is needed, then it is evicted least-recently-used first.
 
 `BatchKV` implements the model-facing `attention`/`commit` calls of `ouzel.kv.cache.KVState` for a
 flattened batch of tokens from several sequences: the model runs its linears once over all T
-tokens; attention runs per sequence segment over that sequence's own blocks.
+tokens; attention runs per sequence segment over that sequence's own blocks (on CUDA all decode
+segments go in one paged-attention launch).
 """
 from __future__ import annotations
 
@@ -120,43 +121,102 @@ class BatchKV:
 
     Token order in the batch is segment order; each segment's k/v land in its own blocks and its
     queries attend only to its own keys, so a sequence's attention is computed exactly as it would
-    be alone."""
+    be alone.
 
-    def __init__(self, pool: BlockPool, segments: list[Segment]):
+    Paged (CUDA pools): each layer stores the whole batch's k/v with one indexed copy, and every
+    decode segment (one new token) attends in one flash-decoding launch that reads the pool through
+    the block tables (`kernels/triton/attention.py`), with no gather copy; prefill segments attend
+    per segment as on CPU. The tables are built once per BatchKV (one step) for every layer."""
+
+    def __init__(self, pool: BlockPool, segments: list[Segment], paged: bool | None = None):
+        """paged: None takes the paged path on CUDA pools; True forces it (tests run it on CPU
+        through Triton's interpreter, TRITON_INTERPRET=1)."""
         from ..layers.attention import attend
         self._attend = attend
         self.pool, self.segments = pool, segments
+        self.paged = pool.k.is_cuda if paged is None else paged
         bs = pool.block_size
-        self._plan = []  # (batch offset, n, write slots [n], read slots [start+n]) per segment
-        off = 0
         for seg in segments:
-            end = seg.start + seg.n
-            if len(seg.table) * bs < end:
-                raise OuzelError(f"block table covers {len(seg.table) * bs} tokens; {end} needed")
-            used = seg.table[:-(-end // bs)]
-            if used == list(range(used[0], used[0] + len(used))):
-                # blocks side by side in the pool: plain slices, no gather copy of the whole context
-                first = used[0] * bs
-                self._plan.append((off, seg.n, slice(first + seg.start, first + end), slice(first, first + end)))
+            if len(seg.table) * bs < seg.start + seg.n:
+                raise OuzelError(f"block table covers {len(seg.table) * bs} tokens; {seg.start + seg.n} needed")
+        self.total = sum(seg.n for seg in segments)
+        self._plan, decode = self._split(self.paged)
+        if self.paged:
+            self._paged_setup(decode)
+
+    def _split(self, paged: bool):
+        """(plan, decode): plan holds (batch offset, n, write slots [n], read slots [start+n]) of
+        each segment attended in torch; decode (batch offset, segment) of those the paged kernel
+        attends (one new token each, when paged)."""
+        plan, decode, off = [], [], 0
+        for seg in self.segments:
+            if paged and seg.n == 1:
+                decode.append((off, seg))
             else:
-                table = torch.tensor(seg.table, dtype=torch.long)
-                pos = torch.arange(end)
-                # built once per step on the pool's device; every layer reuses these indices
-                read = (table[pos // bs] * bs + pos % bs).to(pool.k.device)
-                self._plan.append((off, seg.n, read[seg.start:], read))
+                plan.append((off, seg.n, *self._slots(seg)))
             off += seg.n
-        self.total = off
+        return plan, decode
+
+    def _slots(self, seg: Segment):
+        """(write slots of the new tokens, read slots of all start+n keys): slices when the blocks
+        sit side by side in the pool, else index tensors on the pool's device."""
+        bs, end = self.pool.block_size, seg.start + seg.n
+        used = seg.table[:-(-end // bs)]
+        if used == list(range(used[0], used[0] + len(used))):
+            # blocks side by side in the pool: plain slices, no gather copy of the whole context
+            first = used[0] * bs
+            return slice(first + seg.start, first + end), slice(first, first + end)
+        table = torch.tensor(seg.table, dtype=torch.long)
+        pos = torch.arange(end)
+        # built once per step on the pool's device; every layer reuses these indices
+        read = (table[pos // bs] * bs + pos % bs).to(self.pool.k.device)
+        return read[seg.start:], read
+
+    def _paged_setup(self, decode: list[tuple[int, Segment]]) -> None:
+        bs, dev = self.pool.block_size, self.pool.k.device
+        slots = [s.table[p // bs] * bs + p % bs for s in self.segments for p in range(s.start, s.start + s.n)]
+        self._write = torch.tensor(slots, dtype=torch.long, device=dev)
+        self._decode = None  # (batch rows, block table [B, W] int32, lengths [B] int32)
+        if not decode:
+            return
+        width = max(s.start // bs + 1 for _, s in decode)  # blocks of the longest; shorter rows padded
+        table = [s.table[:width] + [0] * (width - min(width, len(s.table))) for _, s in decode]
+        offs = [o for o, _ in decode]
+        rows = slice(offs[0], offs[-1] + 1) if offs[-1] - offs[0] == len(offs) - 1 else torch.tensor(offs, device=dev)
+        self._decode = (rows, torch.tensor(table, dtype=torch.int32, device=dev),
+                        torch.tensor([s.start + 1 for _, s in decode], dtype=torch.int32, device=dev))
 
     def attention(self, layer, q, k, v, positions, window, scale):
         # q [T, H, D], k/v [T, Hkv, D] for the whole flattened batch
         kpool, vpool = self.pool.k[layer], self.pool.v[layer]
         out = torch.empty_like(q)
+        if self.paged:
+            kpool.index_copy_(0, self._write, k.to(kpool.dtype))
+            vpool.index_copy_(0, self._write, v.to(vpool.dtype))
+            if self._decode is not None and not self._paged_decode(q, kpool, vpool, window, scale, out):
+                # no kernel here (no Triton, OUZEL_NO_TRITON=1): every segment through torch
+                self.paged = False
+                self._plan, _ = self._split(False)
         for off, n, write, read in self._plan:
-            kpool[write] = k[off:off + n].to(kpool.dtype)
-            vpool[write] = v[off:off + n].to(vpool.dtype)
+            if not self.paged:
+                kpool[write] = k[off:off + n].to(kpool.dtype)
+                vpool[write] = v[off:off + n].to(vpool.dtype)
             out[off:off + n] = self._attend(q[off:off + n], kpool[read], vpool[read],
                                             positions[off:off + n], window, scale)
         return out
+
+    def _paged_decode(self, q, kpool, vpool, window, scale, out) -> bool:
+        """All decode segments in one kernel launch, into their rows of out; False if no kernel runs."""
+        from ..kernels import cuda  # noqa: PLC0415
+        rows, table, lengths = self._decode
+        dst = out[rows] if isinstance(rows, slice) and out.stride(-1) == 1 else None
+        res = cuda.paged_decode_attention(q[rows], kpool, vpool, table, lengths, self.pool.block_size, window,
+                                          scale, out=dst, interpret=not kpool.is_cuda)
+        if res is None:
+            return False
+        if dst is None:
+            out[rows] = res
+        return True
 
     def commit(self, n: int) -> None:
         # lengths live in the scheduler's sequences; nothing is pending here

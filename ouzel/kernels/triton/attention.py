@@ -23,6 +23,14 @@ Compiled for sm_90 (ptxas, no GPU run yet): bf16, D=128, BN=64, 4 warps: 95 regi
 72 KB shared, K/V loads pipelined with cp.async over 3 stages. An elementwise multiply + sum
 version (no tensor cores) spilled at BN=64, took 255 registers at BN=32 and its loads were not
 pipelined, so it was dropped.
+
+`paged_decode_attention` is the same kernel reading one layer of a paged pool (PAGE = the block
+size, a constexpr; 0 for contiguous caches): a key's row is its block's id from the sequence's
+block table (read on the device) * PAGE + key % PAGE. A tile may straddle blocks, so the table is
+read once per key (BN ints, cached). Compiled for sm_90 (bf16, D=128, BN=64, block 16, 4 warps):
+121 registers, no spills, 39 KB shared, cp.async; the pipeliner puts the table reads one stage
+ahead of the K/V loads they address, so K/V tiles are prefetched one ahead instead of two. Not run
+on a GPU yet. Reference: `paged_decode_attention_reference` (gather, then the oracle above).
 """
 from __future__ import annotations
 
