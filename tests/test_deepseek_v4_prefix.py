@@ -225,6 +225,57 @@ def test_snapshot_chains_are_capped(tiny, tmp_path):
         s.stop()
 
 
+def test_restored_state_is_the_live_one_bit_for_bit(tmp_path):
+    """A snapshot stores the window and frontier rows of the tokens since its base only; composing
+    the chain gives back every tensor of the live state exactly (trimmed finals included), resident
+    and after a restart, and a record 16 tokens after its base holds only those 16 tokens' rows."""
+    import torch
+
+    from ouzel.kv.compressed import CompressedKV
+    from tiny_deepseek_v4 import LAYERS
+
+    g = torch.Generator().manual_seed(3)
+    series = {"compressed_sparse_attention": [("compressor", 32, 4, True), ("indexer", 16, 4, True)],
+              "heavily_compressed_attention": [("compressor", 32, 16, False)]}
+
+    def feed(st: CompressedKV, n: int) -> None:  # the calls the attention layers make, random rows
+        pos = torch.arange(st.length, st.length + n)
+        for i, kind in enumerate(LAYERS):
+            st.window(i, torch.randn(n, 32, generator=g), pos, 8)
+            for name, dim, ratio, overlap in series.get(kind, []):
+                c = 2 if overlap else 1
+                kv, _, _, _ = st.frontier(i, name, torch.randn(n, c * dim, generator=g),
+                                          torch.randn(n, c * dim, generator=g), ratio, overlap)
+                st.append_rows(i, name, torch.randn(kv.shape[0] // ratio, dim, generator=g), dim)
+        st.commit(n)
+
+    def manager(disk_dir: Path) -> BlockManager:
+        snaps = SnapshotStore(64 << 20, ROOT, 16, 1, SnapshotDisk(disk_dir, 64 << 20, ROOT))
+        return BlockManager(BlockPool(1, 64, 16, 1, 1), ROOT, None, snaps)
+
+    kv, tokens = manager(tmp_path), list(range(2, 202))
+    live, keys, snap, seen = CompressedKV(len(LAYERS), 512), [], None, {}
+    for n in (5, 11, 16, 1, 15, 30, 2, 16, 9, 34):  # snapshots at 16, 32, 48, 80, 96 and (final) 128
+        feed(live, n)
+        snap = kv.snapshot(tokens, keys, live, snap)
+        seen[live.length] = (live.meta(), {k: t.clone() for k, t in live.state().items()})
+    kv.snapshot(tokens, keys, live, snap, final=True)  # trims 139 -> 128 first
+    seen[128] = (live.meta(), live.state())
+    kv.snapshots.disk.flush()
+    at_48 = kv.snapshots.mem[keys[2]]
+    assert at_48.base_tokens == 32 and {t.shape[0] for k, t in at_48.state.items() if k.endswith(".raw")} == {16}
+    for restart in (False, True):
+        if restart:
+            kv = manager(tmp_path)
+        for n in (16, 32, 48, 80, 96, 128):
+            st = CompressedKV(len(LAYERS), 512)
+            assert kv.restore(tokens[:n + 1], st) == n
+            meta, want = seen[n]
+            got = st.state()
+            assert st.meta() == meta and got.keys() == want.keys()
+            assert all(torch.equal(got[k], want[k]) for k in want), n
+
+
 def serve_dir(tiny, tmp_path: Path) -> Path:
     """A copy of the tiny V4's directory that `ouzel serve` accepts (it wants a chat template)."""
     import json

@@ -7,13 +7,16 @@ state is snapshotted at block boundaries and named by the chain key of the block
 request whose prompt starts with that prefix restores the snapshot and prefills only the rest.
 
 Compressed rows are append-only, so a snapshot taken on top of an earlier one of the same
-sequence (its `base`) stores only the rows emitted since; the sliding window's raw rows and the
-compressor frontier are small and rewritten, so they are stored whole. Restoring walks the base
-chain and concatenates the rows. A snapshot therefore costs (rows since its base) + (window and
-frontier, constant in length), not the whole state. Chains are capped: every `full_every`-th
-snapshot of a chain is stored whole (no base), so a restore reads at most `full_every` records.
-The scheduler snapshots every `every` blocks and at the last block boundary of a finished sequence
-(where a continued conversation resumes).
+sequence (its `base`) stores only the rows emitted since. The sliding window's raw rows and the
+compressor frontier hold one row per recent token, ending at the state's length: a snapshot
+stores only the rows of tokens after its base, and takes the older ones (its `spans` say how
+many rows the whole tensor has) from the end of the base's. Restoring walks the base chain and
+concatenates. A snapshot therefore costs (rows since its base) + (window and frontier rows of
+the tokens since its base, at most the window's), not the whole state. Chains are capped: every
+`full_every`-th snapshot of a chain is stored whole (no base), so a restore reads at most
+`full_every` records. The scheduler snapshots every `every` blocks, at the prompt's last block
+boundary (as soon as the prefill reaches it: a crash mid-reply keeps it) and at the last block
+boundary of a finished sequence (where a continued conversation resumes).
 
 Resident snapshots are bounded by a byte budget, least recently used first out (a snapshot and
 its bases are touched child first, so a base outlives its children); a chain with a missing link
@@ -37,7 +40,7 @@ from .prefix import block_key
 log = logging.getLogger(__name__)
 
 SNAP_MAGIC = b"OUZKVSNP"
-SNAP_VERSION = 1
+SNAP_VERSION = 2  # 2: window and frontier tensors may continue the base's (`spans`)
 SNAP_SUFFIX = ".kvs"
 FULL_EVERY = 16  # a chain's every 16th snapshot is a full record: restores read at most 16 records
 # magic, version, header size, fingerprint, key, parent key, n_tokens (prefix length), block tokens,
@@ -54,6 +57,9 @@ class Snapshot:
     n_tokens: int  # prefix length the state covers
     state: dict[str, torch.Tensor]  # with a base, the "*.rows" tensors hold only the rows after the base's
     meta: dict[str, str]
+    # rows of each per-token tensor (window, frontier) in the whole state; with a base, the tensor
+    # in `state` holds only the last ones, the first (span - held) being the end of the base's
+    spans: dict[str, int]
     base: bytes | None = None  # key of the snapshot of an earlier boundary of the same prefix
     base_tokens: int = 0
     depth: int = 1  # records a restore reads for it: itself and its bases
@@ -93,12 +99,16 @@ class SnapshotStore:
         below = self.mem.get(base[0]) if base is not None else None
         if below is None or below.depth >= self.full_every:
             base, below = None, None
-        out = {}
+        out, spans = {}, {}
         for name, t in full.items():
-            if base is not None and name.endswith(".rows"):
-                t = t[base[1] // _ratio(meta, name):]
+            if name.endswith(".rows"):
+                t = t[base[1] // _ratio(meta, name):] if base is not None else t
+            else:  # one row per recent token up to state.length: those up to the base's are the base's
+                spans[name] = t.shape[0]
+                shared = t.shape[0] - (state.length - base[1]) if base is not None else 0
+                t = t[shared:] if 0 < shared <= below.spans.get(name, 0) else t
             out[name] = t.clone()
-        snap = Snapshot(parent, list(tokens), state.length, out, meta, *(base or (None, 0)),
+        snap = Snapshot(parent, list(tokens), state.length, out, meta, spans, *(base or (None, 0)),
                         depth=below.depth + 1 if below else 1)
         size = snap.nbytes()
         if size > self.budget:
@@ -211,7 +221,8 @@ def _ratio(meta: dict[str, str], name: str) -> int:
 
 
 def _compose(chain: list[Snapshot]) -> dict[str, torch.Tensor] | None:
-    """The full state of chain[0]: its own tensors, each "*.rows" preceded by its bases' rows."""
+    """The full state of chain[0]: its own tensors, each "*.rows" preceded by its bases' rows, each
+    per-token tensor by the last (span - held) rows of its base's."""
     top = chain[0]
     out = dict(top.state)
     for name in [n for n in out if n.endswith(".rows")]:
@@ -222,7 +233,26 @@ def _compose(chain: list[Snapshot]) -> dict[str, torch.Tensor] | None:
         if rows.shape[0] != top.n_tokens // _ratio(top.meta, name):
             return None
         out[name] = rows
+    for name in [n for n in out if not n.endswith(".rows")]:
+        t = _window(chain, name)
+        if t is None:
+            return None
+        out[name] = t
     return out
+
+
+def _window(chain: list[Snapshot], name: str) -> torch.Tensor | None:
+    """chain[0]'s whole per-token tensor `name`: the last (span - held) rows of its base's, then its own."""
+    own, span = chain[0].state.get(name), chain[0].spans.get(name)
+    if own is None or span is None:
+        return None
+    shared = span - own.shape[0]
+    if shared == 0:
+        return own
+    below = _window(chain[1:], name) if shared > 0 and len(chain) > 1 else None
+    if below is None or below.shape[0] < shared:
+        return None
+    return torch.cat([below[below.shape[0] - shared:], own])
 
 
 class SnapshotDisk(DiskTier):
@@ -288,7 +318,7 @@ def _encode(fingerprint: bytes, key: bytes, snap: Snapshot) -> bytes:
         b = t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
         directory.append([name, DTYPES[t.dtype], list(t.shape), len(b)])
         payload.append(b)
-    meta = json.dumps({"meta": snap.meta, "tensors": directory}, separators=(",", ":")).encode()
+    meta = json.dumps({"meta": snap.meta, "tensors": directory, "spans": snap.spans}, separators=(",", ":")).encode()
     payload_b = b"".join(payload)
     body = struct.pack(f"<{len(snap.tokens)}I", *snap.tokens) + meta + payload_b
     header = _HEADER.pack(SNAP_MAGIC, SNAP_VERSION, HEADER_BYTES, fingerprint, key, snap.parent, snap.n_tokens,
@@ -332,9 +362,10 @@ def _decode(data: bytes, fingerprint: bytes, key: bytes, parent: bytes, n_tokens
         if off != len(body) or len(state) != ntensors:
             return None, "tensor directory does not match the payload"
         meta = {str(k): str(v) for k, v in info["meta"].items()}
+        spans = {str(k): int(v) for k, v in info["spans"].items()}
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         return None, f"bad tensor directory ({e})"
     if base_n >= n:
         return None, f"base at {base_n} tokens is not before {n}"
-    return Snapshot(parent, tokens, n, state, meta, base if base_n else None, base_n), None
+    return Snapshot(parent, tokens, n, state, meta, spans, base if base_n else None, base_n), None
 
