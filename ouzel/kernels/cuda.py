@@ -11,11 +11,11 @@
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
 
-_MOD: list = []
 _TUNED: dict = {}  # (type, n, k, m, dtype, moe) -> qgemv kwargs
 # A handful of tile shapes (u: 256-element steps per loop iteration); unless a config says,
 # the split of K is derived so that the grid fills the chip.
@@ -28,24 +28,36 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _q8():
     """The int8-activation GEMVs (`triton/q8act.py`), unless OUZEL_EXACT_GEMV=1 asks for fp32 x."""
-    g = _gguf()
-    if g is None or os.environ.get("OUZEL_EXACT_GEMV"):
-        return None
-    from .triton import q8act  # noqa: PLC0415
-    return q8act
+    return None if os.environ.get("OUZEL_EXACT_GEMV") else _triton("q8act")
 
 
-def _gguf():
-    """The Triton module, or None where it can't be used."""
-    if not _MOD:
+_MODS: dict[str, object] = {}
+
+
+def _triton(name: str):
+    """ouzel.kernels.triton.<name>, or None where Triton can't run here (no CUDA, no triton,
+    OUZEL_NO_TRITON=1)."""
+    if name not in _MODS:
         mod = None
         if not os.environ.get("OUZEL_NO_TRITON") and torch.cuda.is_available():
             try:
-                from .triton import gguf as mod  # noqa: PLC0415 (needs triton)
+                mod = importlib.import_module(f".triton.{name}", __package__)
             except ImportError:
                 mod = None
-        _MOD.append(mod)
-    return _MOD[0]
+        _MODS[name] = mod
+    return _MODS[name]
+
+
+def _gguf():
+    return _triton("gguf")
+
+
+def _attention():
+    return _triton("attention")
+
+
+def _fused():
+    return _triton("fused")
 
 
 def gemv_supports(w) -> bool:
@@ -129,44 +141,12 @@ def qlinear(x: torch.Tensor, w) -> torch.Tensor | None:
     return out.reshape(*x.shape[:-1], n)
 
 
-_ATTN: list = []
-
-
-def _attention():
-    """The Triton attention module (`kernels/triton/attention.py`), or None where it can't run."""
-    if not _ATTN:
-        mod = None
-        if _gguf() is not None:
-            try:
-                from .triton import attention as mod  # noqa: PLC0415
-            except ImportError:
-                mod = None
-        _ATTN.append(mod)
-    return _ATTN[0]
-
-
 def decode_attention(q, k_cache, v_cache, lengths, window, scale):
     """The Triton flash-decoding kernel (`kernels/triton/attention.py`), or None where it can't run."""
     a = _attention()
     if a is None or k_cache.stride(-1) != 1:
         return None
     return a.decode_attention(q, k_cache, v_cache, lengths, scale, window=window)
-
-
-_FUSED: list = []
-
-
-def _fused():
-    """The fused norm / rope kernels (`kernels/triton/fused.py`), or None where they can't run."""
-    if not _FUSED:
-        mod = None
-        if _gguf() is not None:
-            try:
-                from .triton import fused as mod  # noqa: PLC0415
-            except ImportError:
-                mod = None
-        _FUSED.append(mod)
-    return _FUSED[0]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False,

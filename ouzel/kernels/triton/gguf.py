@@ -255,12 +255,30 @@ def _check(raw: torch.Tensor, bt_name: str, shape) -> tuple[int, int, int, int, 
     return tid, S, L, n, k
 
 
-def _split_for(n: int, n_steps: int, bn: int, u: int, target: int = 264) -> int:
-    """Split K (fp32 partials, then a sum) until the grid has about `target` programs."""
-    split = 1
-    while triton.cdiv(n, bn) * split < target and n_steps % (split * 2 * u) == 0 and split < 64:
-        split *= 2
-    return split
+def plan_gemv(what: str, x: torch.Tensor, n: int, n_steps: int, rows_out: int, tiles: int, u: int,
+              split: int | None, target: int, out: torch.Tensor | None):
+    """The K split and buffers of a GEMV launch: u steps per iteration (1 where it doesn't divide),
+    K split in two until the grid has about `target` programs (`tiles` without a split) unless
+    given; out [rows_out, n], and dst = out or fp32 partials [split, rows_out, n] (`finish_gemv`)."""
+    if n_steps % u:
+        u = 1
+    if split is None:
+        split = 1
+        while tiles * split < target and n_steps % (split * 2 * u) == 0 and split < 64:
+            split *= 2
+    if n_steps % (split * u):
+        raise ValueError(f"{what}: {n_steps} steps do not split into {split} x {u}")
+    if out is None:
+        out = torch.empty((rows_out, n), dtype=x.dtype, device=x.device)
+    dst = out if split == 1 else torch.empty((split, rows_out, n), dtype=torch.float32, device=x.device)
+    return u, split, out, dst
+
+
+def finish_gemv(dst: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Sum the split-K partials into out (nothing to do without a split)."""
+    if dst is not out:
+        torch.sum(dst, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dst.sum(0))
+    return out
 
 
 def qgemv(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch.Tensor | None = None,
@@ -281,16 +299,8 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch.Te
         raise ValueError(f"qgemv: {raw.shape[0]} rows are not experts of {n}, or x {tuple(x.shape)} "
                          f"does not feed {groups} pairs / {x_div}")
     n_steps = k // STEP
-    if n_steps % u:
-        u = 1
-    if split is None:
-        split = _split_for(n * groups, n_steps, bn, u, target)
-    if n_steps % (split * u):
-        raise ValueError(f"qgemv: {n_steps} steps do not split into {split} x {u}")
-    rows_out = groups if moe else m
-    if out is None:
-        out = torch.empty((rows_out, n), dtype=x.dtype, device=x.device)
-    dst = out if split == 1 else torch.empty((split, rows_out, n), dtype=torch.float32, device=x.device)
+    u, split, out, dst = plan_gemv("qgemv", x, n, n_steps, groups if moe else m, triton.cdiv(n * groups, bn), u,
+                                   split, target, out)
     stride_os = 0 if split == 1 else dst.stride(0)
     stride_og = dst.stride(-2) if moe else 0
     idx_arg = idx if moe else raw
@@ -301,9 +311,7 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch.Te
         x, raw, dst, idx_arg, *_tables(raw.device), n, n_steps // split, raw.stride(0), expert,
         x.stride(0), x.stride(0), x_div, stride_os, stride_og, dst.stride(-2),
         M=m, MP=mp, TYPE=tid, S=S, L=L, BN=bn, U=u, HAS_IDX=moe, STAGES=stages, num_warps=num_warps)
-    if split > 1:
-        torch.sum(dst, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dst.sum(0))
-    return out
+    return finish_gemv(dst, out)
 
 
 def qdequant(raw: torch.Tensor, bt_name: str, shape, dtype=torch.float32, out: torch.Tensor | None = None,

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .gguf import finish_gemv, plan_gemv
+
 QBLOCK = 32  # activation values per int8 scale
 
 
@@ -160,13 +162,6 @@ def _q4k_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, wb_ptr, out_ptr, idx_ptr, N, bloc
 SUPPORTED = ("Q4_K",)
 
 
-def _split_for(n_tiles: int, n_blocks: int, nb: int, target: int) -> int:
-    split = 1
-    while n_tiles * split < target and n_blocks % (split * 2 * nb) == 0 and split < 64:
-        split *= 2
-    return split
-
-
 def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch.Tensor | None = None,
              bn: int = 8, u: int = 1, split: int | None = None, num_warps: int = 4, target: int = 264,
              prefetch: bool = True, idx: torch.Tensor | None = None, x_div: int = 1, xq=None) -> torch.Tensor:
@@ -185,22 +180,12 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch
         raise ValueError(f"qgemv_q8: x {tuple(x.shape)} for weight {shape}")
     xq, dx, sx = xq if xq is not None else quantize_x(x)
     n_blocks = k // 256
-    if n_blocks % u:
-        u = 1
-    if split is None:
-        split = _split_for(triton.cdiv(n, bn) * groups, n_blocks, u, target)
-    if n_blocks % (split * u):
-        raise ValueError(f"qgemv_q8: {n_blocks} blocks do not split into {split} x {u}")
-    rows_out = groups if moe else m
-    if out is None:
-        out = torch.empty((rows_out, n), dtype=x.dtype, device=x.device)
-    dst = out if split == 1 else torch.empty((split, rows_out, n), dtype=torch.float32, device=x.device)
+    u, split, out, dst = plan_gemv("qgemv_q8", x, n, n_blocks, groups if moe else m, triton.cdiv(n, bn) * groups, u,
+                                   split, target, out)
     grid = (triton.cdiv(n, bn), split, groups)
     common = dict(M=m, MP=1 << (m - 1).bit_length(), BN=bn, NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps)
     strides = (k, x_div, 0 if split == 1 else dst.stride(0), dst.stride(-2) if moe else 0, dst.stride(-2))
     idx_arg = idx if moe else dx
     _q4k_kernel[grid](xq.view(torch.int32), dx, sx, raw.view(torch.int32), raw, dst, idx_arg, n, n_blocks // split,
                       raw.stride(0) // 4, n * raw.stride(0) // 4, *strides, PREFETCH=prefetch, **common)
-    if split > 1:
-        torch.sum(dst, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dst.sum(0))
-    return out
+    return finish_gemv(dst, out)
