@@ -36,10 +36,13 @@ _MODS: dict[str, object] = {}
 
 def _triton(name: str):
     """ouzel.kernels.triton.<name>, or None where Triton can't run here (no CUDA, no triton,
-    OUZEL_NO_TRITON=1)."""
+    OUZEL_NO_TRITON=1). With TRITON_INTERPRET=1 (the tests on a CPU machine) the modules load too:
+    the kernels then run on CPU tensors through Triton's interpreter, for the callers that pass
+    them CPU tensors explicitly; the ops keep dispatching CPU weights to the CPU kernels."""
     if name not in _MODS:
         mod = None
-        if not os.environ.get("OUZEL_NO_TRITON") and torch.cuda.is_available():
+        runnable = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+        if not os.environ.get("OUZEL_NO_TRITON") and runnable:
             try:
                 mod = importlib.import_module(f".triton.{name}", __package__)
             except ImportError:
@@ -61,10 +64,9 @@ def _fused():
 
 
 def gemv_supports(w) -> bool:
-    """Whether a Triton GEMV reads this CUDA QTensor (block type and a K of whole 256-steps)."""
+    """Whether the Triton kernels read this QTensor (block type and a K of whole 256-steps)."""
     g = _gguf()
-    return (g is not None and w.raw.is_cuda and g.supports(w.bt.name) and w.shape[1] % g.STEP == 0
-            and w.raw.stride(1) == 1)
+    return g is not None and g.supports(w.bt.name) and w.shape[1] % g.STEP == 0 and w.raw.stride(1) == 1
 
 
 def _gemv(x2, raw, bt_name: str, shape, **moe) -> torch.Tensor:

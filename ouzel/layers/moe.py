@@ -163,8 +163,8 @@ class RoutedExperts(nn.Module):
         """Whether `_fused` runs for decode steps here (stacked GGUF blocks of kernel types on CUDA)."""
         from ..kernels.cuda import gemv_supports  # noqa: PLC0415
         stacks = [w for w in (self.gate_up_proj, self.down_proj) if isinstance(w, ExpertStack)]
-        return len(stacks) == 2 and all(s.stacked is not None and all(gemv_supports(w) for w in s.stacked)
-                                        for s in stacks)
+        return len(stacks) == 2 and all(s.stacked is not None and all(w.raw.is_cuda and gemv_supports(w)
+                                                                      for w in s.stacked) for s in stacks)
 
     def _fused(self, x, weights, idx, gu: ExpertStack, down: ExpertStack) -> torch.Tensor | None:
         """Every (token, expert) pair in one kernel per matrix, expert ids read on the device: no
