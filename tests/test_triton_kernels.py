@@ -141,3 +141,17 @@ def test_moe_gemm_experts(name, gen):
     ref = torch.stack([reference_linear(x[pair_rows[p]][None], raw[es[p] * n:(es[p] + 1) * n], name)[0]
                        for p in range(T * K)])
     assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_gemv_experts(name, gen):
+    """The MoE decode form of the fp32-x GEMV: expert ids read by the kernel, x shared per token."""
+    E, n, k, T, K = 5, 24, 512, 2, 3
+    raw = random_blocks(name, E * n, k, gen, DEV)
+    idx = torch.randint(0, E, (T * K,), generator=gen).to(DEV)
+    x = torch.randn(T, k, generator=gen).to(DEV)
+    out = torch.full((T * K, n), float("nan"), device=DEV)
+    G.qgemv(x, raw, name, (n, k), out=out, idx=idx, x_div=K, bn=8, u=1)
+    ref = torch.stack([reference_linear(x[p // K][None], raw[idx[p] * n:(idx[p] + 1) * n], name)[0]
+                       for p in range(T * K)])
+    assert rel_err(out, ref) < 1e-5
