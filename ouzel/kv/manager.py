@@ -209,6 +209,8 @@ def kv_shape(model) -> tuple[int, int, int]:
     return len(model.model.layers), int(cfg.num_kv_heads), int(cfg.head_dim)
 
 
-def default_dtype() -> torch.dtype:
-    # float32 like DenseKV: a block restored from disk continues exactly as the live one would
-    return torch.float32
+def default_dtype(device: torch.device | str = "cpu") -> torch.dtype:
+    """DenseKV's choice (float32 on the CPU, float16 on GPUs, OUZEL_KV_DTYPE overrides); blocks on
+    disk carry it in their fingerprint, so a restored block continues exactly as the live one would."""
+    from .cache import default_kv_dtype
+    return default_kv_dtype(device)

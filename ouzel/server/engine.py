@@ -60,7 +60,7 @@ class ServeEngine:
     def __init__(self, llm, cfg: ServeConfig):
         self.llm, self.cfg = llm, cfg
         self.model_id = cfg.model_id or cfg.model
-        dtype = default_dtype()
+        dtype = default_dtype(llm.device)
         private = callable(getattr(llm.model, "new_kv", None))
         if private:
             # per-sequence private state (DeepSeek V4): the paged pool is unused, keep it tiny
