@@ -1,7 +1,10 @@
-"""CUDA fast paths: Triton kernels that read GGUF blocks directly (`kernels/triton/gguf.py`).
+"""CUDA fast paths: the dispatch to the Triton kernels in `kernels/triton/` (GGUF-block GEMV,
+dequantize and MoE GEMM in gguf.py, int8-activation GEMV in q8act.py, flash-decoding attention in
+attention.py, RMSNorm and rope in fused.py). docs/gpu.md has the map.
 
-`qlinear` returns None when no kernel fits (other block types, no Triton, odd layouts), and
-`ops.linear` then runs the torch reference. Environment switches (for A/B runs):
+Every function returns None when no kernel fits (other block types, no Triton, odd layouts), and
+the caller then runs the torch reference. Environment switches (for A/B runs; also OUZEL_KV_DTYPE
+in kv/cache.py and OUZEL_NO_CUDA_GRAPH in engine/graphs.py):
   OUZEL_NO_TRITON=1              never use the Triton kernels
   OUZEL_CUDA_PREFILL_DTYPE=f32   large-M matmuls (prefill) in x's dtype instead of bf16 operands
                                  with fp32 accumulation on the tensor cores (the default)
@@ -16,7 +19,7 @@ import os
 
 import torch
 
-_TUNED: dict = {}  # (type, n, k, m, dtype, moe) -> qgemv kwargs
+_TUNED: dict = {}  # (kernel, type, n, k, m, dtype, rows, pairs) -> kwargs
 # A handful of tile shapes (u: 256-element steps per loop iteration); unless a config says,
 # the split of K is derived so that the grid fills the chip.
 GEMV_CONFIGS = (dict(bn=4, u=2), dict(bn=16, u=2), dict(bn=16, u=4), dict(bn=16, u=8), dict(bn=16, u=1),

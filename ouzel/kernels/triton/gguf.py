@@ -7,8 +7,12 @@ for a tile of output rows, with integer ops on the block bytes in registers:
 - `qgemv` (M = 1..16 rows of x): one program per BN output rows, a loop over K in 256-element
   steps, fp32 accumulation; each weight byte is read from memory once (the scale bytes are
   re-read per element but from L1).
+  With `idx` (MoE decode) each program column is one (token, expert) pair, the expert id read on
+  the device.
 - `qdequant`: the same decoder writing a dense [N, K] matrix (fp32/bf16/fp16) for large M, which
   then goes to cuBLAS (tensor cores) through torch.matmul.
+- `qgemm_experts` (MoE prefill): pairs sorted by expert, each tile one expert's pairs; the decoder
+  feeds tl.dot directly, so no expert is written out dense.
 
 Why direct reads rather than a repack at load: no second copy of the weights (MoE models are
 large), and the decoder is the same one-screen function per type for both paths.
