@@ -22,6 +22,16 @@ class RMSNorm(nn.Module):
                 return y
         return self.reference(x)
 
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x): the residual add and the norm after it in one launch
+        on CUDA, the two ops otherwise."""
+        if x.is_cuda:
+            out = _cuda.rms_norm(x, self.weight, self.eps, self.unit_offset, residual)
+            if out is not None:
+                return out
+        h = residual + x
+        return self(h), h
+
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)

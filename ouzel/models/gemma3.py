@@ -37,8 +37,8 @@ class Gemma3DecoderLayer(nn.Module):
 
     def forward(self, x, positions, kv, out_rows=None):
         h = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, kv, out_rows))
-        x = (x if out_rows is None else x[out_rows]) + h
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        n, x = self.pre_feedforward_layernorm.add_norm(h, x if out_rows is None else x[out_rows])
+        return x + self.post_feedforward_layernorm(self.mlp(n))
 
 
 def gemma3_ropes(cfg: Config) -> dict[str, Rope]:

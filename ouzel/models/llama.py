@@ -40,8 +40,8 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, x, positions, kv, out_rows=None):
         h = self.self_attn(self.input_layernorm(x), positions, kv, out_rows)
-        x = (x if out_rows is None else x[out_rows]) + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        n, x = self.post_attention_layernorm.add_norm(h, x if out_rows is None else x[out_rows])
+        return x + self.mlp(n)
 
 
 class LlamaModel(nn.Module):
