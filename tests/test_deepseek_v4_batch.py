@@ -28,10 +28,7 @@ N = 8  # reply tokens
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     import tiny_deepseek_v4 as v4
-    try:
-        return v4.tiny_fixture(tmp_path_factory)
-    except ImportError as e:
-        pytest.skip(f"transformers has no DeepSeek V4: {e}")
+    return v4.tiny_fixture(tmp_path_factory)
 
 
 def prefilled(model, ids: list[int]):

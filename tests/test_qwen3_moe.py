@@ -153,16 +153,19 @@ def test_decode_bytes_count_only_active_experts(plain):
     assert abs(decode_weight_bytes(llm.model) - want) <= 1
 
 
+def _routed(plain, tokens: int, seed: int):
+    """A fresh Q8_0 load's first MoE layer, and random hidden states routed through its gate."""
+    model, files, _, _ = plain
+    mlp = ouzel.load(files["Q8_0"]).model.model.layers[0].mlp
+    x = torch.randn(tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(seed))
+    return mlp.experts, x, *mlp.gate(x)
+
+
 @torch.no_grad()
 def test_grouped_prefill_equals_the_expert_loop(plain):
     """The batched (padded, sorted-by-expert) MoE path used for CUDA prefills computes what the
     per-expert loop does; run here on the CPU in float32 with the exact dequantizer."""
-    model, files, _, _ = plain
-    llm = ouzel.load(files["Q8_0"])
-    experts = llm.model.model.layers[0].mlp.experts
-    g = torch.Generator().manual_seed(11)
-    x = torch.randn(37, model.config.hidden_size, generator=g)
-    w, idx = llm.model.model.layers[0].mlp.gate(x)
+    experts, x, w, idx = _routed(plain, 37, 11)
     gu, down = experts._stack(experts.gate_up_proj), experts._stack(experts.down_proj)
     grouped = experts._grouped(x, w, idx, gu, down)
     assert grouped is not None
@@ -172,12 +175,7 @@ def test_grouped_prefill_equals_the_expert_loop(plain):
 @torch.no_grad()
 def test_fused_gate_up_stack_gives_the_same_experts(plain):
     """On CUDA gate and up stacks are fused into one (one kernel per step); same outputs."""
-    model, files, _, _ = plain
-    llm = ouzel.load(files["Q8_0"])
-    experts = llm.model.model.layers[0].mlp.experts
-    g = torch.Generator().manual_seed(12)
-    x = torch.randn(9, model.config.hidden_size, generator=g)
-    w, idx = llm.model.model.layers[0].mlp.gate(x)
+    experts, x, w, idx = _routed(plain, 9, 12)
     before = experts(x, w, idx)
     stack = experts.gate_up_proj
     fused = stack.fused()

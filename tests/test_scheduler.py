@@ -140,10 +140,7 @@ def test_deepseek_v4_private_state_through_the_scheduler(tmp_path_factory):
     concurrent, chunk-prefilled sequences equal the single-sequence generator."""
     pytest.importorskip("transformers")
     import tiny_deepseek_v4 as v4
-    try:
-        tiny = v4.tiny_fixture(tmp_path_factory)
-    except ImportError as e:
-        pytest.skip(f"transformers has no DeepSeek V4: {e}")
+    tiny = v4.tiny_fixture(tmp_path_factory)
     llm = tiny.loaded
     prompts_v4 = [tiny.ids[:n].tolist() for n in (37, 50, 61)]
     want = [llm.generate_ids(p, max_tokens=8, temperature=0, ignore_eos=True) for p in prompts_v4]

@@ -70,8 +70,13 @@ def ouzel_full(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def tiny_fixture(tmp_path_factory):
-    """The tiny model, its HF directory, a prompt, transformers' logits and ouzel's load of it."""
-    model = build_v4()
+    """The tiny model, its HF directory, a prompt, transformers' logits and ouzel's load of it;
+    skips the test where the installed transformers has no DeepSeek V4."""
+    try:
+        model = build_v4()
+    except ImportError as e:
+        import pytest
+        pytest.skip(f"transformers has no DeepSeek V4: {e}")
     path = tm.save_hf_dir(model, tmp_path_factory.mktemp("v4") / "hf")
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(2, model.config.vocab_size, (PROMPT_LEN,), generator=g)

@@ -101,14 +101,12 @@ def _gemv_config(fn, configs, x2, raw, bt_name: str, shape, **moe) -> dict:
     return cfg
 
 
-def qgemv_experts(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, idx: torch.Tensor,
-                  x_div: int) -> torch.Tensor | None:
-    """MoE decode: out [G, n] row g = x[g // x_div] @ W[idx[g]].T for E experts' GGUF blocks
-    `raw` [E * n, row_bytes]; None where no kernel applies."""
-    g = _gguf()
-    if g is None or not g.supports(bt_name) or x.dtype not in _DTYPES or shape[1] % g.STEP:
+def qgemv_experts(x: torch.Tensor, w, n_experts: int, idx: torch.Tensor, x_div: int) -> torch.Tensor | None:
+    """MoE decode: out [G, n] row g = x[g // x_div] @ W_e.T, e = idx[g], w a stacked QTensor
+    [E * n, K]; None where no kernel reads the type."""
+    if not gemv_supports(w) or x.dtype not in _DTYPES:
         return None
-    return _gemv(x.contiguous(), raw, bt_name, shape, idx=idx, x_div=x_div)
+    return _gemv(x.contiguous(), w.raw, w.bt.name, (w.shape[0] // n_experts, w.shape[1]), idx=idx, x_div=x_div)
 
 
 def _prefill_dtype(x_dtype: torch.dtype) -> torch.dtype:
@@ -117,20 +115,17 @@ def _prefill_dtype(x_dtype: torch.dtype) -> torch.dtype:
 
 def dequantize_for_matmul(w, x_dtype: torch.dtype) -> torch.Tensor | None:
     """The dense [N, K] matrix of a CUDA QTensor in the prefill matmul dtype, or None (no kernel)."""
-    g = _gguf()
-    if g is None or not g.supports(w.bt.name) or w.shape[1] % g.STEP or w.raw.stride(1) != 1:
+    if not gemv_supports(w):
         return None
-    return g.qdequant(w.raw, w.bt.name, w.shape, _prefill_dtype(x_dtype))
+    return _gguf().qdequant(w.raw, w.bt.name, w.shape, _prefill_dtype(x_dtype))
 
 
 def qlinear(x: torch.Tensor, w) -> torch.Tensor | None:
     """y = x @ w.T for a CUDA QTensor w, or None where no kernel applies."""
+    if not gemv_supports(w) or x.dtype not in _DTYPES or x.device != w.device or x.shape[-1] != w.shape[1]:
+        return None
     g = _gguf()
-    if g is None or not g.supports(w.bt.name) or x.dtype not in _DTYPES or x.device != w.device:
-        return None
     n, k = w.shape
-    if k % g.STEP or w.raw.stride(1) != 1 or x.shape[-1] != k:
-        return None
     x2 = x.reshape(-1, k)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
@@ -177,24 +172,17 @@ def moe_gemm(x: torch.Tensor, w, n_experts: int, pair_rows: torch.Tensor, counts
     """MoE prefill: out [P, n] row p = x[pair_rows[p]] @ W_e.T for pairs sorted by expert (counts[e]
     each), w a stacked QTensor [E * n, K]; the blocks are decoded inside the matmul tiles. None where
     no kernel reads the type."""
-    g = _gguf()
-    if g is None or not gemv_supports(w) or x.dtype not in _DTYPES:
+    if not gemv_supports(w) or x.dtype not in _DTYPES:
         return None
-    bm = 64
-    dot = _prefill_dtype(x.dtype)
+    g, bm, dot = _gguf(), 64, _prefill_dtype(x.dtype)
     return g.qgemm_experts(x.contiguous(), w.raw, w.bt.name, (w.shape[0] // n_experts, w.shape[1]), pair_rows,
                            g.moe_tiles(counts, bm, x.device), bm=bm, bn=64, dot_dtype=dot)
 
 
-def paged_decode_attention(q, k_pool, v_pool, block_table, lengths, block_size: int, window, scale,
-                           out=None, interpret: bool = False):
+def paged_decode_attention(q, k_pool, v_pool, block_table, lengths, block_size: int, window, scale, out=None):
     """One new token of each of B sequences against a paged pool in one launch
-    (`attention.paged_decode_attention`), or None where it can't run. interpret: tests only, run
-    the kernel on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1 set before import)."""
-    if interpret and not q.is_cuda:
-        from .triton import attention as a  # noqa: PLC0415
-    else:
-        a = _attention()
+    (`attention.paged_decode_attention`), or None where it can't run."""
+    a = _attention()
     if (a is None or q.dtype not in _DTYPES or k_pool.dtype not in _DTYPES or k_pool.stride(-1) != 1
             or v_pool.stride(-1) != 1):
         return None

@@ -211,7 +211,7 @@ class BatchKV:
         rows, table, lengths = self._decode
         dst = out[rows] if isinstance(rows, slice) and out.stride(-1) == 1 else None
         res = cuda.paged_decode_attention(q[rows], kpool, vpool, table, lengths, self.pool.block_size, window,
-                                          scale, out=dst, interpret=not kpool.is_cuda)
+                                          scale, out=dst)
         if res is None:
             return False
         if dst is None:

@@ -56,7 +56,7 @@ class LinearGroup:
         by_type: dict[str, list[int]] = {}
         for i, lin in enumerate(self.linears):
             w = lin.weight
-            if isinstance(w, QTensor) and w.raw.is_cuda and w.raw.is_contiguous():
+            if isinstance(w, QTensor) and w.raw.is_contiguous():
                 by_type.setdefault(w.bt.name, []).append(i)
         groups = []
         for members in by_type.values():

@@ -174,17 +174,21 @@ class RoutedExperts(nn.Module):
             return None
         from ..kernels.cuda import qgemv_experts  # noqa: PLC0415
         T, K = idx.shape
-        E, D, I = self.n_experts, self.hidden, self.intermediate
         flat = idx.reshape(-1)
-        hs = [qgemv_experts(x, w.raw, w.bt.name, (w.shape[0] // E, D), flat, K) for w in gu.stacked]
+        y = self._through(x, gu, down, lambda inp, w, first: qgemv_experts(inp, w, self.n_experts, flat,
+                                                                              K if first else 1))
+        return None if y is None else (y.view(T, K, -1) * weights[..., None]).sum(1).to(x.dtype)
+
+    def _through(self, x, gu: ExpertStack, down: ExpertStack, matmul) -> torch.Tensor | None:
+        """down(swiglu(gate_up(x))) over (token, expert) pairs with a pair-wise expert matmul
+        `matmul(inp, stacked weight, first)` (first: the gate/up pieces, fed from x); None where it
+        has no kernel for a weight."""
+        hs = [matmul(x, w, True) for w in gu.stacked]
         if any(h is None for h in hs):
             return None
-        h = hs[0] if len(hs) == 1 else torch.cat(hs, dim=-1)  # [T * K, 2I]
-        w = down.stacked[0]
-        y = qgemv_experts(swiglu(h[:, :I], h[:, I:], self.limit), w.raw, w.bt.name, (D, I), flat, 1)
-        if y is None:
-            return None
-        return (y.view(T, K, D) * weights[..., None]).sum(1).to(x.dtype)
+        h = (hs[0] if len(hs) == 1 else torch.cat(hs, dim=-1)).float()  # [pairs, 2I]
+        I = self.intermediate
+        return matmul(swiglu(h[:, :I], h[:, I:], self.limit).to(x.dtype), down.stacked[0], False)
 
     def _grouped(self, x, weights, idx, gu: ExpertStack, down: ExpertStack) -> torch.Tensor | None:
         """Prefill: every expert's blocks dequantized in one kernel per matrix, the (token, expert)
@@ -225,15 +229,10 @@ class RoutedExperts(nn.Module):
         """`_grouped` with the experts' blocks decoded inside the matmul tiles (no dense copy of
         every expert per layer): kernels/triton/gguf.py `qgemm_experts`."""
         from ..kernels.cuda import moe_gemm  # noqa: PLC0415
-        E, I = self.n_experts, self.intermediate
-        pair_rows = (order // K).to(torch.int32)
-        hs = [moe_gemm(x, w, E, pair_rows, counts) for w in gu.stacked]  # [P, 2I] in sorted order
-        if any(h is None for h in hs):
-            return None
-        h = hs[0] if len(hs) == 1 else torch.cat(hs, dim=-1)
-        a = swiglu(h[:, :I].float(), h[:, I:].float(), self.limit).to(x.dtype)
+        pairs = (order // K).to(torch.int32)  # gate/up read the token's row, down its own pair's row
         own = torch.arange(len(order), dtype=torch.int32, device=x.device)
-        y = moe_gemm(a, down.stacked[0], E, own, counts)
+        y = self._through(x, gu, down, lambda inp, w, first: moe_gemm(inp, w, self.n_experts,
+                                                                         pairs if first else own, counts))
         if y is None:
             return None
         out = torch.zeros_like(x)
