@@ -22,8 +22,8 @@ SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (128256, 409
 # the sweep (SWEEP=1): tile rows, steps per iteration, pipelining stages, grid size target for the K split
 SWEEP = [dict(bn=bn, u=u, stages=st, target=tg) for bn, u, st, tg in
          itertools.product((4, 16), (2, 4, 8), (1, 3), (264, 2048))]
-SWEEP_Q8 = [dict(bn=bn, u=u, num_warps=w, target=tg) for bn, u, w, tg in
-            itertools.product((8, 16, 32, 64), (1, 2, 4), (4, 8), (264, 1024)) if bn * u <= 128]
+SWEEP_Q8 = [dict(bn=bn, u=u, num_warps=w, target=tg, m1=True) for bn, u, w, tg in
+            itertools.product((8, 16, 32, 64), (1, 2, 4), (4, 8), (264, 528, 1024)) if 16 <= bn * u <= 128]
 
 
 def bench_us(fn) -> float:
@@ -43,7 +43,8 @@ def dense(name, n, k, gen, bw) -> None:
     x = torch.randn(1, k, generator=gen).cuda()
     ref = reference_linear(x, raws[0], name)
     sweep = bool(os.environ.get("SWEEP"))
-    kinds = [("fp32 x", G.qgemv, SWEEP if sweep else ocuda.GEMV_CONFIGS, ref)]
+    kinds = [] if os.environ.get("INT8_ONLY") and name in Q8.SUPPORTED else \
+        [("fp32 x", G.qgemv, SWEEP if sweep else ocuda.GEMV_CONFIGS, ref)]
     if name in Q8.SUPPORTED:  # its oracle: the exact product with the int8-rounded x
         xd = Q8.dequantized_x(*Q8.quantize_x(x)[:2])
         kinds.append(("int8 x", Q8.qgemv_q8, SWEEP_Q8 if sweep else ocuda.Q8_CONFIGS, reference_linear(xd, raws[0], name)))

@@ -172,10 +172,10 @@ class Bench:
         from .engine.generate import PREFILL_CHUNK
         self.seq.reset()
         logits = self.seq.prefill(tokens[:min(PREFILL_CHUNK + 32, len(tokens), self.seq.max_tokens - 8)])
+        if hasattr(self.seq.kv, "reserve"):  # before the steps: their capture then holds for the run
+            self.seq.kv.reserve(self.seq.max_tokens)
         for _ in range(min(4, self.tg)):
             logits = self.seq.step(int(logits.argmax().item()))
-        if hasattr(self.seq.kv, "reserve"):
-            self.seq.kv.reserve(self.seq.max_tokens)
         self.seq.reset()
 
     def frontiers(self, tokens: list[int], frontiers: list[int], on_row=None) -> list[Row]:

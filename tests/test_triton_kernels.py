@@ -98,7 +98,8 @@ def test_quantize_x(gen):
 
 @pytest.mark.parametrize("name", Q8.SUPPORTED)
 @pytest.mark.parametrize("m,cfg", [(1, dict(bn=8, u=1)), (1, dict(bn=4, u=2, split=2)), (3, dict(bn=16, u=1)),
-                                   (16, dict(bn=8, u=2, split=2))])
+                                   (16, dict(bn=8, u=2, split=2)), (1, dict(bn=8, u=1, m1=True)),
+                                   (1, dict(bn=4, u=2, split=2, m1=True)), (1, dict(bn=16, u=4, m1=True))])
 def test_q8_gemv_matches_dequantized_x(name, m, cfg, gen):
     n, k = 21, 1024
     raw = random_blocks(name, n, k, gen, DEV)
@@ -118,10 +119,11 @@ def test_q8_gemv_experts(name, gen):
     x = torch.randn(T, k, generator=gen).to(DEV)
     xq, dx, sx = Q8.quantize_x(x)
     xd = Q8.dequantized_x(xq, dx)
-    out = Q8.qgemv_q8(x, raw, name, (n, k), idx=idx, x_div=K, bn=8, u=1, xq=(xq, dx, sx))
     ref = torch.stack([reference_linear(xd[p // K][None], raw[idx[p] * n:(idx[p] + 1) * n], name)[0]
                        for p in range(T * K)])
-    assert rel_err(out, ref) < 1e-5
+    for m1 in (False, True):
+        out = Q8.qgemv_q8(x, raw, name, (n, k), idx=idx, x_div=K, bn=8, u=1, xq=(xq, dx, sx), m1=m1)
+        assert rel_err(out, ref) < 1e-5
 
 
 @pytest.mark.parametrize("name", TYPES)

@@ -25,7 +25,11 @@ _TUNED: dict = {}  # (kernel, type, n, k, m, dtype, rows, pairs) -> kwargs
 GEMV_CONFIGS = (dict(bn=4, u=2), dict(bn=16, u=2), dict(bn=16, u=4), dict(bn=16, u=8), dict(bn=16, u=1),
                 dict(bn=4, u=4, target=2048), dict(bn=16, u=2, target=2048), dict(bn=32, u=2, num_warps=8))
 Q8_CONFIGS = (dict(bn=32, u=2), dict(bn=16, u=2), dict(bn=32, u=4, num_warps=8), dict(bn=64, u=1, num_warps=8),
-              dict(bn=8, u=1), dict(bn=16, u=1, target=1024), dict(bn=32, u=2, target=1024))
+              dict(bn=8, u=1), dict(bn=16, u=1, target=1024), dict(bn=32, u=2, target=1024),
+              # one x row (decode): the kernel with every load of the next step in flight
+              dict(bn=32, u=2, m1=True), dict(bn=16, u=2, m1=True), dict(bn=16, u=4, m1=True),
+              dict(bn=32, u=4, num_warps=8, m1=True), dict(bn=64, u=2, num_warps=8, m1=True),
+              dict(bn=16, u=2, target=1024, m1=True), dict(bn=8, u=2, target=1024, m1=True))
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

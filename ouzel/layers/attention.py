@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from torch import nn
 
 from ..kv.cache import KVState
@@ -21,7 +22,8 @@ def causal_mask(positions: torch.Tensor, n_keys: int, window: int | None) -> tor
 
 
 def attend(q, k, v, positions, window: int | None, scale: float) -> torch.Tensor:
-    """q [T, H, D], k/v [S, Hkv, D] -> [T, H, D]; the pure-torch reference attention.
+    """q [T, H, D], k/v [S, Hkv, D] -> [T, H, D]; the pure-torch reference attention. The queries
+    are the last T of the S keys (positions = S - T .. S - 1), as every cache's prefill calls it.
     A 16-bit cache is attended in its own dtype (the fused kernels need one dtype); out in q's."""
     T, S = q.shape[0], k.shape[0]
     out_dtype = q.dtype
@@ -31,7 +33,12 @@ def attend(q, k, v, positions, window: int | None, scale: float) -> torch.Tensor
     # masked half instead of reading an explicit [T, S] mask.
     plain_causal = T == S and T > 1 and (window is None or T <= window)
     need_mask = not plain_causal and (T > 1 or (window is not None and S > window))
-    mask = causal_mask(positions, S, window) if need_mask else None
+    if need_mask and q.is_cuda and window is None and T < S:
+        # a prefill chunk after cached tokens: causal aligned to the last key, which the CUDA flash
+        # kernel takes without a [T, S] mask (an explicit mask falls back to a ~10x slower kernel)
+        mask = causal_lower_right(T, S)
+    else:
+        mask = causal_mask(positions, S, window) if need_mask else None
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
         attn_mask=mask, is_causal=plain_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])

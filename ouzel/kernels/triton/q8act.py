@@ -159,15 +159,101 @@ def _q4k_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, wb_ptr, out_ptr, idx_ptr, N, bloc
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _q4k_m1_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, out_ptr, idx_ptr, N, blocks_per_split, row_words, expert_words,
+                   K, x_div, stride_os, stride_og, BN: tl.constexpr, NB: tl.constexpr, HAS_IDX: tl.constexpr,
+                   USE_ASM: tl.constexpr):
+    """`_q4k_kernel` for one activation row (decode), every load of step i + 1 in flight while step i
+    computes: the nibble words, the block headers as one 16-byte word load each (d | dmin, then
+    the three words of 6-bit scales, decoded with shifts instead of byte loads), and x's words
+    and scales. Products are scaled per word and summed once at the end."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    g = tl.program_id(2)
+    rows = pid * BN + tl.arange(0, BN)
+    wrow = tl.minimum(rows, N - 1).to(tl.int64) * row_words
+    if HAS_IDX:
+        wrow += tl.load(idx_ptr + g).to(tl.int64) * expert_words
+    xrow = (g // x_div).to(tl.int64)
+    b4 = tl.arange(0, NB)[None, :, None, None]
+    j4 = tl.arange(0, 4)[None, None, :, None]
+    w4 = tl.arange(0, 8)[None, None, None, :]
+    b3 = tl.arange(0, NB)[None, :, None]
+    k3 = tl.arange(0, 4)[None, None, :]  # header word k; also the group j of the scale math
+    nib = w_ptr + wrow[:, None, None, None] + 4 + j4 * 8 + w4  # + block * 36
+    hdr = w_ptr + wrow[:, None, None] + k3
+    xw = xq_ptr + xrow * (K // 4) + j4 * 16 + w4  # + block * 64: x's int8 words for the low nibbles
+    xs = xrow * (K // 32) + 2 * k3  # + block * 8: x's scale index of sub-block 2j
+    blk_end = (split + 1) * blocks_per_split
+    blk = split * blocks_per_split + b4
+    blk3 = split * blocks_per_split + b3
+    qw = tl.load(nib + blk * 36)
+    hw = tl.load(hdr + blk3 * 36)
+    xl = tl.load(xw + blk * 64)
+    xh = tl.load(xw + blk * 64 + 8)
+    dl = tl.load(dx_ptr + xs + blk3 * 8)
+    dh = tl.load(dx_ptr + xs + blk3 * 8 + 1)
+    sl = tl.load(sx_ptr + xs + blk3 * 8)
+    sh = tl.load(sx_ptr + xs + blk3 * 8 + 1)
+    acc = tl.zeros([BN, NB, 4, 8], dtype=tl.float32)
+    accm = tl.zeros([BN, NB, 4], dtype=tl.float32)
+    for _ in range(0, blocks_per_split, NB):
+        nblk = blk + NB
+        nblk3 = blk3 + NB
+        ok, ok3 = nblk < blk_end, nblk3 < blk_end
+        qw_n = tl.load(nib + nblk * 36, mask=ok, other=0)
+        hw_n = tl.load(hdr + nblk3 * 36, mask=ok3, other=0)
+        xl_n = tl.load(xw + nblk * 64, mask=ok, other=0)
+        xh_n = tl.load(xw + nblk * 64 + 8, mask=ok, other=0)
+        dl_n = tl.load(dx_ptr + xs + nblk3 * 8, mask=ok3, other=0.0)
+        dh_n = tl.load(dx_ptr + xs + nblk3 * 8 + 1, mask=ok3, other=0.0)
+        sl_n = tl.load(sx_ptr + xs + nblk3 * 8, mask=ok3, other=0.0)
+        sh_n = tl.load(sx_ptr + xs + nblk3 * 8 + 1, mask=ok3, other=0.0)
+        # header words -> [BN, NB, 1] each (the k axis is held by one thread: no shuffles)
+        h0 = tl.sum(tl.where(k3 == 0, hw, 0), axis=2, keep_dims=True)
+        wa = tl.sum(tl.where(k3 == 1, hw, 0), axis=2, keep_dims=True)
+        wm = tl.sum(tl.where(k3 == 2, hw, 0), axis=2, keep_dims=True)
+        wc = tl.sum(tl.where(k3 == 3, hw, 0), axis=2, keep_dims=True)
+        d = _f16_lo(h0)
+        dmin = _f16_lo(h0 >> 16)
+        # sub-block s of the 8: byte s % 4 of the scale words; s = 2j (low nibbles), 2j + 1 (high)
+        s_lo = 2 * k3
+        s_hi = 2 * k3 + 1
+        sc_lo, mn_lo = _q4k_scale_words(wa, wm, wc, s_lo)
+        sc_hi, mn_hi = _q4k_scale_words(wa, wm, wc, s_hi)
+        lo = _dp4a(qw & 0x0F0F0F0F, xl, 0, USE_ASM)
+        hi = _dp4a((qw >> 4) & 0x0F0F0F0F, xh, 0, USE_ASM)
+        acc += lo.to(tl.float32) * (d * sc_lo * dl)[:, :, :, None] + hi.to(tl.float32) * (d * sc_hi * dh)[:, :, :, None]
+        accm += dmin * (mn_lo * sl + mn_hi * sh)
+        qw, hw, xl, xh, dl, dh, sl, sh = qw_n, hw_n, xl_n, xh_n, dl_n, dh_n, sl_n, sh_n
+        blk, blk3 = nblk, nblk3
+    res = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1) - tl.sum(tl.sum(accm, axis=2), axis=1)
+    tl.store(out_ptr + split * stride_os + g * stride_og + rows, res.to(out_ptr.dtype.element_ty), mask=rows < N)
+
+
+@triton.jit
+def _q4k_scale_words(wa, wm, wc, s):
+    """`_q4k_scale` from the three scale words (bytes 4..15 of the block) instead of byte loads."""
+    sh = 8 * (s % 4)
+    a = (wa >> sh) & 255
+    m = (wm >> sh) & 255
+    c = (wc >> sh) & 255
+    sc = tl.where(s < 4, a & 63, (c & 15) | ((a >> 2) & 48))
+    mn = tl.where(s < 4, m & 63, (c >> 4) | ((m >> 2) & 48))
+    return sc.to(tl.float32), mn.to(tl.float32)
+
+
 SUPPORTED = ("Q4_K",)
 
 
 def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch.Tensor | None = None,
              bn: int = 8, u: int = 1, split: int | None = None, num_warps: int = 4, target: int = 264,
-             prefetch: bool = True, idx: torch.Tensor | None = None, x_div: int = 1, xq=None) -> torch.Tensor:
+             prefetch: bool = True, idx: torch.Tensor | None = None, x_div: int = 1, xq=None,
+             m1: bool = False) -> torch.Tensor:
     """out [M, N] = x [M, K] @ W.T with x rounded to int8 per 32 (see the module doc); M <= 16.
     MoE form as `gguf.qgemv`: idx [G] experts of raw [E * N, row_bytes], out [G, N], x row g // x_div.
-    xq: a `quantize_x(x)` result to reuse (several matrices reading the same x)."""
+    xq: a `quantize_x(x)` result to reuse (several matrices reading the same x). m1: one x row
+    through `_q4k_m1_kernel` (the decode step's form)."""
     if bt_name not in SUPPORTED:
         raise ValueError(f"qgemv_q8: {bt_name} is not supported ({', '.join(SUPPORTED)})")
     n, k = shape
@@ -186,6 +272,11 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch
     common = dict(M=m, MP=1 << (m - 1).bit_length(), BN=bn, NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps)
     strides = (k, x_div, 0 if split == 1 else dst.stride(0), dst.stride(-2) if moe else 0, dst.stride(-2))
     idx_arg = idx if moe else dx
+    if m1 and m == 1:
+        _q4k_m1_kernel[grid](xq.view(torch.int32), dx, sx, raw.view(torch.int32), dst, idx_arg, n, n_blocks // split,
+                             raw.stride(0) // 4, n * raw.stride(0) // 4, k, x_div, strides[2], strides[3], BN=bn, NB=u,
+                             HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps)
+        return finish_gemv(dst, out)
     _q4k_kernel[grid](xq.view(torch.int32), dx, sx, raw.view(torch.int32), raw, dst, idx_arg, n, n_blocks // split,
                       raw.stride(0) // 4, n * raw.stride(0) // 4, *strides, PREFETCH=prefetch, **common)
     return finish_gemv(dst, out)
