@@ -126,23 +126,36 @@ def test_q8_gemv_experts(name, gen):
         assert rel_err(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("name", TYPES)
-def test_moe_gemm_experts(name, gen):
-    """MoE prefill GEMM: pairs sorted by expert, tiles of one expert each, blocks decoded in the tiles."""
-    E, n, k, T, K = 5, 40, 512, 23, 3
+def _moe_gemm_case(name, counts, bm, gen, **cfg):
+    """qgemm_experts over pairs sorted by expert (counts[e] each, gate/up form: rows of x shared by
+    pairs) against the reference per pair."""
+    E, n, k = len(counts), 40, 512
     raw = random_blocks(name, E * n, k, gen, DEV)
-    idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]).to(DEV)
-    x = torch.randn(T, k, generator=gen).to(DEV)
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    tiles = G.moe_tiles(torch.bincount(flat, minlength=E).tolist(), 16, DEV)
-    pair_rows = (order // K).to(torch.int32)
-    out = torch.full((T * K, n), float("nan"), device=DEV)
-    G.qgemm_experts(x, raw, name, (n, k), pair_rows, tiles, out=out, bm=16, bn=16, dot_dtype=torch.float32)
-    es = flat[order].tolist()
+    P = sum(counts)
+    x = torch.randn(P // 2 + 1, k, generator=gen).to(DEV)
+    pair_rows = torch.randint(0, x.shape[0], (P,), generator=gen, dtype=torch.int32).to(DEV)
+    tiles = G.moe_tiles(counts, bm, DEV)
+    out = torch.full((P, n), float("nan"), device=DEV)
+    G.qgemm_experts(x, raw, name, (n, k), pair_rows, tiles, out=out, bm=bm, dot_dtype=torch.float32, **cfg)
+    es = [e for e, c in enumerate(counts) for _ in range(c)]
     ref = torch.stack([reference_linear(x[pair_rows[p]][None], raw[es[p] * n:(es[p] + 1) * n], name)[0]
-                       for p in range(T * K)])
-    assert rel_err(out, ref) < 1e-5
+                       for p in range(P)])
+    return rel_err(out, ref)
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("quads", [True, False])
+def test_moe_gemm_experts(name, quads, gen):
+    """MoE prefill GEMM: pairs sorted by expert, tiles of one expert each, blocks decoded in the
+    tiles (`_quads` where it reads the type, else `_decode`). Uneven counts: an expert with no
+    pairs, one with a single pair, one over two tiles of 16 (a partial last tile)."""
+    assert _moe_gemm_case(name, [5, 0, 1, 37, 9], 16, gen, bn=16, quads=quads) < 1e-5
+
+
+@pytest.mark.parametrize("bm,bn,num_warps", [(16, 64, 8), (32, 32, 4), (64, 16, 4)])
+def test_moe_gemm_tiles(bm, bn, num_warps, gen):
+    """Other tile shapes; n = 40 is not a multiple of bn (masked tail columns)."""
+    assert _moe_gemm_case("Q4_K", [3, 70, 0, 20], bm, gen, bn=bn, num_warps=num_warps) < 1e-5
 
 
 @pytest.mark.parametrize("name", TYPES)

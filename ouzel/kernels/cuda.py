@@ -172,15 +172,28 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq:
     return f.rope_qk(q, k, positions, inv_freq, rot_dim)
 
 
+# MoE prefill GEMM tiles (`gguf.qgemm_experts`) per block type: the decode of every expert's blocks,
+# not the tensor cores, bounds it, so tiles are as few pairs as a prefill gives each expert (BM 16
+# fits ~12 of ds4's 512 x 6 / 256) and the decoded [BN, 256] step is the MMA's M side.
+# bench/moe_gemm_bench.py times the candidates and prints this table's entries.
+MOE_GEMM_CONFIGS = {"IQ2_XXS": dict(bn=64, num_warps=8), "Q2_K": dict(bn=64, num_warps=8),
+                    "Q4_K": dict(bn=64, num_warps=8), "Q6_K": dict(bn=64, num_warps=8)}
+MOE_GEMM_DEFAULT = dict(bn=64, num_warps=4)
+
+
 def moe_gemm(x: torch.Tensor, w, n_experts: int, pair_rows: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
     """MoE prefill: out [P, n] row p = x[pair_rows[p]] @ W_e.T for pairs sorted by expert (counts[e]
     each), w a stacked QTensor [E * n, K]; the blocks are decoded inside the matmul tiles. None where
-    no kernel reads the type."""
+    no kernel reads the type. Tile rows: 16, or 32 / 64 where the experts average more pairs (each
+    tile decodes its expert's blocks again)."""
     if not gemv_supports(w) or x.dtype not in _DTYPES:
         return None
-    g, bm, dot = _gguf(), 64, _prefill_dtype(x.dtype)
+    g, dot = _gguf(), _prefill_dtype(x.dtype)
+    mean = len(pair_rows) / max(1, sum(c > 0 for c in counts))
+    cfg = dict(MOE_GEMM_CONFIGS.get(w.bt.name, MOE_GEMM_DEFAULT))
+    bm = cfg.pop("bm", 16 if mean <= 24 else 32 if mean <= 48 else 64)
     return g.qgemm_experts(x.contiguous(), w.raw, w.bt.name, (w.shape[0] // n_experts, w.shape[1]), pair_rows,
-                           g.moe_tiles(counts, bm, x.device), bm=bm, bn=64, dot_dtype=dot)
+                           g.moe_tiles(counts, bm, x.device), bm=bm, dot_dtype=dot, **cfg)
 
 
 def paged_decode_attention(q, k_pool, v_pool, block_table, lengths, block_size: int, window, scale, out=None):

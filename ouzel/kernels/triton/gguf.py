@@ -11,8 +11,10 @@ for a tile of output rows, with integer ops on the block bytes in registers:
   the device.
 - `qdequant`: the same decoder writing a dense [N, K] matrix (fp32/bf16/fp16) for large M, which
   then goes to cuBLAS (tensor cores) through torch.matmul.
-- `qgemm_experts` (MoE prefill): pairs sorted by expert, each tile one expert's pairs; the decoder
-  feeds tl.dot directly, so no expert is written out dense.
+- `qgemm_experts` (MoE prefill): pairs sorted by expert, each tile one expert's pairs (16 by default:
+  a prefill gives each expert few); the decoder feeds tl.dot directly, so no expert is written out
+  dense. The decode of every expert's blocks bounds it, so `_quads` loads each stored byte once (as
+  32-bit words where the block layout allows) and turns bytes into floats with one PRMT each.
 
 Why direct reads rather than a repack at load: no second copy of the weights (MoE models are
 large), and the decoder is the same one-screen function per type for both paths.
@@ -23,6 +25,8 @@ Q4_K [8, 32] (sub-blocks of 32), Q6_K [16, 16], Q8_0 and Q4_0 [8, 32] (8 blocks 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -32,6 +36,7 @@ _TYPES = {"Q4_K": (0, 8, 32, 144), "Q6_K": (1, 16, 16, 210), "Q8_0": (2, 8, 32, 
           "Q2_K": (4, 16, 16, 84), "IQ2_XXS": (5, 8, 32, 66)}
 STEP = 256
 MAX_GEMV_M = 16
+_PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")  # inline PTX: not in the CPU interpreter
 
 
 def supports(bt_name: str) -> bool:
@@ -189,14 +194,96 @@ def _tables(device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @triton.jit
+def _byte_magic(words, i: tl.constexpr):
+    """The bits 0x4B0000bb (the float 2**23 + b) of byte i of each int32 word: one PRMT on the GPU
+    (shift, mask and or in the CPU interpreter, which runs no PTX)."""
+    if _PTX:
+        return tl.inline_asm_elementwise(f"prmt.b32 $0, 0x4B000000, $1, {0x3214 + i};", "=r,r", [words],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return ((words >> (8 * i)) & 255) | 0x4B000000
+
+
+@triton.jit
+def _word_bytes(words):
+    """[..., W] int32 words -> float32 [..., W, 2, 2]: each word's 4 bytes (little-endian), 0..255,
+    byte 2r + a at [..., r, a] (in registers of one thread: the flattened tile stays contiguous)."""
+    e0 = _byte_magic(words, 0)
+    e1 = _byte_magic(words, 1)
+    e2 = _byte_magic(words, 2)
+    e3 = _byte_magic(words, 3)
+    return tl.join(tl.join(e0, e2), tl.join(e1, e3)).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _quads(row_ptr, kb, TYPE: tl.constexpr, grid_ptr, signs_ptr):
+    """Decode of 256-element step kb for the MoE GEMM, each stored byte (or table word) loaded
+    once and split into its values by shifts; row_ptr: [BN] byte pointers to each row. Returns
+    float32 [BN, 256] in element order, computed as the reference does (Q2_K, Q4_K, Q6_K, IQ2_XXS)."""
+    if TYPE == 4:  # Q2_K: element h*128 + j*32 + l is bits 2j of byte 16 + h*32 + l; sub-block of 16 s
+        b = row_ptr + kb * 84
+        words = tl.load((b[:, None, None, None] + 16 + tl.arange(0, 2)[None, :, None, None] * 32
+                         + tl.arange(0, 8)[None, None, None, :] * 4).to(tl.pointer_type(tl.int32)))
+        q = _word_bytes((words >> (2 * tl.arange(0, 4)[None, None, :, None])) & 0x03030303)
+        sc = tl.load(b[:, None, None] + tl.arange(0, 16)[None, :, None]).to(tl.int32)  # scale low 4 bits, min high
+        scale = _f16_at(b + 80)[:, None, None] * _int_f32(sc & 15, 0.0)
+        offset = _f16_at(b + 82)[:, None, None] * _int_f32(sc >> 4, 0.0)
+        w = scale * tl.reshape(q, [q.shape[0], 16, 16]) - offset
+    elif TYPE == 0:  # Q4_K: element g*64 + n*32 + l is nibble n of byte 16 + g*32 + l; sub-block of 32 s
+        b = row_ptr + kb * 144
+        words = tl.load((b[:, None, None, None] + 16 + tl.arange(0, 4)[None, :, None, None] * 32
+                         + tl.arange(0, 8)[None, None, None, :] * 4).to(tl.pointer_type(tl.int32)))
+        q = _word_bytes((words >> (4 * tl.arange(0, 2)[None, None, :, None])) & 0x0F0F0F0F)
+        q = tl.reshape(q, [q.shape[0], 8, 32])
+        s = tl.arange(0, 8)[None, :, None]
+        b = b[:, None, None]
+        a = tl.load(b + 4 + s % 4).to(tl.int32)
+        m = tl.load(b + 8 + s % 4).to(tl.int32)
+        c = tl.load(b + 12 + s % 4).to(tl.int32)
+        sc = tl.where(s < 4, a & 63, (c & 15) | ((a >> 2) & 48))
+        mn = tl.where(s < 4, m & 63, (c >> 4) | ((m >> 2) & 48))
+        w = _f16_at(b) * _int_f32(sc, 0.0) * q - _f16_at(b + 2) * _int_f32(mn, 0.0)
+    elif TYPE == 1:  # Q6_K: element h*128 + jh*64 + jl*32 + l2*16 + l: low 4 bits are nibble jh of ql
+        # byte h*64 + jl*32 + l2*16 + l, high 2 bits are bits 2*(2jh + jl) of qh byte h*32 + l2*16 + l
+        b = (row_ptr + kb * 210)[:, None, None, None, None, None]
+        h = tl.arange(0, 2)[None, :, None, None, None, None]
+        jh = tl.arange(0, 2)[None, None, :, None, None, None]
+        jl = tl.arange(0, 2)[None, None, None, :, None, None]
+        l2 = tl.arange(0, 2)[None, None, None, None, :, None]
+        l = tl.arange(0, 16)[None, None, None, None, None, :]
+        ql = tl.load(b + h * 64 + jl * 32 + l2 * 16 + l).to(tl.int32)
+        qh = tl.load(b + 128 + h * 32 + l2 * 16 + l).to(tl.int32)
+        q = ((ql >> (4 * jh)) & 15) | (((qh >> (4 * jh + 2 * jl)) & 3) << 4)
+        sc = tl.load(b + 192 + h * 8 + jh * 4 + jl * 2 + l2).to(tl.int8, bitcast=True).to(tl.float32)
+        w = (_f16_at(b + 208) * sc) * _int_f32(q, 32.0)
+    else:  # IQ2_XXS: element s*32 + p*8 + h*4 + i is byte i of word h of grid row idx[s, p] (a byte at
+        # 2 + s*8 + p), negated where bit h*4 + i of sign pattern (aux_s >> 7p) & 127 is set
+        b = (row_ptr + kb * 66)[:, None, None, None]
+        s = tl.arange(0, 8)[None, :, None, None]
+        p = tl.arange(0, 4)[None, None, :, None]
+        a16 = (b + 6 + s * 8).to(tl.pointer_type(tl.uint16))  # the u32 aux at 6 + s*8 is 2-byte aligned
+        aux = tl.load(a16).to(tl.int32) | (tl.load(a16 + 1).to(tl.int32) << 16)  # [BN, 8, 1, 1]
+        word = tl.load(grid_ptr + tl.load(b + 2 + s * 8 + p).to(tl.int32) * 2 + tl.arange(0, 2)[None, None, None, :])
+        v = _word_bytes(word)  # [BN, 8, 4, 2, 2, 2]: element s*32 + p*8 + h*4 + 2r + a
+        sign = tl.load(signs_ptr + ((aux >> (7 * p)) & 127))  # [BN, 8, 4, 1]
+        bit = (tl.arange(0, 2)[:, None, None] * 4 + tl.arange(0, 2)[None, :, None] * 2
+               + tl.arange(0, 2)[None, None, :])  # h*4 + 2r + a
+        neg = ((sign[:, :, :, :, None, None] >> bit[None, None, None, :, :, :]) & 1) != 0
+        scale = (_f16_at(b) * (0.5 + ((aux >> 28) & 15).to(tl.float32)) * 0.25)[:, :, :, :, None, None]
+        w = tl.where(neg, -scale, scale) * v
+    return tl.reshape(w, [w.shape[0], 256])
+
+
+@triton.jit
 def _moe_gemm_kernel(x_ptr, w_ptr, out_ptr, grid_ptr, signs_ptr, pair_row_ptr, tile_expert_ptr, tile_start_ptr,
                      tile_end_ptr, N, K, row_bytes, expert_bytes, stride_xm, stride_om,
                      TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, QUADS: tl.constexpr, STAGES: tl.constexpr):
     """Program (t, j): (token, expert) pairs tile_start[t] .. tile_end[t] (all of one expert e =
     tile_expert[t], at most BM) times output rows j*BN.. of W_e: out[pair] = x[pair_row[pair]] . W_e.T.
     Each 256-step of W_e's blocks is decoded in registers and fed to tl.dot: the experts' weights
-    are never written out dense."""
+    are never written out dense. The decoded tile is the MMA's M side (out.T = W_e . x.T) so that
+    a tile of few pairs (BM = 16) still fills the tensor-core instruction; QUADS picks `_quads`."""
     t = tl.program_id(0)
     j = tl.program_id(1)
     e = tl.load(tile_expert_ptr + t).to(tl.int64)
@@ -204,16 +291,19 @@ def _moe_gemm_kernel(x_ptr, w_ptr, out_ptr, grid_ptr, signs_ptr, pair_row_ptr, t
     rmask = rows < tl.load(tile_end_ptr + t)
     xrow = tl.load(pair_row_ptr + rows, mask=rmask, other=0).to(tl.int64)
     cols = j * BN + tl.arange(0, BN)
-    row_ptr = (w_ptr + e * expert_bytes + tl.minimum(cols, N - 1).to(tl.int64) * row_bytes)[:, None, None]
+    wrow = w_ptr + e * expert_bytes + tl.minimum(cols, N - 1).to(tl.int64) * row_bytes
     kk = tl.arange(0, 256)
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for kb in range(0, K // 256):
-        qf, scale, offset = _decode(row_ptr, kb, grid_ptr, signs_ptr, TYPE, S, L)
-        w = tl.reshape(scale * qf - offset, [BN, 256]).to(DOT_DTYPE)
-        xk = tl.load(x_ptr + xrow[:, None] * stride_xm + kb * 256 + kk[None, :], mask=rmask[:, None], other=0.0)
-        acc += tl.dot(xk.to(DOT_DTYPE), tl.trans(w), input_precision=PRECISION, out_dtype=tl.float32)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=rmask[:, None] & (cols < N)[None, :])
+    acc = tl.zeros([BN, BM], dtype=tl.float32)
+    for kb in tl.range(0, K // 256, num_stages=STAGES):
+        if QUADS:
+            w = _quads(wrow, kb, TYPE, grid_ptr, signs_ptr)
+        else:
+            qf, scale, offset = _decode(wrow[:, None, None], kb, grid_ptr, signs_ptr, TYPE, S, L)
+            w = tl.reshape(scale * qf - offset, [BN, 256])
+        xk = tl.load(x_ptr + xrow[None, :] * stride_xm + kb * 256 + kk[:, None], mask=rmask[None, :], other=0.0)
+        acc += tl.dot(w.to(DOT_DTYPE), xk.to(DOT_DTYPE), input_precision=PRECISION, out_dtype=tl.float32)
+    tl.store(out_ptr + rows.to(tl.int64)[None, :] * stride_om + cols[:, None], acc.to(out_ptr.dtype.element_ty),
+             mask=rmask[None, :] & (cols < N)[:, None])
 
 
 def moe_tiles(counts: list[int], bm: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -228,12 +318,16 @@ def moe_tiles(counts: list[int], bm: int, device) -> tuple[torch.Tensor, torch.T
     return as_t(experts), as_t(starts), as_t(ends)
 
 
+QUADS_TYPES = ("Q4_K", "Q6_K", "Q2_K", "IQ2_XXS")  # the types `_quads` decodes (others: `_decode`)
+
+
 def qgemm_experts(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, pair_rows: torch.Tensor, tiles,
-                  out: torch.Tensor | None = None, bm: int = 64, bn: int = 64, num_warps: int = 4,
-                  dot_dtype=None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, bm: int = 16, bn: int = 64, num_warps: int = 4,
+                  stages: int = 1, quads: bool = True, dot_dtype=None) -> torch.Tensor:
     """MoE prefill: out [P, n] row p = x[pair_rows[p]] @ W_e.T for pairs p sorted by expert, `tiles`
     from `moe_tiles(counts, bm)`; raw holds E experts' blocks [E * n, row_bytes]. Matmul operands in
-    dot_dtype (default bf16 on CUDA, fp32 in the CPU interpreter), fp32 accumulation."""
+    dot_dtype (default bf16 on CUDA, fp32 in the CPU interpreter), fp32 accumulation; x is cast to
+    it once here rather than per tile. quads: the byte-once decoder where it reads the type."""
     tid, S, L, n, k = _check(raw, bt_name, shape)
     if x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
         raise ValueError(f"qgemm_experts: x {tuple(x.shape)} for weight {shape}")
@@ -241,14 +335,29 @@ def qgemm_experts(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, pair_
     if out is None:
         out = torch.empty((p, n), dtype=x.dtype, device=x.device)
     dot = dot_dtype or (torch.bfloat16 if x.is_cuda else torch.float32)
+    quads = quads and bt_name in QUADS_TYPES and raw.data_ptr() % 4 == 0  # Q2_K, Q4_K: 32-bit word loads
+    grid, signs = _tables(raw.device)
+    if quads and bt_name == "IQ2_XXS":
+        grid = _grid_words(raw.device)
     tile_expert, tile_start, tile_end = tiles
     _moe_gemm_kernel[(len(tile_expert), triton.cdiv(n, bn))](
-        x, raw, out, *_tables(raw.device), pair_rows, tile_expert, tile_start, tile_end, n, k, raw.stride(0),
+        x.to(dot), raw, out, grid, signs, pair_rows, tile_expert, tile_start, tile_end, n, k, raw.stride(0),
         n * raw.stride(0), x.stride(0), out.stride(0), TYPE=tid, S=S, L=L, BM=bm, BN=bn,
         DOT_DTYPE=tl.bfloat16 if dot == torch.bfloat16 else (tl.float16 if dot == torch.float16 else tl.float32),
         PRECISION="ieee" if dot == torch.float32 else "tf32",  # fp32 operands: exact fp32, not TF32
-        num_warps=num_warps, num_stages=1)  # deeper pipelining of the fp32 x tiles overflows shared memory
+        QUADS=quads, STAGES=stages, num_warps=num_warps)
     return out
+
+
+_WORDS: dict = {}
+
+
+def _grid_words(device) -> torch.Tensor:
+    """IQ2_XXS's grid as int32 [256 * 2]: each row's 8 byte values, four to a little-endian word."""
+    if device not in _WORDS:
+        g = _tables(device)[0].view(256, 2, 4).to(torch.int32)
+        _WORDS[device] = (g << torch.tensor([0, 8, 16, 24], device=device)).sum(-1, dtype=torch.int32).reshape(-1)
+    return _WORDS[device]
 
 
 def _check(raw: torch.Tensor, bt_name: str, shape) -> tuple[int, int, int, int, int]:
