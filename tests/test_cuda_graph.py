@@ -41,3 +41,33 @@ def test_graph_decode_equals_eager(arch, tmp_path):
         rel = ((a - b).norm() / b.norm()).item()
         assert rel < 1e-5, f"{arch}: step {step} logits rel err {rel:.2e}"
     assert graph.graph.captures == 2  # captured once, then again after the cache grew past 256
+
+
+def test_graph_decode_deepseek_v4(tmp_path):
+    """DeepSeek V4 (Q8_0 experts at kernel-sized dims, CSA ratio 4, HCA 128): 300 captured steps
+    against the same fixed-shape step run eagerly and against the eager T>1-style step. The CSA
+    row buffers grow at position 256: captured twice."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    import deepseek4_gguf as d4
+    from tiny_deepseek_v4 import build_v4, rel_l2
+
+    rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+    hf = build_v4(seed=3, hidden_size=256, moe_intermediate_size=256, compress_rates=rates)
+    model = load(d4.write(hf, tmp_path / "v4-q8.gguf", "Q8_0"), device="cuda", progress=False).model
+    dev = torch.device("cuda")
+    graph, fixed, eager = (Sequence(model, 512, dev) for _ in range(3))
+    assert graph.graph is not None, "deepseek_v4: decode graphs not enabled"
+    fixed.graph = eager.graph = None
+    eager.kv.fixed_step = False
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    ids = torch.randint(2, hf.config.vocab_size, (320,), generator=g).tolist()
+    for seq in (graph, fixed, eager):
+        seq.prefill(ids[:20])
+    for step, tok in enumerate(ids[20:]):
+        a, b, c = graph.step(tok), fixed.step(tok), eager.step(tok)
+        assert torch.isfinite(a).all()
+        assert rel_l2(a, b) < 1e-5, f"step {step}: graph vs fixed step {rel_l2(a, b):.2e}"
+        assert rel_l2(a, c) < 1e-3, f"step {step}: graph vs eager step {rel_l2(a, c):.2e}"
+    assert not graph.graph.failed and graph.graph.captures == 2

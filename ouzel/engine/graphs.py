@@ -6,7 +6,8 @@ work. `DecodeGraph` captures the whole step -- embedding, layers, final norm, lo
 replays it per token. What changes between tokens goes in through two static device tensors
 (token id, position); the KV cache writes at that position and attends up to it on the device,
 so the captured step stays valid until the cache reallocates (`DenseKV.generation`), when it is
-captured again.
+captured again. Any state with that `generation` and a `reserve(end)` that grows it before a
+replay qualifies (DeepSeek V4's `CompressedKV`, whose one-token step has fixed shapes too).
 
 Used only for models that declare `graph_safe` (no host reads inside their forward) and only
 on CUDA; OUZEL_NO_CUDA_GRAPH=1 switches it off (the eager step is the reference).
@@ -18,18 +19,22 @@ import os
 
 import torch
 
-from ..kv.cache import DenseKV
-
 log = logging.getLogger(__name__)
 
 
+def replayable(kv) -> bool:
+    """A state a captured step can run on: `generation` counts its reallocations, `reserve(end)`
+    makes room for position end - 1 outside the graph."""
+    return isinstance(getattr(kv, "generation", None), int) and callable(getattr(kv, "reserve", None))
+
+
 def graphs_enabled(model, kv, device: torch.device) -> bool:
-    return (device.type == "cuda" and isinstance(kv, DenseKV) and getattr(model, "graph_safe", False)
+    return (device.type == "cuda" and replayable(kv) and getattr(model, "graph_safe", False)
             and not os.environ.get("OUZEL_NO_CUDA_GRAPH"))
 
 
 class DecodeGraph:
-    def __init__(self, model, kv: DenseKV, device: torch.device):
+    def __init__(self, model, kv, device: torch.device):
         self.model, self.kv, self.device = model, kv, device
         self.ids = torch.zeros(1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)

@@ -61,6 +61,20 @@ def embedding(ids: torch.Tensor, w: Weight) -> torch.Tensor:
     return w.dequantize(ids)
 
 
+def linear_experts(x: torch.Tensor, w: QTensor, n_experts: int, idx: torch.Tensor, x_div: int) -> torch.Tensor | None:
+    """MoE decode over (token, expert) pairs, expert ids read on the device: out [G, n] row g =
+    x[g // x_div] @ W_e.T with e = idx[g], w a stacked QTensor [E * n, K]. On CUDA the Triton
+    kernel (None where none reads the type); elsewhere the reference: the pairs' rows dequantized."""
+    if w.raw.is_cuda:
+        from .cuda import qgemv_experts  # noqa: PLC0415
+        return qgemv_experts(x, w, n_experts, idx, x_div)
+    n, G = w.shape[0] // n_experts, idx.shape[0]
+    rows = (idx[:, None] * n + torch.arange(n, device=idx.device)).reshape(-1)
+    wg = w.dequantize(rows).view(G, n, -1)  # [G, n, K]
+    xg = x[torch.arange(G, device=x.device) // x_div].float()  # [G, K]
+    return torch.bmm(wg, xg[:, :, None])[..., 0]
+
+
 def dequantize_stacked(w: Weight, like: torch.Tensor) -> torch.Tensor | None:
     """All of w [rows, in] dense, for a batched matmul with `like`: on CUDA through the Triton
     dequantizer into the prefill dtype (None where no kernel reads the type), elsewhere the exact

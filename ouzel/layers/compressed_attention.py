@@ -46,8 +46,11 @@ class Compressor(nn.Module):
         """The per-row projections [T, ...] the per-sequence part reads (batched over sequences)."""
         return self.kv_proj(x), self.gate_proj(x)
 
-    def compress(self, kv_x: torch.Tensor, gate_x: torch.Tensor, kv, layer: int) -> torch.Tensor:
-        """One sequence's projections kv_x, gate_x [T, c*dim] -> every compressed row so far [n, dim]."""
+    def compress(self, kv_x: torch.Tensor, gate_x: torch.Tensor, kv, layer: int, positions: torch.Tensor):
+        """One sequence's projections kv_x, gate_x [T, c*dim] -> every compressed row so far [n, dim]
+        (the fixed step: the state's whole row buffer, rows from (positions + 1) // ratio on invalid)."""
+        if kv.fixed(kv_x.shape[0]):
+            return self._compress_step(kv_x, gate_x, kv, layer, positions)
         chunk_kv, chunk_gate, first, prior = kv.frontier(layer, self.series, kv_x, gate_x, self.ratio, self.overlap)
         n, r, d = chunk_kv.shape[0] // self.ratio, self.ratio, self.dim
         new = kv_x.new_zeros((0, d))
@@ -61,6 +64,23 @@ class Compressor(nn.Module):
             positions = torch.arange(n, device=kv_x.device) * r + first
             new = self.rope(self.kv_norm(pooled), positions)
         return kv.append_rows(layer, self.series, new, d)
+
+    def _compress_step(self, kv_x, gate_x, kv, layer: int, positions: torch.Tensor) -> torch.Tensor:
+        """compress() for one token at a device-side position, with no branch on it: every step
+        pools the open window (slots of tokens not seen yet hold stale rows) into row
+        positions // ratio, which readers mask until the window's last token has written it."""
+        r = self.ratio
+        wkv, wgate = kv.frontier_step(layer, self.series, kv_x, gate_x, positions, r, self.overlap)
+        bias = dense(self.position_bias)
+        ckv, cgate = wkv[-r:].float()[None], wgate[-r:].float()[None] + bias
+        if self.overlap:  # window 0 has no previous one: zero kv, -inf gate as in _overlap
+            has_prior = (positions >= r)[:, None]
+            prior = (torch.where(has_prior, wkv[:r].float(), 0.0),
+                     torch.where(has_prior, wgate[:r].float(), float("-inf")))
+            ckv, cgate = self._overlap(ckv, cgate, prior, bias)
+        pooled = (ckv * cgate.softmax(dim=1, dtype=torch.float32).to(ckv.dtype)).sum(dim=1)
+        row = self.rope(self.kv_norm(pooled), positions // r * r)
+        return kv.emit_step(layer, self.series, row, positions)
 
     def _overlap(self, ckv, cgate, prior, bias):
         """[n, r, 2d] -> [n, 2r, d]: slots 0..r-1 hold the previous window's first series (zero
@@ -103,7 +123,7 @@ class Indexer(Compressor):
     def select(self, proj, positions, kv, layer) -> torch.Tensor:
         """One sequence: indices [T, min(top_k, n)] of the compressed rows each query reads; -1 = none."""
         kv_x, gate_x, q, w = proj
-        rows = self.compress(kv_x, gate_x, kv, layer)  # [n, dim]
+        rows = self.compress(kv_x, gate_x, kv, layer, positions)  # [n, dim]
         scores = F.relu(torch.einsum("thd,nd->thn", q.float(), rows.float())) * self.dim ** -0.5
         index = (scores * w[..., None]).sum(dim=1)  # [T, n]
         n = rows.shape[0]
@@ -127,7 +147,7 @@ class CSACompressor(Compressor):
 
     def picks(self, proj, positions, kv, layer):
         """One sequence: (compressed rows [n, dim], indices [T, k] of the rows each query reads, -1 = none)."""
-        rows = self.compress(proj[0], proj[1], kv, layer)
+        rows = self.compress(proj[0], proj[1], kv, layer, positions)
         return rows, self.indexer.select(proj[2:], positions, kv, layer)
 
 
@@ -137,7 +157,7 @@ class HCACompressor(Compressor):
 
     def visible(self, proj, positions, kv, layer):
         """One sequence: (compressed rows [n, dim], mask [T, n] of the complete ones each query sees)."""
-        rows = self.compress(*proj, kv, layer)
+        rows = self.compress(*proj, kv, layer, positions)
         ready = ((positions + 1) // self.ratio)[:, None]
         return rows, torch.arange(rows.shape[0], device=rows.device)[None, :] < ready
 
@@ -207,7 +227,8 @@ class V4Attention(nn.Module):
     def _sequence(self, q, rows, positions, proj, kv) -> torch.Tensor:
         """One sequence's attention over its window and compressed rows: q [T, H, D] -> [T, H, D]."""
         keys, key_pos = kv.window(self.layer, rows, positions, self.window)
-        mask = (key_pos[None, :] <= positions[:, None]) & (key_pos[None, :] > positions[:, None] - self.window)
+        mask = ((key_pos[None, :] <= positions[:, None]) & (key_pos[None, :] > positions[:, None] - self.window)
+                & (key_pos[None, :] >= 0))  # the fixed step's ring: negative = never written
         picked = None
         if isinstance(self.compressor, HCACompressor):  # dense over every complete compressed row
             crows, cmask = self.compressor.visible(proj, positions, kv, self.layer)

@@ -23,6 +23,17 @@ def unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
 
 
+def _fused_mix(hc: "HyperConnection", mixes: torch.Tensor):
+    """`HyperConnection.mix` in one Triton launch on CUDA (kernels/triton/mhc.py), or None."""
+    if not mixes.is_cuda or hc.n > 16:
+        return None
+    try:
+        from ..kernels.triton.mhc import mhc_mix  # noqa: PLC0415 (only on CUDA machines)
+    except ImportError:
+        return None
+    return mhc_mix(mixes, dense(hc.base), dense(hc.scale), hc.n, hc.iters, hc.hc_eps)
+
+
 class HyperConnection(nn.Module):
     """fn [(2+N)*N, N*D], base [(2+N)*N], scale [3] (pre, post, comb)."""
 
@@ -37,8 +48,15 @@ class HyperConnection(nn.Module):
 
     def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """streams [T, N, D] -> post [T, N], comb [T, N, N], collapsed block input [T, D]."""
-        T, n = streams.shape[0], self.n
+        T = streams.shape[0]
         mixes = ops.linear(unit_rms(streams.reshape(T, -1).float(), self.norm_eps), self.fn)
+        pre, post, comb = _fused_mix(self, mixes) or self.mix(mixes)
+        collapsed = (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)
+        return post, comb, collapsed
+
+    def mix(self, mixes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """mixes [T, (2+N)*N] -> pre [T, N], post [T, N], comb [T, N, N] (the reference)."""
+        T, n = mixes.shape[0], self.n
         pre_w, post_w, comb_w = mixes.split([n, n, n * n], dim=-1)
         pre_b, post_b, comb_b = dense(self.base).split([n, n, n * n])
         pre_s, post_s, comb_s = dense(self.scale).unbind(0)
@@ -49,8 +67,7 @@ class HyperConnection(nn.Module):
         for _ in range(self.iters - 1):
             comb = comb / (comb.sum(dim=-1, keepdim=True) + self.hc_eps)
             comb = comb / (comb.sum(dim=-2, keepdim=True) + self.hc_eps)
-        collapsed = (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)
-        return post, comb, collapsed
+        return pre, post, comb
 
     @staticmethod
     def merge(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:

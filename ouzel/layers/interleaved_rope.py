@@ -52,7 +52,9 @@ class InterleavedRope:
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[T] positions -> cos, sin [T, dim/2] (one angle per channel pair)."""
-        freqs = positions[:, None].float() * self.inv_freq.to(positions.device)
+        if self.inv_freq.device != positions.device:  # moved once: a copy per step would block graph capture
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions[:, None].float() * self.inv_freq
         return freqs.cos() * self.scaling, freqs.sin() * self.scaling
 
     @staticmethod

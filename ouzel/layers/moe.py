@@ -18,6 +18,7 @@ from .hyper_connections import dense
 from .linear import Linear
 
 FUSED_MAX_PAIRS = 64  # (token, expert) pairs up to which the fused kernels run (decode steps)
+PAIRWISE_ON_CPU = False  # tests: the decode steps' pair-wise path (its torch reference) on the CPU too
 
 SCORING = {
     "sqrtsoftplus": lambda x: F.softplus(x).sqrt(),
@@ -147,7 +148,7 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         # x [T, D]; weights, idx [T, K]
         gu, down = self._stack(self.gate_up_proj), self._stack(self.down_proj)
-        if x.is_cuda:
+        if x.is_cuda or (PAIRWISE_ON_CPU and idx.numel() <= FUSED_MAX_PAIRS):
             out = (self._fused if idx.numel() <= FUSED_MAX_PAIRS else self._grouped)(x, weights, idx, gu, down)
             if out is not None:
                 return out
@@ -172,11 +173,10 @@ class RoutedExperts(nn.Module):
         the weights are not stacked GGUF blocks with a kernel."""
         if gu.stacked is None or down.stacked is None:
             return None
-        from ..kernels.cuda import qgemv_experts  # noqa: PLC0415
         T, K = idx.shape
         flat = idx.reshape(-1)
-        y = self._through(x, gu, down, lambda inp, w, first: qgemv_experts(inp, w, self.n_experts, flat,
-                                                                              K if first else 1))
+        y = self._through(x, gu, down, lambda inp, w, first: ops.linear_experts(inp, w, self.n_experts, flat,
+                                                                                   K if first else 1))
         return None if y is None else (y.view(T, K, -1) * weights[..., None]).sum(1).to(x.dtype)
 
     def _through(self, x, gu: ExpertStack, down: ExpertStack, matmul) -> torch.Tensor | None:

@@ -126,6 +126,12 @@ class DeepseekV4ForCausalLM(nn.Module):
         self.model = DeepseekV4Model(cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
 
+    @property
+    def graph_safe(self) -> bool:
+        """Decode steps are capturable when every MoE layer runs the fused kernels (the attention
+        state's one-token step already reads the position on the device only)."""
+        return all(layer.mlp.experts.fusable() for layer in self.model.layers)
+
     def new_kv(self, max_tokens: int, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32) -> CompressedKV:
         return CompressedKV(len(self.model.layers), max_tokens, device, dtype)
