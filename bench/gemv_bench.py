@@ -47,7 +47,8 @@ def dense(name, n, k, gen, bw) -> None:
         [("fp32 x", G.qgemv, SWEEP if sweep else ocuda.GEMV_CONFIGS, ref)]
     if name in Q8.SUPPORTED:  # its oracle: the exact product with the int8-rounded x
         xd = Q8.dequantized_x(*Q8.quantize_x(x)[:2])
-        kinds.append(("int8 x", Q8.qgemv_q8, SWEEP_Q8 if sweep else ocuda.Q8_CONFIGS, reference_linear(xd, raws[0], name)))
+        q8_configs = ocuda.Q8_CONFIGS if name == "Q4_K" else ocuda.Q8_M1_CONFIGS
+        kinds.append(("int8 x", Q8.qgemv_q8, SWEEP_Q8 if sweep else q8_configs, reference_linear(xd, raws[0], name)))
     for label, fn, configs, want in kinds:
         res = []
         for c in configs:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,9 +80,27 @@ def load_weights(model: nn.Module, source, device: torch.device, progress: bool 
         done[hf_name] = w
         setattr(mod, attr, w)
     if device.type == "cuda":  # one matmul for q/k/v (and gate/up) where their blocks allow it
+        _regroup_for_gpu(model)
         for mod in model.modules():
             if hasattr(mod, "fuse_weights"):
                 mod.fuse_weights()
+
+
+def _regroup_for_gpu(model) -> None:
+    """Q6_K linear weights -> Q6_K_R8 (same bytes regrouped so the GPU reads 16-byte words; the
+    decode GEMV runs ~2x faster). Not for weights an Embedding shares (they would be stored twice)
+    nor rows of K % 2048 != 0. OUZEL_NO_REGROUP=1 keeps the GGUF layout."""
+    if os.environ.get("OUZEL_NO_REGROUP"):
+        return
+    from .layers.linear import Embedding, Linear
+    from .quant.blocks import Q6_K_R8, repack_q6_k_r8
+    from .quant.tensor import QTensor
+    shared = {id(m.weight.raw) for m in model.modules() if isinstance(m, Embedding) and isinstance(m.weight, QTensor)}
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if (isinstance(mod, Linear) and isinstance(w, QTensor) and w.bt.name == "Q6_K" and w.shape[1] % 2048 == 0
+                and w.raw.is_contiguous() and id(w.raw) not in shared):
+            mod.weight = QTensor(repack_q6_k_r8(w.raw), Q6_K_R8, w.shape)
 
 
 def load(ref: str | Path, device: str | torch.device = "cpu", progress: bool = True) -> Loaded:

@@ -96,7 +96,7 @@ def test_quantize_x(gen):
     assert rel_err(xd, x) < 0.01
 
 
-@pytest.mark.parametrize("name", Q8.SUPPORTED)
+@pytest.mark.parametrize("name", ["Q4_K"])  # Q6_K_R8: below
 @pytest.mark.parametrize("m,cfg", [(1, dict(bn=8, u=1)), (1, dict(bn=4, u=2, split=2)), (3, dict(bn=16, u=1)),
                                    (16, dict(bn=8, u=2, split=2)), (1, dict(bn=8, u=1, m1=True)),
                                    (1, dict(bn=4, u=2, split=2, m1=True)), (1, dict(bn=16, u=4, m1=True))])
@@ -111,7 +111,7 @@ def test_q8_gemv_matches_dequantized_x(name, m, cfg, gen):
     assert rel_err(out, reference_linear(x, raw, name)) < 2e-2  # x's rounding to 8 bits
 
 
-@pytest.mark.parametrize("name", Q8.SUPPORTED)
+@pytest.mark.parametrize("name", ["Q4_K"])  # Q6_K_R8: below
 def test_q8_gemv_experts(name, gen):
     E, n, k, T, K = 5, 24, 512, 2, 3
     raw = random_blocks(name, E * n, k, gen, DEV)
@@ -170,3 +170,33 @@ def test_gemv_experts(name, gen):
     ref = torch.stack([reference_linear(x[p // K][None], raw[idx[p] * n:(idx[p] + 1) * n], name)[0]
                        for p in range(T * K)])
     assert rel_err(out, ref) < 1e-5
+
+
+# --- Q6_K_R8: Q6_K regrouped for 16-byte loads on the GPU (quant/blocks.py) ---
+from ouzel.quant.blocks import repack_q6_k_r8  # noqa: E402
+
+
+def test_q6_k_r8_is_q6_k(gen):
+    """The regrouping is a byte permutation: same values through the torch reference and the kernels."""
+    n, k = 9, 4096
+    raw = random_blocks("Q6_K", n, k, gen, DEV)
+    r8 = repack_q6_k_r8(raw)
+    ref = dequantize(raw, block_type("Q6_K"))
+    assert torch.equal(dequantize(r8, block_type("Q6_K_R8")), ref)
+    assert torch.equal(G.qdequant(r8, "Q6_K_R8", (n, k)), ref)
+    x = torch.randn(2, k, generator=gen).to(DEV)
+    assert rel_err(G.qgemv(x, r8, "Q6_K_R8", (n, k), bn=4, u=2), x @ ref.T) < 1e-5
+
+
+@pytest.mark.parametrize("cfg", [dict(bn=8, u=1), dict(bn=4, u=2, split=2), dict(bn=16, u=4)])
+def test_q8_gemv_q6_k_r8(cfg, gen):
+    n, k = 21, 4096
+    raw = repack_q6_k_r8(random_blocks("Q6_K", n, k, gen, DEV))
+    x = torch.randn(1, k, generator=gen).to(DEV)
+    xq, dx, sx = Q8.quantize_x(x)
+    out = torch.full((1, n), float("nan"), device=DEV)
+    Q8.qgemv_q8(x, raw, "Q6_K_R8", (n, k), out=out, xq=(xq, dx, sx), **cfg)
+    assert rel_err(out, reference_linear(Q8.dequantized_x(xq, dx), raw, "Q6_K_R8")) < 1e-5
+    assert rel_err(out, reference_linear(x, raw, "Q6_K_R8")) < 2e-2
+    with pytest.raises(ValueError):  # one x row only
+        Q8.qgemv_q8(torch.randn(2, k).to(DEV), raw, "Q6_K_R8", (n, k))

@@ -30,6 +30,7 @@ Q8_CONFIGS = (dict(bn=32, u=2), dict(bn=16, u=2), dict(bn=32, u=4, num_warps=8),
               dict(bn=32, u=2, m1=True), dict(bn=16, u=2, m1=True), dict(bn=16, u=4, m1=True),
               dict(bn=32, u=4, num_warps=8, m1=True), dict(bn=64, u=2, num_warps=8, m1=True),
               dict(bn=16, u=2, target=1024, m1=True), dict(bn=8, u=2, target=1024, m1=True))
+Q8_M1_CONFIGS = tuple(c for c in Q8_CONFIGS if c.get("m1"))  # the kernels of one x row (Q6_K_R8)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -79,8 +80,8 @@ def gemv_supports(w) -> bool:
 def _gemv(x2, raw, bt_name: str, shape, **moe) -> torch.Tensor:
     """x2 [M <= 16, K] @ W.T: int8 activations where a kernel reads this type, else fp32 x."""
     q8 = _q8()
-    if q8 is not None and bt_name in q8.SUPPORTED:
-        fn, configs = q8.qgemv_q8, Q8_CONFIGS
+    if q8 is not None and q8.supports(bt_name, 1 if moe else x2.shape[0]):
+        fn, configs = q8.qgemv_q8, Q8_CONFIGS if bt_name == "Q4_K" else Q8_M1_CONFIGS
     else:
         fn, configs = _gguf().qgemv, GEMV_CONFIGS
     return fn(x2, raw, bt_name, shape, **_gemv_config(fn, configs, x2, raw, bt_name, shape, **moe), **moe)

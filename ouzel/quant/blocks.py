@@ -259,6 +259,31 @@ def _mxfp4(b):
 
 assert set(_KERNELS) == set(BLOCK_TYPES)
 
+# Q6_K_R8: Q6_K repacked for the GPU (not a GGUF type). A Q6_K block is 210 bytes, so only every
+# other block starts 4-byte aligned and none can be read in 16-byte words. R8 regroups each 8
+# blocks (1680 bytes, a multiple of 16): their 208-byte bodies (ql, qh, scales) first, then their
+# 8 f16 scales d. Same bytes, same values; rows of K % 2048 == 0 only.
+Q6_K_R8 = BlockType("Q6_K_R8", 1000 + GT.Q6_K.value, 2048, 1680)
+_BY_NAME[Q6_K_R8.name] = Q6_K_R8
+
+
+def repack_q6_k_r8(raw: torch.Tensor) -> torch.Tensor:
+    """Q6_K rows [N, K / 256 * 210] -> Q6_K_R8 rows (same shape)."""
+    g = raw.reshape(raw.shape[0], -1, 8, 210)
+    return torch.cat([g[..., :208].flatten(2), g[..., 208:].flatten(2)], dim=2).reshape(raw.shape)
+
+
+def unpack_q6_k_r8(raw: torch.Tensor) -> torch.Tensor:
+    """The inverse of `repack_q6_k_r8`: Q6_K_R8 rows -> Q6_K rows."""
+    g = raw.reshape(raw.shape[0], -1, 1680)
+    body, d = g[..., :1664].reshape(*g.shape[:2], 8, 208), g[..., 1664:].reshape(*g.shape[:2], 8, 2)
+    return torch.cat([body, d], dim=3).reshape(raw.shape)
+
+
+@_kernel(Q6_K_R8)
+def _q6_k_r8(b):
+    return _q6_k(unpack_q6_k_r8(b).reshape(-1, 210)).reshape(-1, 2048)
+
 
 def dequantize(raw: torch.Tensor, bt: BlockType) -> torch.Tensor:
     """uint8 [..., nbytes] (whole blocks; never written to) -> float32 [..., nbytes // block_bytes * block_elems]."""

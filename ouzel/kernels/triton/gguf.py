@@ -33,7 +33,7 @@ import triton.language as tl
 
 # type ids (constexpr in the kernels): name -> (id, S, L, bytes per 256-element step)
 _TYPES = {"Q4_K": (0, 8, 32, 144), "Q6_K": (1, 16, 16, 210), "Q8_0": (2, 8, 32, 272), "Q4_0": (3, 8, 32, 144),
-          "Q2_K": (4, 16, 16, 84), "IQ2_XXS": (5, 8, 32, 66)}
+          "Q2_K": (4, 16, 16, 84), "IQ2_XXS": (5, 8, 32, 66), "Q6_K_R8": (6, 16, 16, 210)}
 STEP = 256
 MAX_GEMV_M = 16
 _PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")  # inline PTX: not in the CPU interpreter
@@ -79,8 +79,13 @@ def _decode(row_ptr, kb, grid_ptr, signs_ptr, TYPE: tl.constexpr, S: tl.constexp
         qf = _int_f32((q >> ((s % 2) * 4)) & 15, 0.0)
         scale = d * _int_f32(sc, 0.0)
         offset = dmin * _int_f32(mn, 0.0)
-    elif TYPE == 1:  # Q6_K: ql 128 B, qh 64 B, 16 int8 scales, d f16
-        b = row_ptr + kb * 210
+    elif TYPE == 1 or TYPE == 6:  # Q6_K: ql 128 B, qh 64 B, 16 int8 scales, d f16 (Q6_K_R8: d after 8 bodies)
+        if TYPE == 1:
+            b = row_ptr + kb * 210
+            d_at = b + 208
+        else:
+            b = row_ptr + (kb // 8) * 1680 + (kb % 8) * 208
+            d_at = row_ptr + (kb // 8) * 1680 + 1664 + (kb % 8) * 2
         e = (s % 8) * 16 + l  # position within a 128-element half
         half = s // 8
         ql = tl.load(b + half * 64 + (e % 64)).to(tl.int32)
@@ -88,7 +93,7 @@ def _decode(row_ptr, kb, grid_ptr, signs_ptr, TYPE: tl.constexpr, S: tl.constexp
         q = ((ql >> ((e // 64) * 4)) & 15) | (((qh >> ((e // 32) * 2)) & 3) << 4)
         qf = _int_f32(q, 32.0)
         sc = tl.load(b + 192 + s).to(tl.int8, bitcast=True).to(tl.float32)
-        scale = _f16_at(b + 208) * sc
+        scale = _f16_at(d_at) * sc
         offset = 0.0
     elif TYPE == 2:  # Q8_0: 8 blocks of (d f16, 32 int8)
         b = row_ptr + (kb * 8 + s) * 34

@@ -243,7 +243,76 @@ def _q4k_scale_words(wa, wm, wc, s):
     return sc.to(tl.float32), mn.to(tl.float32)
 
 
-SUPPORTED = ("Q4_K",)
+@triton.jit
+def _q6k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, idx_ptr, N, blocks_per_split, row_words, expert_words,
+                      K, x_div, stride_os, stride_og, BN: tl.constexpr, NB: tl.constexpr, HAS_IDX: tl.constexpr,
+                      USE_ASM: tl.constexpr):
+    """One x row times Q6_K_R8 rows (quant/blocks.py: 8 Q6_K bodies of 208 bytes, then their 8 d).
+    Tile [BN rows, NB blocks, 2 halves h, 16 words u]: ql word u of half h holds elements
+    128h + 4u .. +3 (low nibbles) and 128h + 64 + 4u .. (high); their top 2 bits are field u // 8
+    (resp. 2 + u // 8) of qh word u % 8. The 6-bit values are unsigned; q - 32 is exact in the
+    integer dot as dp4a(q, x) - dp4a(32, x). Every load of step i + 1 is in flight during step i."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    g = tl.program_id(2)
+    rows = pid * BN + tl.arange(0, BN)
+    wrow = tl.minimum(rows, N - 1).to(tl.int64) * row_words
+    if HAS_IDX:
+        wrow += tl.load(idx_ptr + g).to(tl.int64) * expert_words
+    xrow = (g // x_div).to(tl.int64)
+    b4 = tl.arange(0, NB)[None, :, None, None]
+    h4 = tl.arange(0, 2)[None, None, :, None]
+    u4 = tl.arange(0, 16)[None, None, None, :]
+    r4 = wrow[:, None, None, None]
+    qh_shift = 2 * (u4 // 8)
+    sc_shift = 24 - 8 * (u4 // 4)
+    xw = xq_ptr + xrow * (K // 4) + h4 * 32 + u4  # + block * 64: x's int8 words of the low nibbles
+    xs = xrow * (K // 32) + h4 * 4 + u4 // 8  # + block * 8: x's scale of those words
+    blk_end = (split + 1) * blocks_per_split
+    blk = split * blocks_per_split + b4
+    body = r4 + (blk // 8) * 420 + (blk % 8) * 52  # word offset of each block's body
+    ql = tl.load(w_ptr + body + h4 * 16 + u4)
+    qh = tl.load(w_ptr + body + 32 + h4 * 8 + u4 % 8)
+    sw = tl.load(w_ptr + body + 48 + h4 * 2)  # scale words: sub-blocks 8h .. 8h+3, then 8h+4 ..
+    sw2 = tl.load(w_ptr + body + 49 + h4 * 2)
+    dw = tl.load(w_ptr + r4 + (blk // 8) * 420 + 416 + (blk % 8) // 2)
+    xl = tl.load(xw + blk * 64)
+    xh = tl.load(xw + blk * 64 + 16)
+    dl = tl.load(dx_ptr + xs + blk * 8)
+    dh = tl.load(dx_ptr + xs + blk * 8 + 2)
+    acc = tl.zeros([BN, NB, 2, 16], dtype=tl.float32)
+    for _ in range(0, blocks_per_split, NB):
+        nblk = blk + NB
+        ok = nblk < blk_end
+        nbody = r4 + (nblk // 8) * 420 + (nblk % 8) * 52
+        ql_n = tl.load(w_ptr + nbody + h4 * 16 + u4, mask=ok, other=0)
+        qh_n = tl.load(w_ptr + nbody + 32 + h4 * 8 + u4 % 8, mask=ok, other=0)
+        sw_n = tl.load(w_ptr + nbody + 48 + h4 * 2, mask=ok, other=0)
+        sw2_n = tl.load(w_ptr + nbody + 49 + h4 * 2, mask=ok, other=0)
+        dw_n = tl.load(w_ptr + r4 + (nblk // 8) * 420 + 416 + (nblk % 8) // 2, mask=ok, other=0)
+        xl_n = tl.load(xw + nblk * 64, mask=ok, other=0)
+        xh_n = tl.load(xw + nblk * 64 + 16, mask=ok, other=0)
+        dl_n = tl.load(dx_ptr + xs + nblk * 8, mask=ok, other=0.0)
+        dh_n = tl.load(dx_ptr + xs + nblk * 8 + 2, mask=ok, other=0.0)
+        q_lo = (ql & 0x0F0F0F0F) | (((qh >> qh_shift) & 0x03030303) << 4)
+        q_hi = ((ql >> 4) & 0x0F0F0F0F) | (((qh >> (qh_shift + 4)) & 0x03030303) << 4)
+        c_lo = _dp4a(q_lo, xl, 0, USE_ASM) - _dp4a(tl.zeros_like(xl) + 0x20202020, xl, 0, USE_ASM)
+        c_hi = _dp4a(q_hi, xh, 0, USE_ASM) - _dp4a(tl.zeros_like(xh) + 0x20202020, xh, 0, USE_ASM)
+        sc_lo = (sw << sc_shift) >> 24  # the signed scale byte u // 4 of the word
+        sc_hi = (sw2 << sc_shift) >> 24
+        d = _f16_lo(dw >> (16 * (blk % 2)))
+        acc += d * ((c_lo * sc_lo).to(tl.float32) * dl + (c_hi * sc_hi).to(tl.float32) * dh)
+        ql, qh, sw, sw2, dw, xl, xh, dl, dh = ql_n, qh_n, sw_n, sw2_n, dw_n, xl_n, xh_n, dl_n, dh_n
+        blk = nblk
+    res = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
+    tl.store(out_ptr + split * stride_os + g * stride_og + rows, res.to(out_ptr.dtype.element_ty), mask=rows < N)
+
+
+SUPPORTED = ("Q4_K", "Q6_K_R8")  # Q6_K_R8: one x row only (`supports`)
+
+
+def supports(bt_name: str, m: int) -> bool:
+    return bt_name == "Q4_K" or (bt_name == "Q6_K_R8" and m == 1)
 
 
 def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch.Tensor | None = None,
@@ -253,12 +322,12 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch
     """out [M, N] = x [M, K] @ W.T with x rounded to int8 per 32 (see the module doc); M <= 16.
     MoE form as `gguf.qgemv`: idx [G] experts of raw [E * N, row_bytes], out [G, N], x row g // x_div.
     xq: a `quantize_x(x)` result to reuse (several matrices reading the same x). m1: one x row
-    through `_q4k_m1_kernel` (the decode step's form)."""
-    if bt_name not in SUPPORTED:
-        raise ValueError(f"qgemv_q8: {bt_name} is not supported ({', '.join(SUPPORTED)})")
+    through `_q4k_m1_kernel` (the decode step's form); Q6_K_R8 has only that form."""
     n, k = shape
     moe = idx is not None
     m = 1 if moe else x.shape[0]
+    if not supports(bt_name, m):
+        raise ValueError(f"qgemv_q8: {bt_name} is not supported for {m} x rows ({', '.join(SUPPORTED)})")
     groups = len(idx) if moe else 1
     if k % 256 or raw.dtype != torch.uint8 or raw.stride(1) != 1 or raw.stride(0) % 4 or raw.data_ptr() % 16:
         raise ValueError(f"qgemv_q8: unsupported layout {tuple(raw.shape)} for {shape}")
@@ -272,6 +341,11 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch
     common = dict(M=m, MP=1 << (m - 1).bit_length(), BN=bn, NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps)
     strides = (k, x_div, 0 if split == 1 else dst.stride(0), dst.stride(-2) if moe else 0, dst.stride(-2))
     idx_arg = idx if moe else dx
+    if bt_name == "Q6_K_R8":
+        _q6k_r8_m1_kernel[grid](xq.view(torch.int32), dx, raw.view(torch.int32), dst, idx_arg, n, n_blocks // split,
+                                raw.stride(0) // 4, n * raw.stride(0) // 4, k, x_div, strides[2], strides[3], BN=bn,
+                                NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps)
+        return finish_gemv(dst, out)
     if m1 and m == 1:
         _q4k_m1_kernel[grid](xq.view(torch.int32), dx, sx, raw.view(torch.int32), dst, idx_arg, n, n_blocks // split,
                              raw.stride(0) // 4, n * raw.stride(0) // 4, k, x_div, strides[2], strides[3], BN=bn, NB=u,
