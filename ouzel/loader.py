@@ -96,11 +96,16 @@ def _regroup_for_gpu(model) -> None:
     from .quant.blocks import Q6_K_R8, repack_q6_k_r8
     from .quant.tensor import QTensor
     shared = {id(m.weight.raw) for m in model.modules() if isinstance(m, Embedding) and isinstance(m.weight, QTensor)}
+    done: dict[int, QTensor] = {}  # a weight two Linears share is regrouped once
     for mod in model.modules():
         w = getattr(mod, "weight", None)
-        if (isinstance(mod, Linear) and isinstance(w, QTensor) and w.bt.name == "Q6_K" and w.shape[1] % 2048 == 0
+        if isinstance(mod, Linear) and isinstance(w, QTensor) and id(w.raw) in done:
+            mod.weight = done[id(w.raw)]
+        elif (isinstance(mod, Linear) and isinstance(w, QTensor) and w.bt.name == "Q6_K" and w.shape[1] % 2048 == 0
                 and w.raw.is_contiguous() and id(w.raw) not in shared):
-            mod.weight = QTensor(repack_q6_k_r8(w.raw), Q6_K_R8, w.shape)
+            for i in range(0, w.shape[0], 1024):  # in place, a slice at a time: no second copy
+                w.raw[i:i + 1024] = repack_q6_k_r8(w.raw[i:i + 1024])
+            mod.weight = done[id(w.raw)] = QTensor(w.raw, Q6_K_R8, w.shape)
 
 
 def load(ref: str | Path, device: str | torch.device = "cpu", progress: bool = True) -> Loaded:

@@ -177,8 +177,11 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq:
 # not the tensor cores, bounds it, so tiles are as few pairs as a prefill gives each expert (BM 16
 # fits ~12 of ds4's 512 x 6 / 256) and the decoded [BN, 256] step is the MMA's M side.
 # bench/moe_gemm_bench.py times the candidates and prints this table's entries.
-MOE_GEMM_CONFIGS = {"IQ2_XXS": dict(bn=64, num_warps=8), "Q2_K": dict(bn=64, num_warps=8),
-                    "Q4_K": dict(bn=64, num_warps=8), "Q6_K": dict(bn=64, num_warps=8)}
+MOE_GEMM_CONFIGS = {  # H100, 512-token prefill, bench/moe_gemm_bench.py (bench/NOTES.md)
+    "IQ2_XXS": dict(bm=32, bn=64, num_warps=4, stages=1, quads=True),  # ds4 gate/up: 3.85 ms
+    "Q2_K": dict(bm=16, bn=64, num_warps=4, stages=2, quads=True),  # ds4 down: 1.31 ms
+    "Q4_K": dict(bm=64, bn=64, num_warps=4, stages=1, quads=False),  # qwen3 gate/up: 0.36 ms
+    "Q6_K": dict(bm=64, bn=128, num_warps=8, stages=1, quads=True)}  # qwen3 down: 0.31 ms
 MOE_GEMM_DEFAULT = dict(bn=64, num_warps=4)
 
 
@@ -193,6 +196,7 @@ def moe_gemm(x: torch.Tensor, w, n_experts: int, pair_rows: torch.Tensor, counts
     mean = len(pair_rows) / max(1, sum(c > 0 for c in counts))
     cfg = dict(MOE_GEMM_CONFIGS.get(w.bt.name, MOE_GEMM_DEFAULT))
     bm = cfg.pop("bm", 16 if mean <= 24 else 32 if mean <= 48 else 64)
+    bm = 64 if mean > 48 else bm  # long prefills: every tile decodes its expert's blocks again
     return g.qgemm_experts(x.contiguous(), w.raw, w.bt.name, (w.shape[0] // n_experts, w.shape[1]), pair_rows,
                            g.moe_tiles(counts, bm, x.device), bm=bm, dot_dtype=dot, **cfg)
 
