@@ -3,6 +3,7 @@ the generic block decoder, on the llama8b and qwen3moe shapes, and the MoE form 
 pairs over 128 stacked experts). Weights rotate over > 256 MB so L2 can't hold them.
 
     python3 bench/gemv_bench.py
+    TYPES=Q8_0,Q8_0_R8 python3 bench/gemv_bench.py   # GGUF's Q8_0 beside its load-time regrouping
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import itertools
 import os
 
 SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (128256, 4096))
+# DeepSeek V4 Flash's Q8_0 matrices (q_a, kv, shared gate/up and down, q_b, o_b, output head)
+V4_SHAPES = ((1024, 4096), (512, 4096), (2048, 4096), (4096, 2048), (32768, 1024), (4096, 8192), (129280, 4096))
 # the sweep (SWEEP=1): tile rows, steps per iteration, pipelining stages, grid size target for the K split
 SWEEP = [dict(bn=bn, u=u, stages=st, target=tg) for bn, u, st, tg in
          itertools.product((4, 16), (2, 4, 8), (1, 3), (264, 2048))]
@@ -47,8 +50,8 @@ def dense(name, n, k, gen, bw) -> None:
         [("fp32 x", G.qgemv, SWEEP if sweep else ocuda.GEMV_CONFIGS, ref)]
     if name in Q8.SUPPORTED:  # its oracle: the exact product with the int8-rounded x
         xd = Q8.dequantized_x(*Q8.quantize_x(x)[:2])
-        q8_configs = ocuda.Q8_CONFIGS if name == "Q4_K" else ocuda.Q8_M1_CONFIGS
-        kinds.append(("int8 x", Q8.qgemv_q8, SWEEP_Q8 if sweep else q8_configs, reference_linear(xd, raws[0], name)))
+        kinds.append(("int8 x", Q8.qgemv_q8, SWEEP_Q8 if sweep else ocuda.Q8_TYPE_CONFIGS[name],
+                      reference_linear(xd, raws[0], name)))
     for label, fn, configs, want in kinds:
         res = []
         for c in configs:
@@ -99,7 +102,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     types = os.environ.get("TYPES", "Q4_K,Q6_K,Q8_0,Q2_K,IQ2_XXS").split(",")
     for name in types:
-        for n, k in SHAPES:
+        for n, k in SHAPES + (V4_SHAPES if name.startswith("Q8_0") else ()):
             dense(name, n, k, gen, bw)
     for name in [t for t in types if t in ("Q4_K", "Q6_K")]:
         moe(name, 128, 768, 2048, 8, 8, gen, bw)   # gate (or up): one token, 8 experts

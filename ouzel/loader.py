@@ -87,25 +87,28 @@ def load_weights(model: nn.Module, source, device: torch.device, progress: bool 
 
 
 def _regroup_for_gpu(model) -> None:
-    """Q6_K linear weights -> Q6_K_R8 (same bytes regrouped so the GPU reads 16-byte words; the
-    decode GEMV runs ~2x faster). Not for weights an Embedding shares (they would be stored twice)
-    nor rows of K % 2048 != 0. OUZEL_NO_REGROUP=1 keeps the GGUF layout."""
+    """Q6_K / Q8_0 linear weights -> Q6_K_R8 / Q8_0_R8 (same bytes regrouped so the GPU reads
+    16-byte words; the decode GEMV runs ~2x faster). Not for weights an Embedding shares (they
+    would be stored twice) nor rows of K % 2048 (resp. 256) != 0. OUZEL_NO_REGROUP=1 keeps the GGUF layout."""
     if os.environ.get("OUZEL_NO_REGROUP"):
         return
     from .layers.linear import Embedding, Linear
-    from .quant.blocks import Q6_K_R8, repack_q6_k_r8
+    from .quant.blocks import Q6_K_R8, Q8_0_R8, repack_q6_k_r8, repack_q8_0_r8
     from .quant.tensor import QTensor
+    regroup = {"Q6_K": (Q6_K_R8, repack_q6_k_r8), "Q8_0": (Q8_0_R8, repack_q8_0_r8)}
     shared = {id(m.weight.raw) for m in model.modules() if isinstance(m, Embedding) and isinstance(m.weight, QTensor)}
     done: dict[int, QTensor] = {}  # a weight two Linears share is regrouped once
     for mod in model.modules():
         w = getattr(mod, "weight", None)
         if isinstance(mod, Linear) and isinstance(w, QTensor) and id(w.raw) in done:
             mod.weight = done[id(w.raw)]
-        elif (isinstance(mod, Linear) and isinstance(w, QTensor) and w.bt.name == "Q6_K" and w.shape[1] % 2048 == 0
-                and w.raw.is_contiguous() and id(w.raw) not in shared):
+        elif (isinstance(mod, Linear) and isinstance(w, QTensor) and w.bt.name in regroup
+                and w.shape[1] % regroup[w.bt.name][0].block_elems == 0 and w.raw.is_contiguous()
+                and id(w.raw) not in shared):
+            bt, repack = regroup[w.bt.name]
             for i in range(0, w.shape[0], 1024):  # in place, a slice at a time: no second copy
-                w.raw[i:i + 1024] = repack_q6_k_r8(w.raw[i:i + 1024])
-            mod.weight = done[id(w.raw)] = QTensor(w.raw, Q6_K_R8, w.shape)
+                w.raw[i:i + 1024] = repack(w.raw[i:i + 1024])
+            mod.weight = done[id(w.raw)] = QTensor(w.raw, bt, w.shape)
 
 
 def load(ref: str | Path, device: str | torch.device = "cpu", progress: bool = True) -> Loaded:

@@ -1,4 +1,5 @@
 """Weights regrouped for the GPU at load (`loader._regroup_for_gpu`): same values, stored once."""
+import pytest
 import torch
 from torch import nn
 
@@ -30,3 +31,58 @@ def test_regroup_q6_k_linears():
     assert m.small.weight.bt.name == "Q6_K" and torch.equal(m.small.weight.dequantize(), want["small"])
     x = torch.randn(3, 4096)
     assert torch.allclose(m.a(x), x @ want["a"].T, rtol=1e-4, atol=1e-4)
+
+
+def test_regroup_q8_0_linears():
+    """Q8_0 Linears of K % 256 == 0 become Q8_0_R8 in place; other layers' Q8_0 weights stay GGUF's."""
+    raw = lambda rows, k, seed: random_blocks("Q8_0", rows, k, torch.Generator().manual_seed(seed))  # noqa: E731
+    m = nn.Module()
+    m.a, m.odd, m.emb = Linear(768, 1030), Linear(96, 4), Embedding(5, 256)
+    m.a.weight = QTensor(raw(1030, 768, 0), block_type("Q8_0"), (1030, 768))  # > one 1024-row slice
+    m.odd.weight = QTensor(raw(4, 96, 1), block_type("Q8_0"), (4, 96))  # K % 256 != 0: left as is
+    m.other = nn.Module()
+    m.other.weight = QTensor(raw(4, 256, 2), block_type("Q8_0"), (4, 256))  # not a Linear: left as is
+    m.emb.weight = QTensor(raw(5, 256, 3), block_type("Q8_0"), (5, 256))
+    want = {n: getattr(m, n).weight.dequantize() for n in ("a", "odd", "other")}
+    raw_a = m.a.weight.raw
+    _regroup_for_gpu(m)
+    assert m.a.weight.bt.name == "Q8_0_R8" and m.a.weight.raw.data_ptr() == raw_a.data_ptr()
+    assert torch.equal(m.a.weight.dequantize(), want["a"])
+    for n in ("odd", "other"):
+        assert getattr(m, n).weight.bt.name == "Q8_0" and torch.equal(getattr(m, n).weight.dequantize(), want[n])
+    x = torch.randn(2, 768)
+    assert torch.allclose(m.a(x), x @ want["a"].T, rtol=1e-4, atol=1e-4)
+
+
+def test_regroup_deepseek_v4_q8_0(tmp_path):
+    """Every DeepSeek V4 weight of K % 256 == 0 stored as Q8_0, then the Linears regrouped: the same
+    logits (nothing on the V4 path reads a Linear's bytes as GGUF's Q8_0 layout)."""
+    import sys
+    from pathlib import Path
+
+    import gguf
+    sys.path.insert(0, str(Path(__file__).parent))
+    import tiny_models as tm
+    from tiny_deepseek_v4 import ouzel_full, rel_l2
+
+    import ouzel
+    try:
+        from tiny_deepseek_v4 import build_v4
+        model = build_v4(seed=3, hidden_size=256, moe_intermediate_size=256)
+    except ImportError as e:
+        pytest.skip(f"transformers has no DeepSeek V4: {e}")
+    m = ouzel.load(tm.save_hf_dir(model, tmp_path / "hf"), progress=False).model
+    q8 = block_type("Q8_0")
+    for mod in m.modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] % 256 == 0 and not isinstance(mod, Embedding):
+            raw = gguf.quants.quantize(w.float().numpy(), gguf.GGMLQuantizationType.Q8_0)
+            mod.weight = QTensor(torch.from_numpy(raw), q8, tuple(w.shape))
+    ids = torch.randint(2, m.config.vocab_size, (40,), generator=torch.Generator().manual_seed(5))
+    before = ouzel_full(m, ids)
+    _regroup_for_gpu(m)
+    names = {n: mod.weight.bt.name for n, mod in m.named_modules() if isinstance(getattr(mod, "weight", None), QTensor)}
+    assert names["lm_head"] == "Q8_0_R8" and names["model.layers.1.self_attn.q_a_proj"] == "Q8_0_R8"
+    assert names["model.layers.1.mlp.shared_experts.down_proj"] == "Q8_0_R8"
+    assert names["model.layers.1.mlp.gate"] == "Q8_0"  # the router is not a Linear
+    assert rel_l2(ouzel_full(m, ids), before) < 1e-5

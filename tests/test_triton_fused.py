@@ -170,3 +170,63 @@ def test_cuda_graph_replay_with_new_positions(gen):
         graph.replay()
         assert rel_err(qo, rope(q, positions)) < 1e-6 and rel_err(ko, rope(k, positions)) < 1e-6
         assert rel_err(y, norm_reference(rope(q, positions), w, 1e-6, False)) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [F32, torch.float16])
+def test_kv_write_matches_index_copy(dtype, gen):
+    T, C, Hkv, D = 2, 40, 3, 64
+    qkv = torch.randn(T, (4 + 2 * Hkv) * D, generator=gen).to(DEV)  # k, v: views of a wider row
+    k = qkv[:, 4 * D:(4 + Hkv) * D].view(T, Hkv, D)
+    v = qkv[:, (4 + Hkv) * D:].view(T, Hkv, D)
+    pos = torch.tensor([7, 31], device=DEV)
+    kc = torch.randn(C, Hkv, D, generator=gen).to(DEV, dtype)
+    vc = torch.randn(C, Hkv, D, generator=gen).to(DEV, dtype)
+    want_k, want_v = kc.clone().index_copy_(0, pos, k.to(dtype)), vc.clone().index_copy_(0, pos, v.to(dtype))
+    fused.kv_write(k, v, pos, kc, vc)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+
+
+def test_swiglu_linear_matches_reference(gen, monkeypatch):
+    """The MLP's decode path: silu(gate) * up rounded to int8 in one launch, then the int8 GEMV
+    of the down projection; equal to the two-step path on the same rounding."""
+    import torch.nn.functional as F
+    from ouzel.kernels import cuda
+    from ouzel.kernels.triton import q8act
+    from ouzel.kernels.triton.testing import random_blocks, reference_linear
+    from ouzel.quant.blocks import block_type
+    from ouzel.quant.tensor import QTensor
+    monkeypatch.setenv("OUZEL_TRITON_TUNE", "0")
+    n, k = 24, 512
+    w = QTensor(random_blocks("Q4_K", n, k, gen, DEV), block_type("Q4_K"), (n, k))
+    gu = torch.randn(1, 2 * k, generator=gen).to(DEV)
+    h = F.silu(gu[:, :k]) * gu[:, k:]
+    xq, dx, sx = q8act.quantize_swiglu(gu)
+    xq2, dx2, _ = q8act.quantize_x(h)
+    assert (xq.int() - xq2.int()).abs().max() <= 1 and rel_err(dx, dx2) < 1e-5  # silu's exp may differ by an ulp
+    out = cuda.swiglu_linear(gu, w)
+    assert rel_err(out, reference_linear(q8act.dequantized_x(xq, dx), w.raw, "Q4_K")) < 1e-5
+    assert rel_err(out, reference_linear(h, w.raw, "Q4_K")) < 2e-2
+    assert cuda.swiglu_linear(gu[:, :k], w) is None  # not [gate | up] of this weight: the caller's reference
+
+
+@pytest.mark.parametrize("limit", [None, 0.5])
+def test_swiglu_experts_matches_reference(limit, gen, monkeypatch):
+    """MoE decode: each pair's swiglu (with V4's clamp) rounded to int8 in one launch, then the
+    pair's expert down projection."""
+    from ouzel.kernels import cuda
+    from ouzel.kernels.triton import q8act
+    from ouzel.kernels.triton.testing import random_blocks, reference_linear
+    from ouzel.layers.moe import swiglu
+    from ouzel.quant.blocks import block_type
+    from ouzel.quant.tensor import QTensor
+    monkeypatch.setenv("OUZEL_TRITON_TUNE", "0")
+    E, n, k, G = 4, 16, 256, 5
+    w = QTensor(random_blocks("Q4_K", E * n, k, gen, DEV), block_type("Q4_K"), (E * n, k))
+    idx = torch.tensor([3, 0, 3, 1, 2], device=DEV)
+    h = torch.randn(G, 2 * k, generator=gen).to(DEV)
+    xq, dx, _ = q8act.quantize_swiglu(h, limit)
+    xq2, dx2, _ = q8act.quantize_x(swiglu(h[:, :k], h[:, k:], limit))
+    assert (xq.int() - xq2.int()).abs().max() <= 1 and rel_err(dx, dx2) < 1e-5
+    xd = q8act.dequantized_x(xq, dx)
+    want = torch.stack([reference_linear(xd[g][None], w.raw[idx[g] * n:(idx[g] + 1) * n], "Q4_K")[0] for g in range(G)])
+    assert rel_err(cuda.swiglu_experts(h, w, E, idx, limit), want) < 1e-5

@@ -200,3 +200,48 @@ def test_q8_gemv_q6_k_r8(cfg, gen):
     assert rel_err(out, reference_linear(x, raw, "Q6_K_R8")) < 2e-2
     with pytest.raises(ValueError):  # one x row only
         Q8.qgemv_q8(torch.randn(2, k).to(DEV), raw, "Q6_K_R8", (n, k))
+
+
+# --- Q8_0_R8: Q8_0 regrouped for 16-byte loads on the GPU (quant/blocks.py) ---
+from ouzel.quant.blocks import repack_q8_0_r8, unpack_q8_0_r8  # noqa: E402
+
+
+def test_q8_0_r8_is_q8_0(gen):
+    """A byte permutation: same values through the torch reference, the dequantizer and the fp32-x GEMV."""
+    n, k = 9, 768
+    raw = random_blocks("Q8_0", n, k, gen, DEV)
+    r8 = repack_q8_0_r8(raw)
+    assert torch.equal(unpack_q8_0_r8(r8), raw) and not torch.equal(r8, raw)
+    ref = dequantize(raw, block_type("Q8_0"))
+    assert torch.equal(dequantize(r8, block_type("Q8_0_R8")), ref)
+    assert torch.equal(G.qdequant(r8, "Q8_0_R8", (n, k)), ref)
+    x = torch.randn(2, k, generator=gen).to(DEV)
+    assert rel_err(G.qgemv(x, r8, "Q8_0_R8", (n, k), bn=4, u=1), x @ ref.T) < 1e-5
+
+
+@pytest.mark.parametrize("cfg", [dict(bn=8, u=1), dict(bn=4, u=2, split=2), dict(bn=16, u=4),
+                                 dict(bn=32, u=2, num_warps=8)])
+def test_q8_gemv_q8_0_r8(cfg, gen):
+    n, k = 21, 1024  # 21 rows: a partial tile
+    raw = random_blocks("Q8_0_R8", n, k, gen, DEV)
+    x = torch.randn(1, k, generator=gen).to(DEV)
+    xq, dx, sx = Q8.quantize_x(x)
+    out = torch.full((1, n), float("nan"), device=DEV)
+    Q8.qgemv_q8(x, raw, "Q8_0_R8", (n, k), out=out, xq=(xq, dx, sx), **cfg)
+    assert rel_err(out, reference_linear(Q8.dequantized_x(xq, dx), raw, "Q8_0_R8")) < 1e-5  # exact integer dots
+    assert rel_err(out, reference_linear(x, raw, "Q8_0_R8")) < 2e-2  # x's rounding to 8 bits
+    with pytest.raises(ValueError):  # one x row only
+        Q8.qgemv_q8(torch.randn(2, k).to(DEV), raw, "Q8_0_R8", (n, k))
+
+
+def test_q8_gemv_q8_0_r8_experts(gen):
+    E, n, k, T, K = 5, 24, 512, 2, 3
+    raw = random_blocks("Q8_0_R8", E * n, k, gen, DEV)
+    idx = torch.randint(0, E, (T * K,), generator=gen).to(DEV)
+    x = torch.randn(T, k, generator=gen).to(DEV)
+    xq, dx, sx = Q8.quantize_x(x)
+    xd = Q8.dequantized_x(xq, dx)
+    ref = torch.stack([reference_linear(xd[p // K][None], raw[idx[p] * n:(idx[p] + 1) * n], "Q8_0_R8")[0]
+                       for p in range(T * K)])
+    out = Q8.qgemv_q8(x, raw, "Q8_0_R8", (n, k), idx=idx, x_div=K, bn=8, u=2, xq=(xq, dx, sx))
+    assert rel_err(out, ref) < 1e-5

@@ -31,6 +31,12 @@ Q8_CONFIGS = (dict(bn=32, u=2), dict(bn=16, u=2), dict(bn=32, u=4, num_warps=8),
               dict(bn=32, u=4, num_warps=8, m1=True), dict(bn=64, u=2, num_warps=8, m1=True),
               dict(bn=16, u=2, target=1024, m1=True), dict(bn=8, u=2, target=1024, m1=True))
 Q8_M1_CONFIGS = tuple(c for c in Q8_CONFIGS if c.get("m1"))  # the kernels of one x row (Q6_K_R8)
+# Q8_0_R8 (one x row): 2 * bn * u / num_warps quant words per thread and step; 16 compile to 80
+# registers on sm_90 (6 blocks of 4 warps per SM), 32 to ~170
+Q8_0_R8_CONFIGS = (dict(bn=16, u=2), dict(bn=8, u=4), dict(bn=32, u=1), dict(bn=32, u=2, num_warps=8),
+                   dict(bn=16, u=4, num_warps=8), dict(bn=8, u=2), dict(bn=16, u=2, target=1024),
+                   dict(bn=32, u=2), dict(bn=16, u=4))
+Q8_TYPE_CONFIGS = {"Q4_K": Q8_CONFIGS, "Q6_K_R8": Q8_M1_CONFIGS, "Q8_0_R8": Q8_0_R8_CONFIGS}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -77,14 +83,16 @@ def gemv_supports(w) -> bool:
     return g is not None and g.supports(w.bt.name) and w.shape[1] % g.STEP == 0 and w.raw.stride(1) == 1
 
 
-def _gemv(x2, raw, bt_name: str, shape, **moe) -> torch.Tensor:
-    """x2 [M <= 16, K] @ W.T: int8 activations where a kernel reads this type, else fp32 x."""
+def _gemv(x2, raw, bt_name: str, shape, xq=None, **moe) -> torch.Tensor:
+    """x2 [M <= 16, K] @ W.T: int8 activations where a kernel reads this type, else fp32 x.
+    xq: x2 already rounded to int8 (`q8act.quantize_x`'s triple; only where q8 supports the type)."""
     q8 = _q8()
     if q8 is not None and q8.supports(bt_name, 1 if moe else x2.shape[0]):
-        fn, configs = q8.qgemv_q8, Q8_CONFIGS if bt_name == "Q4_K" else Q8_M1_CONFIGS
+        fn, configs = q8.qgemv_q8, Q8_TYPE_CONFIGS[bt_name]
+        extra = dict(xq=xq) if xq is not None else {}
     else:
-        fn, configs = _gguf().qgemv, GEMV_CONFIGS
-    return fn(x2, raw, bt_name, shape, **_gemv_config(fn, configs, x2, raw, bt_name, shape, **moe), **moe)
+        fn, configs, extra = _gguf().qgemv, GEMV_CONFIGS, {}
+    return fn(x2, raw, bt_name, shape, **_gemv_config(fn, configs, x2, raw, bt_name, shape, **moe), **moe, **extra)
 
 
 def _gemv_config(fn, configs, x2, raw, bt_name: str, shape, **moe) -> dict:
@@ -112,6 +120,44 @@ def qgemv_experts(x: torch.Tensor, w, n_experts: int, idx: torch.Tensor, x_div: 
     if not gemv_supports(w) or x.dtype not in _DTYPES:
         return None
     return _gemv(x.contiguous(), w.raw, w.bt.name, (w.shape[0] // n_experts, w.shape[1]), idx=idx, x_div=x_div)
+
+
+def swiglu_linear(gu: torch.Tensor, w) -> torch.Tensor | None:
+    """down(silu(gate) * up) for one row, gu = [gate | up] [1, 2K] and w the down projection's
+    QTensor [N, K]: the activation and the int8 rounding of its result in one launch, then the
+    int8 GEMV. None where no kernel fits (the caller runs the reference)."""
+    q8 = _q8()
+    if (q8 is None or gu.dim() != 2 or gu.shape[0] != 1 or gu.dtype not in _DTYPES or gu.stride(1) != 1
+            or not gemv_supports(w) or not q8.supports(w.bt.name, 1) or gu.shape[1] != 2 * w.shape[1]
+            or gu.device != w.device):
+        return None
+    k = w.shape[1]
+    return _gemv(gu[:, :k], w.raw, w.bt.name, w.shape, xq=q8.quantize_swiglu(gu))
+
+
+def swiglu_experts(h: torch.Tensor, w, n_experts: int, idx: torch.Tensor, limit: float | None) -> torch.Tensor | None:
+    """MoE decode: out [G, n] row g = swiglu(h[g]) @ W_e.T (e = idx[g]), h [G, 2K] the pairs'
+    gate/up outputs, w the down stack [E * n, K]; the activation and its int8 rounding in one
+    launch. None where no kernel fits."""
+    q8 = _q8()
+    k = w.shape[1]
+    if (q8 is None or h.dim() != 2 or h.dtype not in _DTYPES or h.stride(1) != 1 or not gemv_supports(w)
+            or not q8.supports(w.bt.name, 1) or h.shape[1] != 2 * k or h.device != w.device):
+        return None
+    return _gemv(h[:, :k], w.raw, w.bt.name, (w.shape[0] // n_experts, k), xq=q8.quantize_swiglu(h, limit),
+                 idx=idx, x_div=1)
+
+
+def kv_write(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+             v_cache: torch.Tensor) -> bool:
+    """`fused.kv_write` (k and v into the caches at positions, one launch); False where it can't run."""
+    f = _fused()
+    if (f is None or not k.is_cuda or k.dtype not in _DTYPES or v.dtype not in _DTYPES or not k[0].is_contiguous()
+            or not v[0].is_contiguous() or not k_cache[0].is_contiguous() or not v_cache[0].is_contiguous()
+            or positions.dtype not in (torch.int32, torch.int64)):
+        return False
+    f.kv_write(k, v, positions, k_cache, v_cache)
+    return True
 
 
 def _prefill_dtype(x_dtype: torch.dtype) -> torch.dtype:
@@ -210,3 +256,60 @@ def paged_decode_attention(q, k_pool, v_pool, block_table, lengths, block_size: 
         return None
     return a.paged_decode_attention(q, k_pool, v_pool, block_table, lengths, block_size, scale,
                                     window=window, out=out)
+
+
+def route(logits: torch.Tensor, k: int, scoring: str, scaling: float = 1.0, bias: torch.Tensor | None = None,
+          renorm: bool = True, eps: float = 1e-20):
+    """`router.route` (scores, top-k, renormalised weights in one launch), or None where it can't
+    run (other scorings, too many experts)."""
+    r = _triton("router")
+    if (r is None or scoring not in ("softmax", "sigmoid") or logits.dim() != 2 or logits.shape[1] > r.MAX_E
+            or logits.dtype not in _DTYPES or (bias is not None and bias.device != logits.device)):
+        return None
+    return r.route(logits.contiguous(), k, scaling, scoring == "softmax", bias, renorm, eps)
+
+
+# ---- DeepSeek V4 decode-step groups (`triton/v4.py`); each None where it can't run
+
+def _v4(*tensors) -> object | None:
+    v = _triton("v4")
+    if v is None or any(t.dtype not in _DTYPES or t.device != tensors[0].device for t in tensors):
+        return None
+    return v
+
+
+def v4_compress_step(kv_ring, gate_ring, kv_x, gate_x, positions, bias, rows, norm_w, eps, inv_freq, rope_scale,
+                     ratio: int, overlap: bool) -> bool:
+    """`v4.compress_step` (rings and row buffer updated in place); False where it can't run."""
+    v = _v4(kv_ring, gate_ring, kv_x, gate_x, bias, rows, norm_w, inv_freq)
+    if v is None or rows.shape[1] // 2 > 2048 or not (kv_ring.is_contiguous() and gate_ring.is_contiguous()
+                                                       and rows.is_contiguous()):
+        return False
+    v.compress_step(kv_ring, gate_ring, kv_x, gate_x, positions, bias.float(), rows, norm_w, eps,
+                    inv_freq.float(), rope_scale, ratio, overlap)
+    return True
+
+
+def v4_rms_rope(x, positions, inv_freq, rope_scale: float = 1.0, sign: float = 1.0, norm: str | None = None,
+                weight=None, eps: float = 0.0):
+    """`v4.rms_rope` (optional RMSNorm, then interleaved rope on the trailing channels)."""
+    v = _v4(x, *(t for t in (inv_freq, weight) if t is not None))
+    if v is None or x.shape[-1] > 4096 or x.stride(-1) != 1:
+        return None
+    return v.rms_rope(x, positions, inv_freq, rope_scale, sign, norm, weight, eps)
+
+
+def v4_hc_pre(mixes, streams, base, scale, norm_w, iters: int, hc_eps: float, rms_eps: float, norm_eps: float):
+    """`v4.hc_pre` (mHC rms + mix + collapse + the block's input norm), or None."""
+    v = _v4(mixes, streams, base, scale, norm_w)
+    if v is None or streams.shape[1] > 16:
+        return None
+    return v.hc_pre(mixes, streams, base, scale, norm_w, iters, hc_eps, rms_eps, norm_eps)
+
+
+def v4_hc_merge(streams, out, post, comb):
+    """`v4.hc_merge` (mHC residual update), or None."""
+    v = _v4(streams, out, post, comb)
+    if v is None or streams.shape[1] > 16:
+        return None
+    return v.hc_merge(streams, out, post, comb)

@@ -92,8 +92,10 @@ class DenseKV:
                 raise ValueError(f"KV cache holds {self.max_tokens} tokens; {end} needed")
             self._reserve(layer, k.shape[1:], v.shape[1:], end)
             kc, vc = self._k[layer], self._v[layer]
-            kc.index_copy_(0, positions, k.to(self.dtype))
-            vc.index_copy_(0, positions, v.to(self.dtype))
+            from ..kernels import cuda  # noqa: PLC0415
+            if not cuda.kv_write(k, v, positions, kc, vc):  # one launch; else torch's four
+                kc.index_copy_(0, positions, k.to(self.dtype))
+                vc.index_copy_(0, positions, v.to(self.dtype))
             return decode_attention(q, kc, vc, positions + 1, window, scale)
         k_all, v_all = self.update(layer, k, v)
         return attend(q, k_all, v_all, positions, window, scale)

@@ -72,6 +72,15 @@ class LinearGroup:
             groups.append((members, fused))
         self.groups = groups or None
 
+    def joint(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The fused output [..., sum of out_features] (members in order), if every linear is in
+        one fused group; else None."""
+        if self.groups is None or len(self.groups) != 1 or self.groups[0][0] != list(range(len(self.linears))):
+            return None
+        if any(lin.bias is not None for lin in self.linears):
+            return None
+        return ops.linear(x, self.groups[0][1])
+
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.groups is None:
             return [lin(x) for lin in self.linears]

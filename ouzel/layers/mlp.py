@@ -27,5 +27,16 @@ class GatedMLP(nn.Module):
         self.gate_up.fuse()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and self.act is F.silu and self.down_proj.bias is None:
+            # decode: silu(gate) * up and the int8 rounding of the down projection's input in one launch
+            gu = self.gate_up.joint(x)
+            y = None if gu is None else _swiglu_linear(gu, self.down_proj.weight)
+            if y is not None:
+                return y
         gate, up = self.gate_up(x)
         return self.down_proj(self.act(gate) * up)
+
+
+def _swiglu_linear(gu: torch.Tensor, w) -> torch.Tensor | None:
+    from ..kernels.cuda import swiglu_linear  # noqa: PLC0415
+    return swiglu_linear(gu, w)

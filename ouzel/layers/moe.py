@@ -88,6 +88,11 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None) -> torch.T
     return F.silu(gate) * up
 
 
+def _swiglu_experts(h, w, n_experts: int, idx, limit) -> torch.Tensor | None:
+    from ..kernels.cuda import swiglu_experts  # noqa: PLC0415
+    return swiglu_experts(h, w, n_experts, idx, limit)
+
+
 class ClampedMLP(nn.Module):
     """The shared expert: a gated MLP with the same SwiGLU clamp as the routed experts."""
 
@@ -176,17 +181,21 @@ class RoutedExperts(nn.Module):
         T, K = idx.shape
         flat = idx.reshape(-1)
         y = self._through(x, gu, down, lambda inp, w, first: ops.linear_experts(inp, w, self.n_experts, flat,
-                                                                                   K if first else 1))
+                                                                                   K if first else 1),
+                          down_fast=lambda h: _swiglu_experts(h, down.stacked[0], self.n_experts, flat, self.limit))
         return None if y is None else (y.view(T, K, -1) * weights[..., None]).sum(1).to(x.dtype)
 
-    def _through(self, x, gu: ExpertStack, down: ExpertStack, matmul) -> torch.Tensor | None:
+    def _through(self, x, gu: ExpertStack, down: ExpertStack, matmul, down_fast=None) -> torch.Tensor | None:
         """down(swiglu(gate_up(x))) over (token, expert) pairs with a pair-wise expert matmul
         `matmul(inp, stacked weight, first)` (first: the gate/up pieces, fed from x); None where it
-        has no kernel for a weight."""
+        has no kernel for a weight. down_fast(h): swiglu + down in fewer launches, or None."""
         hs = [matmul(x, w, True) for w in gu.stacked]
         if any(h is None for h in hs):
             return None
         h = (hs[0] if len(hs) == 1 else torch.cat(hs, dim=-1)).float()  # [pairs, 2I]
+        y = None if down_fast is None or not h.is_cuda else down_fast(h)
+        if y is not None:
+            return y
         I = self.intermediate
         return matmul(swiglu(h[:, :I], h[:, I:], self.limit).to(x.dtype), down.stacked[0], False)
 

@@ -45,7 +45,13 @@ class SoftmaxTopKRouter(Router):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> weights [T, K] float32, expert indices [T, K]."""
-        probs = self.score(ops.linear(x.float(), self.weight))
+        logits = ops.linear(x.float(), self.weight)
+        if logits.is_cuda:  # one launch for what follows (a decode step runs it per MoE layer)
+            from ..kernels.cuda import route  # noqa: PLC0415
+            fast = route(logits, self.top_k, "softmax", renorm=self.renorm, eps=0.0)
+            if fast is not None:
+                return fast
+        probs = self.score(logits)
         w, idx = torch.topk(probs, self.top_k, dim=-1)
         if self.renorm:
             w = w / w.sum(dim=-1, keepdim=True)

@@ -285,6 +285,31 @@ def _q6_k_r8(b):
     return _q6_k(unpack_q6_k_r8(b).reshape(-1, 210)).reshape(-1, 2048)
 
 
+# Q8_0_R8: Q8_0 repacked for the GPU (not a GGUF type). A Q8_0 block is 34 bytes (d f16, 32 int8),
+# so its quants are only 2-byte aligned. R8 regroups each 8 blocks (272 bytes, a multiple of 16):
+# their 8 x 32 quant bytes first, then their 8 f16 d. Same bytes, same values; rows of K % 256 == 0.
+Q8_0_R8 = BlockType("Q8_0_R8", 1000 + GT.Q8_0.value, 256, 272)
+_BY_NAME[Q8_0_R8.name] = Q8_0_R8
+
+
+def repack_q8_0_r8(raw: torch.Tensor) -> torch.Tensor:
+    """Q8_0 rows [N, K / 32 * 34] -> Q8_0_R8 rows (same shape)."""
+    g = raw.reshape(raw.shape[0], -1, 8, 34)
+    return torch.cat([g[..., 2:].flatten(2), g[..., :2].flatten(2)], dim=2).reshape(raw.shape)
+
+
+def unpack_q8_0_r8(raw: torch.Tensor) -> torch.Tensor:
+    """The inverse of `repack_q8_0_r8`: Q8_0_R8 rows -> Q8_0 rows."""
+    g = raw.reshape(raw.shape[0], -1, 272)
+    q, d = g[..., :256].reshape(*g.shape[:2], 8, 32), g[..., 256:].reshape(*g.shape[:2], 8, 2)
+    return torch.cat([d, q], dim=3).reshape(raw.shape)
+
+
+@_kernel(Q8_0_R8)
+def _q8_0_r8(b):
+    return _q8_0(unpack_q8_0_r8(b).reshape(-1, 34)).reshape(-1, 256)
+
+
 def dequantize(raw: torch.Tensor, bt: BlockType) -> torch.Tensor:
     """uint8 [..., nbytes] (whole blocks; never written to) -> float32 [..., nbytes // block_bytes * block_elems]."""
     if raw.dtype != torch.uint8:

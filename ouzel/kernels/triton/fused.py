@@ -133,3 +133,29 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq:
                                       q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                                       D=D, ROT=rot_dim, HP=HP, DP=DP, num_warps=1, enable_fp_fusion=False)
     return qo, ko
+
+
+@triton.jit
+def _kv_write_kernel(k_ptr, v_ptr, pos_ptr, kc_ptr, vc_ptr, s_kt, s_vt, s_kc, s_vc, n_k, n_v,
+                     BK: tl.constexpr, BV: tl.constexpr):
+    """Program t: row t of k [T, n_k] and v [T, n_v] (heads flattened) into the caches' row pos[t],
+    converted to the caches' dtypes."""
+    t = tl.program_id(0)
+    row = tl.load(pos_ptr + t).to(tl.int64)
+    dk = tl.arange(0, BK)
+    dv = tl.arange(0, BV)
+    k = tl.load(k_ptr + t * s_kt + dk, mask=dk < n_k)
+    v = tl.load(v_ptr + t * s_vt + dv, mask=dv < n_v)
+    tl.store(kc_ptr + row * s_kc + dk, k.to(kc_ptr.dtype.element_ty), mask=dk < n_k)
+    tl.store(vc_ptr + row * s_vc + dv, v.to(vc_ptr.dtype.element_ty), mask=dv < n_v)
+
+
+def kv_write(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+             v_cache: torch.Tensor) -> None:
+    """k_cache[positions[t]] = k[t] and v_cache[positions[t]] = v[t] (k/v [T, Hkv, D], caches
+    [C, Hkv, D], heads and dims contiguous): one launch for what torch does in four (two casts,
+    two index_copy_). positions stay on the device (graph-capturable)."""
+    T = k.shape[0]
+    n_k, n_v = k[0].numel(), v[0].numel()
+    _kv_write_kernel[(T,)](k, v, positions, k_cache, v_cache, k.stride(0), v.stride(0), k_cache.stride(0),
+                           v_cache.stride(0), n_k, n_v, BK=triton.next_power_of_2(n_k), BV=triton.next_power_of_2(n_v))

@@ -33,7 +33,8 @@ import triton.language as tl
 
 # type ids (constexpr in the kernels): name -> (id, S, L, bytes per 256-element step)
 _TYPES = {"Q4_K": (0, 8, 32, 144), "Q6_K": (1, 16, 16, 210), "Q8_0": (2, 8, 32, 272), "Q4_0": (3, 8, 32, 144),
-          "Q2_K": (4, 16, 16, 84), "IQ2_XXS": (5, 8, 32, 66), "Q6_K_R8": (6, 16, 16, 210)}
+          "Q2_K": (4, 16, 16, 84), "IQ2_XXS": (5, 8, 32, 66), "Q6_K_R8": (6, 16, 16, 210),
+          "Q8_0_R8": (7, 8, 32, 272)}
 STEP = 256
 MAX_GEMV_M = 16
 _PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")  # inline PTX: not in the CPU interpreter
@@ -95,10 +96,15 @@ def _decode(row_ptr, kb, grid_ptr, signs_ptr, TYPE: tl.constexpr, S: tl.constexp
         sc = tl.load(b + 192 + s).to(tl.int8, bitcast=True).to(tl.float32)
         scale = _f16_at(d_at) * sc
         offset = 0.0
-    elif TYPE == 2:  # Q8_0: 8 blocks of (d f16, 32 int8)
-        b = row_ptr + (kb * 8 + s) * 34
-        scale = _f16_at(b)
-        qf = _int_f32(tl.load(b + 2 + l).to(tl.int32) ^ 0x80, 128.0)
+    elif TYPE == 2 or TYPE == 7:  # Q8_0: 8 blocks of (d f16, 32 int8) (Q8_0_R8: 8 x 32 int8, then 8 d)
+        if TYPE == 2:
+            b = row_ptr + (kb * 8 + s) * 34
+            scale = _f16_at(b)
+            b += 2
+        else:
+            b = row_ptr + kb * 272 + s * 32
+            scale = _f16_at(row_ptr + kb * 272 + 256 + s * 2)
+        qf = _int_f32(tl.load(b + l).to(tl.int32) ^ 0x80, 128.0)
         offset = 0.0
     elif TYPE == 4:  # Q2_K: 16 scale bytes (low 4 bits scale, high 4 min), 64 B of 2-bit quants, d, dmin
         b = row_ptr + kb * 84

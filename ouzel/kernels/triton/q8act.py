@@ -11,10 +11,12 @@ x [M, K] -> xq int8 (round(x / dx)), dx = max|x| / 127 and sx = dx * sum(xq) per
 the oracle is therefore the exact dequantized matmul of xq * dx (`dequantized_x`), which the
 kernel matches to fp32 rounding.
 
-Q4_K only (`SUPPORTED`): for Q6_K and Q8_0, whose blocks are only 2-byte aligned, the same scheme
-read through int16 pairs was no faster than the fp32-activation decoder on an H200 (Q8_0 slower;
-bench/NOTES.md), so they keep that one. Q4_K (144 B): d, dmin (f16), 12 B of 6-bit sub-block scales/mins, 128 B of nibbles where
-byte l of 32-byte group j holds elements 64j + l (low nibble) and 64j + 32 + l (high). Read as
+`SUPPORTED`: Q4_K, and Q6_K / Q8_0 regrouped at load (Q6_K_R8, Q8_0_R8 in quant/blocks.py): in GGUF's
+layout their blocks are only 2-byte aligned, and the same scheme read through int16 pairs was no
+faster than the fp32-activation decoder on an H200 (Q8_0 slower; bench/NOTES.md).
+
+Q4_K (144 B): d, dmin (f16), 12 B of 6-bit sub-block scales/mins, 128 B of nibbles where byte l
+of 32-byte group j holds elements 64j + l (low nibble) and 64j + 32 + l (high). Read as
 32-bit words, word w of group j masked with 0x0F0F0F0F holds elements 64j + 4w .. +3, which is
 exactly the int8 word 16j + w of xq: one dp4a per 4 weights, no shuffling.
 """
@@ -48,6 +50,48 @@ def _quant_x_kernel(x_ptr, xq_ptr, dx_ptr, sx_ptr, K, stride_xm, BLOCK: tl.const
     tl.store(sx_ptr + m * (K // 32) + sub, d * tl.sum(q.to(tl.float32), axis=1), mask=sub < K // 32)
 
 
+@triton.jit
+def _quant_swiglu_kernel(gu_ptr, xq_ptr, dx_ptr, sx_ptr, K, stride_m, limit, BLOCK: tl.constexpr,
+                         LIMIT: tl.constexpr):
+    """`_quant_x_kernel` of x = silu(gate) * up, gate and up the two halves of a gu row [2K]
+    (LIMIT: gate clamped from above and up on both sides at `limit` first, as `moe.swiglu`)."""
+    m = tl.program_id(0)
+    b = tl.program_id(1)
+    offs = b * BLOCK + tl.arange(0, BLOCK)
+    g = tl.load(gu_ptr + m * stride_m + offs, mask=offs < K, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + m * stride_m + K + offs, mask=offs < K, other=0.0).to(tl.float32)
+    if LIMIT:
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
+    x = g / (1.0 + tl.exp(-g)) * u
+    xr = tl.reshape(x, [BLOCK // 32, 32])
+    amax = tl.max(tl.abs(xr), axis=1)
+    d = amax / 127.0
+    inv = tl.where(amax > 0, 127.0 / tl.where(amax > 0, amax, 1.0), 0.0)
+    q = tl.floor(xr * inv[:, None] + 0.5)
+    q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
+    tl.store(xq_ptr + m * K + offs, tl.reshape(q, [BLOCK]), mask=offs < K)
+    sub = b * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
+    tl.store(dx_ptr + m * (K // 32) + sub, d, mask=sub < K // 32)
+    tl.store(sx_ptr + m * (K // 32) + sub, d * tl.sum(q.to(tl.float32), axis=1), mask=sub < K // 32)
+
+
+def quantize_swiglu(gu: torch.Tensor, limit: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`quantize_x(silu(gate) * up)` for gu = [gate | up] [M, 2K], in one launch (the MLP's
+    activation and the down projection's input rounding); limit: `moe.swiglu`'s clamp."""
+    m, k2 = gu.shape
+    k = k2 // 2
+    if gu.stride(1) != 1 or k % QBLOCK:
+        raise ValueError(f"quantize_swiglu: gu {tuple(gu.shape)} is not [M, 2K], K % 32 == 0, rows contiguous")
+    xq = torch.empty((m, k), dtype=torch.int8, device=gu.device)
+    dx = torch.empty((m, k // QBLOCK), dtype=torch.float32, device=gu.device)
+    sx = torch.empty_like(dx)
+    block = 256 if k % 256 == 0 else 32
+    _quant_swiglu_kernel[(m, triton.cdiv(k, block))](gu, xq, dx, sx, k, gu.stride(0), float(limit or 0.0),
+                                                     BLOCK=block, LIMIT=bool(limit))
+    return xq, dx, sx
+
+
 def quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K] (K % 32 == 0) -> xq int8 [M, K], dx [M, K/32], sx = dx * sum(xq) [M, K/32] (fp32)."""
     m, k = x.shape
@@ -73,6 +117,18 @@ def _dp4a(a, b, c, USE_ASM: tl.constexpr):
     else:  # the same integer arithmetic, spelled out (Triton's CPU interpreter has no inline PTX)
         for t in tl.static_range(4):
             c += ((a >> (8 * t)) & 255) * ((b << (24 - 8 * t)) >> 24)
+        return c
+
+
+@triton.jit
+def _dp4a_ss(a, b, c, USE_ASM: tl.constexpr):
+    """c + sum over the 4 bytes of (signed byte of a) * (signed byte of b)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        for t in tl.static_range(4):
+            c += ((a << (24 - 8 * t)) >> 24) * ((b << (24 - 8 * t)) >> 24)
         return c
 
 
@@ -160,7 +216,7 @@ def _q4k_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, wb_ptr, out_ptr, idx_ptr, N, bloc
 
 
 @triton.jit
-def _q4k_m1_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, out_ptr, idx_ptr, N, blocks_per_split, row_words, expert_words,
+def _q4k_m1_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, out_ptr, idx_ptr, N, blocks_per_split, row_quads, expert_quads,
                    K, x_div, stride_os, stride_og, BN: tl.constexpr, NB: tl.constexpr, HAS_IDX: tl.constexpr,
                    USE_ASM: tl.constexpr):
     """`_q4k_kernel` for one activation row (decode), every load of step i + 1 in flight while step i
@@ -171,9 +227,9 @@ def _q4k_m1_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, out_ptr, idx_ptr, N, blocks_pe
     split = tl.program_id(1)
     g = tl.program_id(2)
     rows = pid * BN + tl.arange(0, BN)
-    wrow = tl.minimum(rows, N - 1).to(tl.int64) * row_words
+    wrow = tl.minimum(rows, N - 1).to(tl.int64) * row_quads * 4  # 16-byte units: Triton then knows rows are aligned
     if HAS_IDX:
-        wrow += tl.load(idx_ptr + g).to(tl.int64) * expert_words
+        wrow += tl.load(idx_ptr + g).to(tl.int64) * expert_quads * 4
     xrow = (g // x_div).to(tl.int64)
     b4 = tl.arange(0, NB)[None, :, None, None]
     j4 = tl.arange(0, 4)[None, None, :, None]
@@ -244,7 +300,7 @@ def _q4k_scale_words(wa, wm, wc, s):
 
 
 @triton.jit
-def _q6k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, idx_ptr, N, blocks_per_split, row_words, expert_words,
+def _q6k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, idx_ptr, N, blocks_per_split, row_quads, expert_quads,
                       K, x_div, stride_os, stride_og, BN: tl.constexpr, NB: tl.constexpr, HAS_IDX: tl.constexpr,
                       USE_ASM: tl.constexpr):
     """One x row times Q6_K_R8 rows (quant/blocks.py: 8 Q6_K bodies of 208 bytes, then their 8 d).
@@ -256,9 +312,9 @@ def _q6k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, idx_ptr, N, blocks_per_spl
     split = tl.program_id(1)
     g = tl.program_id(2)
     rows = pid * BN + tl.arange(0, BN)
-    wrow = tl.minimum(rows, N - 1).to(tl.int64) * row_words
+    wrow = tl.minimum(rows, N - 1).to(tl.int64) * row_quads * 4  # 16-byte units: Triton then knows rows are aligned
     if HAS_IDX:
-        wrow += tl.load(idx_ptr + g).to(tl.int64) * expert_words
+        wrow += tl.load(idx_ptr + g).to(tl.int64) * expert_quads * 4
     xrow = (g // x_div).to(tl.int64)
     b4 = tl.arange(0, NB)[None, :, None, None]
     h4 = tl.arange(0, 2)[None, None, :, None]
@@ -308,11 +364,62 @@ def _q6k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, idx_ptr, N, blocks_per_spl
     tl.store(out_ptr + split * stride_os + g * stride_og + rows, res.to(out_ptr.dtype.element_ty), mask=rows < N)
 
 
-SUPPORTED = ("Q4_K", "Q6_K_R8")  # Q6_K_R8: one x row only (`supports`)
+@triton.jit
+def _q8_0_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, idx_ptr, N, blocks_per_split, row_vecs, expert_vecs,
+                       K, x_div, stride_os, stride_og, BN: tl.constexpr, NB: tl.constexpr, HAS_IDX: tl.constexpr,
+                       USE_ASM: tl.constexpr):
+    """One x row times Q8_0_R8 rows (quant/blocks.py: per 256 elements, 8 x 32 int8 quants, then
+    their 8 f16 d; 68 words). Tile [16 quads q, NB steps, BN rows, 4 words w]: quant word 4q + w
+    holds elements 16q + 4w .. +3 (block q // 2), as does x's int8 word 64 * step + 4q + w, so a
+    quad is one 16-byte load of each and its 4 dp4a sum in int32, scaled once by d * dx. The quad
+    axis comes first so that the compiler lays a warp's threads along K (coalesced); strides come
+    in 16-byte units (row_vecs), which tells it the quads are 16-byte aligned. Every load of step
+    i + 1 is in flight during step i."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    g = tl.program_id(2)
+    rows = pid * BN + tl.arange(0, BN)
+    wrow = tl.minimum(rows, N - 1).to(tl.int64) * row_vecs * 4
+    if HAS_IDX:
+        wrow += tl.load(idx_ptr + g).to(tl.int64) * expert_vecs * 4
+    r4 = wrow[None, None, :, None]
+    q4 = tl.arange(0, 16)[:, None, None, None]
+    b4 = tl.arange(0, NB)[None, :, None, None]
+    w4 = tl.arange(0, 4)[None, None, None, :]
+    xrow = (g // x_div).to(tl.int64) * (K // 256)
+    qp = w_ptr + r4 + q4 * 4 + w4  # + step * 68: the quant words
+    dp = w_ptr + r4 + 64 + q4 // 4  # + step * 68: the d of blocks 2 (q // 4) and + 1
+    d_shift = 16 * ((q4 // 2) % 2)
+    # x per row too (0 * r4): tiles shaped as qp's get its layout (no conversion through shared
+    # memory in the loop), and the compiler merges the repeated rows' loads
+    xp = xq_ptr + xrow * 64 + q4 * 4 + w4 + 0 * r4  # + step * 64
+    sp = dx_ptr + xrow * 8 + q4 // 2 + 0 * r4  # + step * 8
+    blk_end = (split + 1) * blocks_per_split
+    blk = split * blocks_per_split + b4
+    qw = tl.load(qp + blk * 68)
+    dw = tl.load(dp + blk * 68)
+    xw = tl.load(xp + blk * 64)
+    dx = tl.load(sp + blk * 8)
+    acc = tl.zeros([16, NB, BN, 1], dtype=tl.float32)
+    for _ in range(0, blocks_per_split, NB):
+        nblk = tl.minimum(blk + NB, blk_end - 1)  # the last iteration reloads its own step: no masks
+        qw_n = tl.load(qp + nblk * 68)
+        dw_n = tl.load(dp + nblk * 68)
+        xw_n = tl.load(xp + nblk * 64)
+        dx_n = tl.load(sp + nblk * 8)
+        c = tl.sum(_dp4a_ss(qw, xw, 0, USE_ASM), axis=3, keep_dims=True)  # [16, NB, BN, 1], exact
+        acc += c.to(tl.float32) * (_f16_lo(dw >> d_shift) * dx)
+        qw, dw, xw, dx = qw_n, dw_n, xw_n, dx_n
+        blk = nblk
+    res = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=1), axis=0)
+    tl.store(out_ptr + split * stride_os + g * stride_og + rows, res.to(out_ptr.dtype.element_ty), mask=rows < N)
+
+
+SUPPORTED = ("Q4_K", "Q6_K_R8", "Q8_0_R8")  # the regrouped types: one x row only (`supports`)
 
 
 def supports(bt_name: str, m: int) -> bool:
-    return bt_name == "Q4_K" or (bt_name == "Q6_K_R8" and m == 1)
+    return bt_name == "Q4_K" or (bt_name in ("Q6_K_R8", "Q8_0_R8") and m == 1)
 
 
 def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch.Tensor | None = None,
@@ -322,14 +429,14 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch
     """out [M, N] = x [M, K] @ W.T with x rounded to int8 per 32 (see the module doc); M <= 16.
     MoE form as `gguf.qgemv`: idx [G] experts of raw [E * N, row_bytes], out [G, N], x row g // x_div.
     xq: a `quantize_x(x)` result to reuse (several matrices reading the same x). m1: one x row
-    through `_q4k_m1_kernel` (the decode step's form); Q6_K_R8 has only that form."""
+    through `_q4k_m1_kernel` (the decode step's form); Q6_K_R8 and Q8_0_R8 have only that form."""
     n, k = shape
     moe = idx is not None
     m = 1 if moe else x.shape[0]
     if not supports(bt_name, m):
         raise ValueError(f"qgemv_q8: {bt_name} is not supported for {m} x rows ({', '.join(SUPPORTED)})")
     groups = len(idx) if moe else 1
-    if k % 256 or raw.dtype != torch.uint8 or raw.stride(1) != 1 or raw.stride(0) % 4 or raw.data_ptr() % 16:
+    if k % 256 or raw.dtype != torch.uint8 or raw.stride(1) != 1 or raw.stride(0) % 16 or raw.data_ptr() % 16:
         raise ValueError(f"qgemv_q8: unsupported layout {tuple(raw.shape)} for {shape}")
     if x.shape[-1] != k or not 1 <= m <= 16 or (moe and x.shape[0] * x_div != groups):
         raise ValueError(f"qgemv_q8: x {tuple(x.shape)} for weight {shape}")
@@ -341,14 +448,19 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch
     common = dict(M=m, MP=1 << (m - 1).bit_length(), BN=bn, NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps)
     strides = (k, x_div, 0 if split == 1 else dst.stride(0), dst.stride(-2) if moe else 0, dst.stride(-2))
     idx_arg = idx if moe else dx
+    if bt_name == "Q8_0_R8":
+        _q8_0_r8_m1_kernel[grid](xq.view(torch.int32), dx, raw.view(torch.int32), dst, idx_arg, n, n_blocks // split,
+                                 raw.stride(0) // 16, n * raw.stride(0) // 16, k, x_div, strides[2], strides[3], BN=bn,
+                                 NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps)
+        return finish_gemv(dst, out)
     if bt_name == "Q6_K_R8":
         _q6k_r8_m1_kernel[grid](xq.view(torch.int32), dx, raw.view(torch.int32), dst, idx_arg, n, n_blocks // split,
-                                raw.stride(0) // 4, n * raw.stride(0) // 4, k, x_div, strides[2], strides[3], BN=bn,
+                                raw.stride(0) // 16, n * raw.stride(0) // 16, k, x_div, strides[2], strides[3], BN=bn,
                                 NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps)
         return finish_gemv(dst, out)
     if m1 and m == 1:
         _q4k_m1_kernel[grid](xq.view(torch.int32), dx, sx, raw.view(torch.int32), dst, idx_arg, n, n_blocks // split,
-                             raw.stride(0) // 4, n * raw.stride(0) // 4, k, x_div, strides[2], strides[3], BN=bn, NB=u,
+                             raw.stride(0) // 16, n * raw.stride(0) // 16, k, x_div, strides[2], strides[3], BN=bn, NB=u,
                              HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps)
         return finish_gemv(dst, out)
     _q4k_kernel[grid](xq.view(torch.int32), dx, sx, raw.view(torch.int32), raw, dst, idx_arg, n, n_blocks // split,

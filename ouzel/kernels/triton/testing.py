@@ -12,9 +12,9 @@ _F16_FIELDS = {"Q4_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,), "Q4_0": (0,), "Q2_K
 def random_blocks(name: str, n: int, k: int, gen: torch.Generator, device="cpu") -> torch.Tensor:
     """uint8 [n, row_bytes] of random blocks whose float16 scales are finite, positive and
     small (so values stay O(1))."""
-    if name == "Q6_K_R8":  # the GPU regrouping of Q6_K blocks (quant/blocks.py)
-        from ...quant.blocks import repack_q6_k_r8  # noqa: PLC0415
-        return repack_q6_k_r8(random_blocks("Q6_K", n, k, gen)).to(device)
+    if name in ("Q6_K_R8", "Q8_0_R8"):  # the GPU regroupings of Q6_K / Q8_0 blocks (quant/blocks.py)
+        from ...quant import blocks  # noqa: PLC0415
+        return getattr(blocks, f"repack_{name.lower()}")(random_blocks(name[:-3], n, k, gen)).to(device)
     bt = block_type(name)
     nb = k // bt.block_elems
     raw = torch.randint(0, 256, (n, nb, bt.block_bytes), dtype=torch.uint8, generator=gen)

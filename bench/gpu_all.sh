@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# On the lent GPU, the table in one call: the three synthetic models written in parallel,
+# then for each `ouzel bench` pp512/tg128 (median of RUNS) and the walk to 16k (tg@16k).
+# Carry: .whl (gguf wheel) and bench/models/tokenizer.gguf. Logs in $OUT/<model>.*.
+#   TESTS="tests/test_x.py ..." RUNS=3 WALK=16k bash bench/gpu_all.sh
+set -uo pipefail
+source bench/device_env.sh
+MODELS=${MODELS:-"llama8b-q4km qwen3moe-30b-a3b-q4km ds4flash-l8-q2"}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+t0=$(date +%s)
+for MODEL in $MODELS; do  # numpy-bound, one core each: in parallel (~40 GB of disk in all)
+  python3 bench/make_models.py $MODEL --out /tmp/m/$MODEL --tokenizer-from bench/models/tokenizer.gguf > "$OUT/$MODEL.make.log" 2>&1 &
+done
+if [[ ${TESTS:-} ]]; then
+  timeout ${TESTS_S:-120} python3 -m pytest -q -x -p no:cacheprovider $TESTS 2>&1 | tail -3
+fi
+wait
+echo "models written in $(( $(date +%s) - t0 )) s"
+for MODEL in $MODELS; do
+  M=/tmp/m/$MODEL/$MODEL.gguf
+  echo "== $MODEL"
+  timeout ${BENCH_S:-120} python3 -m ouzel bench -m $M --device cuda --pp 512 --tg 128 --runs ${RUNS:-3} \
+    --csv "$OUT/$MODEL.pp512.csv" 2>&1 | tee "$OUT/$MODEL.bench.log" | grep -E "pp-tg|peak|floor ->"
+  if [[ ${WALK:-} ]]; then
+    timeout ${WALK_S:-60} python3 -m ouzel bench -m $M --device cuda --frontiers $WALK --tg 64 \
+      --csv "$OUT/$MODEL.walk.csv" 2>&1 | tee "$OUT/$MODEL.walk.log" | grep -E "frontier|peak"
+  fi
+  rm -f $M
+done
