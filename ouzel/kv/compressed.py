@@ -155,12 +155,24 @@ class CompressedKV:
             s.offsets = torch.arange(-ratio if overlap else 0, ratio, device=self.device)
         return s
 
+    def _capacity(self, s: _Series | None, ratio: int, need: int) -> int:
+        """The row buffer's size once it holds `need` rows (doubling, up to what max_tokens needs)."""
+        cap = 0 if s is None or s.rows is None else s.rows.shape[0]
+        return cap if cap >= need else max(need, min(max(2 * cap, MIN_ROWS), self.max_tokens // ratio + 1))
+
+    def rows_bound(self, layer: int, name: str, ratio: int, n_new: int) -> int:
+        """The compressed rows a forward of n_new tokens returns for this series (host-side): the
+        emitted ones, or for the fixed step the whole buffer."""
+        if not self.fixed(n_new):
+            return (self.length + n_new) // ratio
+        return self._capacity(self._layers[layer].series.get(name), ratio, self.length // ratio + 1)
+
     def _grow(self, s: _Series, dim: int, need: int) -> None:
         """Make the compressed-row buffer hold `need` rows (doubling; zeros, so a masked row is finite)."""
         cap = 0 if s.rows is None else s.rows.shape[0]
         if s.rows is not None and cap >= need:
             return
-        size = max(need, min(max(2 * cap, MIN_ROWS), self.max_tokens // s.ratio + 1))
+        size = self._capacity(s, s.ratio, need)
         rows = torch.zeros((size, dim), dtype=self.dtype, device=self.device)
         if s.rows is not None:
             rows[:cap] = s.rows
@@ -207,6 +219,13 @@ class CompressedKV:
         s.gate.index_copy_(0, slot, gate.to(self.dtype))
         idx = (positions // ratio * ratio + s.offsets) % size
         return s.kv[idx], s.gate[idx]
+
+    def step_buffers(self, layer: int, name: str, width: int, dim: int, ratio: int, overlap: bool):
+        """Fixed step, for a kernel doing frontier_step + emit_step in one launch: the kv and gate
+        rings [span, width] (position t in slot t % span) and the row buffer [capacity, dim]."""
+        s = self._series(layer, name, ratio, overlap, width)
+        self._grow(s, dim, self.length // ratio + 1)
+        return s.kv, s.gate, s.rows
 
     def emit_step(self, layer: int, name: str, row: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Fixed step: write the open window's row [1, dim] at index positions // ratio (its value

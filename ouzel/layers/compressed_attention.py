@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import cuda as _cuda
 from ..kernels import ops
 from ..quant.tensor import QTensor
-from .hyper_connections import dense, unit_rms
+from .hyper_connections import dense, fused_kernels, unit_rms
 from .interleaved_rope import InterleavedRope
 from .linear import Linear
+from .moe import FUSED_MAX_PAIRS
 from .norm import RMSNorm
 
 
@@ -70,6 +72,13 @@ class Compressor(nn.Module):
         pools the open window (slots of tokens not seen yet hold stale rows) into row
         positions // ratio, which readers mask until the window's last token has written it."""
         r = self.ratio
+        if fused_kernels(kv_x):  # rings, pooling, norm, rope and the row's write in one launch
+            rings = kv.step_buffers(layer, self.series, kv_x.shape[1], self.dim, r, self.overlap)
+            self.rope._to(positions.device)
+            if _cuda.v4_compress_step(*rings[:2], kv_x, gate_x, positions, dense(self.position_bias), rings[2],
+                                      self.kv_norm.weight, self.kv_norm.eps, self.rope.inv_freq,
+                                      self.rope.scaling, r, self.overlap):
+                return rings[2]
         wkv, wgate = kv.frontier_step(layer, self.series, kv_x, gate_x, positions, r, self.overlap)
         bias = dense(self.position_bias)
         ckv, cgate = wkv[-r:].float()[None], wgate[-r:].float()[None] + bias
@@ -114,16 +123,23 @@ class Indexer(Compressor):
         self.q_b_proj = Linear(q_rank, heads * dim)
         self.scorer = _Scorer(hidden, heads)
 
-    def project(self, x, q_residual, positions) -> tuple:
-        """+ the queries [T, heads, dim] and their head weights [T, heads]."""
-        q = self.rope(self.q_b_proj(q_residual).view(x.shape[0], self.heads, self.dim), positions)
+    def project(self, x, q_residual, positions, scored: bool = True) -> tuple:
+        """+ (scored) the queries [T, heads, dim] and their head weights [T, heads]."""
+        if not scored:
+            return super().project(x, q_residual, positions)
+        q = self.q_b_proj(q_residual).view(x.shape[0], self.heads, self.dim)
+        rotated = self.rope.fused(q, positions) if fused_kernels(q) else None
+        q = self.rope(q, positions) if rotated is None else rotated
         w = self.scorer.weights_proj(x).float() * self.heads ** -0.5
         return *super().project(x, q_residual, positions), q, w
 
-    def select(self, proj, positions, kv, layer) -> torch.Tensor:
-        """One sequence: indices [T, min(top_k, n)] of the compressed rows each query reads; -1 = none."""
-        kv_x, gate_x, q, w = proj
-        rows = self.compress(kv_x, gate_x, kv, layer, positions)  # [n, dim]
+    def select(self, proj, positions, kv, layer) -> torch.Tensor | None:
+        """One sequence: indices [T, min(top_k, n)] of the compressed rows each query reads, -1 =
+        none; None (projected unscored) when every row fits the top-k: all complete rows."""
+        rows = self.compress(proj[0], proj[1], kv, layer, positions)  # [n, dim]
+        if len(proj) == 2:
+            return None
+        q, w = proj[2:]
         scores = F.relu(torch.einsum("thd,nd->thn", q.float(), rows.float())) * self.dim ** -0.5
         index = (scores * w[..., None]).sum(dim=1)  # [T, n]
         n = rows.shape[0]
@@ -142,11 +158,18 @@ class CSACompressor(Compressor):
         self.indexer = Indexer(cfg.hidden_size, cfg.q_lora_rank, cfg.index_n_heads, cfg.index_head_dim, ratio,
                                cfg.index_topk, cfg.rms_norm_eps, rope)
 
-    def project(self, x, q_residual, positions) -> tuple:
-        return *super().project(x, q_residual, positions), *self.indexer.project(x, q_residual, positions)
+    def project(self, x, q_residual, positions, scored: bool = True) -> tuple:
+        return *super().project(x, q_residual, positions), *self.indexer.project(x, q_residual, positions, scored)
+
+    def scored(self, kv, layer: int, n_rows: int) -> bool:
+        """Whether any sequence of this forward may see more compressed rows than the indexer keeps
+        (else it keeps them all: no scores, no top-k; V4-Flash's 512 of ratio 4 up to 2k tokens)."""
+        return any(state.rows_bound(layer, self.indexer.series, self.ratio, s.stop - s.start) > self.indexer.top_k
+                   for state, s in kv.split(n_rows))
 
     def picks(self, proj, positions, kv, layer):
-        """One sequence: (compressed rows [n, dim], indices [T, k] of the rows each query reads, -1 = none)."""
+        """One sequence: (compressed rows [n, dim], indices [T, k] of the rows each query reads, -1 =
+        none; or None: every complete row)."""
         rows = self.compress(proj[0], proj[1], kv, layer, positions)
         return rows, self.indexer.select(proj[2:], positions, kv, layer)
 
@@ -158,8 +181,12 @@ class HCACompressor(Compressor):
     def visible(self, proj, positions, kv, layer):
         """One sequence: (compressed rows [n, dim], mask [T, n] of the complete ones each query sees)."""
         rows = self.compress(*proj, kv, layer, positions)
-        ready = ((positions + 1) // self.ratio)[:, None]
-        return rows, torch.arange(rows.shape[0], device=rows.device)[None, :] < ready
+        return rows, complete(rows, positions, self.ratio)
+
+
+def complete(rows: torch.Tensor, positions: torch.Tensor, ratio: int) -> torch.Tensor:
+    """Mask [T, n]: the compressed rows whose window query t has seen to its end."""
+    return torch.arange(rows.shape[0], device=rows.device)[None, :] < ((positions + 1) // ratio)[:, None]
 
 
 class GroupedLinear(nn.Module):
@@ -170,6 +197,7 @@ class GroupedLinear(nn.Module):
         super().__init__()
         self.in_per_group, self.out_total, self.groups = in_per_group, out_total, groups
         self.weight = None
+        self._groups: dict = {}  # (T, device) -> each row's group index
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"weight": (self.out_total, self.in_per_group)}
@@ -181,6 +209,13 @@ class GroupedLinear(nn.Module):
             w = self.weight if isinstance(self.weight, torch.Tensor) else self.weight.dequantize()
             w = w.to(x.dtype).view(g, per, -1)
             return torch.einsum("tgi,goi->tgo", x, w).reshape(x.shape[0], -1)
+        if fused_kernels(self.weight.raw) and x.shape[0] * g <= FUSED_MAX_PAIRS:  # groups as MoE experts: one GEMV
+            key = (x.shape[0], x.device)
+            if key not in self._groups:  # made once per shape, outside any capture
+                self._groups[key] = torch.arange(g, device=x.device).repeat(x.shape[0])
+            y = ops.linear_experts(x.reshape(-1, x.shape[-1]), self.weight, g, self._groups[key], 1)
+            if y is not None:
+                return y.reshape(x.shape[0], -1).to(x.dtype)
         parts = [ops.linear(x[:, i], QTensor(self.weight.raw[i * per:(i + 1) * per], self.weight.bt,
                                              (per, self.in_per_group))) for i in range(g)]
         return torch.cat(parts, dim=-1)
@@ -211,17 +246,34 @@ class V4Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv) -> torch.Tensor:
         # x [T, hidden]; one K=V head of head_dim shared by all H query heads
         T = x.shape[0]
-        cos, sin = self.rope.cos_sin(positions)
         q_res = self.q_a_norm(self.q_a_proj(x))
-        q = unit_rms(self.q_b_proj(q_res).view(T, self.heads, self.head_dim), self.eps)
-        q = self.rope.rotate(q, cos, sin)
-        rows = self.rope.rotate(self.kv_norm(self.kv_proj(x)), cos, sin)
-        proj = () if self.compressor is None else self.compressor.project(x, q_res, positions)
+        q, rows = self.q_b_proj(q_res).view(T, self.heads, self.head_dim), self.kv_proj(x)
+        fused = fused_kernels(q)
+        cos_sin = None
+        q_rot = self.rope.fused(q, positions, norm="unit", eps=self.eps) if fused else None
+        if q_rot is None:  # the reference
+            cos_sin = self.rope.cos_sin(positions)
+            q_rot = self.rope.rotate(unit_rms(q, self.eps), *cos_sin)
+        kv_rot = self.rope.fused(rows, positions, norm="weighted", weight=self.kv_norm.weight,
+                                 eps=self.kv_norm.eps) if fused else None
+        if kv_rot is None:
+            cos_sin = cos_sin or self.rope.cos_sin(positions)
+            kv_rot = self.rope.rotate(self.kv_norm(rows), *cos_sin)
+        q, rows = q_rot, kv_rot
+        proj = ()
+        if isinstance(self.compressor, CSACompressor):
+            proj = self.compressor.project(x, q_res, positions, self.compressor.scored(kv, self.layer, T))
+        elif self.compressor is not None:
+            proj = self.compressor.project(x, q_res, positions)
         # kv may hold several sequences (MultiState): all else is per row, attention per sequence
         outs = [self._sequence(q[s], rows[s], positions[s], [p[s] for p in proj], state)
                 for state, s in kv.split(T)]
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        out = self.rope.rotate(out, cos, -sin)
+        undone = self.rope.fused(out, positions, sign=-1.0) if fused else None
+        if undone is None:
+            cos, sin = cos_sin or self.rope.cos_sin(positions)
+            undone = self.rope.rotate(out, cos, -sin)
+        out = undone
         return self.o_b_proj(self.o_a_proj(out.reshape(T, self.o_groups, -1)))
 
     def _sequence(self, q, rows, positions, proj, kv) -> torch.Tensor:
@@ -235,7 +287,11 @@ class V4Attention(nn.Module):
             keys, mask = torch.cat([keys, crows.to(keys.dtype)]), torch.cat([mask, cmask], dim=1)
         elif self.compressor is not None:  # only the indexer's picks: gather them per query
             crows, top = self.compressor.picks(proj, positions, kv, self.layer)
-            picked = (crows.to(q.dtype), top)
+            if top is None:  # every complete row, as HCA
+                keys = torch.cat([keys, crows.to(keys.dtype)])
+                mask = torch.cat([mask, complete(crows, positions, self.compressor.ratio)], dim=1)
+            else:
+                picked = (crows.to(q.dtype), top)
         return self._attend(q, keys.to(q.dtype), mask, picked)
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, picked=None) -> torch.Tensor:

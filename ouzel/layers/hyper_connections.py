@@ -10,8 +10,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels import cuda as _cuda
 from ..kernels import ops
 from ..quant.tensor import QTensor
+
+TRITON_ON_CPU = False  # tests: the V4 Triton kernels (kernels/triton/v4.py) on CPU tensors too (interpreter)
+
+
+def fused_kernels(x: torch.Tensor) -> bool:
+    """Whether V4's one-launch kernels are tried for this tensor (CUDA; the CPU in tests)."""
+    return x.is_cuda or TRITON_ON_CPU
 
 
 def dense(w) -> torch.Tensor:
@@ -54,6 +62,18 @@ class HyperConnection(nn.Module):
         collapsed = (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)
         return post, comb, collapsed
 
+    def pre(self, streams: torch.Tensor, norm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """forward() then the block's input RMSNorm `norm` on the collapsed row: post, comb, norm(x).
+        On CUDA the GEMV reads the unnormalised streams and one launch does the rest."""
+        if fused_kernels(streams) and not norm.unit_offset:
+            mixes = ops.linear(streams.reshape(streams.shape[0], -1).float(), self.fn)
+            out = _cuda.v4_hc_pre(mixes, streams, dense(self.base), dense(self.scale), norm.weight, self.iters,
+                                  self.hc_eps, self.norm_eps, norm.eps)
+            if out is not None:
+                return out
+        post, comb, x = self(streams)
+        return post, comb, norm(x)
+
     def mix(self, mixes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """mixes [T, (2+N)*N] -> pre [T, N], post [T, N], comb [T, N, N] (the reference)."""
         T, n = mixes.shape[0], self.n
@@ -73,6 +93,10 @@ class HyperConnection(nn.Module):
     def merge(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
         """New streams: post-weighted block output plus the streams mixed by comb (transposed:
         new_k = sum_j comb[j, k] * old_j)."""
+        if fused_kernels(streams):
+            new = _cuda.v4_hc_merge(streams, out, post, comb)
+            if new is not None:
+                return new
         dt = streams.dtype
         return post.to(dt).unsqueeze(-1) * out.unsqueeze(-2) + torch.matmul(comb.to(dt).transpose(-1, -2), streams)
 

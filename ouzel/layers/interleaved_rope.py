@@ -50,10 +50,21 @@ class InterleavedRope:
         else:
             raise UnsupportedError(f"DeepSeek V4 rope type {kind!r} is not supported (default, yarn)")
 
+    def fused(self, x: torch.Tensor, positions: torch.Tensor, sign: float = 1.0, norm: str | None = None,
+              weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor | None:
+        """Optional RMSNorm ("unit", or "weighted" by weight) then rotate(x) (sin times sign) in one
+        launch (kernels/triton/v4.py), or None where it can't run (the caller runs the reference)."""
+        from ..kernels.cuda import v4_rms_rope  # noqa: PLC0415
+        self._to(positions.device)
+        return v4_rms_rope(x, positions, self.inv_freq, self.scaling, sign, norm, weight, eps)
+
+    def _to(self, device: torch.device) -> None:
+        if self.inv_freq.device != device:  # moved once: a copy per step would block graph capture
+            self.inv_freq = self.inv_freq.to(device)
+
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[T] positions -> cos, sin [T, dim/2] (one angle per channel pair)."""
-        if self.inv_freq.device != positions.device:  # moved once: a copy per step would block graph capture
-            self.inv_freq = self.inv_freq.to(positions.device)
+        self._to(positions.device)
         freqs = positions[:, None].float() * self.inv_freq
         return freqs.cos() * self.scaling, freqs.sin() * self.scaling
 

@@ -99,10 +99,10 @@ class DeepseekV4DecoderLayer(nn.Module):
 
     def forward(self, streams, ids, positions, kv):
         # streams [T, N, D]
-        post, comb, x = self.attn_hc(streams)
-        streams = HyperConnection.merge(streams, self.self_attn(self.input_layernorm(x), positions, kv), post, comb)
-        post, comb, x = self.ffn_hc(streams)
-        return HyperConnection.merge(streams, self.mlp(self.post_attention_layernorm(x), ids), post, comb)
+        post, comb, x = self.attn_hc.pre(streams, self.input_layernorm)
+        streams = HyperConnection.merge(streams, self.self_attn(x, positions, kv), post, comb)
+        post, comb, x = self.ffn_hc.pre(streams, self.post_attention_layernorm)
+        return HyperConnection.merge(streams, self.mlp(x, ids), post, comb)
 
 
 class DeepseekV4Model(nn.Module):

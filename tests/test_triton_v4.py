@@ -1,0 +1,159 @@
+"""DeepSeek V4's one-launch decode kernels (kernels/triton/v4.py) against the torch code they
+replace, and the whole fixed step with them against the eager step (needs CUDA, or
+TRITON_INTERPRET=1 to run on the CPU through Triton's interpreter)."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not (torch.cuda.is_available() or INTERPRET):
+    pytest.skip("needs CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
+
+from ouzel.kernels.triton import v4  # noqa: E402
+from ouzel.kv.compressed import CompressedKV  # noqa: E402
+from ouzel.layers import hyper_connections as hcm  # noqa: E402
+from ouzel.layers.compressed_attention import Compressor  # noqa: E402
+from ouzel.layers.hyper_connections import HyperConnection, unit_rms  # noqa: E402
+from ouzel.layers.interleaved_rope import InterleavedRope  # noqa: E402
+from ouzel.layers.norm import RMSNorm  # noqa: E402
+
+DEV = "cpu" if INTERPRET else "cuda"
+YARN = {"rope_type": "yarn", "rope_theta": 160000.0, "partial_rotary_factor": 0.25, "factor": 4.0,
+        "original_max_position_embeddings": 128, "attention_factor": 1.3}
+
+
+def _close(a, b, tol=1e-5):
+    assert a.shape == b.shape and torch.allclose(a, b, rtol=tol, atol=tol), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("norm", [None, "unit", "weighted"])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_rms_rope(norm, sign):
+    g = torch.Generator().manual_seed(3)
+    rope = InterleavedRope(YARN, 64)
+    x = torch.randn(3, 5, 64, generator=g).to(DEV)
+    pos = torch.tensor([0, 7, 300]).to(DEV)
+    w = (0.5 + torch.rand(64, generator=g)).to(DEV)
+    cos, sin = rope.cos_sin(pos)
+    ref = x if norm is None else unit_rms(x, 1e-6)
+    ref = ref * w if norm == "weighted" else ref
+    want = rope.rotate(ref, cos, sign * sin)
+    got = v4.rms_rope(x, pos, rope.inv_freq, rope.scaling, sign, norm, w, 1e-6)
+    _close(got, want)
+    _close(v4.rms_rope(x[:, 0], pos, rope.inv_freq, rope.scaling, sign, norm, w, 1e-6), want[:, 0])
+
+
+def _hc(n=4, d=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hc = HyperConnection(n, d, 20, 1e-6, 1e-6)
+    m = (2 + n) * n
+    hc.fn = (torch.randn(m, n * d, generator=g) * 0.1).to(DEV)
+    hc.base, hc.scale = torch.randn(m, generator=g).to(DEV), torch.randn(3, generator=g).to(DEV)
+    norm = RMSNorm(d, 1e-6)
+    norm.weight = (0.5 + torch.rand(d, generator=g)).to(DEV)
+    return hc, norm, g
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_hc_pre_and_merge(T):
+    hc, norm, g = _hc()
+    streams = torch.randn(T, hc.n, hc.hidden, generator=g).to(DEV)
+    post, comb, x = hc(streams)
+    want = (post, comb, norm.reference(x))
+    mixes = streams.reshape(T, -1) @ hc.fn.T
+    got = v4.hc_pre(mixes, streams, hc.base, hc.scale, norm.weight, hc.iters, hc.hc_eps, hc.norm_eps, norm.eps)
+    for a, b in zip(got, want):
+        _close(a, b)
+    out = torch.randn(T, hc.hidden, generator=g).to(DEV)
+    _close(v4.hc_merge(streams, out, post, comb), HyperConnection.merge(streams, out, post, comb))
+
+
+@pytest.mark.parametrize("ratio,overlap", [(4, True), (16, False), (128, False)])
+def test_compress_step(ratio, overlap):
+    """Token by token over three windows: the kernel's rings and rows equal the torch step's."""
+    g = torch.Generator().manual_seed(ratio)
+    d, hidden = 32, 16
+    comp = Compressor(hidden, d, ratio, overlap, 1e-6, InterleavedRope(YARN, d))
+    width = (2 if overlap else 1) * d
+    comp.position_bias = torch.randn(ratio, width, generator=g).to(DEV)
+    comp.kv_norm.weight = (0.5 + torch.rand(d, generator=g)).to(DEV)
+    ref, fast = (CompressedKV(1, 4096, DEV) for _ in range(2))
+    for kv in (ref, fast):
+        kv.fixed_step = True
+    for p in range(3 * ratio):
+        kv_x, gate_x = torch.randn(2, 1, width, generator=g).to(DEV).unbind(0)
+        pos = torch.tensor([p], device=DEV)
+        want = comp._compress_step(kv_x, gate_x, ref, 0, pos)
+        rings = fast.step_buffers(0, comp.series, width, d, ratio, overlap)
+        comp.rope._to(pos.device)
+        v4.compress_step(rings[0], rings[1], kv_x, gate_x, pos, comp.position_bias, rings[2], comp.kv_norm.weight,
+                         comp.kv_norm.eps, comp.rope.inv_freq, comp.rope.scaling, ratio, overlap)
+        _close(rings[2], want)
+        s_ref, s_fast = ref._layers[0].series[comp.series], fast._layers[0].series[comp.series]
+        _close(s_fast.kv, s_ref.kv, 0)
+        _close(s_fast.gate, s_ref.gate, 0)
+        for kv in (ref, fast):
+            kv.commit(1)
+
+
+@torch.inference_mode()
+def test_fixed_step_with_kernels_equals_eager(tmp_path, monkeypatch):
+    """The tiny V4 (CSA ratio 4 with top-k 3, HCA 16): the fixed step through every V4 kernel
+    (the interpreter on a CPU) against the torch eager step, 40 tokens after a 21-token prefill."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    pytest.importorskip("transformers")
+    import deepseek4_gguf as d4
+    from tiny_deepseek_v4 import build_v4
+
+    import ouzel
+    from ouzel.layers import moe
+    try:
+        hf = build_v4()
+    except ImportError as e:
+        pytest.skip(f"transformers has no DeepSeek V4: {e}")
+    model = ouzel.load(d4.write(hf, tmp_path / "tiny-q8.gguf", "Q8_0"), device=DEV, progress=False).model
+    monkeypatch.setattr(moe, "PAIRWISE_ON_CPU", True)
+    ids = torch.randint(2, hf.config.vocab_size, (61,), generator=torch.Generator().manual_seed(5)).to(DEV)
+    states = []
+    for fixed in (False, True):
+        kv = model.new_kv(1024, DEV)
+        kv.fixed_step = fixed
+        model(ids[:21], torch.arange(21, device=DEV), kv)
+        kv.commit(21)
+        states.append(kv)
+    worst = 0.0
+    for p in range(21, 61):
+        pos = torch.tensor([p], device=DEV)
+        want = model.logits(model(ids[p:p + 1], pos, states[0]))
+        monkeypatch.setattr(hcm, "TRITON_ON_CPU", True)
+        got = model.logits(model(ids[p:p + 1], pos, states[1]))
+        monkeypatch.setattr(hcm, "TRITON_ON_CPU", False)
+        for kv in states:
+            kv.commit(1)
+        worst = max(worst, float((got - want).abs().max() / want.abs().max()))
+    assert worst < 1e-4
+
+
+def test_grouped_linear_as_experts(monkeypatch):
+    """o_a_proj's groups through the MoE pair-wise GEMV (one launch) equal the per-group loop."""
+    from ouzel.layers.compressed_attention import GroupedLinear
+    from ouzel.quant.blocks import block_type
+    from ouzel.quant.tensor import QTensor
+
+    g, per, K, T = 4, 8, 256, 2
+    gen = torch.Generator().manual_seed(0)
+    blocks = torch.randint(-127, 128, (g * per, K // 32, 34), generator=gen, dtype=torch.int8).view(torch.uint8)
+    blocks[..., :2] = torch.full((g * per, K // 32), 0.01, dtype=torch.float16).view(torch.uint8).view(
+        g * per, K // 32, 2)
+    lin = GroupedLinear(K, g * per, g)
+    lin.weight = QTensor(blocks.reshape(g * per, -1).contiguous().to(DEV), block_type("Q8_0"), (g * per, K))
+    x = torch.randn(T, g, K, generator=gen).to(DEV)
+    monkeypatch.setattr(hcm, "TRITON_ON_CPU", False)
+    want = lin(x) if not x.is_cuda else torch.cat([x[:, i] @ lin.weight.dequantize()[i * per:(i + 1) * per].T
+                                                   for i in range(g)], dim=-1)
+    monkeypatch.setattr(hcm, "TRITON_ON_CPU", True)
+    _close(lin(x), want, 1e-4)
