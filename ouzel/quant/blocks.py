@@ -267,17 +267,30 @@ Q6_K_R8 = BlockType("Q6_K_R8", 1000 + GT.Q6_K.value, 2048, 1680)
 _BY_NAME[Q6_K_R8.name] = Q6_K_R8
 
 
+def _field_last(raw: torch.Tensor, block_bytes: int, lo: int, hi: int) -> torch.Tensor:
+    """Rows of blocks -> each 8 blocks as their bytes outside [lo, hi), then their [lo, hi) fields."""
+    g = raw.reshape(raw.shape[0], -1, 8, block_bytes)
+    rest = torch.cat([g[..., :lo], g[..., hi:]], dim=3)
+    return torch.cat([rest.flatten(2), g[..., lo:hi].flatten(2)], dim=2).reshape(raw.shape)
+
+
+def _field_back(raw: torch.Tensor, block_bytes: int, lo: int, hi: int) -> torch.Tensor:
+    """The inverse of `_field_last`."""
+    n_rest = 8 * (block_bytes - (hi - lo))
+    g = raw.reshape(raw.shape[0], -1, 8 * block_bytes)
+    rest = g[..., :n_rest].reshape(*g.shape[:2], 8, -1)
+    field = g[..., n_rest:].reshape(*g.shape[:2], 8, -1)
+    return torch.cat([rest[..., :lo], field, rest[..., lo:]], dim=3).reshape(raw.shape)
+
+
 def repack_q6_k_r8(raw: torch.Tensor) -> torch.Tensor:
-    """Q6_K rows [N, K / 256 * 210] -> Q6_K_R8 rows (same shape)."""
-    g = raw.reshape(raw.shape[0], -1, 8, 210)
-    return torch.cat([g[..., :208].flatten(2), g[..., 208:].flatten(2)], dim=2).reshape(raw.shape)
+    """Q6_K rows [N, K / 256 * 210] -> Q6_K_R8 rows (same shape): d (bytes 208..209) last."""
+    return _field_last(raw, 210, 208, 210)
 
 
 def unpack_q6_k_r8(raw: torch.Tensor) -> torch.Tensor:
     """The inverse of `repack_q6_k_r8`: Q6_K_R8 rows -> Q6_K rows."""
-    g = raw.reshape(raw.shape[0], -1, 1680)
-    body, d = g[..., :1664].reshape(*g.shape[:2], 8, 208), g[..., 1664:].reshape(*g.shape[:2], 8, 2)
-    return torch.cat([body, d], dim=3).reshape(raw.shape)
+    return _field_back(raw, 210, 208, 210)
 
 
 @_kernel(Q6_K_R8)
@@ -293,16 +306,13 @@ _BY_NAME[Q8_0_R8.name] = Q8_0_R8
 
 
 def repack_q8_0_r8(raw: torch.Tensor) -> torch.Tensor:
-    """Q8_0 rows [N, K / 32 * 34] -> Q8_0_R8 rows (same shape)."""
-    g = raw.reshape(raw.shape[0], -1, 8, 34)
-    return torch.cat([g[..., 2:].flatten(2), g[..., :2].flatten(2)], dim=2).reshape(raw.shape)
+    """Q8_0 rows [N, K / 32 * 34] -> Q8_0_R8 rows (same shape): d (bytes 0..1) last."""
+    return _field_last(raw, 34, 0, 2)
 
 
 def unpack_q8_0_r8(raw: torch.Tensor) -> torch.Tensor:
     """The inverse of `repack_q8_0_r8`: Q8_0_R8 rows -> Q8_0 rows."""
-    g = raw.reshape(raw.shape[0], -1, 272)
-    q, d = g[..., :256].reshape(*g.shape[:2], 8, 32), g[..., 256:].reshape(*g.shape[:2], 8, 2)
-    return torch.cat([d, q], dim=3).reshape(raw.shape)
+    return _field_back(raw, 34, 0, 2)
 
 
 @_kernel(Q8_0_R8)

@@ -32,12 +32,9 @@ QBLOCK = 32  # activation values per int8 scale
 
 
 @triton.jit
-def _quant_x_kernel(x_ptr, xq_ptr, dx_ptr, sx_ptr, K, stride_xm, BLOCK: tl.constexpr):
-    """Program (m, b): values b*BLOCK .. of row m -> int8, and per 32 the scale and the sum."""
-    m = tl.program_id(0)
-    b = tl.program_id(1)
+def _round_store(x, xq_ptr, dx_ptr, sx_ptr, m, b, K, BLOCK: tl.constexpr):
+    """Values b*BLOCK .. of row m (x, fp32 [BLOCK]) -> int8, and per 32 the scale and dx * sum."""
     offs = b * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + m * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
     xr = tl.reshape(x, [BLOCK // 32, 32])
     amax = tl.max(tl.abs(xr), axis=1)
     d = amax / 127.0
@@ -48,6 +45,16 @@ def _quant_x_kernel(x_ptr, xq_ptr, dx_ptr, sx_ptr, K, stride_xm, BLOCK: tl.const
     sub = b * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
     tl.store(dx_ptr + m * (K // 32) + sub, d, mask=sub < K // 32)
     tl.store(sx_ptr + m * (K // 32) + sub, d * tl.sum(q.to(tl.float32), axis=1), mask=sub < K // 32)
+
+
+@triton.jit
+def _quant_x_kernel(x_ptr, xq_ptr, dx_ptr, sx_ptr, K, stride_xm, BLOCK: tl.constexpr):
+    """Program (m, b): values b*BLOCK .. of row m -> int8, and per 32 the scale and the sum."""
+    m = tl.program_id(0)
+    b = tl.program_id(1)
+    offs = b * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + m * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+    _round_store(x, xq_ptr, dx_ptr, sx_ptr, m, b, K, BLOCK)
 
 
 @triton.jit
@@ -64,16 +71,7 @@ def _quant_swiglu_kernel(gu_ptr, xq_ptr, dx_ptr, sx_ptr, K, stride_m, limit, BLO
         g = tl.minimum(g, limit)
         u = tl.minimum(tl.maximum(u, -limit), limit)
     x = g / (1.0 + tl.exp(-g)) * u
-    xr = tl.reshape(x, [BLOCK // 32, 32])
-    amax = tl.max(tl.abs(xr), axis=1)
-    d = amax / 127.0
-    inv = tl.where(amax > 0, 127.0 / tl.where(amax > 0, amax, 1.0), 0.0)
-    q = tl.floor(xr * inv[:, None] + 0.5)
-    q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
-    tl.store(xq_ptr + m * K + offs, tl.reshape(q, [BLOCK]), mask=offs < K)
-    sub = b * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
-    tl.store(dx_ptr + m * (K // 32) + sub, d, mask=sub < K // 32)
-    tl.store(sx_ptr + m * (K // 32) + sub, d * tl.sum(q.to(tl.float32), axis=1), mask=sub < K // 32)
+    _round_store(x, xq_ptr, dx_ptr, sx_ptr, m, b, K, BLOCK)
 
 
 def quantize_swiglu(gu: torch.Tensor, limit: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -216,6 +214,17 @@ def _q4k_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, wb_ptr, out_ptr, idx_ptr, N, bloc
 
 
 @triton.jit
+def _m1_rows(idx_ptr, N, row_quads, expert_quads, BN: tl.constexpr, HAS_IDX: tl.constexpr):
+    """The one-row kernels' program (i, split, g): rows i*BN.., and their first words (row strides
+    in 16-byte units, so Triton knows every row is 16-byte aligned; MoE: expert idx[g]'s rows)."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    wrow = tl.minimum(rows, N - 1).to(tl.int64) * row_quads * 4
+    if HAS_IDX:
+        wrow += tl.load(idx_ptr + tl.program_id(2)).to(tl.int64) * expert_quads * 4
+    return rows, wrow
+
+
+@triton.jit
 def _q4k_m1_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, out_ptr, idx_ptr, N, blocks_per_split, row_quads, expert_quads,
                    K, x_div, stride_os, stride_og, BN: tl.constexpr, NB: tl.constexpr, HAS_IDX: tl.constexpr,
                    USE_ASM: tl.constexpr):
@@ -223,13 +232,9 @@ def _q4k_m1_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, out_ptr, idx_ptr, N, blocks_pe
     computes: the nibble words, the block headers as one 16-byte word load each (d | dmin, then
     the three words of 6-bit scales, decoded with shifts instead of byte loads), and x's words
     and scales. Products are scaled per word and summed once at the end."""
-    pid = tl.program_id(0)
     split = tl.program_id(1)
     g = tl.program_id(2)
-    rows = pid * BN + tl.arange(0, BN)
-    wrow = tl.minimum(rows, N - 1).to(tl.int64) * row_quads * 4  # 16-byte units: Triton then knows rows are aligned
-    if HAS_IDX:
-        wrow += tl.load(idx_ptr + g).to(tl.int64) * expert_quads * 4
+    rows, wrow = _m1_rows(idx_ptr, N, row_quads, expert_quads, BN, HAS_IDX)
     xrow = (g // x_div).to(tl.int64)
     b4 = tl.arange(0, NB)[None, :, None, None]
     j4 = tl.arange(0, 4)[None, None, :, None]
@@ -308,13 +313,9 @@ def _q6k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, idx_ptr, N, blocks_per_spl
     128h + 4u .. +3 (low nibbles) and 128h + 64 + 4u .. (high); their top 2 bits are field u // 8
     (resp. 2 + u // 8) of qh word u % 8. The 6-bit values are unsigned; q - 32 is exact in the
     integer dot as dp4a(q, x) - dp4a(32, x). Every load of step i + 1 is in flight during step i."""
-    pid = tl.program_id(0)
     split = tl.program_id(1)
     g = tl.program_id(2)
-    rows = pid * BN + tl.arange(0, BN)
-    wrow = tl.minimum(rows, N - 1).to(tl.int64) * row_quads * 4  # 16-byte units: Triton then knows rows are aligned
-    if HAS_IDX:
-        wrow += tl.load(idx_ptr + g).to(tl.int64) * expert_quads * 4
+    rows, wrow = _m1_rows(idx_ptr, N, row_quads, expert_quads, BN, HAS_IDX)
     xrow = (g // x_div).to(tl.int64)
     b4 = tl.arange(0, NB)[None, :, None, None]
     h4 = tl.arange(0, 2)[None, None, :, None]
@@ -375,13 +376,9 @@ def _q8_0_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, idx_ptr, N, blocks_per_sp
     axis comes first so that the compiler lays a warp's threads along K (coalesced); strides come
     in 16-byte units (row_vecs), which tells it the quads are 16-byte aligned. Every load of step
     i + 1 is in flight during step i."""
-    pid = tl.program_id(0)
     split = tl.program_id(1)
     g = tl.program_id(2)
-    rows = pid * BN + tl.arange(0, BN)
-    wrow = tl.minimum(rows, N - 1).to(tl.int64) * row_vecs * 4
-    if HAS_IDX:
-        wrow += tl.load(idx_ptr + g).to(tl.int64) * expert_vecs * 4
+    rows, wrow = _m1_rows(idx_ptr, N, row_vecs, expert_vecs, BN, HAS_IDX)
     r4 = wrow[None, None, :, None]
     q4 = tl.arange(0, 16)[:, None, None, None]
     b4 = tl.arange(0, NB)[None, :, None, None]
