@@ -96,19 +96,25 @@ def _regroup_for_gpu(model) -> None:
     from .quant.blocks import Q6_K_R8, Q8_0_R8, repack_q6_k_r8, repack_q8_0_r8
     from .quant.tensor import QTensor
     regroup = {"Q6_K": (Q6_K_R8, repack_q6_k_r8), "Q8_0": (Q8_0_R8, repack_q8_0_r8)}
-    shared = {id(m.weight.raw) for m in model.modules() if isinstance(m, Embedding) and isinstance(m.weight, QTensor)}
-    done: dict[int, QTensor] = {}  # a weight two Linears share is regrouped once
+    def storage(t: torch.Tensor) -> int:
+        return t.untyped_storage().data_ptr()
+
+    # bytes an Embedding reads (even through another view of them) stay as they are
+    shared = {storage(m.weight.raw) for m in model.modules() if isinstance(m, Embedding) and isinstance(m.weight, QTensor)}
+    done: dict[tuple, QTensor] = {}  # a weight two Linears share is regrouped once
     for mod in model.modules():
         w = getattr(mod, "weight", None)
-        if isinstance(mod, Linear) and isinstance(w, QTensor) and id(w.raw) in done:
-            mod.weight = done[id(w.raw)]
-        elif (isinstance(mod, Linear) and isinstance(w, QTensor) and w.bt.name in regroup
-                and w.shape[1] % regroup[w.bt.name][0].block_elems == 0 and w.raw.is_contiguous()
-                and id(w.raw) not in shared):
+        if not isinstance(mod, Linear) or not isinstance(w, QTensor):
+            continue
+        key = (storage(w.raw), w.raw.storage_offset(), tuple(w.raw.shape), w.bt.name)
+        if key in done:
+            mod.weight = done[key]
+        elif (w.bt.name in regroup and w.shape[1] % regroup[w.bt.name][0].block_elems == 0
+                and w.raw.is_contiguous() and storage(w.raw) not in shared):
             bt, repack = regroup[w.bt.name]
             for i in range(0, w.shape[0], 1024):  # in place, a slice at a time: no second copy
                 w.raw[i:i + 1024] = repack(w.raw[i:i + 1024])
-            mod.weight = done[id(w.raw)] = QTensor(w.raw, bt, w.shape)
+            mod.weight = done[key] = QTensor(w.raw, bt, w.shape)
 
 
 def load(ref: str | Path, device: str | torch.device = "cpu", progress: bool = True) -> Loaded:

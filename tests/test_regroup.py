@@ -21,6 +21,10 @@ def test_regroup_q6_k_linears():
     m.a.weight = m.b.weight = _q6k(8, 4096, 0)  # two Linears, one weight
     m.c.weight = m.emb.weight = _q6k(5, 4096, 1)  # shared with an embedding: left as is
     m.small.weight = _q6k(4, 256, 2)  # K % 2048 != 0: left as is
+    m.d = Linear(4096, 5)  # another QTensor over the embedding's bytes (a view): left as is
+    m.d.weight = QTensor(m.emb.weight.raw[:], block_type("Q6_K"), (5, 4096))
+    m.e = Linear(4096, 8)  # another QTensor over a's bytes: regrouped with a, once
+    m.e.weight = QTensor(m.a.weight.raw, block_type("Q6_K"), (8, 4096))
     want = {n: dequantize(getattr(m, n).weight.raw, block_type("Q6_K")) for n in ("a", "c", "small")}
     raw_a = m.a.weight.raw
     _regroup_for_gpu(m)
@@ -28,6 +32,7 @@ def test_regroup_q6_k_linears():
     assert m.a.weight.raw.data_ptr() == raw_a.data_ptr()  # in place: nothing stored twice
     assert torch.equal(m.a.weight.dequantize(), want["a"])
     assert m.c.weight.bt.name == "Q6_K" and torch.equal(m.c.weight.dequantize(), want["c"])
+    assert m.d.weight.bt.name == "Q6_K" and m.e.weight is m.a.weight
     assert m.small.weight.bt.name == "Q6_K" and torch.equal(m.small.weight.dequantize(), want["small"])
     x = torch.randn(3, 4096)
     assert torch.allclose(m.a(x), x @ want["a"].T, rtol=1e-4, atol=1e-4)

@@ -183,7 +183,10 @@ class RoutedExperts(nn.Module):
         y = self._through(x, gu, down, lambda inp, w, first: ops.linear_experts(inp, w, self.n_experts, flat,
                                                                                    K if first else 1),
                           down_fast=lambda h: _swiglu_experts(h, down.stacked[0], self.n_experts, flat, self.limit))
-        return None if y is None else (y.view(T, K, -1) * weights[..., None]).sum(1).to(x.dtype)
+        if y is None:
+            return None
+        # the weighted sum of each token's K expert outputs as one batched matmul (one launch, not two)
+        return torch.bmm(weights[:, None, :].to(y.dtype), y.view(T, K, -1))[:, 0].to(x.dtype)
 
     def _through(self, x, gu: ExpertStack, down: ExpertStack, matmul, down_fast=None) -> torch.Tensor | None:
         """down(swiglu(gate_up(x))) over (token, expert) pairs with a pair-wise expert matmul
