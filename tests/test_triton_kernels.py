@@ -126,15 +126,16 @@ def test_q8_gemv_experts(name, gen):
         assert rel_err(out, ref) < 1e-5
 
 
-def _moe_gemm_case(name, counts, bm, gen, **cfg):
+def _moe_gemm_case(name, counts, bm, gen, device_tiles=False, **cfg):
     """qgemm_experts over pairs sorted by expert (counts[e] each, gate/up form: rows of x shared by
-    pairs) against the reference per pair."""
+    pairs) against the reference per pair. device_tiles: the schedule built from counts on the
+    device (with spare empty tiles)."""
     E, n, k = len(counts), 40, 512
     raw = random_blocks(name, E * n, k, gen, DEV)
     P = sum(counts)
     x = torch.randn(P // 2 + 1, k, generator=gen).to(DEV)
     pair_rows = torch.randint(0, x.shape[0], (P,), generator=gen, dtype=torch.int32).to(DEV)
-    tiles = G.moe_tiles(counts, bm, DEV)
+    tiles = G.moe_tiles(torch.tensor(counts, device=DEV) if device_tiles else counts, bm, DEV, P)
     out = torch.full((P, n), float("nan"), device=DEV)
     G.qgemm_experts(x, raw, name, (n, k), pair_rows, tiles, out=out, bm=bm, dot_dtype=torch.float32, **cfg)
     es = [e for e, c in enumerate(counts) for _ in range(c)]
@@ -150,6 +151,23 @@ def test_moe_gemm_experts(name, quads, gen):
     tiles (`_quads` where it reads the type, else `_decode`). Uneven counts: an expert with no
     pairs, one with a single pair, one over two tiles of 16 (a partial last tile)."""
     assert _moe_gemm_case(name, [5, 0, 1, 37, 9], 16, gen, bn=16, quads=quads) < 1e-5
+
+
+@pytest.mark.parametrize("counts,bm", [([5, 0, 1, 37, 9], 16), ([0, 0, 3], 16), ([64, 1, 0, 31, 32], 32), ([7], 64)])
+def test_moe_tiles_on_device(counts, bm):
+    """The schedule built on the device (no host read of counts) has the host schedule's tiles,
+    then only empty ones (start == end), and at most ceil(P / bm) + E tiles."""
+    P = sum(counts)
+    host = [t.tolist() for t in G.moe_tiles(counts, bm, DEV)]
+    dev = [t.tolist() for t in G.moe_tiles(torch.tensor(counts, device=DEV), bm, DEV, P)]
+    n = len(host[0])
+    assert len(dev[0]) == -(-P // bm) + len(counts) >= n
+    assert [d[:n] for d in dev] == host
+    assert all(s == e for s, e in zip(dev[1][n:], dev[2][n:]))
+
+
+def test_moe_gemm_device_tiles(gen):
+    assert _moe_gemm_case("Q4_K", [5, 0, 1, 37, 9], 16, gen, device_tiles=True, bn=16) < 1e-5
 
 
 @pytest.mark.parametrize("bm,bn,num_warps", [(16, 64, 8), (32, 32, 4), (64, 16, 4)])

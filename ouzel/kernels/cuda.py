@@ -231,7 +231,7 @@ MOE_GEMM_CONFIGS = {  # H100, 512-token prefill, bench/moe_gemm_bench.py (bench/
 MOE_GEMM_DEFAULT = dict(bn=64, num_warps=4)
 
 
-def moe_gemm(x: torch.Tensor, w, n_experts: int, pair_rows: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
+def moe_gemm(x: torch.Tensor, w, n_experts: int, pair_rows: torch.Tensor, counts) -> torch.Tensor | None:
     """MoE prefill: out [P, n] row p = x[pair_rows[p]] @ W_e.T for pairs sorted by expert (counts[e]
     each), w a stacked QTensor [E * n, K]; the blocks are decoded inside the matmul tiles. None where
     no kernel reads the type. Tile rows: 16, or 32 / 64 where the experts average more pairs (each
@@ -239,12 +239,12 @@ def moe_gemm(x: torch.Tensor, w, n_experts: int, pair_rows: torch.Tensor, counts
     if not gemv_supports(w) or x.dtype not in _DTYPES:
         return None
     g, dot = _gguf(), _prefill_dtype(x.dtype)
-    mean = len(pair_rows) / max(1, sum(c > 0 for c in counts))
+    mean = len(pair_rows) / n_experts  # counts may live on the device: no host read for the tile size
     cfg = dict(MOE_GEMM_CONFIGS.get(w.bt.name, MOE_GEMM_DEFAULT))
     bm = cfg.pop("bm", 16 if mean <= 24 else 32 if mean <= 48 else 64)
     bm = 64 if mean > 48 else bm  # long prefills: every tile decodes its expert's blocks again
     return g.qgemm_experts(x.contiguous(), w.raw, w.bt.name, (w.shape[0] // n_experts, w.shape[1]), pair_rows,
-                           g.moe_tiles(counts, bm, x.device), bm=bm, dot_dtype=dot, **cfg)
+                           g.moe_tiles(counts, bm, x.device, len(pair_rows)), bm=bm, dot_dtype=dot, **cfg)
 
 
 def paged_decode_attention(q, k_pool, v_pool, block_table, lengths, block_size: int, window, scale, out=None):

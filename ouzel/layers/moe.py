@@ -203,10 +203,11 @@ class RoutedExperts(nn.Module):
         return matmul(swiglu(h[:, :I], h[:, I:], self.limit).to(x.dtype), down.stacked[0], False)
 
     def _grouped(self, x, weights, idx, gu: ExpertStack, down: ExpertStack) -> torch.Tensor | None:
-        """Prefill: every expert's blocks dequantized in one kernel per matrix, the (token, expert)
-        pairs sorted by expert and padded to the busiest expert's count, then two batched matmuls
-        (one host read: that count): a dozen launches per layer instead of several per expert.
-        On CUDA in bf16 (OUZEL_CUDA_PREFILL_DTYPE=f32: x's dtype); on the CPU (tests) in float32."""
+        """Prefill: the (token, expert) pairs sorted by expert. On CUDA the grouped GEMM kernel
+        decodes the blocks inside its tiles, its schedule built on the device (no host read, so
+        the layers queue back to back). Elsewhere every expert's blocks dequantized in one kernel
+        per matrix, the pairs padded to the busiest expert's count (one host read), two batched
+        matmuls. On CUDA in bf16 (OUZEL_CUDA_PREFILL_DTYPE=f32: x's dtype); on the CPU in float32."""
         if gu.stacked is None or down.stacked is None:
             return None
         from ..kernels.ops import dequantize_stacked  # noqa: PLC0415
@@ -214,9 +215,10 @@ class RoutedExperts(nn.Module):
         E, D, I = self.n_experts, self.hidden, self.intermediate
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)  # pairs grouped by expert
-        counts = torch.bincount(flat, minlength=E)
+        # pairs per expert; not bincount, which reads the largest id on the host to size its output
+        counts = torch.zeros(E, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
         if x.is_cuda:
-            out = self._grouped_kernels(x, weights, order, counts.tolist(), K, gu, down)
+            out = self._grouped_kernels(x, weights, order, counts, K, gu, down)  # counts stay on the device
             if out is not None:
                 return out
         ws = [dequantize_stacked(w, x) for w in (*gu.stacked, *down.stacked)]
@@ -236,7 +238,7 @@ class RoutedExperts(nn.Module):
         out.index_add_(0, order // K, (y * weights.reshape(-1)[order, None]).to(out.dtype))
         return out
 
-    def _grouped_kernels(self, x, weights, order, counts: list[int], K: int, gu: ExpertStack,
+    def _grouped_kernels(self, x, weights, order, counts: torch.Tensor, K: int, gu: ExpertStack,
                          down: ExpertStack) -> torch.Tensor | None:
         """`_grouped` with the experts' blocks decoded inside the matmul tiles (no dense copy of
         every expert per layer): kernels/triton/gguf.py `qgemm_experts`."""

@@ -297,9 +297,13 @@ def _moe_gemm_kernel(x_ptr, w_ptr, out_ptr, grid_ptr, signs_ptr, pair_row_ptr, t
     a tile of few pairs (BM = 16) still fills the tensor-core instruction; QUADS picks `_quads`."""
     t = tl.program_id(0)
     j = tl.program_id(1)
+    start = tl.load(tile_start_ptr + t)
+    end = tl.load(tile_end_ptr + t)
+    if start >= end:  # a spare tile of a schedule sized on the host before the counts are known
+        return
     e = tl.load(tile_expert_ptr + t).to(tl.int64)
-    rows = tl.load(tile_start_ptr + t) + tl.arange(0, BM)
-    rmask = rows < tl.load(tile_end_ptr + t)
+    rows = start + tl.arange(0, BM)
+    rmask = rows < end
     xrow = tl.load(pair_row_ptr + rows, mask=rmask, other=0).to(tl.int64)
     cols = j * BN + tl.arange(0, BN)
     wrow = w_ptr + e * expert_bytes + tl.minimum(cols, N - 1).to(tl.int64) * row_bytes
@@ -317,9 +321,18 @@ def _moe_gemm_kernel(x_ptr, w_ptr, out_ptr, grid_ptr, signs_ptr, pair_row_ptr, t
              mask=rmask[None, :] & (cols < N)[:, None])
 
 
-def moe_tiles(counts: list[int], bm: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def moe_tiles(counts, bm: int, device, pairs: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For pairs sorted by expert with counts[e] pairs each: per tile of at most bm pairs of one
-    expert, (expert, first pair, end pair) as int32 device tensors."""
+    expert, (expert, first pair, end pair) as int32 device tensors.
+
+    counts a list: exactly the tiles needed. counts a device tensor (with `pairs` = its sum, known
+    to the caller): built on the device with no host read, so a prefill's MoE layers queue without
+    waiting on each other. sum(ceil(c / bm)) <= ceil(pairs / bm) + E tiles; the unused ones are
+    empty (start == end) and the kernel skips them."""
+    if isinstance(counts, torch.Tensor):
+        if pairs is None:
+            raise ValueError("moe_tiles: device counts need the number of pairs")
+        return _moe_tiles_device(counts.to(device).long(), bm, -(-pairs // bm) + counts.shape[0])
     experts, starts, ends, at = [], [], [], 0
     for e, c in enumerate(counts):
         for s in range(at, at + c, bm):
@@ -327,6 +340,19 @@ def moe_tiles(counts: list[int], bm: int, device) -> tuple[torch.Tensor, torch.T
         at += c
     as_t = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
     return as_t(experts), as_t(starts), as_t(ends)
+
+
+def _moe_tiles_device(counts: torch.Tensor, bm: int, n_tiles: int):
+    per = (counts + bm - 1) // bm  # tiles of each expert
+    last = torch.cumsum(per, 0)  # one past each expert's last tile
+    first_pair = torch.cumsum(counts, 0) - counts
+    t = torch.arange(n_tiles, device=counts.device)
+    e = torch.searchsorted(last, t, right=True).clamp(max=counts.shape[0] - 1)  # the expert of tile t
+    start = first_pair[e] + (t - (last[e] - per[e])) * bm
+    end = torch.minimum(start + bm, first_pair[e] + counts[e])
+    used = t < last[-1]
+    return (e.to(torch.int32), torch.where(used, start, 0).to(torch.int32),
+            torch.where(used, end, 0).to(torch.int32))
 
 
 QUADS_TYPES = ("Q4_K", "Q6_K", "Q2_K", "IQ2_XXS")  # the types `_quads` decodes (others: `_decode`)
