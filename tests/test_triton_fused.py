@@ -138,6 +138,23 @@ def test_rope_apply_qk_matches_two_calls(gen):
     assert rel_err(qo, rope(q, positions)) < 1e-6 and rel_err(ko, rope(k, positions)) < 1e-6
 
 
+@pytest.mark.parametrize("D,rot,unit", [(128, 128, False), (64, 32, True), (256, 256, True)])
+def test_rope_qk_with_qk_norms(D, rot, unit, gen):
+    """Qwen3 / Gemma 3: each head RMS-normalised (own q and k weights) then roped, in one launch."""
+    T, H, Hkv = 3, 4, 2
+    rope = Rope(RopeSpec(theta=10000.0, dim=rot))
+    q, k = qkv_views(gen, T, H, Hkv, D, F32)
+    qn, kn = RMSNorm(D, 1e-6, unit), RMSNorm(D, 1e-6, unit)
+    qn.weight = torch.randn(D, generator=gen).to(DEV)
+    kn.weight = torch.randn(D, generator=gen).to(DEV)
+    positions = torch.tensor([17, 1000, 32767], device=DEV)
+    qo, ko = fused.rope_qk(q, k, positions, rope._inv_for(q.device), rot, (qn.weight, kn.weight, 1e-6, unit))
+    assert rel_err(qo, rope(qn.reference(q), positions)) < 1e-6
+    assert rel_err(ko, rope(kn.reference(k), positions)) < 1e-6
+    qo2, ko2 = rope.apply_qk(q, k, positions, (qn, kn))  # the dispatch Attention uses
+    assert rel_err(qo2, qo) < 1e-6 and rel_err(ko2, ko) < 1e-6
+
+
 def test_rope_qk_rejects_bad_shapes():
     q = torch.zeros(2, 4, 64, device=DEV)
     pos = torch.zeros(2, dtype=torch.int64, device=DEV)

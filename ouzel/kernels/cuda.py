@@ -210,13 +210,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: boo
     return f.rms_norm(x, weight, eps, unit_offset, residual)
 
 
-def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, rot_dim: int):
-    """`fused.rope_qk` (q and k in one launch), or None where it can't run."""
+def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, rot_dim: int,
+            norms=None):
+    """`fused.rope_qk` (q and k in one launch; norms = (q_norm, k_norm) RMSNorms applied first, in
+    the same launch), or None where it can't run."""
     f = _fused()
     if (f is None or q.dtype not in _DTYPES or k.dtype != q.dtype or q.stride(-1) != 1 or k.stride(-1) != 1
             or positions.dtype not in (torch.int32, torch.int64) or positions.device != q.device):
         return None
-    return f.rope_qk(q, k, positions, inv_freq, rot_dim)
+    norm = None
+    if norms is not None:
+        qn, kn = norms
+        if (qn.eps != kn.eps or qn.unit_offset != kn.unit_offset or qn.weight.device != q.device
+                or kn.weight.device != q.device or qn.weight.dtype not in _DTYPES or kn.weight.dtype not in _DTYPES):
+            return None
+        norm = (qn.weight, kn.weight, qn.eps, qn.unit_offset)
+    return f.rope_qk(q, k, positions, inv_freq, rot_dim, norm)
 
 
 # MoE prefill GEMM tiles (`gguf.qgemm_experts`) per block type: the decode of every expert's blocks,

@@ -105,11 +105,12 @@ class Attention(nn.Module):
         q = q.view(xq.shape[0], self.n_heads, self.head_dim)
         k = k.view(T, self.n_kv_heads, self.head_dim)
         v = v.view(T, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if out_rows is None:  # q and k share the positions: one fused rope on CUDA
-            q, k = self.rope.apply_qk(q, k, positions)
+        norms = (self.q_norm, self.k_norm) if self.q_norm is not None else None
+        if out_rows is None:  # q and k share the positions: q/k norms and rope in one launch on CUDA
+            q, k = self.rope.apply_qk(q, k, positions, norms)
         else:
+            if norms is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
             q, k = self.rope(q, qpos), self.rope(k, positions)
         out = kv.attention(self.layer, q, k, v, qpos, self.window, self.scale)
         return self.o_proj(out.reshape(xq.shape[0], -1))

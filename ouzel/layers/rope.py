@@ -73,10 +73,14 @@ class Rope:
         out = xr * cos + rot * sin
         return out if d == x.shape[-1] else torch.cat([out, x[..., d:]], dim=-1)
 
-    def apply_qk(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(self(q, positions), self(k, positions)); on CUDA one fused launch for both."""
+    def apply_qk(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                 norms=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(q, positions), self(k, positions)), after norms = (q_norm, k_norm) if given; on
+        CUDA one fused launch for all of it."""
         if q.is_cuda:
-            out = _cuda.rope_qk(q, k, positions, self._inv_for(q.device), self.spec.dim)
+            out = _cuda.rope_qk(q, k, positions, self._inv_for(q.device), self.spec.dim, norms)
             if out is not None:
                 return out
+        if norms is not None:
+            q, k = norms[0](q), norms[1](k)
         return self(q, positions), self(k, positions)

@@ -79,39 +79,58 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: boo
 
 
 @triton.jit
-def _rope_qk_kernel(q_ptr, k_ptr, pos_ptr, inv_ptr, qo_ptr, ko_ptr, H, Hkv, s_qt, s_qh, s_kt, s_kh,
-                    D: tl.constexpr, ROT: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr):
-    """Program (t, j): head j of q (j < H) or head j - H of k; outputs contiguous [T, heads, D]."""
+def _rope_qk_kernel(q_ptr, k_ptr, pos_ptr, inv_ptr, qo_ptr, ko_ptr, wq_ptr, wk_ptr, eps, H, Hkv, s_qt, s_qh, s_kt,
+                    s_kh, D: tl.constexpr, ROT: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr,
+                    NORM: tl.constexpr, UNIT_OFFSET: tl.constexpr):
+    """Program (t, j): head j of q (j < H) or head j - H of k; outputs contiguous [T, heads, D].
+    NORM: each head first RMS-normalised over its D values with weights wq / wk (`_rms_norm_kernel`'s
+    arithmetic), as Qwen3's and Gemma 3's q/k norms."""
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     if j < H:
         src = q_ptr + t * s_qt + j * s_qh
         dst = qo_ptr + (t * H + j) * D
+        w_ptr = wq_ptr
     else:
         src = k_ptr + t * s_kt + (j - H) * s_kh
         dst = ko_ptr + (t * Hkv + (j - H)) * D
+        w_ptr = wk_ptr
     HALF: tl.constexpr = ROT // 2
     i = tl.arange(0, HP)
     m = i < HALF
+    p = ROT + tl.arange(0, DP)
+    pm = p < D
     f = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_ptr + i, mask=m, other=0.0)
     c = tl.cos(f)
     s = tl.sin(f)
     x1 = tl.load(src + i, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF + i, mask=m, other=0.0).to(tl.float32)
+    x3 = tl.load(src + p, mask=pm, other=0.0).to(tl.float32)  # dims past ROT (partial rope)
+    if NORM:
+        ss = tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)
+        if ROT < D:
+            ss += tl.sum(x3 * x3, axis=0)
+        r = tl.rsqrt(ss / D + eps)
+        w1 = tl.load(w_ptr + i, mask=m, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + HALF + i, mask=m, other=0.0).to(tl.float32)
+        w3 = tl.load(w_ptr + p, mask=pm, other=0.0).to(tl.float32)
+        if UNIT_OFFSET:
+            w1, w2, w3 = 1.0 + w1, 1.0 + w2, 1.0 + w3
+        x1, x2, x3 = x1 * r * w1, x2 * r * w2, x3 * r * w3
     ty = dst.dtype.element_ty
     tl.store(dst + i, (x1 * c + -x2 * s).to(ty), mask=m)  # rotate_half(x) = [-x2, x1]
     tl.store(dst + HALF + i, (x2 * c + x1 * s).to(ty), mask=m)
     if ROT < D:  # partial rope: the remaining dims pass through
-        p = ROT + tl.arange(0, DP)
-        pm = p < D
-        tl.store(dst + p, tl.load(src + p, mask=pm, other=0.0).to(ty), mask=pm)
+        tl.store(dst + p, x3.to(ty), mask=pm)
 
 
 def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
-            rot_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+            rot_dim: int, norm: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rope.__call__ on q [T, H, D] and k [T, Hkv, D] (same dtype; any strides in the first two
     dims, last dim contiguous) in one launch. positions [T] int32/int64 and inv_freq [rot_dim / 2]
-    fp32 on the device. New contiguous outputs in the reference's dtype: fp32 (x * fp32 cos)."""
+    fp32 on the device. New contiguous outputs in the reference's dtype: fp32 (x * fp32 cos).
+    norm = (q weight [D], k weight [D], eps, unit_offset): each head RMS-normalised first (the
+    q/k norms of Qwen3 and Gemma 3, in the same launch)."""
     T, H, D = q.shape
     Tk, Hkv, Dk = k.shape
     if Tk != T or Dk != D or q.dtype != k.dtype:
@@ -129,9 +148,13 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq:
     if T:
         HP = triton.next_power_of_2(rot_dim // 2)
         DP = triton.next_power_of_2(D - rot_dim) if rot_dim < D else 1
-        _rope_qk_kernel[(T, H + Hkv)](q, k, positions, inv_freq.float().contiguous(), qo, ko, H, Hkv,
-                                      q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                                      D=D, ROT=rot_dim, HP=HP, DP=DP, num_warps=1, enable_fp_fusion=False)
+        wq, wk, eps, unit = norm if norm is not None else (inv_freq, inv_freq, 0.0, False)
+        if norm is not None and (wq.shape != (D,) or wk.shape != (D,)):
+            raise ValueError(f"rope_qk: norm weights {tuple(wq.shape)}, {tuple(wk.shape)} for D={D}")
+        _rope_qk_kernel[(T, H + Hkv)](q, k, positions, inv_freq.float().contiguous(), qo, ko, wq.contiguous(),
+                                      wk.contiguous(), float(eps), H, Hkv, q.stride(0), q.stride(1), k.stride(0),
+                                      k.stride(1), D=D, ROT=rot_dim, HP=HP, DP=DP, NORM=norm is not None,
+                                      UNIT_OFFSET=bool(unit), num_warps=1, enable_fp_fusion=False)
     return qo, ko
 
 
