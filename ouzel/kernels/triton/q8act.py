@@ -15,6 +15,13 @@ kernel matches to fp32 rounding.
 layout their blocks are only 2-byte aligned, and the same scheme read through int16 pairs was no
 faster than the fp32-activation decoder on an H200 (Q8_0 slower; bench/NOTES.md).
 
+The one-row kernels (`*_m1_kernel`, the decode step's form; Q6_K_R8 and Q8_0_R8 have only
+these) are built for memory-level parallelism, which was the limit, not the instruction count:
+every load of block step i + 1 (weights, their scales as words, x's words and scales) is issued
+before step i computes, products are scaled per word and summed once at the end, and row strides
+come in 16-byte units so that Triton emits 16-byte loads. On an H100 that took Q4_K 14336x4096
+from 27 to 18 us (bench/NOTES.md).
+
 Q4_K (144 B): d, dmin (f16), 12 B of 6-bit sub-block scales/mins, 128 B of nibbles where byte l
 of 32-byte group j holds elements 64j + l (low nibble) and 64j + 32 + l (high). Read as
 32-bit words, word w of group j masked with 0x0F0F0F0F holds elements 64j + 4w .. +3, which is
