@@ -1,6 +1,7 @@
 """CUDA fast paths: the dispatch to the Triton kernels in `kernels/triton/` (GGUF-block GEMV,
-dequantize and MoE GEMM in gguf.py, int8-activation GEMV in q8act.py, flash-decoding attention in
-attention.py, RMSNorm and rope in fused.py). docs/gpu.md has the map.
+dequantize and MoE GEMM in gguf.py, int8-activation GEMV and the fused activation rounding in
+q8act.py, flash-decoding attention in attention.py, RMSNorm, rope and the KV store in fused.py,
+MoE routing in router.py, DeepSeek V4's step pieces in v4.py and mhc.py). docs/gpu.md has the map.
 
 Every function returns None when no kernel fits (other block types, no Triton, odd layouts), and
 the caller then runs the torch reference. Environment switches (for A/B runs; also OUZEL_KV_DTYPE
