@@ -100,6 +100,59 @@ def test_compress_step(ratio, overlap):
             kv.commit(1)
 
 
+
+def _step_case(g, p, H, D, size, window, n, q_dtype, cache_dtype):
+    """A ring of `size` slots after position p's write, n compressed rows, q and sinks; the kernel's
+    copies hold NaN in every slot/row the step may not read (never written or out of range)."""
+    q = torch.randn(1, H, D, generator=g).to(DEV, q_dtype)
+    ring, rows = torch.randn(size, D, generator=g), torch.randn(n, D, generator=g)
+    key_pos = p - (p - torch.arange(size)) % size
+    seen = (key_pos >= 0) & (key_pos > p - window)
+    sinks = torch.randn(H, generator=g).to(DEV)
+    return q, ring.to(DEV, cache_dtype), rows.to(DEV, cache_dtype), key_pos.to(DEV), seen.to(DEV), sinks
+
+
+@pytest.mark.parametrize("p", [0, 3, 9, 30])  # window not full, full, full and wrapped
+@pytest.mark.parametrize("mode", ["window", "hca", "csa"])
+@pytest.mark.parametrize("q_dtype,cache_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                                 (torch.bfloat16, torch.bfloat16)])
+def test_attention_step(p, mode, q_dtype, cache_dtype):
+    """The fixed step's attention (V4Attention._sequence's torch path) in one launch: window slots
+    masked by their position, all complete compressed rows (HCA) or the indexer's picks (CSA)."""
+    from types import SimpleNamespace
+
+    from ouzel.kernels.triton.testing import rel_err
+    from ouzel.layers.compressed_attention import V4Attention, complete
+
+    g = torch.Generator().manual_seed(p)
+    H, D, window, size, n, ratio = 20, 48, 8, 11, 16, 4  # 2 head blocks (4 padding heads), D padded to 64
+    q, ring, rows, key_pos, seen, sinks = _step_case(g, p, H, D, size, window, n, q_dtype, cache_dtype)
+    pos = torch.tensor([p], device=DEV)
+    attn = SimpleNamespace(sinks=sinks, scale=D ** -0.5)
+    mask, keys, picked, top = seen[None], ring, None, None
+    if mode == "hca":
+        keys, mask = torch.cat([ring, rows]), torch.cat([mask, complete(rows, pos, ratio)], dim=1)
+    elif mode == "csa":  # 5 picks among the complete rows, -1 where fewer are complete
+        ready = (p + 1) // ratio
+        top = torch.randperm(max(ready, 1), generator=g)[:5]
+        top = torch.cat([top, torch.full((5 - len(top),), -1)]).to(DEV)[None]
+        top[top >= ready] = -1
+        picked = (rows.to(q_dtype), top)
+    want = V4Attention._attend(attn, q, keys.to(q_dtype), mask, picked)
+    assert torch.isfinite(want).all()
+    ring_nan, rows_nan = ring.clone(), rows.clone()
+    ring_nan[~seen] = float("nan")  # slots the step must not read
+    if mode == "hca":
+        rows_nan[(p + 1) // ratio:] = float("nan")
+    elif mode == "csa":
+        keep = torch.zeros(n, dtype=torch.bool, device=DEV)
+        keep[top[top >= 0]] = True
+        rows_nan[~keep] = float("nan")
+    got = v4.attention_step(q, ring_nan, pos, window, sinks, attn.scale, None if mode == "window" else rows_nan,
+                            ratio, top, block_n=16, block_d=32, block_out=16)
+    tol = 1e-5 if q_dtype == torch.float32 else 1e-2
+    assert got.dtype == q_dtype and rel_err(got, want) < tol, rel_err(got, want)  # inf if a NaN got through
+
 @torch.inference_mode()
 def test_fixed_step_with_kernels_equals_eager(tmp_path, monkeypatch):
     """The tiny V4 (CSA ratio 4 with top-k 3, HCA 16): the fixed step through every V4 kernel

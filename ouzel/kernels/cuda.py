@@ -323,3 +323,13 @@ def v4_hc_merge(streams, out, post, comb):
     if v is None or streams.shape[1] > 16:
         return None
     return v.hc_merge(streams, out, post, comb)
+
+
+def v4_attention_step(q, ring, positions, window: int, sinks, scale: float, rows=None, ratio: int = 0, top=None):
+    """`v4.attention_step` (the fixed step's window + compressed-row attention with sinks), or None."""
+    v = _v4(q, ring, sinks, *(t for t in (rows,) if t is not None))
+    if (v is None or q.shape[0] != 1 or q.shape[-1] > 1024 or not ring.is_contiguous()
+            or (rows is not None and (not rows.is_contiguous() or rows.dtype != ring.dtype))
+            or (top is not None and (top.dtype not in (torch.int32, torch.int64) or top.device != q.device))):
+        return None
+    return v.attention_step(q, ring, positions, window, sinks.float(), scale, rows, ratio, top)

@@ -178,11 +178,6 @@ class HCACompressor(Compressor):
     def __init__(self, cfg, rope: InterleavedRope, ratio: int):
         super().__init__(cfg.hidden_size, cfg.head_dim, ratio, False, cfg.rms_norm_eps, rope)
 
-    def visible(self, proj, positions, kv, layer):
-        """One sequence: (compressed rows [n, dim], mask [T, n] of the complete ones each query sees)."""
-        rows = self.compress(*proj, kv, layer, positions)
-        return rows, complete(rows, positions, self.ratio)
-
 
 def complete(rows: torch.Tensor, positions: torch.Tensor, ratio: int) -> torch.Tensor:
     """Mask [T, n]: the compressed rows whose window query t has seen to its end."""
@@ -279,19 +274,24 @@ class V4Attention(nn.Module):
     def _sequence(self, q, rows, positions, proj, kv) -> torch.Tensor:
         """One sequence's attention over its window and compressed rows: q [T, H, D] -> [T, H, D]."""
         keys, key_pos = kv.window(self.layer, rows, positions, self.window)
+        crows, top = None, None  # compressed rows [n, D]; the indexer's picks [T, k] (None: all complete)
+        if isinstance(self.compressor, HCACompressor):
+            crows = self.compressor.compress(*proj, kv, self.layer, positions)
+        elif self.compressor is not None:
+            crows, top = self.compressor.picks(proj, positions, kv, self.layer)
+        if kv.fixed(q.shape[0]) and fused_kernels(q):  # the whole softmax in one launch
+            out = _cuda.v4_attention_step(q, keys, positions, self.window, dense(self.sinks), self.scale, crows,
+                                          getattr(self.compressor, "ratio", 0), top)
+            if out is not None:
+                return out
         mask = ((key_pos[None, :] <= positions[:, None]) & (key_pos[None, :] > positions[:, None] - self.window)
                 & (key_pos[None, :] >= 0))  # the fixed step's ring: negative = never written
         picked = None
-        if isinstance(self.compressor, HCACompressor):  # dense over every complete compressed row
-            crows, cmask = self.compressor.visible(proj, positions, kv, self.layer)
-            keys, mask = torch.cat([keys, crows.to(keys.dtype)]), torch.cat([mask, cmask], dim=1)
-        elif self.compressor is not None:  # only the indexer's picks: gather them per query
-            crows, top = self.compressor.picks(proj, positions, kv, self.layer)
-            if top is None:  # every complete row, as HCA
-                keys = torch.cat([keys, crows.to(keys.dtype)])
-                mask = torch.cat([mask, complete(crows, positions, self.compressor.ratio)], dim=1)
-            else:
-                picked = (crows.to(q.dtype), top)
+        if crows is not None and top is None:  # dense over every complete compressed row
+            keys = torch.cat([keys, crows.to(keys.dtype)])
+            mask = torch.cat([mask, complete(crows, positions, self.compressor.ratio)], dim=1)
+        elif crows is not None:  # only the indexer's picks: gathered per query
+            picked = (crows.to(q.dtype), top)
         return self._attend(q, keys.to(q.dtype), mask, picked)
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, picked=None) -> torch.Tensor:

@@ -11,6 +11,10 @@ References (the torch code they replace, the oracle in tests/test_triton_v4.py):
   stream RMS scales the [T, (2+N)N] result instead) + the block's input RMSNorm: rms, the mix
   (as kernels/triton/mhc.py), the pre-weighted collapse and its norm, program per token.
 - `hc_merge`: `HyperConnection.merge`, program per (token, D block).
+- `attention_step`: `V4Attention._sequence`'s torch path for the fixed step (mask of the window
+  ring's slots, the compressed rows: all complete ones or the indexer's picks gathered in the
+  kernel, scores, softmax with the per-head sinks, weighted sum), program per (16 heads, output
+  channel block). The output's inverse rope stays `rms_rope` (sign -1).
 
 Channels are handled as (even, odd) halves so a rope pair (2i, 2i+1) sits in one lane. Compiled
 without fp fusion so x * cos and x * sin round apart, as in torch.
@@ -285,3 +289,124 @@ def hc_merge(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb:
         _hc_merge_kernel[(T, triton.cdiv(D, BD))](st, out, post.contiguous(), comb.contiguous(), y, N, D,
                                                   BN=triton.next_power_of_2(N), BD=BD, num_warps=4)
     return y
+
+
+@triton.jit
+def _dot(a, b, F32_DOT: tl.constexpr):
+    """a @ b with a rounded to b's dtype (b: keys or values, already in q's dtype). fp32 operands
+    take 3xTF32 (fp32-level accuracy on the tensor cores)."""
+    a = a.to(b.dtype)
+    if F32_DOT:  # the interpreter's bf16 x bf16 dot is wrong: same rounded operands, fp32 product
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    if b.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="tf32x3")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _attend_tile(q_ptr, h, qk_scale, base, rows, ok, m_i, l_i, acc, d0, H, D: tl.constexpr, BH: tl.constexpr,
+                 BN: tl.constexpr, BD: tl.constexpr, BDO: tl.constexpr, F32_DOT: tl.constexpr):
+    """One online-softmax step of heads h [BH] over the K=V rows [BN] of base (ok: which count):
+    scores over all D channels in BD chunks (q re-read per chunk: L1 hits, few registers), then
+    P @ V for the output channels d0..d0+BDO-1. Keys are cast to q's dtype, as the torch code does;
+    scores in log2 units. Returns the updated (m_i, l_i, acc)."""
+    r64 = rows.to(tl.int64)
+    s = tl.zeros((BH, BN), tl.float32)
+    NC: tl.constexpr = (D + BD - 1) // BD
+    for c in tl.static_range(0, NC):
+        dc = c * BD + tl.arange(0, BD)
+        qc = tl.load(q_ptr + h[:, None] * D + dc[None, :], mask=(h < H)[:, None] & (dc < D)[None, :], other=0.0)
+        kt = tl.load(base + r64[None, :] * D + dc[:, None], mask=(dc < D)[:, None] & ok[None, :], other=0.0)
+        s += _dot(qc, kt.to(qc.dtype), F32_DOT)  # [BH, BN]
+    s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: no -inf - -inf
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
+    do = d0 + tl.arange(0, BDO)
+    v = tl.load(base + r64[:, None] * D + do[None, :], mask=ok[:, None] & (do < D)[None, :], other=0.0)
+    v = v.to(q_ptr.dtype.element_ty)
+    return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + _dot(p, v, F32_DOT)
+
+
+@triton.jit
+def _attention_step_kernel(q_ptr, ring_ptr, rows_ptr, top_ptr, sink_ptr, pos_ptr, out_ptr,
+                           H, size, n_rows, n_top, window, ratio, qk_scale,
+                           D: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                           BDO: tl.constexpr, MODE: tl.constexpr, MAX_ITERS: tl.constexpr, F32_DOT: tl.constexpr):
+    """Program per (block of BH query heads, block of BDO output channels); MODE 0: window only,
+    1: + every complete compressed row, 2: + the picked rows top[0..n_top-1] (-1: none)."""
+    h = tl.program_id(0) * BH + tl.arange(0, BH)
+    d0 = tl.program_id(1) * BDO
+    pos = tl.load(pos_ptr).to(tl.int32)
+    m_i = tl.full([BH], float("-inf"), tl.float32)
+    l_i = tl.zeros([BH], tl.float32)
+    acc = tl.zeros([BH, BDO], tl.float32)
+    for s0 in range(0, size, BN):  # the ring: slot s holds the latest position = s (mod size), if any
+        slot = s0 + tl.arange(0, BN)
+        key_pos = pos - ((pos - slot) % size + size) % size  # C remainder: keep it non-negative
+        ok = (slot < size) & (key_pos >= 0) & (key_pos > pos - window)
+        m_i, l_i, acc = _attend_tile(q_ptr, h, qk_scale, ring_ptr, slot, ok, m_i, l_i, acc, d0, H,
+                                     D, BH, BN, BD, BDO, F32_DOT)
+    if MODE == 1:  # rows whose window the query has seen to its end
+        ready = tl.minimum((pos + 1) // ratio, n_rows)
+        if MAX_ITERS == 0:
+            n_iters = tl.cdiv(ready, BN)
+        else:  # the interpreter cannot loop to a device-side bound: the buffer's, idle tiles masked
+            n_iters = MAX_ITERS
+        for i in range(0, n_iters):
+            idx = i * BN + tl.arange(0, BN)
+            m_i, l_i, acc = _attend_tile(q_ptr, h, qk_scale, rows_ptr, idx, idx < ready, m_i, l_i, acc, d0, H,
+                                         D, BH, BN, BD, BDO, F32_DOT)
+    if MODE == 2:
+        for k0 in range(0, n_top, BN):
+            k = k0 + tl.arange(0, BN)
+            idx = tl.load(top_ptr + k, mask=k < n_top, other=-1)
+            ok = (idx >= 0) & (idx < n_rows)
+            m_i, l_i, acc = _attend_tile(q_ptr, h, qk_scale, rows_ptr, tl.where(ok, idx, 0), ok, m_i, l_i, acc, d0,
+                                         H, D, BH, BN, BD, BDO, F32_DOT)
+    # the sink joins the softmax's denominator only (rounded to q's dtype, as the torch code does)
+    sink = tl.load(sink_ptr + h, mask=h < H, other=0.0).to(q_ptr.dtype.element_ty).to(tl.float32)
+    sink = sink * 1.4426950408889634
+    m_f = tl.maximum(m_i, sink)
+    alpha = tl.exp2(m_i - m_f)
+    o = acc * (alpha / (l_i * alpha + tl.exp2(sink - m_f)))[:, None]
+    do = d0 + tl.arange(0, BDO)
+    tl.store(out_ptr + h[:, None] * D + do[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=(h < H)[:, None] & (do < D)[None, :])
+
+
+def attention_step(q: torch.Tensor, ring: torch.Tensor, positions: torch.Tensor, window: int, sinks: torch.Tensor,
+                   scale: float, rows: torch.Tensor | None = None, ratio: int = 0, top: torch.Tensor | None = None,
+                   block_n: int = 32, block_d: int = 128, block_out: int = 128, num_warps: int = 8,
+                   num_stages: int = 2) -> torch.Tensor:
+    """The fixed step's attention of one token: q [1, H, D] over the K=V ring [size, D] (the token's
+    row already written at positions % size; slot s holds position p - (p - s) % size, valid if >= 0
+    and within the window), plus the compressed rows [n, D]: with top None every complete one
+    (index < (p + 1) // ratio), else the picks top [1, k] (-1: none). Each head's sink [H] (fp32)
+    joins the softmax. positions [1] is read on the device only. Returns [1, H, D] in q's dtype.
+    Programs: (H / 16) x (D / block_out), each scoring every key over all D (in block_d chunks):
+    V4-Flash's 64 heads of 512 give 16 programs, all keys read from L2 after the first.
+
+    Compiled for sm_90 (ptxas; not run on a GPU yet), D 512, BN 32, BD = BDO = 128, 8 warps, 2
+    stages: fp32 cache 255 registers, no spills, 148 KB shared (cp.async); bf16 25 KB, no spills.
+    4 warps spill (fp32 q + acc + the K chunks in flight); 3 stages need 228 KB (over sm_90's 227)."""
+    T, H, D = q.shape
+    if T != 1 or ring.shape[1] != D or sinks.shape != (H,) or (rows is not None and rows.shape[1] != D):
+        raise ValueError(f"attention_step: q {tuple(q.shape)}, ring {tuple(ring.shape)}, sinks {tuple(sinks.shape)}")
+    mode = 0 if rows is None else 1 if top is None else 2
+    if mode == 1 and ratio < 1:
+        raise ValueError(f"attention_step: ratio {ratio}")
+    rows = ring if rows is None else rows
+    top = positions if top is None else top
+    out = torch.empty((1, H, D), dtype=q.dtype, device=q.device)
+    interpret = q.device.type != "cuda"
+    max_iters = triton.cdiv(rows.shape[0], block_n) if interpret and mode == 1 else 0
+    BH = 16  # tl.dot needs >= 16 rows; padding heads are zeros, never stored
+    BD, BDO = (min(b, triton.next_power_of_2(D)) for b in (block_d, block_out))
+    _attention_step_kernel[(triton.cdiv(H, BH), triton.cdiv(D, BDO))](
+        q.contiguous(), ring, rows, top.contiguous(), sinks, positions, out, H, ring.shape[0], rows.shape[0],
+        top.shape[-1], int(window), max(int(ratio), 1), float(scale) * 1.4426950408889634,
+        D=D, BH=BH, BN=block_n, BD=BD, BDO=BDO, MODE=mode, MAX_ITERS=max_iters, F32_DOT=interpret,
+        num_warps=num_warps, num_stages=num_stages)
+    return out
