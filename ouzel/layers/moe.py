@@ -88,6 +88,20 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None) -> torch.T
     return F.silu(gate) * up
 
 
+def softmax_topk(logits: torch.Tensor, k: int, renorm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax routing over logits [T, E]: the top k experts' probabilities (renormalised to sum
+    to 1 if renorm) and indices. On CUDA in one launch (`kernels/triton/router.py`)."""
+    if logits.is_cuda:
+        from ..kernels.cuda import route  # noqa: PLC0415
+        fast = route(logits, k, "softmax", renorm=renorm, eps=0.0)
+        if fast is not None:
+            return fast
+    w, idx = torch.topk(logits.softmax(dim=-1), k, dim=-1)
+    if renorm:
+        w = w / w.sum(dim=-1, keepdim=True)
+    return w, idx
+
+
 def _swiglu_experts(h, w, n_experts: int, idx, limit) -> torch.Tensor | None:
     from ..kernels.cuda import swiglu_experts  # noqa: PLC0415
     return swiglu_experts(h, w, n_experts, idx, limit)

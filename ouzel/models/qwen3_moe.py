@@ -15,7 +15,7 @@ from ..kernels import ops
 from ..layers.attention import Attention
 from ..layers.linear import Linear
 from ..layers.mlp import GatedMLP
-from ..layers.moe import Router, RoutedExperts
+from ..layers.moe import Router, RoutedExperts, softmax_topk
 from ..layers.norm import RMSNorm
 from ..layers.rope import Rope
 from .config import Config
@@ -45,17 +45,7 @@ class SoftmaxTopKRouter(Router):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> weights [T, K] float32, expert indices [T, K]."""
-        logits = ops.linear(x.float(), self.weight)
-        if logits.is_cuda:  # one launch for what follows (a decode step runs it per MoE layer)
-            from ..kernels.cuda import route  # noqa: PLC0415
-            fast = route(logits, self.top_k, "softmax", renorm=self.renorm, eps=0.0)
-            if fast is not None:
-                return fast
-        probs = self.score(logits)
-        w, idx = torch.topk(probs, self.top_k, dim=-1)
-        if self.renorm:
-            w = w / w.sum(dim=-1, keepdim=True)
-        return w, idx
+        return softmax_topk(ops.linear(x.float(), self.weight), self.top_k, self.renorm)
 
 
 class Qwen3SparseMoe(nn.Module):
