@@ -3,9 +3,12 @@ CUDA graph, the GPU time of one graph replay, capture time, and the torch profil
 of an eager decode step and of a 512-token prefill.
 
     python3 bench/profile_decode.py MODEL.gguf
+    CTX=16384 python3 bench/profile_decode.py MODEL.gguf   # the decode part at that depth, each of
+                                                           # the first steps timed alone (captures)
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -28,12 +31,21 @@ def main() -> None:
     path = sys.argv[1]
     dev = torch.device("cuda")
     model = load(path, device="cuda", progress=False).model
-    seq = Sequence(model, 2048, dev)
-    ids = [(i * 7919) % 30000 + 10 for i in range(512)]
+    ctx = int(os.environ.get("CTX", "0"))
+    seq = Sequence(model, max(2048, ctx + 512), dev)
+    ids = [(i * 7919) % 30000 + 10 for i in range(max(512, ctx))]
     seq.prefill(ids[:32])
     for t in (11, 12, 13, 14):
         seq.step(t)
-    for r in range(3):
+    if ctx:
+        _, dt = timed(lambda: seq.prefill(ids[:ctx]))
+        print(f"prefill {ctx}: {dt:.2f} s = {ctx / dt:.0f} tok/s", flush=True)
+        for i in range(6):
+            _, dt = timed(lambda: seq.step(5))
+            print(f"step {i} at {ctx + i}: {dt * 1e3:.1f} ms, captures "
+                  f"{seq.graph.captures if seq.graph else '-'}", flush=True)
+        ids = ids[:ctx]
+    for r in range(0 if ctx else 3):
         seq.reset()
         _, dt = timed(lambda: seq.prefill(ids))
         print(f"prefill 512 run {r}: {dt * 1e3:.1f} ms = {512 / dt:.0f} tok/s", flush=True)
@@ -59,6 +71,8 @@ def main() -> None:
         torch.cuda.synchronize()
     print("eager decode step x2, top kernels by CUDA time:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+    if ctx:
+        return
     seq.reset()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         seq.prefill(ids)

@@ -147,8 +147,12 @@ class Bench:
         return logits, len(ids) - self.seq.reused, time.perf_counter() - t0
 
     def _decode(self, logits: torch.Tensor) -> tuple[int, float]:
-        """Greedy, EOS ignored; returns (tokens, seconds). argmax().item() syncs every step."""
+        """Greedy, EOS ignored; returns (tokens, seconds). argmax().item() syncs every step. The
+        first step is not timed: after a prefill to a new depth it may capture a CUDA graph or
+        compile a kernel for the state's new size (DeepSeek V4's indexer at 16k: 4 s, once)."""
+        logits = self.seq.step(int(logits.argmax().item()))
         n = min(self.tg, self.seq.max_tokens - len(self.seq.tokens))
+        _sync(self.device)
         t0 = time.perf_counter()
         for _ in range(n):
             logits = self.seq.step(int(logits.argmax().item()))
@@ -270,7 +274,7 @@ def run(args) -> int:
         wanted = [args.pp]
     else:
         wanted = parse_frontiers(args.frontiers)
-    frontiers = [f for f in wanted if f + args.tg <= limit]
+    frontiers = [f for f in wanted if f + args.tg + 1 <= limit]  # + the untimed first step
     if not frontiers:
         raise OuzelError(f"no frontier fits: {wanted[0]} + --tg {args.tg} tokens exceed the context ({limit})")
     dropped = [f for f in wanted if f not in frontiers]
@@ -282,7 +286,7 @@ def run(args) -> int:
     dev_name = device_name(device)
     bw = copy_bandwidth(device)
     # the KV cache is sized for what the walk needs, not the model's full (maybe 1M) context
-    b = Bench(loaded.model, device, frontiers[-1] + args.tg, args.tg, bw)
+    b = Bench(loaded.model, device, frontiers[-1] + args.tg + 1, args.tg, bw)
     print(f"device: {dev_name}\nmodel:  {loaded.path} ({loaded.architecture}, {loaded.nbytes / 1e9:.2f} GB file)\n"
           f"decode reads {b.weight_bytes / 1e9:.3f} GB of weights per token; copy bandwidth {bw / 1e9:.1f} GB/s "
           f"-> floor {b.weight_bytes / bw * 1e3:.2f} ms/token")
