@@ -69,10 +69,26 @@ def main() -> None:
         for _ in range(2):
             seq.step(5)
         torch.cuda.synchronize()
+    if os.environ.get("SEQ"):  # the kernels of one step in launch order (the first SEQ of them)
+        kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+        print(f"kernels per step: {len(kernels) // 2}")
+        for e in kernels[: int(os.environ["SEQ"])]:
+            print(f"  {e.time_range.elapsed_us():7.1f} us  {e.name[:90]}")
     print("eager decode step x2, top kernels by CUDA time:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
     if ctx:
         return
+    if os.environ.get("HOST"):  # where the host's time goes in a 512-token prefill (Python's profiler)
+        import cProfile
+        import pstats
+        seq.reset()
+        torch.cuda.synchronize()
+        pr = cProfile.Profile()
+        pr.enable()
+        seq.prefill(ids)
+        torch.cuda.synchronize()
+        pr.disable()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(25)
     seq.reset()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         seq.prefill(ids)

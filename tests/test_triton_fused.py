@@ -35,6 +35,8 @@ class _TorchNanEmpty:
 
     @staticmethod
     def empty(shape, dtype=None, device=None):
+        if dtype is not None and not dtype.is_floating_point:  # int8 rounding never gives -128
+            return torch.full(shape, -128, dtype=dtype, device=device)
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
@@ -94,6 +96,38 @@ def test_rms_norm_shapes_and_strides(gen):
     assert fused.rms_norm(x[:0], w, 1e-6).shape == (0, 64)
     with pytest.raises(ValueError, match="rms_norm"):
         fused.rms_norm(x, w[:10], 1e-6)
+
+
+@pytest.mark.parametrize("T,D", [(1, 256), (3, 2048), (1, 4096)])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_norm_q8_equals_quantize_x(T, D, dtype, residual, gen):
+    """The norm's int8 rows (for the decode GEMVs) are exactly quantize_x of the stored output,
+    and the output itself is the plain kernel's (up to the order of the compiled sum of squares)."""
+    from ouzel.kernels.triton import q8act
+    x = (torch.randn(T, D, generator=gen) * 3).to(DEV, dtype)
+    res = torch.randn(T, D, generator=gen).to(DEV, dtype) if residual else None
+    w = (torch.randn(D, generator=gen) * 0.5 + 1).to(DEV)
+    *outs, (xq, dx, sx) = fused.rms_norm(x, w, 1e-6, residual=res, q8=True)
+    plain = fused.rms_norm(x, w, 1e-6, residual=res)
+    for a, b in zip(outs, plain if residual else [plain]):
+        assert rel_err(a, b) < 1e-6 if dtype == F32 else within_ulp(a, b)
+    want = q8act.quantize_x(outs[0].reshape(T, D))
+    assert xq.dtype == torch.int8 and torch.equal(xq, want[0])
+    assert torch.equal(dx, want[1]) and torch.equal(sx, want[2])
+    with pytest.raises(ValueError, match="q8"):
+        fused.rms_norm(x[:, :100], w[:100], 1e-6, q8=True)
+
+
+@pytest.mark.parametrize("T,K,D", [(1, 8, 2048), (3, 6, 100), (2, 1, 4096)])
+def test_weighted_rows_matches_bmm(T, K, D, gen):
+    y = torch.randn(T * K, D, generator=gen).to(DEV)
+    w = torch.rand(T, K, generator=gen).to(DEV)
+    want = torch.bmm(w[:, None, :], y.view(T, K, D))[:, 0]
+    for dtype in (F32, BF16):
+        out = fused.weighted_rows(y, w, dtype)
+        assert out.dtype == dtype
+        assert rel_err(out, want) < 1e-6 if dtype == F32 else within_ulp(out, want)
 
 
 def qkv_views(gen, T, H, Hkv, D, dtype):

@@ -115,12 +115,13 @@ def _gemv_config(fn, configs, x2, raw, bt_name: str, shape, **moe) -> dict:
     return cfg
 
 
-def qgemv_experts(x: torch.Tensor, w, n_experts: int, idx: torch.Tensor, x_div: int) -> torch.Tensor | None:
+def qgemv_experts(x: torch.Tensor, w, n_experts: int, idx: torch.Tensor, x_div: int, xq=None) -> torch.Tensor | None:
     """MoE decode: out [G, n] row g = x[g // x_div] @ W_e.T, e = idx[g], w a stacked QTensor
     [E * n, K]; None where no kernel reads the type."""
     if not gemv_supports(w) or x.dtype not in _DTYPES:
         return None
-    return _gemv(x.contiguous(), w.raw, w.bt.name, (w.shape[0] // n_experts, w.shape[1]), idx=idx, x_div=x_div)
+    return _gemv(x.contiguous(), w.raw, w.bt.name, (w.shape[0] // n_experts, w.shape[1]), xq=xq, idx=idx,
+                 x_div=x_div)
 
 
 def swiglu_linear(gu: torch.Tensor, w) -> torch.Tensor | None:
@@ -161,6 +162,13 @@ def kv_write(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, k_cache:
     return True
 
 
+def weighted_rows(y: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """`fused.weighted_rows` (MoE's weighted sum of each token's expert rows), or None."""
+    f = _fused()
+    if f is None or y.dtype not in _DTYPES or w.dtype not in _DTYPES or y.dim() != 2 or w.dim() != 2:
+        return None
+    return f.weighted_rows(y.contiguous(), w.contiguous(), dtype)
+
 def _prefill_dtype(x_dtype: torch.dtype) -> torch.dtype:
     return x_dtype if os.environ.get("OUZEL_CUDA_PREFILL_DTYPE", "bf16") in ("f32", "fp32") else torch.bfloat16
 
@@ -172,8 +180,9 @@ def dequantize_for_matmul(w, x_dtype: torch.dtype) -> torch.Tensor | None:
     return _gguf().qdequant(w.raw, w.bt.name, w.shape, _prefill_dtype(x_dtype))
 
 
-def qlinear(x: torch.Tensor, w) -> torch.Tensor | None:
-    """y = x @ w.T for a CUDA QTensor w, or None where no kernel applies."""
+def qlinear(x: torch.Tensor, w, xq=None) -> torch.Tensor | None:
+    """y = x @ w.T for a CUDA QTensor w, or None where no kernel applies. xq: x's int8 rows made
+    beforehand (`rms_norm(q8=True)`), used where the GEMV reads int8 activations."""
     if not gemv_supports(w) or x.dtype not in _DTYPES or x.device != w.device or x.shape[-1] != w.shape[1]:
         return None
     g = _gguf()
@@ -185,7 +194,7 @@ def qlinear(x: torch.Tensor, w) -> torch.Tensor | None:
     if m == 0:
         return None
     if m <= g.MAX_GEMV_M:
-        out = _gemv(x2, w.raw, w.bt.name, w.shape)
+        out = _gemv(x2, w.raw, w.bt.name, w.shape, xq=xq)
     else:
         cd = _prefill_dtype(x.dtype)
         wd = g.qdequant(w.raw, w.bt.name, w.shape, cd)
@@ -202,13 +211,15 @@ def decode_attention(q, k_cache, v_cache, lengths, window, scale):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False,
-             residual: torch.Tensor | None = None):
-    """`fused.rms_norm` (one launch), or None where it can't run (the caller runs the reference)."""
+             residual: torch.Tensor | None = None, q8: bool = False):
+    """`fused.rms_norm` (one launch), or None where it can't run (the caller runs the reference).
+    q8: with the output's int8 rows for the decode GEMVs appended (None where they can't be made)."""
     f = _fused()
     if (f is None or x.dtype not in _DTYPES or weight.dtype not in _DTYPES or weight.device != x.device
-            or x.shape[-1] > f.MAX_D or (residual is not None and residual.dtype not in _DTYPES)):
+            or x.shape[-1] > f.MAX_D or (residual is not None and residual.dtype not in _DTYPES)
+            or (q8 and (x.shape[-1] % 256 or _q8() is None))):
         return None
-    return f.rms_norm(x, weight, eps, unit_offset, residual)
+    return f.rms_norm(x, weight, eps, unit_offset, residual, q8=q8)
 
 
 def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, rot_dim: int,

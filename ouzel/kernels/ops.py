@@ -31,8 +31,9 @@ def _cpu_kernels():
     return _CPU[0]
 
 
-def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
-    """y = x @ w.T for x [..., in] and w [out, in] dense or in GGUF blocks."""
+def linear(x: torch.Tensor, w: Weight, xq=None) -> torch.Tensor:
+    """y = x @ w.T for x [..., in] and w [out, in] dense or in GGUF blocks. xq: x's int8 rows for
+    the CUDA decode GEMVs, made with x (`RMSNorm.prepare`); ignored elsewhere."""
     if not isinstance(w, (torch.Tensor, QTensor)):  # other stored formats (HF FP8/FP4 blocks): per use
         return F.linear(x, w.dequantize().to(x.dtype))
     if not isinstance(w, QTensor):
@@ -44,7 +45,7 @@ def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
             return cpu.qmatmul(x2, w.raw, w.bt, w.shape[0]).reshape(*x.shape[:-1], w.shape[0])
     if w.device.type == "cuda":
         from .cuda import qlinear  # noqa: PLC0415 (only on CUDA machines)
-        out = qlinear(x, w)
+        out = qlinear(x, w, xq)
         if out is not None:
             return out
     return linear_reference(x, w)
@@ -61,13 +62,14 @@ def embedding(ids: torch.Tensor, w: Weight) -> torch.Tensor:
     return w.dequantize(ids)
 
 
-def linear_experts(x: torch.Tensor, w: QTensor, n_experts: int, idx: torch.Tensor, x_div: int) -> torch.Tensor | None:
+def linear_experts(x: torch.Tensor, w: QTensor, n_experts: int, idx: torch.Tensor, x_div: int,
+                   xq=None) -> torch.Tensor | None:
     """MoE decode over (token, expert) pairs, expert ids read on the device: out [G, n] row g =
     x[g // x_div] @ W_e.T with e = idx[g], w a stacked QTensor [E * n, K]. On CUDA the Triton
     kernel (None where none reads the type); elsewhere the reference: the pairs' rows dequantized."""
     if w.raw.is_cuda:
         from .cuda import qgemv_experts  # noqa: PLC0415
-        return qgemv_experts(x, w, n_experts, idx, x_div)
+        return qgemv_experts(x, w, n_experts, idx, x_div, xq)
     n, G = w.shape[0] // n_experts, idx.shape[0]
     rows = (idx[:, None] * n + torch.arange(n, device=idx.device)).reshape(-1)
     wg = w.dequantize(rows).view(G, n, -1)  # [G, n, K]

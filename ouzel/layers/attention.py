@@ -93,16 +93,17 @@ class Attention(nn.Module):
     def fuse_weights(self) -> None:
         self.qkv.fuse()
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: KVState, out_rows: slice | None = None):
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: KVState, out_rows: slice | None = None,
+                xq=None):
         # x: [T, hidden]; positions: [T]; out_rows: the rows whose output is wanted (all by default;
-        # every row's k/v is still stored)
+        # every row's k/v is still stored); xq: x's int8 rows for the decode GEMVs (or None)
         T = x.shape[0]
-        xq, qpos = (x, positions) if out_rows is None else (x[out_rows], positions[out_rows])
+        xo, qpos = (x, positions) if out_rows is None else (x[out_rows], positions[out_rows])
         if out_rows is None:
-            q, k, v = self.qkv(x)
+            q, k, v = self.qkv(x, xq)
         else:
-            q, k, v = self.q_proj(xq), self.k_proj(x), self.v_proj(x)
-        q = q.view(xq.shape[0], self.n_heads, self.head_dim)
+            q, k, v = self.q_proj(xo), self.k_proj(x), self.v_proj(x)
+        q = q.view(xo.shape[0], self.n_heads, self.head_dim)
         k = k.view(T, self.n_kv_heads, self.head_dim)
         v = v.view(T, self.n_kv_heads, self.head_dim)
         norms = (self.q_norm, self.k_norm) if self.q_norm is not None else None
@@ -113,4 +114,4 @@ class Attention(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = self.rope(q, qpos), self.rope(k, positions)
         out = kv.attention(self.layer, q, k, v, qpos, self.window, self.scale)
-        return self.o_proj(out.reshape(xq.shape[0], -1))
+        return self.o_proj(out.reshape(xo.shape[0], -1))

@@ -18,8 +18,9 @@ class Linear(nn.Module):
         self.bias: torch.Tensor | None = None
         self.has_bias = bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = ops.linear(x, self.weight)
+    def forward(self, x: torch.Tensor, xq=None) -> torch.Tensor:
+        """xq: x's int8 rows for the CUDA decode GEMV (`RMSNorm.prepare`), or None."""
+        y = ops.linear(x, self.weight, xq)
         return y if self.bias is None else y + self.bias
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -72,22 +73,22 @@ class LinearGroup:
             groups.append((members, fused))
         self.groups = groups or None
 
-    def joint(self, x: torch.Tensor) -> torch.Tensor | None:
+    def joint(self, x: torch.Tensor, xq=None) -> torch.Tensor | None:
         """The fused output [..., sum of out_features] (members in order), if every linear is in
         one fused group; else None."""
         if self.groups is None or len(self.groups) != 1 or self.groups[0][0] != list(range(len(self.linears))):
             return None
         if any(lin.bias is not None for lin in self.linears):
             return None
-        return ops.linear(x, self.groups[0][1])
+        return ops.linear(x, self.groups[0][1], xq)
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, x: torch.Tensor, xq=None) -> list[torch.Tensor]:
         if self.groups is None:
-            return [lin(x) for lin in self.linears]
+            return [lin(x, xq) for lin in self.linears]
         out: list[torch.Tensor | None] = [None] * len(self.linears)
         for members, w in self.groups:
-            ys = ops.linear(x, w).split([self.linears[i].out_features for i in members], dim=-1)
+            ys = ops.linear(x, w, xq).split([self.linears[i].out_features for i in members], dim=-1)
             for i, y in zip(members, ys):
                 b = self.linears[i].bias
                 out[i] = y if b is None else y + b
-        return [o if o is not None else lin(x) for o, lin in zip(out, self.linears)]
+        return [o if o is not None else lin(x, xq) for o, lin in zip(out, self.linears)]

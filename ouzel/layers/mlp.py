@@ -26,14 +26,15 @@ class GatedMLP(nn.Module):
     def fuse_weights(self) -> None:
         self.gate_up.fuse()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, xq=None) -> torch.Tensor:
+        """xq: x's int8 rows for the decode GEMVs (`RMSNorm.prepare`), or None."""
         if x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and self.act is F.silu and self.down_proj.bias is None:
             # decode: silu(gate) * up and the int8 rounding of the down projection's input in one launch
-            gu = self.gate_up.joint(x)
+            gu = self.gate_up.joint(x, xq)
             y = None if gu is None else _swiglu_linear(gu, self.down_proj.weight)
             if y is not None:
                 return y
-        gate, up = self.gate_up(x)
+        gate, up = self.gate_up(x, xq)
         return self.down_proj(self.act(gate) * up)
 
 

@@ -102,6 +102,11 @@ def softmax_topk(logits: torch.Tensor, k: int, renorm: bool) -> tuple[torch.Tens
     return w, idx
 
 
+def _weighted_rows(y, weights, dtype) -> torch.Tensor | None:
+    from ..kernels.cuda import weighted_rows  # noqa: PLC0415
+    return weighted_rows(y, weights, dtype)
+
+
 def _swiglu_experts(h, w, n_experts: int, idx, limit) -> torch.Tensor | None:
     from ..kernels.cuda import swiglu_experts  # noqa: PLC0415
     return swiglu_experts(h, w, n_experts, idx, limit)
@@ -164,11 +169,14 @@ class RoutedExperts(nn.Module):
         E, D, I = self.n_experts, self.hidden, self.intermediate
         return {"gate_up_proj": (E, 2 * I, D), "down_proj": (E, D, I)}
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        # x [T, D]; weights, idx [T, K]
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, xq=None) -> torch.Tensor:
+        # x [T, D]; weights, idx [T, K]; xq: x's int8 rows for the decode GEMVs (or None)
         gu, down = self._stack(self.gate_up_proj), self._stack(self.down_proj)
         if x.is_cuda or (PAIRWISE_ON_CPU and idx.numel() <= FUSED_MAX_PAIRS):
-            out = (self._fused if idx.numel() <= FUSED_MAX_PAIRS else self._grouped)(x, weights, idx, gu, down)
+            if idx.numel() <= FUSED_MAX_PAIRS:
+                out = self._fused(x, weights, idx, gu, down, xq)
+            else:
+                out = self._grouped(x, weights, idx, gu, down)
             if out is not None:
                 return out
         out = torch.zeros_like(x)
@@ -186,7 +194,7 @@ class RoutedExperts(nn.Module):
         return len(stacks) == 2 and all(s.stacked is not None and all(w.raw.is_cuda and gemv_supports(w)
                                                                       for w in s.stacked) for s in stacks)
 
-    def _fused(self, x, weights, idx, gu: ExpertStack, down: ExpertStack) -> torch.Tensor | None:
+    def _fused(self, x, weights, idx, gu: ExpertStack, down: ExpertStack, xq=None) -> torch.Tensor | None:
         """Every (token, expert) pair in one kernel per matrix, expert ids read on the device: no
         per-expert loop, no host sync (a decode step can be captured in a CUDA graph). None where
         the weights are not stacked GGUF blocks with a kernel."""
@@ -195,11 +203,14 @@ class RoutedExperts(nn.Module):
         T, K = idx.shape
         flat = idx.reshape(-1)
         y = self._through(x, gu, down, lambda inp, w, first: ops.linear_experts(inp, w, self.n_experts, flat,
-                                                                                   K if first else 1),
+                                                                                   K if first else 1,
+                                                                                   xq if first else None),
                           down_fast=lambda h: _swiglu_experts(h, down.stacked[0], self.n_experts, flat, self.limit))
         if y is None:
             return None
-        # the weighted sum of each token's K expert outputs as one batched matmul (one launch, not two)
+        out = _weighted_rows(y, weights, x.dtype) if y.is_cuda else None  # one launch
+        if out is not None:
+            return out
         return torch.bmm(weights[:, None, :].to(y.dtype), y.view(T, K, -1))[:, 0].to(x.dtype)
 
     def _through(self, x, gu: ExpertStack, down: ExpertStack, matmul, down_fast=None) -> torch.Tensor | None:

@@ -32,6 +32,18 @@ class RMSNorm(nn.Module):
         h = residual + x
         return self(h), h
 
+    def prepare(self, x: torch.Tensor, delta: torch.Tensor | None = None):
+        """(norm(x + delta), x + delta, int8 rows of the norm or None): a decoder layer's input
+        with the previous sublayer's output `delta` added in the same launch, and, for one row on
+        CUDA, its rounding for the int8 decode GEMVs that read it (no separate launch)."""
+        if x.is_cuda and x.dim() == 2 and x.shape[0] == 1:
+            out = _cuda.rms_norm(x, self.weight, self.eps, self.unit_offset, delta, q8=True)
+            if out is not None:
+                return out if delta is not None else (out[0], x, out[1])
+        if delta is None:
+            return self(x), x, None
+        return *self.add_norm(delta, x), None
+
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -35,10 +35,12 @@ class Gemma3DecoderLayer(nn.Module):
         self.mlp = GatedMLP(d, cfg.intermediate_size, cfg.opt("hidden_activation", "gelu_pytorch_tanh"))
         self.post_feedforward_layernorm = RMSNorm(d, eps, unit_offset=True)
 
-    def forward(self, x, positions, kv, out_rows=None):
-        h = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, kv, out_rows))
-        n, x = self.pre_feedforward_layernorm.add_norm(h, x if out_rows is None else x[out_rows])
-        return x + self.post_feedforward_layernorm(self.mlp(n))
+    def forward(self, x, positions, kv, out_rows=None, pending=None):
+        """LlamaDecoderLayer's protocol: `pending` is added to the stream x in the first norm's launch."""
+        n, x, xq = self.input_layernorm.prepare(x, pending)
+        h = self.post_attention_layernorm(self.self_attn(n, positions, kv, out_rows, xq))
+        n, x, xq = self.pre_feedforward_layernorm.prepare(x if out_rows is None else x[out_rows], h)
+        return x, self.post_feedforward_layernorm(self.mlp(n, xq))
 
 
 def gemma3_ropes(cfg: Config) -> dict[str, Rope]:

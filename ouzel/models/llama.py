@@ -38,10 +38,13 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(d, eps)
         self.mlp = GatedMLP(d, cfg.intermediate_size, cfg.opt("hidden_act", "silu"))
 
-    def forward(self, x, positions, kv, out_rows=None):
-        h = self.self_attn(self.input_layernorm(x), positions, kv, out_rows)
-        n, x = self.post_attention_layernorm.add_norm(h, x if out_rows is None else x[out_rows])
-        return x + self.mlp(n)
+    def forward(self, x, positions, kv, out_rows=None, pending=None):
+        """x: the residual stream [T, D], `pending` (the last layer's MLP output) not yet added:
+        each residual add runs inside the norm after it. Returns (stream, this layer's MLP output)."""
+        n, x, xq = self.input_layernorm.prepare(x, pending)
+        h = self.self_attn(n, positions, kv, out_rows, xq)
+        n, x, xq = self.post_attention_layernorm.prepare(x if out_rows is None else x[out_rows], h)
+        return x, self.mlp(n, xq)
 
 
 class LlamaModel(nn.Module):
@@ -69,12 +72,12 @@ class LlamaForCausalLM(nn.Module):
     prunes_outputs = True  # forward(..., last_only=True) computes the last layer's output for one row
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, kv, last_only: bool = False) -> torch.Tensor:
-        x = self.embed(ids)
+        x, pending = self.embed(ids), None
         last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
             # a prefill needs logits for its last token only: the last layer skips the other rows
-            x = layer(x, positions, kv, slice(-1, None) if last_only and i == last else None)
-        return self.model.norm(x)
+            x, pending = layer(x, positions, kv, slice(-1, None) if last_only and i == last else None, pending)
+        return self.model.norm.prepare(x, pending)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

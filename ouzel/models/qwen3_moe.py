@@ -56,9 +56,9 @@ class Qwen3SparseMoe(nn.Module):
         self.gate = SoftmaxTopKRouter(cfg.hidden_size, E, K, bool(cfg.opt("norm_topk_prob", False)))
         self.experts = RoutedExperts(cfg.hidden_size, cfg.moe_intermediate_size, E, limit=None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [T, D]
+    def forward(self, x: torch.Tensor, xq=None) -> torch.Tensor:  # x [T, D]; xq: its int8 rows or None
         w, idx = self.gate(x)  # [T, K], [T, K]
-        return self.experts(x, w, idx)  # [T, D]
+        return self.experts(x, w, idx, xq)  # [T, D]
 
 
 class Qwen3MoeDecoderLayer(LlamaDecoderLayer):  # same forward, its own attention and MoE

@@ -21,13 +21,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .q8act import QBLOCK, _round_store
+
 MAX_D = 16384  # one row must fit one program's registers
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, D, eps, s_x, s_r, s_y, s_h,
-                     BD: tl.constexpr, UNIT_OFFSET: tl.constexpr, RESIDUAL: tl.constexpr):
-    """y[row] = h * rsqrt(mean(h^2) + eps) * w with h = x[row] (+ residual[row], stored to h_ptr)."""
+def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, xq_ptr, dx_ptr, sx_ptr, D, eps, s_x, s_r, s_y, s_h,
+                     BD: tl.constexpr, UNIT_OFFSET: tl.constexpr, RESIDUAL: tl.constexpr, Q8: tl.constexpr):
+    """y[row] = h * rsqrt(mean(h^2) + eps) * w with h = x[row] (+ residual[row], stored to h_ptr).
+    Q8: also y's int8 rounding for the next GEMV (q8act.quantize_x's arithmetic on the stored y)."""
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BD)
     m = d < D
@@ -41,18 +44,25 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, D, eps, s_x, s_r, s_y, s
     w = tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32)
     if UNIT_OFFSET:
         w = 1.0 + w
-    tl.store(y_ptr + row * s_y + d, (h * r * w).to(y_ptr.dtype.element_ty), mask=m)
+    y = (h * r * w).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + row * s_y + d, y, mask=m)
+    if Q8:
+        _round_store(tl.where(m, y.to(tl.float32), 0.0), xq_ptr, dx_ptr, sx_ptr, row, 0, D, BD)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False,
-             residual: torch.Tensor | None = None):
+             residual: torch.Tensor | None = None, q8: bool = False):
     """x [..., D] -> y in x's dtype; with residual (x's shape): h = x + residual, returns (norm(h), h).
-    weight [D] fp32 or 16-bit. Any leading shape and row stride (the last dim is made contiguous)."""
+    weight [D] fp32 or 16-bit. Any leading shape and row stride (the last dim is made contiguous).
+    q8 (D % 32 == 0): also y's `q8act.quantize_x` triple (int8 rows, scales, scaled sums), appended
+    to what is returned: (y, q) or (y, h, q)."""
     D = x.shape[-1]
     if weight.shape != (D,):
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match D={D}")
     if D > MAX_D:
         raise ValueError(f"rms_norm: D={D} > {MAX_D}")
+    if q8 and D % QBLOCK:
+        raise ValueError(f"rms_norm: q8 needs D % {QBLOCK} == 0, not {D}")
     x2 = x.reshape(-1, D)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -68,14 +78,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: boo
         h = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     T = x2.shape[0]
+    xq = torch.empty((T, D), dtype=torch.int8, device=x.device) if q8 else None
+    dx = torch.empty((T, D // QBLOCK), dtype=torch.float32, device=x.device) if q8 else None
+    sx = torch.empty_like(dx) if q8 else None
     if T:
-        BD = triton.next_power_of_2(D)
+        BD = max(triton.next_power_of_2(D), QBLOCK)
         y2, h2 = y.view(-1, D), (h.view(-1, D) if h is not None else y.view(-1, D))
-        _rms_norm_kernel[(T,)](x2, r2 if r2 is not None else x2, weight.contiguous(), y2, h2, D, float(eps),
+        _rms_norm_kernel[(T,)](x2, r2 if r2 is not None else x2, weight.contiguous(), y2, h2,
+                               xq if q8 else y2, dx if q8 else y2, sx if q8 else y2, D, float(eps),
                                x2.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0), h2.stride(0),
-                               BD=BD, UNIT_OFFSET=bool(unit_offset), RESIDUAL=residual is not None,
+                               BD=BD, UNIT_OFFSET=bool(unit_offset), RESIDUAL=residual is not None, Q8=q8,
                                num_warps=max(1, min(16, BD // 512)))
-    return y if residual is None else (y, h)
+    out = (y,) if residual is None else (y, h)
+    if q8:
+        out += ((xq, dx, sx),)
+    return out[0] if len(out) == 1 else out
 
 
 @triton.jit
@@ -182,3 +199,30 @@ def kv_write(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, k_cache:
     n_k, n_v = k[0].numel(), v[0].numel()
     _kv_write_kernel[(T,)](k, v, positions, k_cache, v_cache, k.stride(0), v.stride(0), k_cache.stride(0),
                            v_cache.stride(0), n_k, n_v, BK=triton.next_power_of_2(n_k), BV=triton.next_power_of_2(n_v))
+
+
+@triton.jit
+def _weighted_rows_kernel(y_ptr, w_ptr, out_ptr, K, D, BK: tl.constexpr, BD: tl.constexpr):
+    """Program (t, block of D): out[t] = sum over k of w[t, k] * y[t * K + k], in fp32."""
+    t = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    k = tl.arange(0, BK)
+    w = tl.load(w_ptr + t * K + k, mask=k < K, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + (t * K + k[:, None]) * D + d[None, :], mask=(k < K)[:, None] & (d < D)[None, :],
+                other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * D + d, tl.sum(w[:, None] * y, axis=0).to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+def weighted_rows(y: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """MoE's weighted sum: y [T * K, D] (each token's K expert outputs), w [T, K] -> [T, D] in
+    dtype, in one launch (torch's batched matmul takes two here)."""
+    T, K = w.shape
+    D = y.shape[1]
+    if y.shape[0] != T * K or not y.is_contiguous() or not w.is_contiguous():
+        raise ValueError(f"weighted_rows: y {tuple(y.shape)}, w {tuple(w.shape)}")
+    out = torch.empty((T, D), dtype=dtype, device=y.device)
+    if T:
+        BD = min(512, triton.next_power_of_2(D))
+        _weighted_rows_kernel[(T, triton.cdiv(D, BD))](y, w, out, K, D, BK=triton.next_power_of_2(K), BD=BD,
+                                                      num_warps=4)
+    return out
