@@ -95,6 +95,28 @@ def test_mixed_dtypes_strides_and_big_groups(gen):
         check(qw[:, :, D:], kv[:, :, 0], kv[:, :, 1], lengths, None, tol, block_n=32, splits=2)
 
 
+@pytest.mark.parametrize("lens,window,splits", [((1, 100, 256), None, 2), ((5, 64), 40, 3), ((200,), None, 1)])
+@pytest.mark.parametrize("q_dtype,cache_dtype", [(F32, F32), (F32, torch.float16), (BF16, BF16)])
+def test_new_kv_is_stored_and_attended(lens, window, splits, q_dtype, cache_dtype, gen):
+    """new_kv: the kernel stores the new token's k/v at its position (in the caches' dtype) and
+    attends it as if it had been stored before; no other cache row changes."""
+    q, k, v, lengths = make_case(gen, lens, 8, 2, 64, 256, q_dtype, cache_dtype, window, batched=lens != (200,))
+    B = q.shape[0]
+    pos = lengths - 1
+    nk = torch.randn(B, 2, 64, generator=gen).to(DEV)  # fp32, as the rope leaves it
+    nv = torch.randn(B, 2 * 3, 64, generator=gen).to(DEV)[:, ::3]  # a strided view (a slice of qkv)
+    kw, vw = k.clone(), v.clone()
+    for b in range(B):
+        (kw[b] if k.dim() == 4 else kw)[pos[b]] = nk[b].to(cache_dtype)
+        (vw[b] if v.dim() == 4 else vw)[pos[b]] = nv[b].to(cache_dtype)
+    ref = decode_attention_reference(q, kw, vw, lengths, 0.125, window=window)
+    out = decode_attention(q, k, v, pos, 0.125, window=window, block_n=32, splits=splits, new_kv=(nk, nv))
+    for got, want in ((k, kw), (v, vw)):  # the interpreter truncates fp32 -> bf16: one ulp apart there
+        got, want = torch.nan_to_num(got.float(), 7.0), torch.nan_to_num(want.float(), 7.0)
+        assert torch.equal(got, want) if cache_dtype != BF16 else ((got - want).abs() <= want.abs() * 2 ** -7).all()
+    assert rel_err(out, ref) < {F32: 1e-5, torch.float16: 1e-4, BF16: 1e-2}[cache_dtype]
+
+
 def test_d_not_power_of_two(gen):
     q, k, v, lengths = make_case(gen, (30, 7), 4, 2, 80, 64, F32, F32)
     check(q, k, v, lengths, None, 1e-5)  # default block_n / splits

@@ -123,11 +123,12 @@ def test_rms_norm_q8_equals_quantize_x(T, D, dtype, residual, gen):
 def test_weighted_rows_matches_bmm(T, K, D, gen):
     y = torch.randn(T * K, D, generator=gen).to(DEV)
     w = torch.rand(T, K, generator=gen).to(DEV)
-    want = torch.bmm(w[:, None, :], y.view(T, K, D))[:, 0]
+    want = (w.double()[:, :, None] * y.double().view(T, K, D)).sum(1)  # any order: near-cancelling sums
     for dtype in (F32, BF16):
         out = fused.weighted_rows(y, w, dtype)
         assert out.dtype == dtype
-        assert rel_err(out, want) < 1e-6 if dtype == F32 else within_ulp(out, want)
+        tol = 1e-6 if dtype == F32 else 2 ** -7
+        assert ((out.double() - want).abs() <= want.abs() * tol + 1e-5).all()
 
 
 def qkv_views(gen, T, H, Hkv, D, dtype):

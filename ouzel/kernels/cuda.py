@@ -30,13 +30,16 @@ Q8_CONFIGS = (dict(bn=32, u=2), dict(bn=16, u=2), dict(bn=32, u=4, num_warps=8),
               # one x row (decode): the kernel with every load of the next step in flight
               dict(bn=32, u=2, m1=True), dict(bn=16, u=2, m1=True), dict(bn=16, u=4, m1=True),
               dict(bn=32, u=4, num_warps=8, m1=True), dict(bn=64, u=2, num_warps=8, m1=True),
-              dict(bn=16, u=2, target=1024, m1=True), dict(bn=8, u=2, target=1024, m1=True))
+              dict(bn=16, u=2, target=1024, m1=True), dict(bn=8, u=2, target=1024, m1=True),
+              # no K split: small matrices (Qwen3's o_proj 2048x4096) then skip the partials' sum,
+              # a second launch that took 3-4 us beside a 5 us GEMV (H100 profile)
+              dict(bn=16, u=2, split=1, m1=True), dict(bn=8, u=2, split=1, m1=True), dict(bn=8, u=4, split=1, m1=True))
 Q8_M1_CONFIGS = tuple(c for c in Q8_CONFIGS if c.get("m1"))  # the kernels of one x row (Q6_K_R8)
 # Q8_0_R8 (one x row): 2 * bn * u / num_warps quant words per thread and step; 16 compile to 80
 # registers on sm_90 (6 blocks of 4 warps per SM), 32 to ~170
 Q8_0_R8_CONFIGS = (dict(bn=16, u=2), dict(bn=8, u=4), dict(bn=32, u=1), dict(bn=32, u=2, num_warps=8),
                    dict(bn=16, u=4, num_warps=8), dict(bn=8, u=2), dict(bn=16, u=2, target=1024),
-                   dict(bn=32, u=2), dict(bn=16, u=4))
+                   dict(bn=32, u=2), dict(bn=16, u=4), dict(bn=8, u=2, split=1), dict(bn=8, u=4, split=1))
 Q8_TYPE_CONFIGS = {"Q4_K": Q8_CONFIGS, "Q6_K_R8": Q8_M1_CONFIGS, "Q8_0_R8": Q8_0_R8_CONFIGS}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -202,12 +205,17 @@ def qlinear(x: torch.Tensor, w, xq=None) -> torch.Tensor | None:
     return out.reshape(*x.shape[:-1], n)
 
 
-def decode_attention(q, k_cache, v_cache, lengths, window, scale):
-    """The Triton flash-decoding kernel (`kernels/triton/attention.py`), or None where it can't run."""
+def decode_attention(q, k_cache, v_cache, lengths, window, scale, new_kv=None):
+    """The Triton flash-decoding kernel (`kernels/triton/attention.py`), or None where it can't run.
+    new_kv = (k, v): the new token's rows, stored by the kernel; lengths are then the positions."""
     a = _attention()
     if a is None or k_cache.stride(-1) != 1:
         return None
-    return a.decode_attention(q, k_cache, v_cache, lengths, scale, window=window)
+    if new_kv is not None:
+        k, v = new_kv
+        if k.dtype not in _DTYPES or v.dtype not in _DTYPES or k.stride(-1) != 1 or v.stride(-1) != 1:
+            return None
+    return a.decode_attention(q, k_cache, v_cache, lengths, scale, window=window, new_kv=new_kv)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False,

@@ -87,15 +87,33 @@ def _tile(q, qk_scale, k_head, v_head, s_kc, s_vc, tbl, key0, end, m_i, l_i, acc
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, tbl_ptr, o_ptr, lse_ptr, qk_scale, window, C, G, Hkv,
-                  s_qb, s_qh, s_kb, s_kc, s_kh, s_vb, s_vc, s_vh, s_tb, s_ob, s_oh,
+def _new_key(q, qk_scale, nk, nv, k_row, v_row, d, m_i, l_i, acc, write, D: tl.constexpr):
+    """The online-softmax step of the one new key: its k/v rows nk, nv [DP] rounded to the cache
+    dtype (as a read back from the cache would give), stored at k_row / v_row if `write`."""
+    kn = tl.load(nk + d, mask=d < D, other=0.0).to(k_row.dtype.element_ty)
+    vn = tl.load(nv + d, mask=d < D, other=0.0).to(v_row.dtype.element_ty)
+    tl.store(k_row + d, kn, mask=(d < D) & write)
+    tl.store(v_row + d, vn, mask=(d < D) & write)
+    s = tl.sum(q * kn.to(tl.float32)[None, :], axis=1) * qk_scale  # [BG]
+    m_new = tl.maximum(m_i, s)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new)
+    return m_new, l_i * alpha + p, acc * alpha[:, None] + p[:, None] * vn.to(tl.float32)[None, :]
+
+
+@triton.jit
+def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, tbl_ptr, o_ptr, lse_ptr, nk_ptr, nv_ptr, qk_scale, window, C, G,
+                  Hkv, s_qb, s_qh, s_kb, s_kc, s_kh, s_vb, s_vc, s_vh, s_tb, s_ob, s_oh, s_nkb, s_nkh, s_nvb, s_nvh,
                   D: tl.constexpr, DP: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
                   PAGE: tl.constexpr, SPLITS: tl.constexpr, ONE_PASS: tl.constexpr,
-                  SPLIT_DOT: tl.constexpr, MAX_ITERS: tl.constexpr):
+                  SPLIT_DOT: tl.constexpr, MAX_ITERS: tl.constexpr, NEW_KV: tl.constexpr):
     """q [B, H, D]; BG heads of one kv head per program. PAGE == 0: k/v rows at b*s_kb + key*s_kc
     + hkv*s_kh. PAGE > 0 (a paged pool, s_kb = 0): the row of a key comes from the block table
     tbl_ptr + b*s_tb (see `_tile`); C is then the table's capacity in keys.
-    ONE_PASS: o_ptr is the output [B, H, D]; else o_ptr [B*H, SPLITS, D] fp32 and lse [B*H, SPLITS]."""
+    ONE_PASS: o_ptr is the output [B, H, D]; else o_ptr [B*H, SPLITS, D] fp32 and lse [B*H, SPLITS].
+    NEW_KV (PAGE == 0): len_ptr holds positions, length = position + 1, and the key at the position
+    is the new token's, read from nk/nv [B, Hkv, D]; the split holding it uses it from there and
+    its first head block stores it into the caches (no other program reads that row)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n_gblk = tl.cdiv(G, BG)
@@ -103,7 +121,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, tbl_ptr, o_ptr, lse_ptr, qk_scal
     hkv = (pid // n_gblk) % Hkv
     b = pid // (n_gblk * Hkv)
 
-    length = tl.minimum(tl.maximum(tl.load(len_ptr + b).to(tl.int32), 0), C)  # clamp: never read past C
+    length = tl.load(len_ptr + b).to(tl.int32) + (1 if NEW_KV else 0)
+    length = tl.minimum(tl.maximum(length, 0), C)  # clamp: never read past C
     lo = tl.maximum(length - window, 0)
     chunk = tl.cdiv(tl.cdiv(length - lo, SPLITS), BN) * BN
     start = lo + split * chunk
@@ -122,14 +141,22 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, tbl_ptr, o_ptr, lse_ptr, qk_scal
     m_i = tl.full([BG], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BG], dtype=tl.float32)
     acc = tl.zeros([BG, DP], dtype=tl.float32)
+    cached = tl.minimum(end, length - 1) if NEW_KV else end  # keys read from the cache
     if MAX_ITERS == 0:  # GPU: the trip count comes from the device-side length
-        for i in range(0, tl.cdiv(tl.maximum(end - start, 0), BN)):
-            m_i, l_i, acc = _tile(q, qk_scale, k_head, v_head, s_kc, s_vc, tbl, start + i * BN, end,
+        for i in range(0, tl.cdiv(tl.maximum(cached - start, 0), BN)):
+            m_i, l_i, acc = _tile(q, qk_scale, k_head, v_head, s_kc, s_vc, tbl, start + i * BN, cached,
                                   m_i, l_i, acc, D, DP, BN, PAGE, SPLIT_DOT, False)
     else:  # the interpreter cannot loop to a runtime bound: loop to the capacity's, idle tiles masked
         for i in range(0, MAX_ITERS):
-            m_i, l_i, acc = _tile(q, qk_scale, k_head, v_head, s_kc, s_vc, tbl, start + i * BN, end,
+            m_i, l_i, acc = _tile(q, qk_scale, k_head, v_head, s_kc, s_vc, tbl, start + i * BN, cached,
                                   m_i, l_i, acc, D, DP, BN, PAGE, SPLIT_DOT, True)
+    if NEW_KV:
+        last = length - 1
+        if (start <= last) & (last < end):
+            nk = nk_ptr + b.to(tl.int64) * s_nkb + hkv * s_nkh
+            nv = nv_ptr + b.to(tl.int64) * s_nvb + hkv * s_nvh
+            m_i, l_i, acc = _new_key(q, qk_scale, nk, nv, k_head + last.to(tl.int64) * s_kc,
+                                     v_head + last.to(tl.int64) * s_vc, d, m_i, l_i, acc, gb == 0, D)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]  # an empty range gives o = 0
@@ -194,19 +221,28 @@ def _kv_view(cache: torch.Tensor, B: int) -> tuple[torch.Tensor, int]:
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
                      scale: float, window: int | None = None, out: torch.Tensor | None = None,
                      block_n: int | None = None, splits: int | None = None, *, num_warps: int = 4,
-                     num_stages: int = 3) -> torch.Tensor:
+                     num_stages: int = 3, new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """out [B, H, D] = softmax(q k^T * scale) v over keys [max(0, len - window), len) of each sequence.
 
     q [B, H, D]; k_cache/v_cache [B, C, Hkv, D] (or [C, Hkv, D] if B == 1), last dim contiguous,
     H = G * Hkv (head h reads kv head h // G); lengths [B] int32/int64 on the device, read only by
     the kernel (graph-capturable). A sequence of length 0 gives zeros. block_n (keys per tile) and
-    splits (programs per kv head along the keys) default to `_block_n_for` / `_splits_for`."""
+    splits (programs per kv head along the keys) default to `_block_n_for` / `_splits_for`.
+
+    new_kv = (k, v) [B, Hkv, D]: the new token's rows, not yet in the caches; `lengths` then holds
+    the positions (length = position + 1). The kernel stores them at the position (in the
+    caches' dtype) and attends them from there: the caches' write costs no launch of its own."""
     B = q.shape[0]
     k4, s_kb = _kv_view(k_cache, B)
     v4, s_vb = _kv_view(v_cache, B)
     _check_kv(q, k4, v4, "decode_attention")
+    if new_kv is not None:
+        nk, nv = new_kv
+        if nk.shape != (B, *k4.shape[2:]) or nv.shape != nk.shape or nk.stride(-1) != 1 or nv.stride(-1) != 1:
+            raise ValueError(f"decode_attention: new k/v {tuple(nk.shape)}, {tuple(nv.shape)} are not "
+                             f"[B={B}, Hkv, D] with contiguous rows")
     return _launch(q, k4, v4, (s_kb, s_vb), k4.shape[1], lengths, None, 0, scale, window, out, block_n,
-                   splits, num_warps, num_stages, "decode_attention")
+                   splits, num_warps, num_stages, "decode_attention", new_kv)
 
 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -236,7 +272,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         block_table = block_table.contiguous()
     C = block_table.shape[1] * block_size
     return _launch(q, k_pool[None], v_pool[None], (0, 0), C, lengths, block_table, block_size, scale,
-                   window, out, block_n, splits, num_warps, num_stages, name)
+                   window, out, block_n, splits, num_warps, num_stages, name, None)
 
 
 def _check_kv(q: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, name: str) -> None:
@@ -250,7 +286,7 @@ def _check_kv(q: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, name: str) ->
 
 
 def _launch(q, k4, v4, batch_strides, C, lengths, table, page, scale, window, out, block_n, splits,
-            num_warps, num_stages, name):
+            num_warps, num_stages, name, new_kv):
     """Shared by both entry points: k4/v4 [B or 1, C or slots, Hkv, D] checked by `_check_kv`;
     table None (contiguous caches) or the block table of a paged pool with `page` keys a block."""
     B, H, D = q.shape
@@ -283,18 +319,21 @@ def _launch(q, k4, v4, batch_strides, C, lengths, table, page, scale, window, ou
     # fp32 q on a 16-bit cache: q and P go through the dots as hi + lo pieces (fp32-level accuracy)
     split_dot = q.dtype == torch.float32 and k4.dtype != torch.float32
     meta = dict(D=D, DP=DP, BG=BG, BN=block_n, PAGE=page, SPLITS=splits, SPLIT_DOT=split_dot,
-                MAX_ITERS=max_iters, num_warps=num_warps, num_stages=num_stages)
+                MAX_ITERS=max_iters, NEW_KV=new_kv is not None, num_warps=num_warps, num_stages=num_stages)
+    nk, nv = new_kv if new_kv is not None else (q, q)  # unread stand-ins without new rows
+    new = (nk, nv)
     s_kb, s_vb = batch_strides
     tbl, s_tb = (lengths, 0) if table is None else (table, table.stride(0))  # lengths: an unread stand-in
     strides = (q.stride(0), q.stride(1), s_kb, k4.stride(1), k4.stride(2), s_vb, v4.stride(1), v4.stride(2), s_tb)
+    new_strides = (nk.stride(0), nk.stride(1), nv.stride(0), nv.stride(1))
     if splits == 1:
-        _split_kernel[(progs, 1)](q, k4, v4, lengths, tbl, out, out, qk_scale, win, C, G, Hkv, *strides,
-                                  out.stride(0), out.stride(1), ONE_PASS=True, **meta)
+        _split_kernel[(progs, 1)](q, k4, v4, lengths, tbl, out, out, *new, qk_scale, win, C, G, Hkv, *strides,
+                                  out.stride(0), out.stride(1), *new_strides, ONE_PASS=True, **meta)
         return out
     o_part = torch.empty((B * H, splits, D), dtype=torch.float32, device=q.device)
     lse = torch.empty((B * H, splits), dtype=torch.float32, device=q.device)
-    _split_kernel[(progs, splits)](q, k4, v4, lengths, tbl, o_part, lse, qk_scale, win, C, G, Hkv, *strides,
-                                   0, 0, ONE_PASS=False, **meta)
+    _split_kernel[(progs, splits)](q, k4, v4, lengths, tbl, o_part, lse, *new, qk_scale, win, C, G, Hkv, *strides,
+                                   0, 0, *new_strides, ONE_PASS=False, **meta)
     _combine_kernel[(B * H,)](o_part, lse, out, H, out.stride(0), out.stride(1),
                               D=D, DP=DP, SPLITS=splits, SP=triton.next_power_of_2(splits), num_warps=4)
     return out
