@@ -282,3 +282,16 @@ def test_swiglu_experts_matches_reference(limit, gen, monkeypatch):
     xd = q8act.dequantized_x(xq, dx)
     want = torch.stack([reference_linear(xd[g][None], w.raw[idx[g] * n:(idx[g] + 1) * n], "Q4_K")[0] for g in range(G)])
     assert rel_err(cuda.swiglu_experts(h, w, E, idx, limit), want) < 1e-5
+
+
+@pytest.mark.parametrize("N,K", [(128, 2048), (5, 300), (1000, 64)])
+@pytest.mark.parametrize("w_dtype", [F32, BF16, torch.float16])
+def test_dense_gemv_matches_linear(N, K, w_dtype, gen):
+    """One x row times a dense weight read in its own dtype: fp32 math, like F.linear on the
+    weight converted to fp32 (what it replaces)."""
+    x = torch.randn(1, K, generator=gen).to(DEV)
+    w = torch.randn(N, K, generator=gen).to(DEV, w_dtype)
+    want = torch.nn.functional.linear(x.double(), w.double())
+    out = fused.dense_gemv(x, w)
+    assert out.dtype == F32 and out.shape == (1, N)
+    assert rel_err(out, want.float()) < 1e-6

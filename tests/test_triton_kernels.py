@@ -263,3 +263,16 @@ def test_q8_gemv_q8_0_r8_experts(gen):
                        for p in range(T * K)])
     out = Q8.qgemv_q8(x, raw, "Q8_0_R8", (n, k), idx=idx, x_div=K, bn=8, u=2, xq=(xq, dx, sx))
     assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "Q6_K", "Q8_0"])
+def test_embedding_rows_exact(name, gen):
+    """The CUDA embedding path (rows gathered, then the Triton dequantizer) equals the exact torch
+    dequantizer of those rows; ids may repeat."""
+    from ouzel.kernels import cuda
+    from ouzel.quant.tensor import QTensor
+    n, k = 40, 512
+    w = QTensor(random_blocks(name, n, k, gen, DEV), block_type(name), (n, k))
+    ids = torch.tensor([3, 0, 39, 3], device=DEV)
+    got = cuda.embedding_rows(ids, w)
+    assert got.dtype == torch.float32 and torch.equal(got, w.dequantize(ids))

@@ -172,6 +172,26 @@ def weighted_rows(y: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch
         return None
     return f.weighted_rows(y.contiguous(), w.contiguous(), dtype)
 
+DENSE_GEMV_MAX_N = 8192  # bigger dense weights (an HF model's own projections) stay with cuBLAS
+
+
+def dense_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """`fused.dense_gemv` (one row times a small dense weight, read in its own dtype), or None."""
+    f = _fused()
+    if (f is None or x.dtype not in _DTYPES or w.dtype not in _DTYPES or w.shape[0] > DENSE_GEMV_MAX_N
+            or w.stride(1) != 1 or x.stride(-1) != 1 or x.shape[-1] != w.shape[1] or x.device != w.device):
+        return None
+    return f.dense_gemv(x, w)
+
+
+def embedding_rows(ids: torch.Tensor, w) -> torch.Tensor | None:
+    """Rows ids of a QTensor, float32, through the Triton dequantizer (exact: two launches where the
+    torch dequantizer takes ~25 small ones); None where no kernel reads the type."""
+    if not gemv_supports(w) or ids.dim() != 1:
+        return None
+    return _gguf().qdequant(w.raw.index_select(0, ids), w.bt.name, (ids.shape[0], w.shape[1]), torch.float32)
+
+
 def _prefill_dtype(x_dtype: torch.dtype) -> torch.dtype:
     return x_dtype if os.environ.get("OUZEL_CUDA_PREFILL_DTYPE", "bf16") in ("f32", "fp32") else torch.bfloat16
 

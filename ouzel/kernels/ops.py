@@ -37,6 +37,11 @@ def linear(x: torch.Tensor, w: Weight, xq=None) -> torch.Tensor:
     if not isinstance(w, (torch.Tensor, QTensor)):  # other stored formats (HF FP8/FP4 blocks): per use
         return F.linear(x, w.dequantize().to(x.dtype))
     if not isinstance(w, QTensor):
+        if x.is_cuda and w.is_cuda and x.dim() == 2 and x.shape[0] == 1 and w.dim() == 2:
+            from .cuda import dense_gemv  # noqa: PLC0415
+            out = dense_gemv(x, w)
+            if out is not None:
+                return out
         return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
     if w.device.type == "cpu" and x.dtype == torch.float32:
         cpu = _cpu_kernels()
@@ -59,6 +64,11 @@ def embedding(ids: torch.Tensor, w: Weight) -> torch.Tensor:
         cpu = _cpu_kernels()
         if cpu is not None and cpu.supports(w.bt):
             return cpu.embedding(w.raw, w.bt, ids)
+    if w.device.type == "cuda":
+        from .cuda import embedding_rows  # noqa: PLC0415
+        out = embedding_rows(ids, w)
+        if out is not None:
+            return out
     return w.dequantize(ids)
 
 

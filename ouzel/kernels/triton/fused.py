@@ -226,3 +226,31 @@ def weighted_rows(y: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch
         _weighted_rows_kernel[(T, triton.cdiv(D, BD))](y, w, out, K, D, BK=triton.next_power_of_2(K), BD=BD,
                                                       num_warps=4)
     return out
+
+
+@triton.jit
+def _dense_gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, s_w, BN: tl.constexpr, BK: tl.constexpr):
+    """Program i: out[rows] = W[rows] @ x for rows i*BN.., W in any float dtype read as stored,
+    products and sums in fp32."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    r64 = tl.minimum(rows, N - 1).to(tl.int64)
+    acc = tl.zeros([BN, BK], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + r64[:, None] * s_w + k[None, :], mask=(k < K)[None, :], other=0.0).to(tl.float32)
+        acc += w * x[None, :]
+    tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=rows < N)
+
+
+def dense_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [1, K] @ w.T for a dense w [N, K] of any float dtype (fp32 math, out in x's dtype), in one
+    launch: cuBLAS took two for an fp32 router, and a 16-bit weight under fp32 x first needed a
+    converted copy of itself (another launch, and the weight's bytes read twice)."""
+    N, K = w.shape
+    if x.shape != (1, K) or w.stride(1) != 1 or x.stride(-1) != 1:
+        raise ValueError(f"dense_gemv: x {tuple(x.shape)}, w {tuple(w.shape)}")
+    out = torch.empty((1, N), dtype=x.dtype, device=x.device)
+    bn = 4 if N <= 512 else 8
+    _dense_gemv_kernel[(triton.cdiv(N, bn),)](x, w, out, N, K, w.stride(0), BN=bn, BK=256, num_warps=4)
+    return out
