@@ -72,11 +72,13 @@ def test_hc_pre_and_merge(T):
     _close(v4.hc_merge(streams, out, post, comb), HyperConnection.merge(streams, out, post, comb))
 
 
-@pytest.mark.parametrize("ratio,overlap", [(4, True), (16, False), (128, False)])
-def test_compress_step(ratio, overlap):
-    """Token by token over three windows: the kernel's rings and rows equal the torch step's."""
+@pytest.mark.parametrize("ratio,overlap,d", [(4, True, 32), (16, False, 32), (128, False, 32), (4, True, 128),
+                                             (16, False, 80)])
+def test_compress_step(ratio, overlap, d):
+    """Token by token over three windows: the kernel's rings and rows equal the torch step's. The
+    pool's programs: 1, 1, 4 (8 channels each), 2, 2 (64 + 16 channels, the last one masked)."""
     g = torch.Generator().manual_seed(ratio)
-    d, hidden = 32, 16
+    hidden = 16
     comp = Compressor(hidden, d, ratio, overlap, 1e-6, InterleavedRope(YARN, d))
     width = (2 if overlap else 1) * d
     comp.position_bias = torch.randn(ratio, width, generator=g).to(DEV)
@@ -112,30 +114,26 @@ def _step_case(g, p, H, D, size, window, n, q_dtype, cache_dtype):
     return q, ring.to(DEV, cache_dtype), rows.to(DEV, cache_dtype), key_pos.to(DEV), seen.to(DEV), sinks
 
 
-@pytest.mark.parametrize("p", [0, 3, 9, 30])  # window not full, full, full and wrapped
-@pytest.mark.parametrize("mode", ["window", "hca", "csa"])
-@pytest.mark.parametrize("q_dtype,cache_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
-                                                 (torch.bfloat16, torch.bfloat16)])
-def test_attention_step(p, mode, q_dtype, cache_dtype):
-    """The fixed step's attention (V4Attention._sequence's torch path) in one launch: window slots
-    masked by their position, all complete compressed rows (HCA) or the indexer's picks (CSA)."""
+def _check_step(p, mode, q_dtype, cache_dtype, H=20, D=48, window=8, size=11, n=16, ratio=4, k=5, **blocks):
+    """The fixed step's attention (V4Attention._sequence's torch path) against the kernel: window
+    slots masked by their position, all complete compressed rows (HCA) or k of the indexer's picks
+    (CSA, -1 where fewer rows are complete)."""
     from types import SimpleNamespace
 
     from ouzel.kernels.triton.testing import rel_err
     from ouzel.layers.compressed_attention import V4Attention, complete
 
     g = torch.Generator().manual_seed(p)
-    H, D, window, size, n, ratio = 20, 48, 8, 11, 16, 4  # 2 head blocks (4 padding heads), D padded to 64
     q, ring, rows, key_pos, seen, sinks = _step_case(g, p, H, D, size, window, n, q_dtype, cache_dtype)
     pos = torch.tensor([p], device=DEV)
     attn = SimpleNamespace(sinks=sinks, scale=D ** -0.5)
     mask, keys, picked, top = seen[None], ring, None, None
+    ready = min((p + 1) // ratio, n)
     if mode == "hca":
         keys, mask = torch.cat([ring, rows]), torch.cat([mask, complete(rows, pos, ratio)], dim=1)
-    elif mode == "csa":  # 5 picks among the complete rows, -1 where fewer are complete
-        ready = (p + 1) // ratio
-        top = torch.randperm(max(ready, 1), generator=g)[:5]
-        top = torch.cat([top, torch.full((5 - len(top),), -1)]).to(DEV)[None]
+    elif mode == "csa":
+        top = torch.randperm(max(ready, 1), generator=g)[:k]
+        top = torch.cat([top, torch.full((k - len(top),), -1)]).to(DEV)[None]
         top[top >= ready] = -1
         picked = (rows.to(q_dtype), top)
     want = V4Attention._attend(attn, q, keys.to(q_dtype), mask, picked)
@@ -143,15 +141,47 @@ def test_attention_step(p, mode, q_dtype, cache_dtype):
     ring_nan, rows_nan = ring.clone(), rows.clone()
     ring_nan[~seen] = float("nan")  # slots the step must not read
     if mode == "hca":
-        rows_nan[(p + 1) // ratio:] = float("nan")
+        rows_nan[ready:] = float("nan")
     elif mode == "csa":
         keep = torch.zeros(n, dtype=torch.bool, device=DEV)
         keep[top[top >= 0]] = True
         rows_nan[~keep] = float("nan")
     got = v4.attention_step(q, ring_nan, pos, window, sinks, attn.scale, None if mode == "window" else rows_nan,
-                            ratio, top, block_n=16, block_d=32, block_out=16)
+                            ratio, top, **blocks)
     tol = 1e-5 if q_dtype == torch.float32 else 1e-2
     assert got.dtype == q_dtype and rel_err(got, want) < tol, rel_err(got, want)  # inf if a NaN got through
+
+
+@pytest.mark.parametrize("p", [0, 3, 9, 30])  # window not full, full, full and wrapped
+@pytest.mark.parametrize("mode", ["window", "hca", "csa"])
+@pytest.mark.parametrize("q_dtype,cache_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                                 (torch.bfloat16, torch.bfloat16)])
+def test_attention_step(p, mode, q_dtype, cache_dtype):
+    """One launch (2 key tiles, no split): 2 head blocks (4 padding heads), D 48 padded to 64 in 4
+    output blocks."""
+    _check_step(p, mode, q_dtype, cache_dtype, block_n=16, block_d=32, block_out=16)
+
+
+@pytest.mark.parametrize("p", [0, 5, 50, 100])  # 1 key; window not full; full, 12 rows; wrapped, 25 rows
+@pytest.mark.parametrize("mode", ["window", "hca", "csa"])
+@pytest.mark.parametrize("splits,block_out", [(None, 64), (3, 16), (64, 64), (1, 64)])
+@pytest.mark.parametrize("q_dtype,cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_attention_step_split(p, mode, splits, block_out, q_dtype, cache_dtype, monkeypatch):
+    """Flash-decoding: ring 45 slots (3 tiles of 16), 64 rows (4 tiles, ready from 0 to 25) or 40
+    picks (3 tiles, from all -1 to all set). Splits dealt tiles s, s + splits, ...: some see no key
+    (ring slots not written, rows not complete, picks -1), 64 asks more splits than tiles (capped),
+    None: the default (one split a tile here), 1: one launch over every tile. Scratch starts as
+    NaN: a partial the kernel leaves unwritten must never be read."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    _check_step(p, mode, q_dtype, cache_dtype, window=40, size=45, n=64, k=40, block_n=16, block_d=32,
+                block_out=block_out, programs=64, splits=splits)
+
 
 @torch.inference_mode()
 def test_fixed_step_with_kernels_equals_eager(tmp_path, monkeypatch):

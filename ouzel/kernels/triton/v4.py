@@ -1,10 +1,11 @@
-"""DeepSeek V4 decode-step groups in one launch each, where torch runs 10-50 small kernels.
+"""DeepSeek V4 decode-step groups in one or two launches each, where torch runs 10-50 small kernels.
 
 References (the torch code they replace, the oracle in tests/test_triton_v4.py):
 - `compress_step`: `Compressor._compress_step` (layers/compressed_attention.py) with
   `CompressedKV.frontier_step`/`emit_step`: store the token's kv/gate in the rings, softmax-pool
   the open window per channel (online, over slot chunks), RMSNorm, rotate the row at the
-  window's first position, write it at positions // ratio. One program: the norm needs the row.
+  window's first position, write it at positions // ratio. Two launches: the pool, program per
+  channel block; the norm, rope and write, one program (the norm needs the whole row).
 - `rms_rope`: `unit_rms` or `RMSNorm` then `InterleavedRope.rotate` (optional each), program per
   row of [T, H, D]; cos/sin of the position computed on the device (graph-capturable).
 - `hc_pre`: `HyperConnection.forward` after its GEMV (whose input is left unnormalised: the
@@ -13,8 +14,9 @@ References (the torch code they replace, the oracle in tests/test_triton_v4.py):
 - `hc_merge`: `HyperConnection.merge`, program per (token, D block).
 - `attention_step`: `V4Attention._sequence`'s torch path for the fixed step (mask of the window
   ring's slots, the compressed rows: all complete ones or the indexer's picks gathered in the
-  kernel, scores, softmax with the per-head sinks, weighted sum), program per (16 heads, output
-  channel block). The output's inverse rope stays `rms_rope` (sign -1).
+  kernel, scores, softmax with the per-head sinks, weighted sum), flash-decoding: program per
+  (16 heads, split of the keys), a second launch merging the splits' partials with the sinks.
+  The output's inverse rope stays `rms_rope` (sign -1).
 
 Channels are handled as (even, odd) halves so a rope pair (2i, 2i+1) sits in one lane. Compiled
 without fp fusion so x * cos and x * sin round apart, as in torch.
@@ -53,32 +55,25 @@ def _norm_rope(xe, xo, j, w_ptr, inv_ptr, pos_f, scale, sign, eps, D: tl.constex
 
 
 @triton.jit
-def _compress_step_kernel(kv_ring, gate_ring, kv_x, gate_x, pos_ptr, bias_ptr, w_ptr, inv_ptr, rows_ptr,
-                          size, W, eps, scale,
-                          R: tl.constexpr, OVERLAP: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
-                          BR: tl.constexpr, BH: tl.constexpr):
+def _compress_pool_kernel(kv_ring, gate_ring, kv_x, gate_x, pos_ptr, bias_ptr, pooled_ptr, size, W,
+                          R: tl.constexpr, OVERLAP: tl.constexpr, D: tl.constexpr, BR: tl.constexpr,
+                          BC: tl.constexpr):
+    """Program per BC channels of the row: the token's kv/gate columns of them into its ring slot,
+    then the per-channel softmax-pool over the open window's slots (online, BR slots a chunk) ->
+    pooled [D] fp32. Channels are independent here; only the norm needs the whole row."""
     pos = tl.load(pos_ptr)
     slot = pos % size
     base = pos // R * R
-    j = tl.arange(0, BH)
-    mj = j < D // 2
-    # the token's projections go to the rings; its own slot is read from them below via kv_x
-    for c in range(0, 2 if OVERLAP else 1):
-        tl.store(kv_ring + slot * W + c * D + 2 * j, tl.load(kv_x + c * D + 2 * j, mask=mj).to(
-            kv_ring.dtype.element_ty), mask=mj)
-        tl.store(kv_ring + slot * W + c * D + 2 * j + 1, tl.load(kv_x + c * D + 2 * j + 1, mask=mj).to(
-            kv_ring.dtype.element_ty), mask=mj)
-        tl.store(gate_ring + slot * W + c * D + 2 * j, tl.load(gate_x + c * D + 2 * j, mask=mj).to(
-            gate_ring.dtype.element_ty), mask=mj)
-        tl.store(gate_ring + slot * W + c * D + 2 * j + 1, tl.load(gate_x + c * D + 2 * j + 1, mask=mj).to(
-            gate_ring.dtype.element_ty), mask=mj)
+    c = tl.program_id(0) * BC + tl.arange(0, BC)
+    mc = c < D
+    for ser in tl.static_range(0, 2 if OVERLAP else 1):  # the token's own slot is read from kv_x below
+        dst = slot * W + ser * D + c
+        tl.store(kv_ring + dst, tl.load(kv_x + ser * D + c, mask=mc).to(kv_ring.dtype.element_ty), mask=mc)
+        tl.store(gate_ring + dst, tl.load(gate_x + ser * D + c, mask=mc).to(gate_ring.dtype.element_ty), mask=mc)
     NS: tl.constexpr = 2 * R if OVERLAP else R
-    m_e = tl.full((BH,), float("-inf"), tl.float32)
-    m_o = tl.full((BH,), float("-inf"), tl.float32)
-    l_e = tl.zeros((BH,), tl.float32)
-    l_o = tl.zeros((BH,), tl.float32)
-    a_e = tl.zeros((BH,), tl.float32)
-    a_o = tl.zeros((BH,), tl.float32)
+    m = tl.full((BC,), float("-inf"), tl.float32)
+    l = tl.zeros((BC,), tl.float32)
+    a = tl.zeros((BC,), tl.float32)
     for s0 in range(0, NS, BR):
         s = s0 + tl.arange(0, BR)
         ms = s < NS
@@ -92,45 +87,41 @@ def _compress_step_kernel(kv_ring, gate_ring, kv_x, gate_x, pos_ptr, bias_ptr, w
             col = tl.zeros((BR,), tl.int32)
             absent = s < 0
         ring = tl.where(ms, ring, 0)
-        ce = col[:, None] + 2 * j[None, :]
-        m2 = ms[:, None] & mj[None, :]
+        cc = col[:, None] + c[None, :]
+        m2 = ms[:, None] & mc[None, :]
         own = (ring == slot)[:, None]
-        ke = tl.load(kv_ring + ring[:, None] * W + ce, mask=m2, other=0.0).to(tl.float32)
-        ko = tl.load(kv_ring + ring[:, None] * W + ce + 1, mask=m2, other=0.0).to(tl.float32)
-        ge = tl.load(gate_ring + ring[:, None] * W + ce, mask=m2, other=0.0).to(tl.float32)
-        go = tl.load(gate_ring + ring[:, None] * W + ce + 1, mask=m2, other=0.0).to(tl.float32)
+        at = ring[:, None] * W + cc
+        k = tl.load(kv_ring + at, mask=m2 & ~own, other=0.0).to(tl.float32)
+        g = tl.load(gate_ring + at, mask=m2 & ~own, other=0.0).to(tl.float32)
         # the token's own slot from kv_x/gate_x (rounded to the ring's dtype, as stored)
-        mo = m2 & own
-        ke = tl.where(own, tl.load(kv_x + ce, mask=mo, other=0.0).to(kv_ring.dtype.element_ty).to(tl.float32), ke)
-        ko = tl.where(own, tl.load(kv_x + ce + 1, mask=mo, other=0.0).to(kv_ring.dtype.element_ty).to(tl.float32), ko)
-        ge = tl.where(own, tl.load(gate_x + ce, mask=mo, other=0.0).to(gate_ring.dtype.element_ty).to(tl.float32), ge)
-        go = tl.where(own, tl.load(gate_x + ce + 1, mask=mo, other=0.0).to(gate_ring.dtype.element_ty)
-                      .to(tl.float32), go)
-        brow = (s % R)[:, None] * W + ce
-        ge = ge + tl.load(bias_ptr + brow, mask=m2, other=0.0)
-        go = go + tl.load(bias_ptr + brow + 1, mask=m2, other=0.0)
+        k += tl.load(kv_x + cc, mask=m2 & own, other=0.0).to(kv_ring.dtype.element_ty).to(tl.float32)
+        g += tl.load(gate_x + cc, mask=m2 & own, other=0.0).to(gate_ring.dtype.element_ty).to(tl.float32)
+        g += tl.load(bias_ptr + (s % R)[:, None] * W + cc, mask=m2, other=0.0)
         gone = absent[:, None] | ~m2
-        ke = tl.where(gone, 0.0, ke)
-        ko = tl.where(gone, 0.0, ko)
-        ge = tl.where(gone, float("-inf"), ge)
-        go = tl.where(gone, float("-inf"), go)
-        n_e = tl.maximum(m_e, tl.max(ge, axis=0))
-        n_o = tl.maximum(m_o, tl.max(go, axis=0))
-        z_e = tl.where(n_e == float("-inf"), 0.0, n_e)  # all -inf so far: no NaN from -inf - -inf
-        z_o = tl.where(n_o == float("-inf"), 0.0, n_o)
-        p_e = tl.exp(ge - z_e[None, :])
-        p_o = tl.exp(go - z_o[None, :])
-        f_e = tl.exp(m_e - z_e)
-        f_o = tl.exp(m_o - z_o)
-        l_e = l_e * f_e + tl.sum(p_e, axis=0)
-        l_o = l_o * f_o + tl.sum(p_o, axis=0)
-        a_e = a_e * f_e + tl.sum(p_e * ke, axis=0)
-        a_o = a_o * f_o + tl.sum(p_o * ko, axis=0)
-        m_e, m_o = n_e, n_o
-    xe = tl.where(mj, a_e / l_e, 0.0)
-    xo = tl.where(mj, a_o / l_o, 0.0)
-    xe, xo = _norm_rope(xe, xo, j, w_ptr, inv_ptr, base.to(tl.float32), scale, 1.0, eps, D, ROT, 2)
-    dst = rows_ptr + (pos // R) * D
+        k = tl.where(gone, 0.0, k)
+        g = tl.where(gone, float("-inf"), g)
+        n = tl.maximum(m, tl.max(g, axis=0))
+        z = tl.where(n == float("-inf"), 0.0, n)  # all -inf so far: no NaN from -inf - -inf
+        p = tl.exp(g - z[None, :])
+        f = tl.exp(m - z)
+        l = l * f + tl.sum(p, axis=0)
+        a = a * f + tl.sum(p * k, axis=0)
+        m = n
+    tl.store(pooled_ptr + c, a / l, mask=mc)
+
+
+@triton.jit
+def _compress_row_kernel(pooled_ptr, pos_ptr, w_ptr, inv_ptr, rows_ptr, eps, scale, R: tl.constexpr,
+                         D: tl.constexpr, ROT: tl.constexpr, BH: tl.constexpr):
+    """One program: RMSNorm of the pooled row, rope at the window's first position, written at
+    positions // R."""
+    pos = tl.load(pos_ptr)
+    j = tl.arange(0, BH)
+    mj = j < D // 2
+    xe = tl.load(pooled_ptr + 2 * j, mask=mj, other=0.0)
+    xo = tl.load(pooled_ptr + 2 * j + 1, mask=mj, other=0.0)
+    xe, xo = _norm_rope(xe, xo, j, w_ptr, inv_ptr, (pos // R * R).to(tl.float32), scale, 1.0, eps, D, ROT, 2)
+    dst = rows_ptr + (pos // R).to(tl.int64) * D
     ty = rows_ptr.dtype.element_ty
     tl.store(dst + 2 * j, xe.to(ty), mask=mj)
     tl.store(dst + 2 * j + 1, xo.to(ty), mask=mj)
@@ -140,18 +131,34 @@ def compress_step(kv_ring, gate_ring, kv_x, gate_x, positions, bias, rows, norm_
                   ratio: int, overlap: bool) -> None:
     """The fixed step's compressor for one token: rings [size, W] and rows [capacity, D] updated
     in place. kv_x, gate_x [1, W] (W = (1+overlap) * D), positions [1] on the device, bias [ratio, W]
-    fp32, norm_w [D], inv_freq [rot/2] fp32 (the trailing rot channels rotate)."""
+    fp32, norm_w [D], inv_freq [rot/2] fp32 (the trailing rot channels rotate).
+    Two launches: the pool, program per BC channels (so the kv ring, gate ring and bias reads,
+    3 x (1+overlap) * ratio x D values, spread over D / BC programs, each the whole window in one
+    tile of <= 2048 values), then one program for the norm, rope and the row's write. V4-Flash:
+    ratio 128, D 512: 64 programs of 8 channels x 128 slots (bf16 rings: 32 of 16); ratio 4 with
+    overlap, D 512: 8 programs of 64 x 8 slots; the indexer's (D 128): 2.
+    The former single program put all of it on one SM: at ratio 128 (768 KB of fp32 ring and
+    bias), 8 serial chunks of 16 slots x 256 channel pairs, each ~1860 SASS instructions a warp
+    (384 of them shuffles: the slot axis it reduces sat across lanes), 8 warps.
+
+    Compiled for sm_90 (ptxas; not run on a GPU yet), 4 warps: the pool 56 registers at ratio 128
+    (fp32 rings; 96 bf16), 40 at ratio 4, no spills; the row 30-31 registers."""
     D, W, rot = rows.shape[1], kv_ring.shape[1], 2 * inv_freq.shape[0]
     if W != (2 if overlap else 1) * D or D % 2 or rot > D or bias.shape != (ratio, W):
         raise ValueError(f"compress_step: W {W}, D {D}, rot {rot}, bias {tuple(bias.shape)}, ratio {ratio}")
+    ns = triton.next_power_of_2((2 if overlap else 1) * ratio)
+    # >= 32 bytes of each ring row per program (one sector); many programs where the window is long
+    BC = min(triton.next_power_of_2(D), max(32 // kv_ring.element_size(), min(64, 1024 // ns)))
+    BR = min(ns, max(1, 2048 // BC))
+    pooled = torch.empty(D, dtype=torch.float32, device=rows.device)
+    _compress_pool_kernel[(triton.cdiv(D, BC),)](kv_ring, gate_ring, kv_x.contiguous(), gate_x.contiguous(),
+                                                 positions, bias.contiguous(), pooled, kv_ring.shape[0], W,
+                                                 R=ratio, OVERLAP=bool(overlap), D=D, BR=BR, BC=BC, num_warps=4,
+                                                 enable_fp_fusion=False)
     BH = triton.next_power_of_2(D // 2)
-    ns = (2 if overlap else 1) * ratio
-    BR = max(1, min(triton.next_power_of_2(ns), max(1, 4096 // BH)))
-    _compress_step_kernel[(1,)](kv_ring, gate_ring, kv_x.contiguous(), gate_x.contiguous(), positions,
-                                bias.contiguous(), norm_w.contiguous(), inv_freq.contiguous(), rows,
-                                kv_ring.shape[0], W, float(eps), float(rope_scale),
-                                R=ratio, OVERLAP=bool(overlap), D=D, ROT=rot, BR=BR, BH=BH,
-                                num_warps=max(1, min(8, BR * BH // 256)), enable_fp_fusion=False)
+    _compress_row_kernel[(1,)](pooled, positions, norm_w.contiguous(), inv_freq.contiguous(), rows, float(eps),
+                               float(rope_scale), R=ratio, D=D, ROT=rot, BH=BH, num_warps=max(1, min(4, BH // 128)),
+                               enable_fp_fusion=False)
 
 
 @triton.jit
@@ -308,8 +315,8 @@ def _attend_tile(q_ptr, h, qk_scale, base, rows, ok, m_i, l_i, acc, d0, H, D: tl
                  BN: tl.constexpr, BD: tl.constexpr, BDO: tl.constexpr, F32_DOT: tl.constexpr):
     """One online-softmax step of heads h [BH] over the K=V rows [BN] of base (ok: which count):
     scores over all D channels in BD chunks (q re-read per chunk: L1 hits, few registers), then
-    P @ V for the output channels d0..d0+BDO-1. Keys are cast to q's dtype, as the torch code does;
-    scores in log2 units. Returns the updated (m_i, l_i, acc)."""
+    P @ V for the output channels d0..d0+BDO-1 (the rows read again, from L1/L2). Keys are cast to
+    q's dtype, as the torch code does; scores in log2 units. Returns the updated (m_i, l_i, acc)."""
     r64 = rows.to(tl.int64)
     s = tl.zeros((BH, BN), tl.float32)
     NC: tl.constexpr = (D + BD - 1) // BD
@@ -330,67 +337,116 @@ def _attend_tile(q_ptr, h, qk_scale, base, rows, ok, m_i, l_i, acc, d0, H, D: tl
 
 
 @triton.jit
-def _attention_step_kernel(q_ptr, ring_ptr, rows_ptr, top_ptr, sink_ptr, pos_ptr, out_ptr,
-                           H, size, n_rows, n_top, window, ratio, qk_scale,
+def _attention_step_kernel(q_ptr, ring_ptr, rows_ptr, top_ptr, sink_ptr, pos_ptr, out_ptr, part_ptr, ml_ptr,
+                           H, size, n_rows, n_top, window, ratio, qk_scale, ring_tiles, n_tiles, per_split,
                            D: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                           BDO: tl.constexpr, MODE: tl.constexpr, MAX_ITERS: tl.constexpr, F32_DOT: tl.constexpr):
-    """Program per (block of BH query heads, block of BDO output channels); MODE 0: window only,
-    1: + every complete compressed row, 2: + the picked rows top[0..n_top-1] (-1: none)."""
+                           BDO: tl.constexpr, MODE: tl.constexpr, SPLIT: tl.constexpr, DEVICE_BOUND: tl.constexpr,
+                           F32_DOT: tl.constexpr):
+    """Program per (block of BH query heads, split, block of BDO output channels). The keys are
+    BN-row tiles: ring_tiles of the window ring, then MODE 1: the compressed rows (those complete
+    count), 2: the picked rows top[0..n_top-1] (-1: none). Split s takes tiles s, s + splits, ...
+    (strided: however many rows are complete, their tiles spread evenly over the splits), and on
+    the GPU stops after the last tile with a key (MODE 1: the last complete row's; a device-side
+    loop bound, not an `if` in the loop, which stops the loads' cp.async pipelining). SPLIT:
+    write the partial (max, sum, unnormalised acc) to ml/part for _attention_combine_kernel, else
+    the output."""
     h = tl.program_id(0) * BH + tl.arange(0, BH)
-    d0 = tl.program_id(1) * BDO
+    split, splits = tl.program_id(1), tl.num_programs(1)
+    d0 = tl.program_id(2) * BDO
     pos = tl.load(pos_ptr).to(tl.int32)
+    ready = tl.minimum((pos + 1) // ratio, n_rows)  # MODE 1: rows whose window the query has seen to its end
     m_i = tl.full([BH], float("-inf"), tl.float32)
     l_i = tl.zeros([BH], tl.float32)
     acc = tl.zeros([BH, BDO], tl.float32)
-    for s0 in range(0, size, BN):  # the ring: slot s holds the latest position = s (mod size), if any
-        slot = s0 + tl.arange(0, BN)
-        key_pos = pos - ((pos - slot) % size + size) % size  # C remainder: keep it non-negative
-        ok = (slot < size) & (key_pos >= 0) & (key_pos > pos - window)
-        m_i, l_i, acc = _attend_tile(q_ptr, h, qk_scale, ring_ptr, slot, ok, m_i, l_i, acc, d0, H,
-                                     D, BH, BN, BD, BDO, F32_DOT)
-    if MODE == 1:  # rows whose window the query has seen to its end
-        ready = tl.minimum((pos + 1) // ratio, n_rows)
-        if MAX_ITERS == 0:
-            n_iters = tl.cdiv(ready, BN)
-        else:  # the interpreter cannot loop to a device-side bound: the buffer's, idle tiles masked
-            n_iters = MAX_ITERS
-        for i in range(0, n_iters):
-            idx = i * BN + tl.arange(0, BN)
-            m_i, l_i, acc = _attend_tile(q_ptr, h, qk_scale, rows_ptr, idx, idx < ready, m_i, l_i, acc, d0, H,
-                                         D, BH, BN, BD, BDO, F32_DOT)
-    if MODE == 2:
-        for k0 in range(0, n_top, BN):
-            k = k0 + tl.arange(0, BN)
-            idx = tl.load(top_ptr + k, mask=k < n_top, other=-1)
-            ok = (idx >= 0) & (idx < n_rows)
-            m_i, l_i, acc = _attend_tile(q_ptr, h, qk_scale, rows_ptr, tl.where(ok, idx, 0), ok, m_i, l_i, acc, d0,
-                                         H, D, BH, BN, BD, BDO, F32_DOT)
-    # the sink joins the softmax's denominator only (rounded to q's dtype, as the torch code does)
-    sink = tl.load(sink_ptr + h, mask=h < H, other=0.0).to(q_ptr.dtype.element_ty).to(tl.float32)
-    sink = sink * 1.4426950408889634
-    m_f = tl.maximum(m_i, sink)
-    alpha = tl.exp2(m_i - m_f)
-    o = acc * (alpha / (l_i * alpha + tl.exp2(sink - m_f)))[:, None]
+    if DEVICE_BOUND:  # stop after the last tile with a key (MODE 1: the last complete row's)
+        live = n_tiles
+        if MODE == 1:
+            live = ring_tiles + tl.cdiv(ready, BN)
+        n_iter = tl.cdiv(tl.maximum(live - split, 0), splits)
+    else:  # the interpreter cannot loop to a device-side bound: every tile of the split, idle ones masked
+        n_iter = per_split
+    for i in range(0, n_iter):
+        t = split + i * splits
+        in_ring = t < ring_tiles
+        k = (t - tl.where(in_ring, 0, ring_tiles)) * BN + tl.arange(0, BN)
+        # ring slot k holds the latest position = k (mod size), if any
+        key_pos = pos - ((pos - k) % size + size) % size  # C remainder: keep it non-negative
+        ok = in_ring & (k < size) & (key_pos >= 0) & (key_pos > pos - window)
+        row = k
+        if MODE == 1:
+            ok = ok | (~in_ring & (k < ready))
+        if MODE == 2:
+            idx = tl.load(top_ptr + k, mask=~in_ring & (k < n_top), other=-1)
+            pick = (idx >= 0) & (idx < n_rows)
+            ok = ok | pick
+            row = tl.where(in_ring, k, tl.where(pick, idx, 0))
+        ok = ok & (t < n_tiles)
+        m_i, l_i, acc = _attend_tile(q_ptr, h, qk_scale, tl.where(in_ring, ring_ptr, rows_ptr), row, ok, m_i, l_i,
+                                     acc, d0, H, D, BH, BN, BD, BDO, F32_DOT)
     do = d0 + tl.arange(0, BDO)
-    tl.store(out_ptr + h[:, None] * D + do[None, :], o.to(out_ptr.dtype.element_ty),
-             mask=(h < H)[:, None] & (do < D)[None, :])
+    mh = h < H
+    if SPLIT:
+        tl.store(ml_ptr + split * H + h, m_i, mask=mh)
+        tl.store(ml_ptr + (splits + split) * H + h, l_i, mask=mh)
+        tl.store(part_ptr + (split * H + h[:, None]) * D + do[None, :], acc, mask=mh[:, None] & (do < D)[None, :])
+    else:
+        # the sink joins the softmax's denominator only (rounded to q's dtype, as the torch code does)
+        sink = tl.load(sink_ptr + h, mask=mh, other=0.0).to(q_ptr.dtype.element_ty).to(tl.float32)
+        sink = sink * 1.4426950408889634
+        m_f = tl.maximum(m_i, sink)
+        alpha = tl.exp2(m_i - m_f)
+        o = acc * (alpha / (l_i * alpha + tl.exp2(sink - m_f)))[:, None]
+        tl.store(out_ptr + h[:, None] * D + do[None, :], o.to(out_ptr.dtype.element_ty),
+                 mask=mh[:, None] & (do < D)[None, :])
+
+
+@triton.jit
+def _attention_combine_kernel(part_ptr, ml_ptr, sink_ptr, out_ptr, H, splits, D: tl.constexpr, BS: tl.constexpr,
+                              BDC: tl.constexpr):
+    """Program per (head, BDC output channels): the splits' partials merged, the head's sink in
+    the denominator only (rounded to the output's = q's dtype, as the torch code does)."""
+    h = tl.program_id(0)
+    d = tl.program_id(1) * BDC + tl.arange(0, BDC)
+    s = tl.arange(0, BS)
+    ms = s < splits
+    m = tl.load(ml_ptr + s * H + h, mask=ms, other=float("-inf"))
+    l = tl.load(ml_ptr + (splits + s) * H + h, mask=ms, other=0.0)
+    sink = tl.load(sink_ptr + h).to(out_ptr.dtype.element_ty).to(tl.float32) * 1.4426950408889634
+    m_f = tl.maximum(tl.max(m, axis=0), sink)
+    w = tl.exp2(m - m_f)
+    den = tl.sum(l * w, axis=0) + tl.exp2(sink - m_f)
+    seen = ms & (m > float("-inf"))  # a split with no key: weight 0, its acc not read
+    acc = tl.load(part_ptr + (s[:, None] * H + h) * D + d[None, :], mask=seen[:, None] & (d < D)[None, :], other=0.0)
+    o = tl.sum(acc * w[:, None], axis=0) / den
+    tl.store(out_ptr + h * D + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 def attention_step(q: torch.Tensor, ring: torch.Tensor, positions: torch.Tensor, window: int, sinks: torch.Tensor,
                    scale: float, rows: torch.Tensor | None = None, ratio: int = 0, top: torch.Tensor | None = None,
-                   block_n: int = 32, block_d: int = 128, block_out: int = 128, num_warps: int = 8,
-                   num_stages: int = 2) -> torch.Tensor:
+                   block_n: int = 16, block_d: int = 64, block_out: int = 512, num_warps: int = 8,
+                   num_stages: int = 2, programs: int = 128, splits: int | None = None) -> torch.Tensor:
     """The fixed step's attention of one token: q [1, H, D] over the K=V ring [size, D] (the token's
     row already written at positions % size; slot s holds position p - (p - s) % size, valid if >= 0
     and within the window), plus the compressed rows [n, D]: with top None every complete one
     (index < (p + 1) // ratio), else the picks top [1, k] (-1: none). Each head's sink [H] (fp32)
-    joins the softmax. positions [1] is read on the device only. Returns [1, H, D] in q's dtype.
-    Programs: (H / 16) x (D / block_out), each scoring every key over all D (in block_d chunks):
-    V4-Flash's 64 heads of 512 give 16 programs, all keys read from L2 after the first.
+    joins the softmax. positions [1] is read on the device only (graph-capturable: the split
+    count comes from the shapes). Returns [1, H, D] in q's dtype.
+    Flash-decoding: programs (H / 16) x splits x (D / block_out). The key tiles (block_n rows;
+    their count from the shapes: ring slots, row buffer or picks) are dealt to at most
+    programs / (H / 16) splits, as few as keep the tiles a split that low; a second launch,
+    program per (head, 128 channels), merges the partials and adds the sink. With 2 tiles or
+    fewer one launch writes the output (no partials: the merge's launch would cost more).
+    V4-Flash, 64 heads of 512: 4 head blocks x <= 32 splits; HCA at 16k, 8 ring tiles + 8-16 of
+    the row buffer (8 of them complete): 16-24 splits of 1 tile; CSA, 8 + 32 tiles of picks: 20
+    splits of 2. Each program scores its keys once over all D channels (block_d chunks, q and
+    keys re-read from L1/L2) and keeps all D output channels (block_out 512): 1 program a head
+    block per key range instead of 4, each re-scoring every key.
 
-    Compiled for sm_90 (ptxas; not run on a GPU yet), D 512, BN 32, BD = BDO = 128, 8 warps, 2
-    stages: fp32 cache 255 registers, no spills, 148 KB shared (cp.async); bf16 25 KB, no spills.
-    4 warps spill (fp32 q + acc + the K chunks in flight); 3 stages need 228 KB (over sm_90's 227)."""
+    Compiled for sm_90 (ptxas; not run on a GPU yet), D 512, block_n 16, block_d 64, 8 warps,
+    2 stages: fp32 q and cache 228-255 registers, no spills, 130 KB shared (cp.async stages);
+    bf16 150-255, no spills, 33 KB; fp32 q with a bf16 cache spills 32-60 bytes (80 KB). The
+    merge: 80 registers, no shared memory. Rejected: block_n 32 (fp32: 628 bytes of spills,
+    196 KB), 4 warps (320), block_d 128 (fp32 q: 16-24, bf16 CSA: 48)."""
     T, H, D = q.shape
     if T != 1 or ring.shape[1] != D or sinks.shape != (H,) or (rows is not None and rows.shape[1] != D):
         raise ValueError(f"attention_step: q {tuple(q.shape)}, ring {tuple(ring.shape)}, sinks {tuple(sinks.shape)}")
@@ -399,14 +455,29 @@ def attention_step(q: torch.Tensor, ring: torch.Tensor, positions: torch.Tensor,
         raise ValueError(f"attention_step: ratio {ratio}")
     rows = ring if rows is None else rows
     top = positions if top is None else top
-    out = torch.empty((1, H, D), dtype=q.dtype, device=q.device)
-    interpret = q.device.type != "cuda"
-    max_iters = triton.cdiv(rows.shape[0], block_n) if interpret and mode == 1 else 0
     BH = 16  # tl.dot needs >= 16 rows; padding heads are zeros, never stored
     BD, BDO = (min(b, triton.next_power_of_2(D)) for b in (block_d, block_out))
-    _attention_step_kernel[(triton.cdiv(H, BH), triton.cdiv(D, BDO))](
-        q.contiguous(), ring, rows, top.contiguous(), sinks, positions, out, H, ring.shape[0], rows.shape[0],
-        top.shape[-1], int(window), max(int(ratio), 1), float(scale) * 1.4426950408889634,
-        D=D, BH=BH, BN=block_n, BD=BD, BDO=BDO, MODE=mode, MAX_ITERS=max_iters, F32_DOT=interpret,
-        num_warps=num_warps, num_stages=num_stages)
+    blocks = (triton.cdiv(H, BH), triton.cdiv(D, BDO))
+    ring_tiles = triton.cdiv(ring.shape[0], block_n)
+    n_tiles = ring_tiles + (0 if mode == 0 else triton.cdiv(rows.shape[0] if mode == 1 else top.shape[-1], block_n))
+    if splits is None:
+        splits = 1 if n_tiles <= 2 else max(1, programs // (blocks[0] * blocks[1]))
+    per_split = triton.cdiv(n_tiles, min(splits, n_tiles))
+    splits = triton.cdiv(n_tiles, per_split)
+    out = torch.empty((1, H, D), dtype=q.dtype, device=q.device)
+    part = ml = out  # unused without splits
+    if splits > 1:
+        part = torch.empty((splits, H, D), dtype=torch.float32, device=q.device)
+        ml = torch.empty((2, splits, H), dtype=torch.float32, device=q.device)
+    interpret = q.device.type != "cuda"
+    _attention_step_kernel[(blocks[0], splits, blocks[1])](
+        q.contiguous(), ring, rows, top.contiguous(), sinks, positions, out, part, ml, H, ring.shape[0],
+        rows.shape[0], top.shape[-1], int(window), max(int(ratio), 1), float(scale) * 1.4426950408889634,
+        ring_tiles, n_tiles, per_split, D=D, BH=BH, BN=block_n, BD=BD, BDO=BDO, MODE=mode, SPLIT=splits > 1,
+        DEVICE_BOUND=not interpret, F32_DOT=interpret, num_warps=num_warps, num_stages=num_stages)
+    if splits > 1:
+        BS = triton.next_power_of_2(splits)
+        BDC = min(triton.next_power_of_2(D), max(16, 4096 // BS))
+        _attention_combine_kernel[(H, triton.cdiv(D, BDC))](part, ml, sinks, out, H, splits, D=D, BS=BS, BDC=BDC,
+                                                            num_warps=4)
     return out
