@@ -4,6 +4,7 @@ pairs over 128 stacked experts). Weights rotate over > 256 MB so L2 can't hold t
 
     python3 bench/gemv_bench.py
     TYPES=Q8_0,Q8_0_R8 python3 bench/gemv_bench.py   # GGUF's Q8_0 beside its load-time regrouping
+    TYPES=Q2_K,Q2_K_R8,IQ2_XXS,IQ2_XXS_R8 python3 bench/gemv_bench.py   # DeepSeek V4's expert types
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ouzel.kernels import cuda as ocuda
 from ouzel.kernels.triton import gguf as G
 from ouzel.kernels.triton import q8act as Q8
 from ouzel.kernels.triton.testing import random_blocks, reference_linear, rel_err
+from ouzel.quant import blocks
 from ouzel.quant.blocks import block_type
 
 import itertools
@@ -34,8 +36,15 @@ def bench_us(fn) -> float:
     return do_bench_cudagraph(fn, rep=40, return_mode="median") * 1e3
 
 
+def random_raw(name, rows, k, gen):
+    """Random blocks of a GGUF type, or of its base type regrouped (`*_R8`: as the loader does)."""
+    if name.endswith("_R8"):
+        return getattr(blocks, f"repack_{name.lower()}")(random_blocks(name[:-3], rows, k, gen, "cuda"))
+    return random_blocks(name, rows, k, gen, "cuda")
+
+
 def rotated(name, rows, k, gen, nbytes):
-    raw0 = random_blocks(name, rows, k, gen, "cuda")
+    raw0 = random_raw(name, rows, k, gen)
     copies = max(2, -(-256 * 2**20 // nbytes))
     return [raw0] + [raw0.clone() for _ in range(copies - 1)]
 
@@ -46,7 +55,7 @@ def dense(name, n, k, gen, bw) -> None:
     x = torch.randn(1, k, generator=gen).cuda()
     ref = reference_linear(x, raws[0], name)
     sweep = bool(os.environ.get("SWEEP"))
-    kinds = [] if os.environ.get("INT8_ONLY") and name in Q8.SUPPORTED else \
+    kinds = [] if (os.environ.get("INT8_ONLY") and name in Q8.SUPPORTED) or not G.supports(name) else \
         [("fp32 x", G.qgemv, SWEEP if sweep else ocuda.GEMV_CONFIGS, ref)]
     if name in Q8.SUPPORTED:  # its oracle: the exact product with the int8-rounded x
         xd = Q8.dequantized_x(*Q8.quantize_x(x)[:2])
@@ -75,7 +84,8 @@ def moe(name, E, n, k, pairs, x_div, gen, bw) -> None:
     ref = torch.stack([reference_linear(x[p // x_div][None], raws[0][idx[p] * n:(idx[p] + 1) * n], name)[0]
                        for p in range(pairs)])
     read = pairs * n * bt.row_bytes(k)
-    fn, configs = (Q8.qgemv_q8, ocuda.Q8_CONFIGS) if name in Q8.SUPPORTED else (G.qgemv, ocuda.GEMV_CONFIGS)
+    q8 = name in Q8.SUPPORTED
+    fn, configs = (Q8.qgemv_q8, ocuda.Q8_TYPE_CONFIGS[name]) if q8 else (G.qgemv, ocuda.GEMV_CONFIGS)
     if fn is Q8.qgemv_q8:
         xd = Q8.dequantized_x(*Q8.quantize_x(x)[:2])
         ref = torch.stack([reference_linear(xd[p // x_div][None], raws[0][idx[p] * n:(idx[p] + 1) * n], name)[0]
@@ -107,10 +117,11 @@ def main() -> None:
     for name in [t for t in types if t in ("Q4_K", "Q6_K")]:
         moe(name, 128, 768, 2048, 8, 8, gen, bw)   # gate (or up): one token, 8 experts
         moe(name, 128, 2048, 768, 8, 1, gen, bw)   # down: 8 pairs, each its own input
-    if "IQ2_XXS" in types:  # ds4flash's routed experts: 6 of 256, gate/up IQ2_XXS, down Q2_K
-        moe("IQ2_XXS", 256, 2048, 4096, 6, 6, gen, bw)
-    if "Q2_K" in types:
-        moe("Q2_K", 256, 4096, 2048, 6, 1, gen, bw)
+    # ds4flash's routed experts: 6 of 256, gate/up IQ2_XXS (one stack at load: [gate_e; up_e] 4096 rows), down Q2_K
+    for name in [t for t in types if t.startswith("IQ2_XXS")]:
+        moe(name, 256, 4096, 4096, 6, 6, gen, bw)
+    for name in [t for t in types if t.startswith("Q2_K")]:
+        moe(name, 256, 4096, 2048, 6, 1, gen, bw)
 
 
 if __name__ == "__main__":

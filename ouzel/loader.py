@@ -87,34 +87,59 @@ def load_weights(model: nn.Module, source, device: torch.device, progress: bool 
 
 
 def _regroup_for_gpu(model) -> None:
-    """Q6_K / Q8_0 linear weights -> Q6_K_R8 / Q8_0_R8 (same bytes regrouped so the GPU reads
-    16-byte words; the decode GEMV runs ~2x faster). Not for weights an Embedding shares (they
-    would be stored twice) nor rows of K % 2048 (resp. 256) != 0. OUZEL_NO_REGROUP=1 keeps the GGUF layout."""
+    """Q6_K / Q8_0 / Q2_K / IQ2_XXS weights of Linears and routed experts -> their `_R8`
+    regroupings (quant/blocks.py: same bytes regrouped so the GPU reads 16-byte words; the decode
+    GEMVs run ~2x faster), in place. Not for weights an Embedding shares (they would be stored
+    twice), rows of K % (the R8 block) != 0, nor types some CUDA kernel on the weights' paths
+    (GEMV, dequantize, MoE GEMM: kernels/triton/gguf.py) does not read. OUZEL_NO_REGROUP=1 keeps
+    the GGUF layout."""
     if os.environ.get("OUZEL_NO_REGROUP"):
         return
     from .layers.linear import Embedding, Linear
-    from .quant.blocks import Q6_K_R8, Q8_0_R8, repack_q6_k_r8, repack_q8_0_r8
+    from .layers.moe import ExpertStack
+    from .quant import blocks as B
     from .quant.tensor import QTensor
-    regroup = {"Q6_K": (Q6_K_R8, repack_q6_k_r8), "Q8_0": (Q8_0_R8, repack_q8_0_r8)}
+    try:
+        from .kernels.triton.gguf import supports as gpu_reads
+    except ImportError:  # no Triton: only the torch reference runs, and it reads every type
+        def gpu_reads(name: str) -> bool:
+            return True
+    regroup = {name: (bt, repack) for name, bt, repack in (
+        ("Q6_K", B.Q6_K_R8, B.repack_q6_k_r8), ("Q8_0", B.Q8_0_R8, B.repack_q8_0_r8),
+        ("Q2_K", B.Q2_K_R8, B.repack_q2_k_r8), ("IQ2_XXS", B.IQ2_XXS_R8, B.repack_iq2_xxs_r8)) if gpu_reads(bt.name)}
+
     def storage(t: torch.Tensor) -> int:
         return t.untyped_storage().data_ptr()
 
     # bytes an Embedding reads (even through another view of them) stay as they are
     shared = {storage(m.weight.raw) for m in model.modules() if isinstance(m, Embedding) and isinstance(m.weight, QTensor)}
-    done: dict[tuple, QTensor] = {}  # a weight two Linears share is regrouped once
-    for mod in model.modules():
-        w = getattr(mod, "weight", None)
-        if not isinstance(mod, Linear) or not isinstance(w, QTensor):
-            continue
+    done: dict[tuple, QTensor] = {}  # a weight two modules share is regrouped once
+
+    def regrouped(w):
+        if not isinstance(w, QTensor):
+            return w
         key = (storage(w.raw), w.raw.storage_offset(), tuple(w.raw.shape), w.bt.name)
-        if key in done:
-            mod.weight = done[key]
-        elif (w.bt.name in regroup and w.shape[1] % regroup[w.bt.name][0].block_elems == 0
-                and w.raw.is_contiguous() and storage(w.raw) not in shared):
+        if key not in done and (w.bt.name in regroup and w.shape[1] % regroup[w.bt.name][0].block_elems == 0
+                                and w.raw.is_contiguous() and storage(w.raw) not in shared):
             bt, repack = regroup[w.bt.name]
-            for i in range(0, w.shape[0], 1024):  # in place, a slice at a time: no second copy
-                w.raw[i:i + 1024] = repack(w.raw[i:i + 1024])
-            mod.weight = done[key] = QTensor(w.raw, bt, w.shape)
+            rows = max(1, (16 << 20) // w.raw.shape[1])  # in place, 16 MB at a time: no second copy
+            for i in range(0, w.shape[0], rows):
+                w.raw[i:i + rows] = repack(w.raw[i:i + rows])
+            done[key] = QTensor(w.raw, bt, w.shape)
+        return done.get(key, w)
+
+    for mod in model.modules():
+        if isinstance(mod, Linear) and isinstance(getattr(mod, "weight", None), QTensor):
+            mod.weight = regrouped(mod.weight)
+        for name, stack in list(vars(mod).items()):  # routed experts (layers/moe.py)
+            if not isinstance(stack, ExpertStack):
+                continue
+            if stack.stacked is not None:  # the experts' views are rebuilt over the regrouped stacks
+                pieces = [regrouped(w) for w in stack.stacked]
+                if any(a is not b for a, b in zip(pieces, stack.stacked)):
+                    setattr(mod, name, ExpertStack.from_stacked(pieces, stack.shape))
+            else:
+                stack.parts = [[regrouped(b) for b in p] for p in stack.parts]
 
 
 def load(ref: str | Path, device: str | torch.device = "cpu", progress: bool = True) -> Loaded:

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from ouzel.kernels.triton.testing import random_blocks
+from ouzel.kernels.triton.testing import random_blocks, rel_err
 from ouzel.layers.linear import Embedding, Linear
 from ouzel.loader import _regroup_for_gpu
 from ouzel.quant.blocks import block_type, dequantize
@@ -91,3 +91,79 @@ def test_regroup_deepseek_v4_q8_0(tmp_path):
     assert names["model.layers.1.mlp.shared_experts.down_proj"] == "Q8_0_R8"
     assert names["model.layers.1.mlp.gate"] == "Q8_0"  # the router is not a Linear
     assert rel_l2(ouzel_full(m, ids), before) < 1e-5
+
+
+def _stack(name: str, E: int, rows: int, k: int, seed: int):
+    from ouzel.layers.moe import ExpertStack
+    raw = random_blocks(name, E * rows, k, torch.Generator().manual_seed(seed))
+    return ExpertStack.from_stacked([QTensor(raw, block_type(name), (E * rows, k))], (E, rows, k))
+
+
+def _experts(gate_up, down, hidden: int, inter: int):
+    from ouzel.layers.moe import RoutedExperts
+    m = nn.Module()
+    m.experts = RoutedExperts(hidden, inter, gate_up.shape[0], None)
+    m.experts.gate_up_proj, m.experts.down_proj = gate_up, down
+    return m
+
+
+def _expert_out(m, hidden: int, seed: int = 7) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, hidden, generator=g)
+    idx = torch.stack([torch.randperm(m.experts.n_experts, generator=g)[:2] for _ in range(3)])
+    return m.experts(x, torch.rand(3, 2, generator=g), idx)
+
+
+@pytest.mark.parametrize("gu_name,down_name", [("Q8_0", "Q6_K"), ("Q6_K", "Q8_0")])
+def test_regroup_expert_stacks(gu_name, down_name):
+    """Routed experts' stacked blocks are regrouped in place too, the experts' views rebuilt over
+    them: same values through the torch reference (every expert's rows, and the MoE output)."""
+    E, D, I = 3, 2048, 2048
+    m = _experts(_stack(gu_name, E, 2 * I, D, 0), _stack(down_name, E, D, I, 1), D, I)
+    want = [m.experts.gate_up_proj.stacked[0].dequantize(), m.experts.down_proj.stacked[0].dequantize()]
+    out = _expert_out(m, D)
+    raws = [m.experts.gate_up_proj.stacked[0].raw, m.experts.down_proj.stacked[0].raw]
+    _regroup_for_gpu(m)
+    for stack, name, raw, w in zip((m.experts.gate_up_proj, m.experts.down_proj), (gu_name, down_name), raws, want):
+        (piece,) = stack.stacked
+        assert piece.bt.name == f"{name}_R8" and piece.raw.data_ptr() == raw.data_ptr()
+        assert torch.equal(piece.dequantize(), w)
+        assert all(p[0].bt.name == piece.bt.name and p[0].raw.untyped_storage().data_ptr() == raw.data_ptr()
+                   for p in stack.parts)
+        rows = w.shape[0] // E
+        assert torch.equal(stack.parts[1][0].dequantize(), w[rows:2 * rows])
+    assert rel_err(_expert_out(m, D), out) < 1e-5
+
+
+def test_regroup_expert_stack_left_as_is():
+    """Experts whose rows are not whole R8 blocks (Qwen3-30B-A3B's Q6_K down: K = 768) keep GGUF's layout."""
+    m = _experts(_stack("Q8_0", 2, 512, 256, 0), _stack("Q6_K", 2, 256, 768, 1), 256, 256)
+    down = m.experts.down_proj
+    _regroup_for_gpu(m)
+    assert m.experts.gate_up_proj.stacked[0].bt.name == "Q8_0_R8"
+    assert m.experts.down_proj is down and down.stacked[0].bt.name == "Q6_K"
+
+
+@pytest.mark.parametrize("gpu_reads", [False, True])
+def test_regroup_q2_k_iq2_xxs(gpu_reads, monkeypatch):
+    """DeepSeek V4's expert types: Q2_K -> Q2_K_R8, IQ2_XXS -> IQ2_XXS_R8 (Linears and experts),
+    value-preserving; only where every CUDA kernel path (kernels/triton/gguf.py) reads them."""
+    pytest.importorskip("triton")
+    from ouzel.kernels.triton import gguf
+    reads, new = gguf.supports, ("Q2_K_R8", "IQ2_XXS_R8")
+    monkeypatch.setattr(gguf, "supports", lambda name: gpu_reads if name in new else reads(name))
+    E, D, I = 2, 2048, 2048
+    m = _experts(_stack("IQ2_XXS", E, 2 * I, D, 0), _stack("Q2_K", E, D, I, 1), D, I)
+    m.lin = Linear(2048, 5)
+    m.lin.weight = QTensor(random_blocks("Q2_K", 5, 2048, torch.Generator().manual_seed(2)), block_type("Q2_K"),
+                           (5, 2048))
+    want = {n: w.dequantize() for n, w in (("gu", m.experts.gate_up_proj.stacked[0]),
+                                           ("down", m.experts.down_proj.stacked[0]), ("lin", m.lin.weight))}
+    out = _expert_out(m, D)
+    _regroup_for_gpu(m)
+    got = {"gu": m.experts.gate_up_proj.stacked[0], "down": m.experts.down_proj.stacked[0], "lin": m.lin.weight}
+    names = {"gu": "IQ2_XXS", "down": "Q2_K", "lin": "Q2_K"}
+    for n, w in got.items():
+        assert w.bt.name == names[n] + ("_R8" if gpu_reads else "")
+        assert torch.equal(w.dequantize(), want[n])
+    assert rel_err(_expert_out(m, D), out) < 1e-5

@@ -40,7 +40,12 @@ Q8_M1_CONFIGS = tuple(c for c in Q8_CONFIGS if c.get("m1"))  # the kernels of on
 Q8_0_R8_CONFIGS = (dict(bn=16, u=2), dict(bn=8, u=4), dict(bn=32, u=1), dict(bn=32, u=2, num_warps=8),
                    dict(bn=16, u=4, num_warps=8), dict(bn=8, u=2), dict(bn=16, u=2, target=1024),
                    dict(bn=32, u=2), dict(bn=16, u=4), dict(bn=8, u=2, split=1), dict(bn=8, u=4, split=1))
-Q8_TYPE_CONFIGS = {"Q4_K": Q8_CONFIGS, "Q6_K_R8": Q8_M1_CONFIGS, "Q8_0_R8": Q8_0_R8_CONFIGS}
+# Q2_K_R8 / IQ2_XXS_R8 (one x row; DeepSeek V4's experts; untimed guesses): 4 * bn * u quads of 16
+# bytes per step, so bn * u >= 8 * num_warps keeps one 16-byte load per thread; 40-96 registers on sm_90
+Q2_R8_CONFIGS = (dict(bn=16, u=2), dict(bn=32, u=1), dict(bn=8, u=4), dict(bn=32, u=2), dict(bn=16, u=4),
+                 dict(bn=32, u=2, num_warps=8), dict(bn=64, u=1, num_warps=8), dict(bn=16, u=2, target=1024))
+Q8_TYPE_CONFIGS = {"Q4_K": Q8_CONFIGS, "Q6_K_R8": Q8_M1_CONFIGS, "Q8_0_R8": Q8_0_R8_CONFIGS,
+                   "Q2_K_R8": Q2_R8_CONFIGS, "IQ2_XXS_R8": Q2_R8_CONFIGS}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -172,6 +177,7 @@ def weighted_rows(y: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch
         return None
     return f.weighted_rows(y.contiguous(), w.contiguous(), dtype)
 
+
 DENSE_GEMV_MAX_N = 8192  # bigger dense weights (an HF model's own projections) stay with cuBLAS
 
 
@@ -277,6 +283,8 @@ MOE_GEMM_CONFIGS = {  # H100, 512-token prefill, bench/moe_gemm_bench.py (bench/
     "Q2_K": dict(bm=16, bn=64, num_warps=4, stages=2, quads=True),  # ds4 down: 1.31 ms
     "Q4_K": dict(bm=64, bn=64, num_warps=4, stages=1, quads=False),  # qwen3 gate/up: 0.36 ms
     "Q6_K": dict(bm=64, bn=128, num_warps=8, stages=1, quads=True)}  # qwen3 down: 0.31 ms
+for _name in ("IQ2_XXS", "Q2_K", "Q6_K"):  # the regrouped layouts: same bytes, same tiles (untimed)
+    MOE_GEMM_CONFIGS[_name + "_R8"] = MOE_GEMM_CONFIGS[_name]
 MOE_GEMM_DEFAULT = dict(bn=64, num_warps=4)
 
 

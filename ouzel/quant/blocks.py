@@ -320,6 +320,45 @@ def _q8_0_r8(b):
     return _q8_0(unpack_q8_0_r8(b).reshape(-1, 34)).reshape(-1, 256)
 
 
+# Q2_K_R8 and IQ2_XXS_R8: the same regrouping for DeepSeek V4's routed experts (GPU only, not GGUF
+# types). Q2_K blocks (84 bytes) are 4-byte aligned, IQ2_XXS blocks (66 bytes) 2-byte aligned; each 8
+# go to their bodies (Q2_K: scales and quants, 80 bytes; IQ2_XXS: 8 x (4 grid indices, sign/scale
+# word), 64 bytes), then their headers (Q2_K: d | dmin; IQ2_XXS: d). 672 and 528 bytes, multiples
+# of 16; same bytes, same values; rows of K % 2048 == 0.
+Q2_K_R8 = BlockType("Q2_K_R8", 1000 + GT.Q2_K.value, 2048, 672)
+IQ2_XXS_R8 = BlockType("IQ2_XXS_R8", 1000 + GT.IQ2_XXS.value, 2048, 528)
+_BY_NAME[Q2_K_R8.name] = Q2_K_R8
+_BY_NAME[IQ2_XXS_R8.name] = IQ2_XXS_R8
+
+
+def repack_q2_k_r8(raw: torch.Tensor) -> torch.Tensor:
+    """Q2_K rows [N, K / 256 * 84] -> Q2_K_R8 rows (same shape): d, dmin (bytes 80..83) last."""
+    return _field_last(raw, 84, 80, 84)
+
+
+def unpack_q2_k_r8(raw: torch.Tensor) -> torch.Tensor:
+    return _field_back(raw, 84, 80, 84)
+
+
+def repack_iq2_xxs_r8(raw: torch.Tensor) -> torch.Tensor:
+    """IQ2_XXS rows [N, K / 256 * 66] -> IQ2_XXS_R8 rows (same shape): d (bytes 0..1) last."""
+    return _field_last(raw, 66, 0, 2)
+
+
+def unpack_iq2_xxs_r8(raw: torch.Tensor) -> torch.Tensor:
+    return _field_back(raw, 66, 0, 2)
+
+
+@_kernel(Q2_K_R8)
+def _q2_k_r8(b):
+    return _q2_k(unpack_q2_k_r8(b).reshape(-1, 84)).reshape(-1, 2048)
+
+
+@_kernel(IQ2_XXS_R8)
+def _iq2_xxs_r8(b):
+    return _iq2_xxs(unpack_iq2_xxs_r8(b).reshape(-1, 66)).reshape(-1, 2048)
+
+
 def dequantize(raw: torch.Tensor, bt: BlockType) -> torch.Tensor:
     """uint8 [..., nbytes] (whole blocks; never written to) -> float32 [..., nbytes // block_bytes * block_elems]."""
     if raw.dtype != torch.uint8:

@@ -21,7 +21,8 @@ large), and the decoder is the same one-screen function per type for both paths.
 
 Per step of 256 elements a type is viewed as a [S, L] tile (S * L = 256):
 Q4_K [8, 32] (sub-blocks of 32), Q6_K [16, 16], Q8_0 and Q4_0 [8, 32] (8 blocks of 32), Q2_K
-[16, 16], IQ2_XXS [8, 32] (its 256-entry grid and 128 sign patterns come in as small tables).
+[16, 16], IQ2_XXS [8, 32] (its 256-entry grid and 128 sign patterns come in as small tables); the
+`_R8` regroupings of quant/blocks.py as their base types.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import triton.language as tl
 # type ids (constexpr in the kernels): name -> (id, S, L, bytes per 256-element step)
 _TYPES = {"Q4_K": (0, 8, 32, 144), "Q6_K": (1, 16, 16, 210), "Q8_0": (2, 8, 32, 272), "Q4_0": (3, 8, 32, 144),
           "Q2_K": (4, 16, 16, 84), "IQ2_XXS": (5, 8, 32, 66), "Q6_K_R8": (6, 16, 16, 210),
-          "Q8_0_R8": (7, 8, 32, 272)}
+          "Q8_0_R8": (7, 8, 32, 272), "Q2_K_R8": (8, 16, 16, 84), "IQ2_XXS_R8": (9, 8, 32, 66)}
 STEP = 256
 MAX_GEMV_M = 16
 _PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")  # inline PTX: not in the CPU interpreter
@@ -106,16 +107,27 @@ def _decode(row_ptr, kb, grid_ptr, signs_ptr, TYPE: tl.constexpr, S: tl.constexp
             scale = _f16_at(row_ptr + kb * 272 + 256 + s * 2)
         qf = _int_f32(tl.load(b + l).to(tl.int32) ^ 0x80, 128.0)
         offset = 0.0
-    elif TYPE == 4:  # Q2_K: 16 scale bytes (low 4 bits scale, high 4 min), 64 B of 2-bit quants, d, dmin
-        b = row_ptr + kb * 84
+    elif TYPE == 4 or TYPE == 8:  # Q2_K: 16 scale bytes (low 4 bits scale, high 4 min), 64 B of 2-bit quants,
+        # d, dmin (Q2_K_R8: 8 bodies of 80 B, then the 8 d, dmin)
+        if TYPE == 4:
+            b = row_ptr + kb * 84
+            h = b + 80
+        else:
+            b = row_ptr + (kb // 8) * 672 + (kb % 8) * 80
+            h = row_ptr + (kb // 8) * 672 + 640 + (kb % 8) * 4
         sc = tl.load(b + s).to(tl.int32)  # sub-block s of 16: half s // 8, shift 2 * ((s % 8) // 2)
         q = tl.load(b + 16 + (s // 8) * 32 + (s % 2) * 16 + l).to(tl.int32)
         qf = _int_f32((q >> (2 * ((s % 8) // 2))) & 3, 0.0)
-        scale = _f16_at(b + 80) * _int_f32(sc & 15, 0.0)
-        offset = _f16_at(b + 82) * _int_f32(sc >> 4, 0.0)
-    elif TYPE == 5:  # IQ2_XXS: d f16, then per 32: 4 grid-index bytes, u32 of 4 x 7-bit sign ids | scale << 28
-        b = row_ptr + kb * 66
-        g = b + 2 + s * 8
+        scale = _f16_at(h) * _int_f32(sc & 15, 0.0)
+        offset = _f16_at(h + 2) * _int_f32(sc >> 4, 0.0)
+    elif TYPE == 5 or TYPE == 9:  # IQ2_XXS: d f16, then per 32: 4 grid-index bytes, u32 of 4 x 7-bit sign ids |
+        # scale << 28 (IQ2_XXS_R8: 8 bodies of 64 B, then the 8 d)
+        if TYPE == 5:
+            b = row_ptr + kb * 66
+            g = b + 2 + s * 8
+        else:
+            b = row_ptr + (kb // 8) * 528 + 512 + (kb % 8) * 2
+            g = row_ptr + (kb // 8) * 528 + (kb % 8) * 64 + s * 8
         aux = (tl.load(g + 4).to(tl.int32) | (tl.load(g + 5).to(tl.int32) << 8)
                | (tl.load(g + 6).to(tl.int32) << 16) | (tl.load(g + 7).to(tl.int32) << 24))  # [BN, S, 1]
         part = l // 8  # 4 parts of 8 values, each a grid row with its own sign pattern
@@ -231,14 +243,20 @@ def _quads(row_ptr, kb, TYPE: tl.constexpr, grid_ptr, signs_ptr):
     """Decode of 256-element step kb for the MoE GEMM, each stored byte (or table word) loaded
     once and split into its values by shifts; row_ptr: [BN] byte pointers to each row. Returns
     float32 [BN, 256] in element order, computed as the reference does (Q2_K, Q4_K, Q6_K, IQ2_XXS)."""
-    if TYPE == 4:  # Q2_K: element h*128 + j*32 + l is bits 2j of byte 16 + h*32 + l; sub-block of 16 s
-        b = row_ptr + kb * 84
+    if TYPE == 4 or TYPE == 8:  # Q2_K: element h*128 + j*32 + l is bits 2j of byte 16 + h*32 + l; sub-block
+        # of 16 s (Q2_K_R8: bodies of 80 B, d and dmin after 8 of them)
+        if TYPE == 4:
+            b = row_ptr + kb * 84
+            hd = b + 80
+        else:
+            b = row_ptr + (kb // 8) * 672 + (kb % 8) * 80
+            hd = row_ptr + (kb // 8) * 672 + 640 + (kb % 8) * 4
         words = tl.load((b[:, None, None, None] + 16 + tl.arange(0, 2)[None, :, None, None] * 32
                          + tl.arange(0, 8)[None, None, None, :] * 4).to(tl.pointer_type(tl.int32)))
         q = _word_bytes((words >> (2 * tl.arange(0, 4)[None, None, :, None])) & 0x03030303)
         sc = tl.load(b[:, None, None] + tl.arange(0, 16)[None, :, None]).to(tl.int32)  # scale low 4 bits, min high
-        scale = _f16_at(b + 80)[:, None, None] * _int_f32(sc & 15, 0.0)
-        offset = _f16_at(b + 82)[:, None, None] * _int_f32(sc >> 4, 0.0)
+        scale = _f16_at(hd)[:, None, None] * _int_f32(sc & 15, 0.0)
+        offset = _f16_at(hd + 2)[:, None, None] * _int_f32(sc >> 4, 0.0)
         w = scale * tl.reshape(q, [q.shape[0], 16, 16]) - offset
     elif TYPE == 0:  # Q4_K: element g*64 + n*32 + l is nibble n of byte 16 + g*32 + l; sub-block of 32 s
         b = row_ptr + kb * 144
@@ -254,9 +272,15 @@ def _quads(row_ptr, kb, TYPE: tl.constexpr, grid_ptr, signs_ptr):
         sc = tl.where(s < 4, a & 63, (c & 15) | ((a >> 2) & 48))
         mn = tl.where(s < 4, m & 63, (c >> 4) | ((m >> 2) & 48))
         w = _f16_at(b) * _int_f32(sc, 0.0) * q - _f16_at(b + 2) * _int_f32(mn, 0.0)
-    elif TYPE == 1:  # Q6_K: element h*128 + jh*64 + jl*32 + l2*16 + l: low 4 bits are nibble jh of ql
-        # byte h*64 + jl*32 + l2*16 + l, high 2 bits are bits 2*(2jh + jl) of qh byte h*32 + l2*16 + l
-        b = (row_ptr + kb * 210)[:, None, None, None, None, None]
+    elif TYPE == 1 or TYPE == 6:  # Q6_K: element h*128 + jh*64 + jl*32 + l2*16 + l: low 4 bits are nibble jh
+        # of ql byte h*64 + jl*32 + l2*16 + l, high 2 bits are bits 2*(2jh + jl) of qh byte h*32 + l2*16 + l
+        # (Q6_K_R8: bodies of 208 B, d after 8 of them)
+        if TYPE == 1:
+            b = (row_ptr + kb * 210)[:, None, None, None, None, None]
+            d_at = b + 208
+        else:
+            b = (row_ptr + (kb // 8) * 1680 + (kb % 8) * 208)[:, None, None, None, None, None]
+            d_at = (row_ptr + (kb // 8) * 1680 + 1664 + (kb % 8) * 2)[:, None, None, None, None, None]
         h = tl.arange(0, 2)[None, :, None, None, None, None]
         jh = tl.arange(0, 2)[None, None, :, None, None, None]
         jl = tl.arange(0, 2)[None, None, None, :, None, None]
@@ -266,15 +290,21 @@ def _quads(row_ptr, kb, TYPE: tl.constexpr, grid_ptr, signs_ptr):
         qh = tl.load(b + 128 + h * 32 + l2 * 16 + l).to(tl.int32)
         q = ((ql >> (4 * jh)) & 15) | (((qh >> (4 * jh + 2 * jl)) & 3) << 4)
         sc = tl.load(b + 192 + h * 8 + jh * 4 + jl * 2 + l2).to(tl.int8, bitcast=True).to(tl.float32)
-        w = (_f16_at(b + 208) * sc) * _int_f32(q, 32.0)
+        w = (_f16_at(d_at) * sc) * _int_f32(q, 32.0)
     else:  # IQ2_XXS: element s*32 + p*8 + h*4 + i is byte i of word h of grid row idx[s, p] (a byte at
         # 2 + s*8 + p), negated where bit h*4 + i of sign pattern (aux_s >> 7p) & 127 is set
-        b = (row_ptr + kb * 66)[:, None, None, None]
+        # (IQ2_XXS_R8: bodies of 64 B without the d, which come after 8 of them)
+        if TYPE == 5:
+            b = (row_ptr + kb * 66)[:, None, None, None]
+            body = b + 2
+        else:
+            b = (row_ptr + (kb // 8) * 528 + 512 + (kb % 8) * 2)[:, None, None, None]
+            body = (row_ptr + (kb // 8) * 528 + (kb % 8) * 64)[:, None, None, None]
         s = tl.arange(0, 8)[None, :, None, None]
         p = tl.arange(0, 4)[None, None, :, None]
-        a16 = (b + 6 + s * 8).to(tl.pointer_type(tl.uint16))  # the u32 aux at 6 + s*8 is 2-byte aligned
+        a16 = (body + 4 + s * 8).to(tl.pointer_type(tl.uint16))  # the u32 aux at 4 + s*8 is 2-byte aligned
         aux = tl.load(a16).to(tl.int32) | (tl.load(a16 + 1).to(tl.int32) << 16)  # [BN, 8, 1, 1]
-        word = tl.load(grid_ptr + tl.load(b + 2 + s * 8 + p).to(tl.int32) * 2 + tl.arange(0, 2)[None, None, None, :])
+        word = tl.load(grid_ptr + tl.load(body + s * 8 + p).to(tl.int32) * 2 + tl.arange(0, 2)[None, None, None, :])
         v = _word_bytes(word)  # [BN, 8, 4, 2, 2, 2]: element s*32 + p*8 + h*4 + 2r + a
         sign = tl.load(signs_ptr + ((aux >> (7 * p)) & 127))  # [BN, 8, 4, 1]
         bit = (tl.arange(0, 2)[:, None, None] * 4 + tl.arange(0, 2)[None, :, None] * 2
@@ -355,7 +385,8 @@ def _moe_tiles_device(counts: torch.Tensor, bm: int, n_tiles: int):
             torch.where(used, end, 0).to(torch.int32))
 
 
-QUADS_TYPES = ("Q4_K", "Q6_K", "Q2_K", "IQ2_XXS")  # the types `_quads` decodes (others: `_decode`)
+# the types `_quads` decodes (others: `_decode`)
+QUADS_TYPES = ("Q4_K", "Q6_K", "Q2_K", "IQ2_XXS", "Q6_K_R8", "Q2_K_R8", "IQ2_XXS_R8")
 
 
 def qgemm_experts(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, pair_rows: torch.Tensor, tiles,
@@ -374,7 +405,7 @@ def qgemm_experts(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, pair_
     dot = dot_dtype or (torch.bfloat16 if x.is_cuda else torch.float32)
     quads = quads and bt_name in QUADS_TYPES and raw.data_ptr() % 4 == 0  # Q2_K, Q4_K: 32-bit word loads
     grid, signs = _tables(raw.device)
-    if quads and bt_name == "IQ2_XXS":
+    if quads and bt_name.startswith("IQ2_XXS"):
         grid = _grid_words(raw.device)
     tile_expert, tile_start, tile_end = tiles
     _moe_gemm_kernel[(len(tile_expert), triton.cdiv(n, bn))](

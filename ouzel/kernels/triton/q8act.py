@@ -11,12 +11,13 @@ x [M, K] -> xq int8 (round(x / dx)), dx = max|x| / 127 and sx = dx * sum(xq) per
 the oracle is therefore the exact dequantized matmul of xq * dx (`dequantized_x`), which the
 kernel matches to fp32 rounding.
 
-`SUPPORTED`: Q4_K, and Q6_K / Q8_0 regrouped at load (Q6_K_R8, Q8_0_R8 in quant/blocks.py): in GGUF's
-layout their blocks are only 2-byte aligned, and the same scheme read through int16 pairs was no
-faster than the fp32-activation decoder on an H200 (Q8_0 slower; bench/NOTES.md).
+`SUPPORTED`: Q4_K, and Q6_K / Q8_0 / Q2_K / IQ2_XXS regrouped at load (`*_R8` in quant/blocks.py;
+the last two are DeepSeek V4's routed experts): in GGUF's layout their blocks are only 2- or
+4-byte aligned, and the same scheme read through int16 pairs was no faster than the
+fp32-activation decoder on an H200 (Q6_K and Q8_0; Q8_0 slower; bench/NOTES.md).
 
-The one-row kernels (`*_m1_kernel`, the decode step's form; Q6_K_R8 and Q8_0_R8 have only
-these) are built for memory-level parallelism, which was the limit, not the instruction count:
+The one-row kernels (`*_m1_kernel`, the decode step's form; the `_R8` types have only these)
+are built for memory-level parallelism, which was the limit, not the instruction count:
 every load of block step i + 1 (weights, their scales as words, x's words and scales) is issued
 before step i computes, products are scaled per word and summed once at the end, and row strides
 come in 16-byte units so that Triton emits 16-byte loads. On an H100 that took Q4_K 14336x4096
@@ -26,6 +27,12 @@ Q4_K (144 B): d, dmin (f16), 12 B of 6-bit sub-block scales/mins, 128 B of nibbl
 of 32-byte group j holds elements 64j + l (low nibble) and 64j + 32 + l (high). Read as
 32-bit words, word w of group j masked with 0x0F0F0F0F holds elements 64j + 4w .. +3, which is
 exactly the int8 word 16j + w of xq: one dp4a per 4 weights, no shuffling.
+
+Q2_K_R8 and IQ2_XXS_R8 tile [4 quads, NB blocks, BN rows, 4 words] with every load (x's too,
+repeated per row) in one layout of a 16-byte word per thread, so that nothing goes through shared
+memory in the loop (sm_90: 40-96 registers, no spills; about 2.8 and 4 instructions per weight).
+IQ2_XXS's magnitudes come from its 256-row grid (2 KB) and its signs from 128 8-bit patterns,
+read per 8 weights from L1 by inline loads.
 """
 from __future__ import annotations
 
@@ -419,11 +426,194 @@ def _q8_0_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, idx_ptr, N, blocks_per_sp
     tl.store(out_ptr + split * stride_os + g * stride_og + rows, res.to(out_ptr.dtype.element_ty), mask=rows < N)
 
 
-SUPPORTED = ("Q4_K", "Q6_K_R8", "Q8_0_R8")  # the regrouped types: one x row only (`supports`)
+@triton.jit
+def _pick(v, i4, I: tl.constexpr):
+    """Word I of the 4 int32 words [..., 4] one thread holds, as [..., 1]: a register, no arithmetic."""
+    return tl.sum(tl.where(i4 == I, v, 0), axis=3, keep_dims=True)
+
+
+@triton.jit
+def _q2k_field(qw, xw, dxw, sw, dd, dm, a4, i4, J: tl.constexpr, USE_ASM: tl.constexpr):
+    """`_q2k_r8_m1_kernel`'s products of bit field J (bits 2J, 2J + 1 of each quant byte) with x's
+    words xw; dxw: x's 4 scales of the quad's x blocks, sw: the 16 scale bytes, dd / dm: d / dmin."""
+    # masked in place: bytes q * 4^J (<= 192) in the exact integer dot; 4^-J goes with d
+    c = tl.sum(_dp4a(qw & (tl.full([], 0x03030303, tl.int32) << 2 * J), xw, 0, USE_ASM), axis=3, keep_dims=True)
+    s = tl.sum(_dp4a(tl.full(xw.shape, 0x01010101, tl.int32), xw, 0, USE_ASM), axis=3, keep_dims=True)  # sum of x
+    # sub-block 8 (a // 2) + 2J + a % 2: scale byte 2 (J % 2) + a % 2 of word 2 (a // 2) + J // 2
+    word = tl.where(a4 < 2, _pick(sw, i4, J // 2), _pick(sw, i4, 2 + J // 2))
+    byte = (word >> (8 * (a4 % 2) + 16 * (J % 2))) & 255
+    dx = _pick(dxw.to(tl.int32, bitcast=True), i4, J).to(tl.float32, bitcast=True)
+    return dx * ((dd * 0.25 ** J) * ((byte & 15) * c).to(tl.float32) - dm * ((byte >> 4) * s).to(tl.float32))
+
+
+@triton.jit
+def _q2k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, idx_ptr, N, blocks_per_split, row_quads, expert_quads,
+                      K, x_div, stride_os, stride_og, BN: tl.constexpr, NB: tl.constexpr, HAS_IDX: tl.constexpr,
+                      USE_ASM: tl.constexpr):
+    """One x row times Q2_K_R8 rows (quant/blocks.py: per 2048 elements, 8 Q2_K bodies of 20 words
+    (16 scale bytes: low nibble scale, high nibble min, per 16 elements; 64 bytes of 2-bit quants),
+    then their 8 words d | dmin << 16; 168 words). Tile [4 quads a, NB blocks, BN rows, 4 words i]:
+    bits 2J of quant word 4a + i hold elements 128 (a // 2) + 32 J + 16 (a % 2) + 4i .. + 3, which
+    is x's int8 word 32 (a // 2) + 8 J + 4 (a % 2) + i, of sub-block 8 (a // 2) + 2J + a % 2. Value
+    d * sc * q - dmin * m: the mins take x's sums per 16, one dp4a by 0x01010101 per x word.
+    Every load is a 16-byte word per thread in one layout (x per row too, 0 * r: no conversion
+    through shared memory in the loop; the quad axis first: a warp's threads along K), and every
+    load of step i + 1 is in flight during step i."""
+    split = tl.program_id(1)
+    g = tl.program_id(2)
+    rows, wrow = _m1_rows(idx_ptr, N, row_quads, expert_quads, BN, HAS_IDX)
+    xrow = (g // x_div).to(tl.int64)
+    a4 = tl.arange(0, 4)[:, None, None, None]
+    b4 = tl.arange(0, NB)[None, :, None, None]
+    r4 = wrow[None, None, :, None]
+    i4 = tl.arange(0, 4)[None, None, None, :]
+    xw = xq_ptr + xrow * (K // 4) + 32 * (a4 // 2) + 4 * (a4 % 2) + i4 + 0 * r4  # + block * 64 + 8J: field J's
+    xs = dx_ptr + xrow * (K // 32) + 4 * (a4 // 2) + i4 + 0 * r4  # + block * 8: their 4 scales (J = i)
+    blk_end = (split + 1) * blocks_per_split
+    blk = split * blocks_per_split + b4
+    grp = w_ptr + r4 + (blk // 8) * 168  # each block's group of 8
+    qw = tl.load(grp + (blk % 8) * 20 + 4 + 4 * a4 + i4)
+    sw = tl.load(grp + (blk % 8) * 20 + i4 + 0 * a4)  # the 16 scale bytes
+    hw = tl.load(grp + 160 + 4 * (blk % 8 // 4) + i4 + 0 * a4)  # the quad of headers with this block's
+    x0, x1 = tl.load(xw + blk * 64), tl.load(xw + blk * 64 + 8)
+    x2, x3 = tl.load(xw + blk * 64 + 16), tl.load(xw + blk * 64 + 24)
+    dxw = tl.load(xs + blk * 8)
+    acc = tl.zeros([4, NB, BN, 1], dtype=tl.float32)
+    for _ in range(0, blocks_per_split, NB):
+        nblk = tl.minimum(blk + NB, blk_end - 1)  # the last iteration reloads its own step: no masks
+        ngrp = w_ptr + r4 + (nblk // 8) * 168
+        qw_n = tl.load(ngrp + (nblk % 8) * 20 + 4 + 4 * a4 + i4)
+        sw_n = tl.load(ngrp + (nblk % 8) * 20 + i4 + 0 * a4)
+        hw_n = tl.load(ngrp + 160 + 4 * (nblk % 8 // 4) + i4 + 0 * a4)
+        x0_n, x1_n = tl.load(xw + nblk * 64), tl.load(xw + nblk * 64 + 8)
+        x2_n, x3_n = tl.load(xw + nblk * 64 + 16), tl.load(xw + nblk * 64 + 24)
+        dxw_n = tl.load(xs + nblk * 8)
+        h = tl.sum(tl.where(i4 == blk % 4, hw, 0), axis=3, keep_dims=True)  # d | dmin << 16
+        dd = _f16_lo(h)
+        dm = _f16_lo(h >> 16)
+        acc += _q2k_field(qw, x0, dxw, sw, dd, dm, a4, i4, 0, USE_ASM)
+        acc += _q2k_field(qw, x1, dxw, sw, dd, dm, a4, i4, 1, USE_ASM)
+        acc += _q2k_field(qw, x2, dxw, sw, dd, dm, a4, i4, 2, USE_ASM)
+        acc += _q2k_field(qw, x3, dxw, sw, dd, dm, a4, i4, 3, USE_ASM)
+        qw, sw, hw, x0, x1, x2, x3, dxw = qw_n, sw_n, hw_n, x0_n, x1_n, x2_n, x3_n, dxw_n
+        blk = nblk
+    res = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=1), axis=0)
+    tl.store(out_ptr + split * stride_os + g * stride_og + rows, res.to(out_ptr.dtype.element_ty), mask=rows < N)
+
+
+@triton.jit
+def _table_words(grid_ptr, signs_ptr, r, s7, USE_ASM: tl.constexpr):
+    """IQ2_XXS grid row(s) r as two int32 words (8 magnitudes, a byte each) and sign pattern(s) s7
+    (8 bits), from the L1-resident tables. On the GPU as inline loads, which take the layout of r:
+    a tl.load gather would get its own (no vector axis) and a conversion through shared memory."""
+    if USE_ASM:
+        g0, g1 = tl.inline_asm_elementwise("ld.global.nc.v2.b32 {$0, $1}, [$2];", "=r,=r,l",
+                                           [(grid_ptr + 2 * r).to(tl.int64, bitcast=True)],
+                                           dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        sb = tl.inline_asm_elementwise("ld.global.nc.u8 $0, [$1];", "=r,l",
+                                       [(signs_ptr + s7).to(tl.int64, bitcast=True)], dtype=tl.int32, is_pure=True,
+                                       pack=1)
+    else:
+        g0, g1 = tl.load(grid_ptr + 2 * r), tl.load(grid_ptr + 2 * r + 1)
+        sb = tl.load(signs_ptr + s7).to(tl.int32)
+    return g0, g1, sb
+
+
+@triton.jit
+def _signed(g, nib):
+    """Grid word g (4 magnitudes 8..43) with byte t negated where bit t of nib (0..15) is set."""
+    neg = (nib * 0x00204081) & 0x01010101  # bit t -> byte t (the 4 shifted copies don't overlap)
+    return (g ^ (neg * 255)) + neg  # per byte g or 256 - g: no carries between bytes
+
+
+@triton.jit
+def _iq2xxs_group(gi, aux, xa, xb, grid_ptr, signs_ptr, i4, USE_ASM: tl.constexpr):
+    """The exact integer dot of one 32-element group (grid indices gi, sign/scale word aux; 8 per
+    block) with its 8 x words (xa: words 0..3, xb: 4..7), times the group's 2s + 1."""
+    c = tl.zeros_like(gi)
+    for p in tl.static_range(4):  # elements 8p .. 8p + 7: grid row byte p, sign pattern bits 7p
+        g0, g1, sb = _table_words(grid_ptr, signs_ptr, (gi >> 8 * p) & 255, (aux >> 7 * p) & 127, USE_ASM)
+        xw = xa if p < 2 else xb
+        c = _dp4a_ss(_signed(g0, sb & 15), _pick(xw, i4, 2 * (p % 2)), c, USE_ASM)
+        c = _dp4a_ss(_signed(g1, sb >> 4), _pick(xw, i4, 2 * (p % 2) + 1), c, USE_ASM)
+    return c * (2 * ((aux >> 28) & 15) + 1)
+
+
+@triton.jit
+def _iq2xxs_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, idx_ptr, N, blocks_per_split, row_quads, expert_quads,
+                         K, x_div, stride_os, stride_og, grid_ptr, signs_ptr, BN: tl.constexpr, NB: tl.constexpr,
+                         HAS_IDX: tl.constexpr, USE_ASM: tl.constexpr):
+    """One x row times IQ2_XXS_R8 rows (quant/blocks.py: per 2048 elements, 8 IQ2_XXS bodies of 16
+    words, then their 8 f16 d; 132 words). Body words 2g, 2g + 1 of group g (32 elements, x's
+    block g): 4 grid indices (byte p: elements 32g + 8p .. + 7, magnitudes in {8, 25, 43} from the
+    256-row grid), then 4 7-bit sign-pattern indices (bits 7p; `signs` gives the 8-bit pattern)
+    and the group's scale s (top 4 bits): value d * (2s + 1) / 8 * grid * sign. Tile [4 quads a,
+    NB blocks, BN rows, 4 words]: quad a holds groups 2a and 2a + 1, whose x words come in 4
+    16-byte loads (per row too, 0 * r: one layout, no conversion in the loop, as in
+    `_q2k_r8_m1_kernel`). Every load of step i + 1 but the table reads is in flight during step i."""
+    split = tl.program_id(1)
+    g = tl.program_id(2)
+    rows, wrow = _m1_rows(idx_ptr, N, row_quads, expert_quads, BN, HAS_IDX)
+    xrow = (g // x_div).to(tl.int64)
+    a4 = tl.arange(0, 4)[:, None, None, None]
+    b4 = tl.arange(0, NB)[None, :, None, None]
+    r4 = wrow[None, None, :, None]
+    i4 = tl.arange(0, 4)[None, None, None, :]
+    xw = xq_ptr + xrow * (K // 4) + 16 * a4 + i4 + 0 * r4  # + block * 64 + 4j: x words 4j .. of groups 2a, 2a + 1
+    xs = dx_ptr + xrow * (K // 32) + 4 * (a4 // 2) + i4 + 0 * r4  # + block * 8: scales of groups 4 (a // 2) ..
+    blk_end = (split + 1) * blocks_per_split
+    blk = split * blocks_per_split + b4
+    grp = w_ptr + r4 + (blk // 8) * 132
+    qw = tl.load(grp + (blk % 8) * 16 + 4 * a4 + i4)
+    dw = tl.load(grp + 128 + i4 + 0 * a4)  # the 8 d of the group
+    x0, x1 = tl.load(xw + blk * 64), tl.load(xw + blk * 64 + 4)
+    x2, x3 = tl.load(xw + blk * 64 + 8), tl.load(xw + blk * 64 + 12)
+    dxw = tl.load(xs + blk * 8)
+    acc = tl.zeros([4, NB, BN, 1], dtype=tl.float32)
+    for _ in range(0, blocks_per_split, NB):
+        nblk = tl.minimum(blk + NB, blk_end - 1)  # the last iteration reloads its own step: no masks
+        ngrp = w_ptr + r4 + (nblk // 8) * 132
+        qw_n = tl.load(ngrp + (nblk % 8) * 16 + 4 * a4 + i4)
+        dw_n = tl.load(ngrp + 128 + i4 + 0 * a4)
+        x0_n, x1_n = tl.load(xw + nblk * 64), tl.load(xw + nblk * 64 + 4)
+        x2_n, x3_n = tl.load(xw + nblk * 64 + 8), tl.load(xw + nblk * 64 + 12)
+        dxw_n = tl.load(xs + nblk * 8)
+        c0 = _iq2xxs_group(_pick(qw, i4, 0), _pick(qw, i4, 1), x0, x1, grid_ptr, signs_ptr, i4, USE_ASM)
+        c1 = _iq2xxs_group(_pick(qw, i4, 2), _pick(qw, i4, 3), x2, x3, grid_ptr, signs_ptr, i4, USE_ASM)
+        # d of block blk % 8: half blk % 2 of word (blk % 8) // 2; x's scales of groups 2a, 2a + 1
+        d = _f16_lo(tl.sum(tl.where(i4 == blk % 8 // 2, dw, 0), axis=3, keep_dims=True) >> 16 * (blk % 2)) * 0.125
+        dx = dxw.to(tl.int32, bitcast=True)
+        dx0 = tl.where(a4 % 2 == 0, _pick(dx, i4, 0), _pick(dx, i4, 2)).to(tl.float32, bitcast=True)
+        dx1 = tl.where(a4 % 2 == 0, _pick(dx, i4, 1), _pick(dx, i4, 3)).to(tl.float32, bitcast=True)
+        acc += d * (c0.to(tl.float32) * dx0 + c1.to(tl.float32) * dx1)
+        qw, dw, x0, x1, x2, x3, dxw = qw_n, dw_n, x0_n, x1_n, x2_n, x3_n, dxw_n
+        blk = nblk
+    res = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=1), axis=0)
+    tl.store(out_ptr + split * stride_os + g * stride_og + rows, res.to(out_ptr.dtype.element_ty), mask=rows < N)
+
+
+_TABLES: dict = {}
+
+
+def _iq2_tables(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """IQ2_XXS's grid as int32 [256 x 2] (each row's 8 magnitudes, 4 bytes to a word) and its 128
+    8-bit sign patterns (uint8), on `device`: 2 KB + 128 B that stay in L1."""
+    if device not in _TABLES:
+        from ...quant.blocks import _IQ2_XXS_GRID, _IQ2_XXS_SIGNS  # noqa: PLC0415
+        g = _IQ2_XXS_GRID.to(torch.int32).view(256, 2, 4) << torch.tensor([0, 8, 16, 24], dtype=torch.int32)
+        _TABLES[device] = (g.sum(-1, dtype=torch.int32).reshape(-1).to(device),
+                           _IQ2_XXS_SIGNS.to(torch.uint8).to(device))
+    return _TABLES[device]
+
+
+# the regrouped types (quant/blocks.py), one x row only (`supports`); IQ2_XXS_R8 also reads the tables
+ONE_ROW = {"Q6_K_R8": _q6k_r8_m1_kernel, "Q8_0_R8": _q8_0_r8_m1_kernel, "Q2_K_R8": _q2k_r8_m1_kernel,
+           "IQ2_XXS_R8": _iq2xxs_r8_m1_kernel}
+SUPPORTED = ("Q4_K", *ONE_ROW)
 
 
 def supports(bt_name: str, m: int) -> bool:
-    return bt_name == "Q4_K" or (bt_name in ("Q6_K_R8", "Q8_0_R8") and m == 1)
+    return bt_name == "Q4_K" or (bt_name in ONE_ROW and m == 1)
 
 
 def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch.Tensor | None = None,
@@ -433,12 +623,13 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch
     """out [M, N] = x [M, K] @ W.T with x rounded to int8 per 32 (see the module doc); M <= 16.
     MoE form as `gguf.qgemv`: idx [G] experts of raw [E * N, row_bytes], out [G, N], x row g // x_div.
     xq: a `quantize_x(x)` result to reuse (several matrices reading the same x). m1: one x row
-    through `_q4k_m1_kernel` (the decode step's form); Q6_K_R8 and Q8_0_R8 have only that form."""
+    through `_q4k_m1_kernel` (the decode step's form); the `ONE_ROW` types have only that form."""
     n, k = shape
     moe = idx is not None
     m = 1 if moe else x.shape[0]
     if not supports(bt_name, m):
-        raise ValueError(f"qgemv_q8: {bt_name} is not supported for {m} x rows ({', '.join(SUPPORTED)})")
+        raise ValueError(f"qgemv_q8: {bt_name} is not supported for {m} x rows ({', '.join(SUPPORTED)}; "
+                         f"{', '.join(ONE_ROW)}: one row)")
     groups = len(idx) if moe else 1
     if k % 256 or raw.dtype != torch.uint8 or raw.stride(1) != 1 or raw.stride(0) % 16 or raw.data_ptr() % 16:
         raise ValueError(f"qgemv_q8: unsupported layout {tuple(raw.shape)} for {shape}")
@@ -452,15 +643,11 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch
     common = dict(M=m, MP=1 << (m - 1).bit_length(), BN=bn, NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps)
     strides = (k, x_div, 0 if split == 1 else dst.stride(0), dst.stride(-2) if moe else 0, dst.stride(-2))
     idx_arg = idx if moe else dx
-    if bt_name == "Q8_0_R8":
-        _q8_0_r8_m1_kernel[grid](xq.view(torch.int32), dx, raw.view(torch.int32), dst, idx_arg, n, n_blocks // split,
-                                 raw.stride(0) // 16, n * raw.stride(0) // 16, k, x_div, strides[2], strides[3], BN=bn,
-                                 NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps)
-        return finish_gemv(dst, out)
-    if bt_name == "Q6_K_R8":
-        _q6k_r8_m1_kernel[grid](xq.view(torch.int32), dx, raw.view(torch.int32), dst, idx_arg, n, n_blocks // split,
-                                raw.stride(0) // 16, n * raw.stride(0) // 16, k, x_div, strides[2], strides[3], BN=bn,
-                                NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps)
+    if bt_name in ONE_ROW:
+        tables = _iq2_tables(raw.device) if bt_name == "IQ2_XXS_R8" else ()
+        ONE_ROW[bt_name][grid](xq.view(torch.int32), dx, raw.view(torch.int32), dst, idx_arg, n, n_blocks // split,
+                               raw.stride(0) // 16, n * raw.stride(0) // 16, k, x_div, strides[2], strides[3], *tables,
+                               BN=bn, NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps)
         return finish_gemv(dst, out)
     if m1 and m == 1:
         _q4k_m1_kernel[grid](xq.view(torch.int32), dx, sx, raw.view(torch.int32), dst, idx_arg, n, n_blocks // split,

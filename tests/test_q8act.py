@@ -1,0 +1,90 @@
+"""The int8-activation one-row GEMVs of DeepSeek V4's expert types (kernels/triton/q8act.py:
+Q2_K_R8, IQ2_XXS_R8) against the exact product with the int8-rounded x (`dequantized_x`), dense
+and in the MoE form (expert ids read by the kernel); fresh random blocks each run.
+
+Needs CUDA, or TRITON_INTERPRET=1 (set by tests/conftest.py on a machine without a GPU).
+"""
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not (torch.cuda.is_available() or INTERPRET):
+    pytest.skip("needs CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
+
+from ouzel.kernels.triton import q8act as Q8  # noqa: E402
+from ouzel.kernels.triton.testing import random_blocks, reference_linear, rel_err  # noqa: E402
+from ouzel.quant import blocks  # noqa: E402
+
+DEV = "cpu" if INTERPRET else "cuda"
+R8 = {"Q2_K_R8": blocks.repack_q2_k_r8, "IQ2_XXS_R8": blocks.repack_iq2_xxs_r8}
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+
+def _r8_blocks(name: str, n: int, k: int, gen) -> torch.Tensor:
+    """Random GGUF blocks of the base type, regrouped (what the loader does on the GPU)."""
+    return R8[name](random_blocks(name[:-3], n, k, gen)).to(DEV)
+
+
+@pytest.mark.parametrize("name", R8)
+@pytest.mark.parametrize("k,cfg", [(2048, dict(bn=8, u=1)), (2048, dict(bn=4, u=2, split=2)),
+                                   (4096, dict(bn=16, u=4)), (4096, dict(bn=32, u=2, num_warps=8))])
+def test_q8_gemv_r8(name, k, cfg, gen):
+    n = 21  # a partial tile
+    raw = _r8_blocks(name, n, k, gen)
+    x = torch.randn(1, k, generator=gen).to(DEV)
+    xq, dx, sx = Q8.quantize_x(x)
+    out = torch.full((1, n), float("nan"), device=DEV)
+    Q8.qgemv_q8(x, raw, name, (n, k), out=out, xq=(xq, dx, sx), **cfg)
+    assert rel_err(out, reference_linear(Q8.dequantized_x(xq, dx), raw, name)) < 1e-5  # exact integer dots
+    assert rel_err(out, reference_linear(x, raw, name)) < 3e-2  # x's rounding to 8 bits
+    with pytest.raises(ValueError):  # one x row only
+        Q8.qgemv_q8(torch.randn(2, k).to(DEV), raw, name, (n, k))
+
+
+@pytest.mark.parametrize("name", R8)
+@pytest.mark.parametrize("x_div", [3, 1])  # gate/up: a token's x shared by its experts; down: one x per pair
+def test_q8_gemv_r8_experts(name, x_div, gen):
+    E, n, k, G = 5, 24, 2048, 6
+    raw = _r8_blocks(name, E * n, k, gen)
+    idx = torch.randint(0, E, (G,), generator=gen).to(DEV)
+    x = torch.randn(G // x_div, k, generator=gen).to(DEV)
+    xq, dx, sx = Q8.quantize_x(x)
+    xd = Q8.dequantized_x(xq, dx)
+    ref = torch.stack([reference_linear(xd[p // x_div][None], raw[idx[p] * n:(idx[p] + 1) * n], name)[0]
+                       for p in range(G)])
+    out = Q8.qgemv_q8(x, raw, name, (n, k), idx=idx, x_div=x_div, bn=8, u=2, xq=(xq, dx, sx))
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("name", R8)
+def test_cuda_expert_dispatch(name, gen, monkeypatch):
+    """`cuda.qgemv_experts` (gate/up: a token's x shared by its experts) and `cuda.swiglu_experts`
+    (down: swiglu of each pair's gate/up row, rounded to int8 in the same launch) on R8 stacks."""
+    from ouzel.kernels import cuda
+    from ouzel.kernels.triton import gguf
+    from ouzel.layers.moe import swiglu
+    from ouzel.quant.tensor import QTensor
+    if not gguf.supports(name):
+        pytest.skip(f"kernels/triton/gguf.py does not read {name} (the loader keeps GGUF's layout)")
+    monkeypatch.setenv("OUZEL_TRITON_TUNE", "0")
+    E, n, k, T, K = 4, 16, 2048, 2, 3
+    w = QTensor(_r8_blocks(name, E * n, k, gen), blocks.block_type(name), (E * n, k))
+    idx = torch.randint(0, E, (T * K,), generator=gen).to(DEV)
+    x = torch.randn(T, k, generator=gen).to(DEV)
+    xd = Q8.dequantized_x(*Q8.quantize_x(x)[:2])
+    ref = torch.stack([reference_linear(xd[p // K][None], w.raw[idx[p] * n:(idx[p] + 1) * n], name)[0]
+                       for p in range(T * K)])
+    assert rel_err(cuda.qgemv_experts(x, w, E, idx, K), ref) < 1e-5
+    h = torch.randn(T * K, 2 * k, generator=gen).to(DEV)
+    xd = Q8.dequantized_x(*Q8.quantize_swiglu(h, 7.0)[:2])  # the oracle's x: silu's exp may differ by an ulp
+    assert rel_err(xd, swiglu(h[:, :k], h[:, k:], 7.0)) < 1e-2
+    ref = torch.stack([reference_linear(xd[p][None], w.raw[idx[p] * n:(idx[p] + 1) * n], name)[0]
+                       for p in range(T * K)])
+    assert rel_err(cuda.swiglu_experts(h, w, E, idx, 7.0), ref) < 1e-5
