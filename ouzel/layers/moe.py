@@ -274,6 +274,13 @@ class RoutedExperts(nn.Module):
                                                                          pairs if first else own, counts))
         if y is None:
             return None
+        # back to token order, then each token's weighted sum in a fixed order: deterministic, where
+        # index_add_'s atomics summed a token's K rows in whatever order they landed
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(len(order), device=order.device)
+        out = _weighted_rows(y[inv], weights, x.dtype)
+        if out is not None:
+            return out
         out = torch.zeros_like(x)
         out.index_add_(0, order // K, (y.float() * weights.reshape(-1)[order, None]).to(out.dtype))
         return out
