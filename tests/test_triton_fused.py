@@ -295,3 +295,16 @@ def test_dense_gemv_matches_linear(N, K, w_dtype, gen):
     out = fused.dense_gemv(x, w)
     assert out.dtype == F32 and out.shape == (1, N)
     assert rel_err(out, want.float()) < 1e-6
+
+
+@pytest.mark.parametrize("M,K", [(8, 768), (3, 100), (1, 2048)])
+@pytest.mark.parametrize("limit", [None, 0.5])
+def test_swiglu_matches_reference(M, K, limit, gen):
+    """silu(gate) * up of [gate | up] rows in one launch (with V4's clamp), as `moe.swiglu`."""
+    from ouzel.layers.moe import swiglu as reference
+    gu = (torch.randn(M, 2 * K, generator=gen) * 3).to(DEV)
+    want = reference(gu[:, :K], gu[:, K:], limit)
+    for dtype in (F32, BF16):
+        out = fused.swiglu(gu, limit, dtype)
+        assert out.dtype == dtype and out.shape == (M, K)
+        assert rel_err(out, want) < 1e-6 if dtype == F32 else within_ulp(out, want)

@@ -166,6 +166,18 @@ def test_moe_tiles_on_device(counts, bm):
     assert all(s == e for s, e in zip(dev[1][n:], dev[2][n:]))
 
 
+@pytest.mark.parametrize("E,P,bm", [(128, 4096, 16), (128, 512 * 8, 64), (5, 3, 16), (256, 6 * 300, 32)])
+def test_moe_tiles_kernel_equals_torch(E, P, bm, gen):
+    """The one-launch schedule equals its torch reference on random routings (E up to 256)."""
+    idx = torch.randint(0, E, (P,), generator=gen)
+    counts = torch.zeros(E, dtype=torch.long).index_add_(0, idx, torch.ones_like(idx)).to(DEV)
+    n_tiles = -(-P // bm) + E
+    got = G._moe_tiles_device(counts, bm, n_tiles)
+    want = G._moe_tiles_reference(counts, bm, n_tiles)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.int32 and torch.equal(a, b)
+
+
 def test_moe_gemm_device_tiles(gen):
     assert _moe_gemm_case("Q4_K", [5, 0, 1, 37, 9], 16, gen, device_tiles=True, bn=16) < 1e-5
 

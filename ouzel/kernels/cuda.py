@@ -190,6 +190,14 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     return f.dense_gemv(x, w)
 
 
+def swiglu(gu: torch.Tensor, limit: float | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """`fused.swiglu` (silu(gate) * up of [gate | up] rows in one launch), or None."""
+    f = _fused()
+    if f is None or gu.dim() != 2 or gu.dtype not in _DTYPES or gu.stride(1) != 1 or gu.shape[1] % 2:
+        return None
+    return f.swiglu(gu, limit, dtype)
+
+
 def embedding_rows(ids: torch.Tensor, w) -> torch.Tensor | None:
     """Rows ids of a QTensor, float32, through the Triton dequantizer (exact: two launches where the
     torch dequantizer takes ~25 small ones); None where no kernel reads the type."""

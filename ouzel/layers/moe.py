@@ -102,6 +102,11 @@ def softmax_topk(logits: torch.Tensor, k: int, renorm: bool) -> tuple[torch.Tens
     return w, idx
 
 
+def _swiglu_rows(h, limit, dtype) -> torch.Tensor | None:
+    from ..kernels.cuda import swiglu as fused  # noqa: PLC0415
+    return fused(h, limit, dtype)
+
+
 def _weighted_rows(y, weights, dtype) -> torch.Tensor | None:
     from ..kernels.cuda import weighted_rows  # noqa: PLC0415
     return weighted_rows(y, weights, dtype)
@@ -225,7 +230,10 @@ class RoutedExperts(nn.Module):
         if y is not None:
             return y
         I = self.intermediate
-        return matmul(swiglu(h[:, :I], h[:, I:], self.limit).to(x.dtype), down.stacked[0], False)
+        act = _swiglu_rows(h, self.limit, x.dtype) if h.is_cuda else None  # one launch, not 2-4
+        if act is None:
+            act = swiglu(h[:, :I], h[:, I:], self.limit).to(x.dtype)
+        return matmul(act, down.stacked[0], False)
 
     def _grouped(self, x, weights, idx, gu: ExpertStack, down: ExpertStack) -> torch.Tensor | None:
         """Prefill: the (token, expert) pairs sorted by expert. On CUDA the grouped GEMM kernel

@@ -254,3 +254,32 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     bn = 4 if N <= 512 else 8
     _dense_gemv_kernel[(triton.cdiv(N, bn),)](x, w, out, N, K, w.stride(0), BN=bn, BK=256, num_warps=4)
     return out
+
+
+@triton.jit
+def _swiglu_kernel(gu_ptr, out_ptr, K, s_gu, s_out, limit, BLOCK: tl.constexpr, LIMIT: tl.constexpr):
+    """Program (m, block): out[m] = silu(gate) * up of the row's halves gu[m] = [gate | up]
+    (LIMIT: gate clamped from above and up on both sides first, as `moe.swiglu`)."""
+    m = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    g = tl.load(gu_ptr + m * s_gu + offs, mask=offs < K, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + m * s_gu + K + offs, mask=offs < K, other=0.0).to(tl.float32)
+    if LIMIT:
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
+    tl.store(out_ptr + m * s_out + offs, (g / (1.0 + tl.exp(-g)) * u).to(out_ptr.dtype.element_ty), mask=offs < K)
+
+
+def swiglu(gu: torch.Tensor, limit: float | None, dtype: torch.dtype) -> torch.Tensor:
+    """silu(gate) * up for gu = [gate | up] [M, 2K] -> [M, K] in dtype, one launch (torch: two or,
+    with V4's clamp, four)."""
+    M, K2 = gu.shape
+    if K2 % 2 or gu.stride(1) != 1:
+        raise ValueError(f"swiglu: gu {tuple(gu.shape)} is not [M, 2K] with contiguous rows")
+    K = K2 // 2
+    out = torch.empty((M, K), dtype=dtype, device=gu.device)
+    if M:
+        block = min(1024, triton.next_power_of_2(K))
+        _swiglu_kernel[(M, triton.cdiv(K, block))](gu, out, K, gu.stride(0), out.stride(0), float(limit or 0.0),
+                                                   BLOCK=block, LIMIT=bool(limit), num_warps=4)
+    return out
