@@ -5,8 +5,9 @@ Reference: `qwen3_moe.SoftmaxTopKRouter.forward` after its logits matmul (and `m
 softmax/sigmoid form): scores = softmax(logits) (or sigmoid), idx = top-k of scores (+ bias),
 w = scores[idx] (/ (sum + eps) if renormalised) * scaling.
 
-Program per token row: the E logits in registers (E <= 1024), scores in fp32, then K rounds of
-max / lowest index at the max / mask it out (torch.topk's set of experts; the order of the K may
+Program per token row (one warp up to 512 experts: every reduction a warp shuffle, no barrier;
+Qwen3's route took 4.8 us on 4 warps on an H100): the E logits in registers (E <= 1024), scores
+in fp32, then K rounds of max / lowest index at the max / mask it out (torch.topk's set of experts; the order of the K may
 differ, which only reorders the pairs the experts' sum runs over).
 """
 from __future__ import annotations
@@ -63,5 +64,6 @@ def route(logits: torch.Tensor, k: int, scaling: float = 1.0, softmax: bool = Tr
     idx = torch.empty((T, k), dtype=torch.int64, device=logits.device)
     _route_kernel[(T,)](logits, bias if bias is not None else logits, w, idx, E, k, float(scaling), float(eps),
                         logits.stride(0), BE=triton.next_power_of_2(E), BK=triton.next_power_of_2(k),
-                        SOFTMAX=softmax, HAS_BIAS=bias is not None, RENORM=renorm)
+                        SOFTMAX=softmax, HAS_BIAS=bias is not None, RENORM=renorm,
+                        num_warps=1 if E <= 512 else 4)  # one warp: the 3K reductions stay in shuffles
     return w, idx
