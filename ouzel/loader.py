@@ -86,12 +86,6 @@ def load_weights(model: nn.Module, source, device: torch.device, progress: bool 
                 mod.fuse_weights()
 
 
-# Routed-expert stacks are regrouped only for these types: with Q8_0 experts regrouped, the tiny
-# DeepSeek V4's captured decode step stopped matching its eager step on an H100 (1e-3..1e-2
-# relative; OUZEL_NO_REGROUP=1 matched), not understood yet (bench/NOTES.md, session 5)
-EXPERT_REGROUP = ("Q2_K", "IQ2_XXS")
-
-
 def _regroup_for_gpu(model) -> None:
     """Q6_K / Q8_0 / Q2_K / IQ2_XXS weights of Linears and routed experts -> their `_R8`
     regroupings (quant/blocks.py: same bytes regrouped so the GPU reads 16-byte words; the decode
@@ -121,8 +115,8 @@ def _regroup_for_gpu(model) -> None:
     shared = {storage(m.weight.raw) for m in model.modules() if isinstance(m, Embedding) and isinstance(m.weight, QTensor)}
     done: dict[tuple, QTensor] = {}  # a weight two modules share is regrouped once
 
-    def regrouped(w, expert: bool = False):
-        if not isinstance(w, QTensor) or (expert and w.bt.name not in EXPERT_REGROUP):
+    def regrouped(w):
+        if not isinstance(w, QTensor):
             return w
         key = (storage(w.raw), w.raw.storage_offset(), tuple(w.raw.shape), w.bt.name)
         if key not in done and (w.bt.name in regroup and w.shape[1] % regroup[w.bt.name][0].block_elems == 0
@@ -141,11 +135,11 @@ def _regroup_for_gpu(model) -> None:
             if not isinstance(stack, ExpertStack):
                 continue
             if stack.stacked is not None:  # the experts' views are rebuilt over the regrouped stacks
-                pieces = [regrouped(w, expert=True) for w in stack.stacked]
+                pieces = [regrouped(w) for w in stack.stacked]
                 if any(a is not b for a, b in zip(pieces, stack.stacked)):
                     setattr(mod, name, ExpertStack.from_stacked(pieces, stack.shape))
             else:
-                stack.parts = [[regrouped(b, expert=True) for b in p] for p in stack.parts]
+                stack.parts = [[regrouped(b) for b in p] for p in stack.parts]
 
 
 def load(ref: str | Path, device: str | torch.device = "cpu", progress: bool = True) -> Loaded:

@@ -43,10 +43,18 @@ def test_graph_decode_equals_eager(arch, tmp_path):
     assert graph.graph.captures == 2  # captured once, then again after the cache grew past 256
 
 
-def test_graph_decode_deepseek_v4(tmp_path):
+@pytest.mark.parametrize("exact", [False, True])
+def test_graph_decode_deepseek_v4(exact, tmp_path, monkeypatch):
     """DeepSeek V4 (Q8_0 experts at kernel-sized dims, CSA ratio 4, HCA 128): 300 captured steps
     against the same fixed-shape step run eagerly and against the eager T>1-style step. The CSA
-    row buffers grow at position 256: captured twice."""
+    row buffers grow at position 256: captured twice.
+
+    The T>1-style step is another algorithm (its own summation orders), so it matches only up to
+    rounding; on int8 activations (the default) one ulp upstream may flip a value's int8 rounding
+    (~1e-2 relative in the logits with the experts on int8 too, measured on an H100), so that
+    comparison runs with `exact` (OUZEL_EXACT_GEMV=1: fp32 activations) only."""
+    if exact:
+        monkeypatch.setenv("OUZEL_EXACT_GEMV", "1")
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).parent))
@@ -69,5 +77,6 @@ def test_graph_decode_deepseek_v4(tmp_path):
         a, b, c = graph.step(tok), fixed.step(tok), eager.step(tok)
         assert torch.isfinite(a).all()
         assert rel_l2(a, b) < 1e-5, f"step {step}: graph vs fixed step {rel_l2(a, b):.2e}"
-        assert rel_l2(a, c) < 1e-3, f"step {step}: graph vs eager step {rel_l2(a, c):.2e}"
+        if exact:
+            assert rel_l2(a, c) < 1e-3, f"step {step}: graph vs eager step {rel_l2(a, c):.2e}"
     assert not graph.graph.failed and graph.graph.captures == 2

@@ -115,11 +115,9 @@ def _expert_out(m, hidden: int, seed: int = 7) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("gu_name,down_name", [("Q8_0", "Q6_K"), ("Q6_K", "Q8_0")])
-def test_regroup_expert_stacks(gu_name, down_name, monkeypatch):
-    """Routed experts' stacked blocks are regrouped in place too (for the types in
-    loader.EXPERT_REGROUP; here every R8 type), the experts' views rebuilt over them: same values
-    through the torch reference (every expert's rows, and the MoE output)."""
-    monkeypatch.setattr("ouzel.loader.EXPERT_REGROUP", ("Q6_K", "Q8_0"))
+def test_regroup_expert_stacks(gu_name, down_name):
+    """Routed experts' stacked blocks are regrouped in place too, the experts' views rebuilt over
+    them: same values through the torch reference (every expert's rows, and the MoE output)."""
     E, D, I = 3, 2048, 2048
     m = _experts(_stack(gu_name, E, 2 * I, D, 0), _stack(down_name, E, D, I, 1), D, I)
     want = [m.experts.gate_up_proj.stacked[0].dequantize(), m.experts.down_proj.stacked[0].dequantize()]
@@ -137,13 +135,9 @@ def test_regroup_expert_stacks(gu_name, down_name, monkeypatch):
     assert rel_err(_expert_out(m, D), out) < 1e-5
 
 
-def test_regroup_expert_stack_left_as_is(monkeypatch):
-    """Experts whose rows are not whole R8 blocks (Qwen3-30B-A3B's Q6_K down: K = 768) keep GGUF's
-    layout; so do expert types outside loader.EXPERT_REGROUP (Q8_0 by default)."""
+def test_regroup_expert_stack_left_as_is():
+    """Experts whose rows are not whole R8 blocks (Qwen3-30B-A3B's Q6_K down: K = 768) keep GGUF's layout."""
     m = _experts(_stack("Q8_0", 2, 512, 256, 0), _stack("Q6_K", 2, 256, 768, 1), 256, 256)
-    _regroup_for_gpu(m)
-    assert m.experts.gate_up_proj.stacked[0].bt.name == "Q8_0"
-    monkeypatch.setattr("ouzel.loader.EXPERT_REGROUP", ("Q6_K", "Q8_0"))
     down = m.experts.down_proj
     _regroup_for_gpu(m)
     assert m.experts.gate_up_proj.stacked[0].bt.name == "Q8_0_R8"
