@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import cuda as _cuda
 from .linear import Linear, LinearGroup
 
 ACTIVATIONS = {
@@ -31,13 +32,8 @@ class GatedMLP(nn.Module):
         if x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and self.act is F.silu and self.down_proj.bias is None:
             # decode: silu(gate) * up and the int8 rounding of the down projection's input in one launch
             gu = self.gate_up.joint(x, xq)
-            y = None if gu is None else _swiglu_linear(gu, self.down_proj.weight)
+            y = None if gu is None else _cuda.swiglu_linear(gu, self.down_proj.weight)
             if y is not None:
                 return y
         gate, up = self.gate_up(x, xq)
         return self.down_proj(self.act(gate) * up)
-
-
-def _swiglu_linear(gu: torch.Tensor, w) -> torch.Tensor | None:
-    from ..kernels.cuda import swiglu_linear  # noqa: PLC0415
-    return swiglu_linear(gu, w)

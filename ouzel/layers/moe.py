@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedError
+from ..kernels import cuda as _cuda
 from ..kernels import ops
 from ..quant.tensor import QTensor, Weight
 from .hyper_connections import dense
@@ -92,29 +93,13 @@ def softmax_topk(logits: torch.Tensor, k: int, renorm: bool) -> tuple[torch.Tens
     """Softmax routing over logits [T, E]: the top k experts' probabilities (renormalised to sum
     to 1 if renorm) and indices. On CUDA in one launch (`kernels/triton/router.py`)."""
     if logits.is_cuda:
-        from ..kernels.cuda import route  # noqa: PLC0415
-        fast = route(logits, k, "softmax", renorm=renorm, eps=0.0)
+        fast = _cuda.route(logits, k, "softmax", renorm=renorm, eps=0.0)
         if fast is not None:
             return fast
     w, idx = torch.topk(logits.softmax(dim=-1), k, dim=-1)
     if renorm:
         w = w / w.sum(dim=-1, keepdim=True)
     return w, idx
-
-
-def _swiglu_rows(h, limit, dtype) -> torch.Tensor | None:
-    from ..kernels.cuda import swiglu as fused  # noqa: PLC0415
-    return fused(h, limit, dtype)
-
-
-def _weighted_rows(y, weights, dtype) -> torch.Tensor | None:
-    from ..kernels.cuda import weighted_rows  # noqa: PLC0415
-    return weighted_rows(y, weights, dtype)
-
-
-def _swiglu_experts(h, w, n_experts: int, idx, limit) -> torch.Tensor | None:
-    from ..kernels.cuda import swiglu_experts  # noqa: PLC0415
-    return swiglu_experts(h, w, n_experts, idx, limit)
 
 
 class ClampedMLP(nn.Module):
@@ -194,9 +179,8 @@ class RoutedExperts(nn.Module):
 
     def fusable(self) -> bool:
         """Whether `_fused` runs for decode steps here (stacked GGUF blocks of kernel types on CUDA)."""
-        from ..kernels.cuda import gemv_supports  # noqa: PLC0415
         stacks = [w for w in (self.gate_up_proj, self.down_proj) if isinstance(w, ExpertStack)]
-        return len(stacks) == 2 and all(s.stacked is not None and all(w.raw.is_cuda and gemv_supports(w)
+        return len(stacks) == 2 and all(s.stacked is not None and all(w.raw.is_cuda and _cuda.gemv_supports(w)
                                                                       for w in s.stacked) for s in stacks)
 
     def _fused(self, x, weights, idx, gu: ExpertStack, down: ExpertStack, xq=None) -> torch.Tensor | None:
@@ -207,13 +191,14 @@ class RoutedExperts(nn.Module):
             return None
         T, K = idx.shape
         flat = idx.reshape(-1)
-        y = self._through(x, gu, down, lambda inp, w, first: ops.linear_experts(inp, w, self.n_experts, flat,
-                                                                                   K if first else 1,
-                                                                                   xq if first else None),
-                          down_fast=lambda h: _swiglu_experts(h, down.stacked[0], self.n_experts, flat, self.limit))
+        def matmul(inp, w, first):
+            return ops.linear_experts(inp, w, self.n_experts, flat, K if first else 1, xq if first else None)
+
+        down_fast = lambda h: _cuda.swiglu_experts(h, down.stacked[0], self.n_experts, flat, self.limit)  # noqa: E731
+        y = self._through(x, gu, down, matmul, down_fast)
         if y is None:
             return None
-        out = _weighted_rows(y, weights, x.dtype) if y.is_cuda else None  # one launch
+        out = _cuda.weighted_rows(y, weights, x.dtype) if y.is_cuda else None  # one launch
         if out is not None:
             return out
         return torch.bmm(weights[:, None, :].to(y.dtype), y.view(T, K, -1))[:, 0].to(x.dtype)
@@ -230,7 +215,7 @@ class RoutedExperts(nn.Module):
         if y is not None:
             return y
         I = self.intermediate
-        act = _swiglu_rows(h, self.limit, x.dtype) if h.is_cuda else None  # one launch, not 2-4
+        act = _cuda.swiglu(h, self.limit, x.dtype) if h.is_cuda else None  # one launch, not 2-4
         if act is None:
             act = swiglu(h[:, :I], h[:, I:], self.limit).to(x.dtype)
         return matmul(act, down.stacked[0], False)
@@ -275,18 +260,17 @@ class RoutedExperts(nn.Module):
                          down: ExpertStack) -> torch.Tensor | None:
         """`_grouped` with the experts' blocks decoded inside the matmul tiles (no dense copy of
         every expert per layer): kernels/triton/gguf.py `qgemm_experts`."""
-        from ..kernels.cuda import moe_gemm  # noqa: PLC0415
         pairs = (order // K).to(torch.int32)  # gate/up read the token's row, down its own pair's row
         own = torch.arange(len(order), dtype=torch.int32, device=x.device)
-        y = self._through(x, gu, down, lambda inp, w, first: moe_gemm(inp, w, self.n_experts,
-                                                                         pairs if first else own, counts))
+        y = self._through(x, gu, down, lambda inp, w, first: _cuda.moe_gemm(inp, w, self.n_experts,
+                                                                               pairs if first else own, counts))
         if y is None:
             return None
         # back to token order, then each token's weighted sum in a fixed order: deterministic, where
         # index_add_'s atomics summed a token's K rows in whatever order they landed
         inv = torch.empty_like(order)
         inv[order] = torch.arange(len(order), device=order.device)
-        out = _weighted_rows(y[inv], weights, x.dtype)
+        out = _cuda.weighted_rows(y[inv], weights, x.dtype)
         if out is not None:
             return out
         out = torch.zeros_like(x)
