@@ -3,6 +3,8 @@
 # then for each `ouzel bench` pp512/tg128 (median of RUNS) and the walk to 16k (tg@16k).
 # Carry: .whl (gguf wheel) and bench/models/tokenizer.gguf. Logs in $OUT/<model>.*.
 #   TESTS="tests/test_x.py ..." RUNS=3 WALK=16k bash bench/gpu_all.sh
+# PROFILE=N adds bench/profile_decode.py per model (the first N kernels of a decode step in order,
+# the host's profile of a prefill) into $OUT/<model>.profile.log.
 set -uo pipefail
 source bench/device_env.sh
 MODELS=${MODELS:-"llama8b-q4km qwen3moe-30b-a3b-q4km ds4flash-l8-q2"}
@@ -24,6 +26,10 @@ for MODEL in $MODELS; do
   if [[ ${WALK:-} ]]; then
     timeout ${WALK_S:-60} python3 -m ouzel bench -m $M --device cuda --frontiers $WALK --tg 64 \
       --csv "$OUT/$MODEL.walk.csv" 2>&1 | tee "$OUT/$MODEL.walk.log" | grep -E "frontier|peak"
+  fi
+  if [[ ${PROFILE:-} ]]; then
+    SEQ=$PROFILE HOST=1 timeout ${PROFILE_S:-120} python3 bench/profile_decode.py $M > "$OUT/$MODEL.profile.log" 2>&1
+    grep -E "graph replay|kernels per step|prefill 512 run" "$OUT/$MODEL.profile.log"
   fi
   rm -f $M
 done
