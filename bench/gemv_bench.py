@@ -5,6 +5,7 @@ pairs over 128 stacked experts). Weights rotate over > 256 MB so L2 can't hold t
     python3 bench/gemv_bench.py
     TYPES=Q8_0,Q8_0_R8 python3 bench/gemv_bench.py   # GGUF's Q8_0 beside its load-time regrouping
     TYPES=Q2_K,Q2_K_R8,IQ2_XXS,IQ2_XXS_R8 python3 bench/gemv_bench.py   # DeepSeek V4's expert types
+    SWEEP=1 MOE_ONLY=1 TYPES=IQ2_XXS_R8,Q2_K_R8 python3 bench/gemv_bench.py   # their MoE configs
 """
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ SWEEP = [dict(bn=bn, u=u, stages=st, target=tg) for bn, u, st, tg in
          itertools.product((4, 16), (2, 4, 8), (1, 3), (264, 2048))]
 SWEEP_Q8 = [dict(bn=bn, u=u, num_warps=w, target=tg, m1=True) for bn, u, w, tg in
             itertools.product((8, 16, 32, 64), (1, 2, 4), (4, 8), (264, 528, 1024)) if 16 <= bn * u <= 128]
+
+# Q2_K_R8 / IQ2_XXS_R8 (SWEEP=1): one 16-byte load per thread and step or more
+SWEEP_R8 = [dict(bn=bn, u=u, num_warps=w, target=tg) for bn, u, w, tg in
+            itertools.product((8, 16, 32, 64), (1, 2, 4), (4, 8), (264, 1024)) if 8 * w <= bn * u <= 128]
 
 
 def bench_us(fn) -> float:
@@ -86,6 +91,8 @@ def moe(name, E, n, k, pairs, x_div, gen, bw) -> None:
     read = pairs * n * bt.row_bytes(k)
     q8 = name in Q8.SUPPORTED
     fn, configs = (Q8.qgemv_q8, ocuda.Q8_TYPE_CONFIGS[name]) if q8 else (G.qgemv, ocuda.GEMV_CONFIGS)
+    if os.environ.get("SWEEP") and name in ("Q2_K_R8", "IQ2_XXS_R8"):
+        configs = SWEEP_R8
     if fn is Q8.qgemv_q8:
         xd = Q8.dequantized_x(*Q8.quantize_x(x)[:2])
         ref = torch.stack([reference_linear(xd[p // x_div][None], raws[0][idx[p] * n:(idx[p] + 1) * n], name)[0]
@@ -99,7 +106,8 @@ def moe(name, E, n, k, pairs, x_div, gen, bw) -> None:
     res.sort(key=lambda r: r[0])
     t, c = res[0]
     print(f"MoE {name} {pairs} pairs of {E}x[{n}x{k}] read {read / 1e6:5.1f} MB best {t:6.1f} us "
-          f"{read / t / 1e3:5.0f} GB/s ({read / t / 1e3 / bw:4.0%}) {c}", flush=True)
+          f"{read / t / 1e3:5.0f} GB/s ({read / t / 1e3 / bw:4.0%}) {c} | "
+          + " ".join(f"{r[0]:.1f} {r[1]}" for r in res[1:6]), flush=True)
 
 
 def main() -> None:
@@ -111,7 +119,7 @@ def main() -> None:
     del a, b
     gen = torch.Generator().manual_seed(0)
     types = os.environ.get("TYPES", "Q4_K,Q6_K,Q8_0,Q2_K,IQ2_XXS").split(",")
-    for name in types:
+    for name in types if not os.environ.get("MOE_ONLY") else ():
         for n, k in SHAPES + (V4_SHAPES if name.startswith("Q8_0") else ()):
             dense(name, n, k, gen, bw)
     for name in [t for t in types if t in ("Q4_K", "Q6_K")]:

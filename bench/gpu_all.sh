@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # On the lent GPU, the issue's table in one call: the three synthetic models written in parallel,
 # then for each `ouzel bench` pp512/tg128 (median of RUNS) and the walk to 16k (tg@16k).
-# Carry: .whl (gguf wheel) and bench/models/tokenizer.gguf. Logs in $OUT/<model>.*.
+# Carry: .whl (gguf wheel) and bench/models/tokenizer.gguf. One log per model, $OUT/<model>.log
+# (only 8 files come back from a call); CSVs and the writers' logs under /tmp/logs.
 #   TESTS="tests/test_x.py ..." RUNS=3 WALK=16k bash bench/gpu_all.sh
 # PROFILE=N adds bench/profile_decode.py per model (the first N kernels of a decode step in order,
-# the host's profile of a prefill) into $OUT/<model>.profile.log.
+# the host's profile of a prefill) into the model's log.
 set -uo pipefail
 source bench/device_env.sh
 MODELS=${MODELS:-"llama8b-q4km qwen3moe-30b-a3b-q4km ds4flash-l8-q2"}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 t0=$(date +%s)
+mkdir -p /tmp/logs
 for MODEL in $MODELS; do  # numpy-bound, one core each: in parallel (~40 GB of disk in all)
-  python3 bench/make_models.py $MODEL --out /tmp/m/$MODEL --tokenizer-from bench/models/tokenizer.gguf > "$OUT/$MODEL.make.log" 2>&1 &
+  python3 bench/make_models.py $MODEL --out /tmp/m/$MODEL --tokenizer-from bench/models/tokenizer.gguf > "/tmp/logs/$MODEL.make.log" 2>&1 &
 done
 if [[ ${TESTS:-} ]]; then
   timeout ${TESTS_S:-120} python3 -m pytest -q -x -p no:cacheprovider $TESTS 2>&1 | tail -3
@@ -22,14 +24,15 @@ for MODEL in $MODELS; do
   M=/tmp/m/$MODEL/$MODEL.gguf
   echo "== $MODEL"
   timeout ${BENCH_S:-120} python3 -m ouzel bench -m $M --device cuda --pp 512 --tg 128 --runs ${RUNS:-3} \
-    --csv "$OUT/$MODEL.pp512.csv" 2>&1 | tee "$OUT/$MODEL.bench.log" | grep -E "pp-tg|peak|floor ->"
+    --csv "/tmp/logs/$MODEL.pp512.csv" 2>&1 | tee -a "$OUT/$MODEL.log" | grep -E "pp-tg|peak|floor ->"
   if [[ ${WALK:-} ]]; then
     timeout ${WALK_S:-60} python3 -m ouzel bench -m $M --device cuda --frontiers $WALK --tg 64 \
-      --csv "$OUT/$MODEL.walk.csv" 2>&1 | tee "$OUT/$MODEL.walk.log" | grep -E "frontier|peak"
+      --csv "/tmp/logs/$MODEL.walk.csv" 2>&1 | tee -a "$OUT/$MODEL.log" | grep -E "frontier|peak"
   fi
   if [[ ${PROFILE:-} ]]; then
-    SEQ=$PROFILE HOST=1 timeout ${PROFILE_S:-120} python3 bench/profile_decode.py $M > "$OUT/$MODEL.profile.log" 2>&1
-    grep -E "graph replay|kernels per step|prefill 512 run" "$OUT/$MODEL.profile.log"
+    SEQ=$PROFILE HOST=1 timeout ${PROFILE_S:-120} python3 bench/profile_decode.py $M > /tmp/logs/$MODEL.profile 2>&1
+    grep -E "graph replay|kernels per step|prefill 512 run" /tmp/logs/$MODEL.profile
+    cat /tmp/logs/$MODEL.profile >> "$OUT/$MODEL.log"
   fi
   rm -f $M
 done

@@ -129,8 +129,8 @@ def _regroup_for_gpu(model) -> None:
         return done.get(key, w)
 
     for mod in model.modules():
-        if isinstance(mod, Linear) and isinstance(getattr(mod, "weight", None), QTensor):
-            mod.weight = regrouped(mod.weight)
+        if isinstance(mod, Linear) or getattr(mod, "gpu_regroup", False):  # + V4's grouped projection
+            mod.weight = regrouped(getattr(mod, "weight", None))
         for name, stack in list(vars(mod).items()):  # routed experts (layers/moe.py)
             if not isinstance(stack, ExpertStack):
                 continue

@@ -77,8 +77,10 @@ def _stored(w: np.ndarray, qtype: str, rng) -> np.ndarray:
     return _random_blocks(w.shape, qtype, rng)
 
 
-def gguf_tensors(model, expert_qtype: str = "F32", seed: int = 0) -> dict[str, tuple[np.ndarray, str]]:
-    """llama.cpp name -> (array, type name); experts in expert_qtype, everything else F32."""
+def gguf_tensors(model, expert_qtype: str = "F32", seed: int = 0,
+                 layer_types: dict[str, str] | None = None) -> dict[str, tuple[np.ndarray, str]]:
+    """llama.cpp name -> (array, type name); experts in expert_qtype, the per-layer matrices named
+    in layer_types (llama.cpp suffix -> "F16" or a quantizable type) in theirs, everything else F32."""
     rng = np.random.default_rng(seed)
     I = model.config.moe_intermediate_size
     out = {}
@@ -91,7 +93,9 @@ def gguf_tensors(model, expert_qtype: str = "F32", seed: int = 0) -> dict[str, t
         if rest == "mlp.gate.tid2eid":
             out[f"blk.{i}.{LAYER[rest]}"] = (w.astype(np.int32), "I32")
         elif rest in LAYER:
-            out[f"blk.{i}.{LAYER[rest]}"] = (w.astype(np.float32), "F32")
+            kind = (layer_types or {}).get(LAYER[rest], "F32")
+            out[f"blk.{i}.{LAYER[rest]}"] = ((w.astype(np.float16), kind) if kind == "F16" else
+                                             (w.astype(np.float32), kind) if kind == "F32" else (_stored(w, kind, rng), kind))
         elif rest == "mlp.experts.gate_up_proj":
             for part, g in ((w[:, :I], "ffn_gate_exps.weight"), (w[:, I:], "ffn_up_exps.weight")):
                 out[f"blk.{i}.{g}"] = (part.astype(np.float32), "F32") if expert_qtype == "F32" else \
@@ -150,9 +154,9 @@ def metadata(model) -> dict[str, tuple[object, str]]:
 
 
 def write(model, path: str | Path, expert_qtype: str = "F32", *, drop_keys=(), set_keys=None,
-          tensor_types: dict | None = None) -> Path:
+          tensor_types: dict | None = None, layer_types: dict | None = None) -> Path:
     """set_keys {key: (value, kind)} overrides metadata; tensor_types {name: raw ggml type id}
-    relabels a stored tensor's type (for unsupported-type tests)."""
+    relabels a stored tensor's type (for unsupported-type tests); layer_types: `gguf_tensors`'."""
     import gguf
     from gguf import GGUFValueType as VT
 
@@ -176,8 +180,8 @@ def write(model, path: str | Path, expert_qtype: str = "F32", *, drop_keys=(), s
             w.add_key_value(key, [float(v) for v in value], VT.ARRAY, VT.FLOAT32)
         else:
             w.add_array(key, value)
-    for name, (arr, kind) in gguf_tensors(model, expert_qtype).items():
-        if kind in ("F32", "I32"):
+    for name, (arr, kind) in gguf_tensors(model, expert_qtype, layer_types=layer_types).items():
+        if kind in ("F32", "I32", "F16"):
             w.add_tensor(name, np.ascontiguousarray(arr))
         else:
             t = gguf.GGMLQuantizationType[kind]

@@ -132,17 +132,26 @@ def qgemv_experts(x: torch.Tensor, w, n_experts: int, idx: torch.Tensor, x_div: 
                  x_div=x_div)
 
 
-def swiglu_linear(gu: torch.Tensor, w) -> torch.Tensor | None:
+def swiglu_linear(gu: torch.Tensor, w, limit: float | None = None) -> torch.Tensor | None:
     """down(silu(gate) * up) for one row, gu = [gate | up] [1, 2K] and w the down projection's
-    QTensor [N, K]: the activation and the int8 rounding of its result in one launch, then the
-    int8 GEMV. None where no kernel fits (the caller runs the reference)."""
+    QTensor [N, K]: the activation (limit: `moe.swiglu`'s clamp) and the int8 rounding of its
+    result in one launch, then the int8 GEMV. None where no kernel fits (the caller runs the
+    reference)."""
     q8 = _q8()
     if (q8 is None or gu.dim() != 2 or gu.shape[0] != 1 or gu.dtype not in _DTYPES or gu.stride(1) != 1
             or not gemv_supports(w) or not q8.supports(w.bt.name, 1) or gu.shape[1] != 2 * w.shape[1]
             or gu.device != w.device):
         return None
     k = w.shape[1]
-    return _gemv(gu[:, :k], w.raw, w.bt.name, w.shape, xq=q8.quantize_swiglu(gu))
+    return _gemv(gu[:, :k], w.raw, w.bt.name, w.shape, xq=q8.quantize_swiglu(gu, limit))
+
+
+def quantize_rows(x: torch.Tensor):
+    """x's int8 rows (`q8act.quantize_x`'s triple) for several decode GEMVs reading x, or None."""
+    q8 = _q8()
+    if q8 is None or x.dim() != 2 or x.dtype not in _DTYPES or x.shape[1] % q8.QBLOCK or x.stride(1) != 1:
+        return None
+    return q8.quantize_x(x)
 
 
 def swiglu_experts(h: torch.Tensor, w, n_experts: int, idx: torch.Tensor, limit: float | None) -> torch.Tensor | None:
@@ -324,14 +333,16 @@ def paged_decode_attention(q, k_pool, v_pool, block_table, lengths, block_size: 
 
 
 def route(logits: torch.Tensor, k: int, scoring: str, scaling: float = 1.0, bias: torch.Tensor | None = None,
-          renorm: bool = True, eps: float = 1e-20):
-    """`router.route` (scores, top-k, renormalised weights in one launch), or None where it can't
-    run (other scorings, too many experts)."""
+          renorm: bool = True, eps: float = 1e-20, table: torch.Tensor | None = None, ids: torch.Tensor | None = None):
+    """`router.route` (scores, top-k or the hash table's experts, renormalised weights in one
+    launch), or None where it can't run (other scorings, too many experts)."""
     r = _triton("router")
-    if (r is None or scoring not in ("softmax", "sigmoid") or logits.dim() != 2 or logits.shape[1] > r.MAX_E
-            or logits.dtype not in _DTYPES or (bias is not None and bias.device != logits.device)):
+    if (r is None or scoring not in r.SCORES or logits.dim() != 2 or logits.shape[1] > r.MAX_E
+            or logits.dtype not in _DTYPES or any(t is not None and t.device != logits.device for t in (bias, table, ids))):
         return None
-    return r.route(logits.contiguous(), k, scaling, scoring == "softmax", bias, renorm, eps)
+    if table is not None and (ids is None or table.dtype not in (torch.int32, torch.int64) or not table.is_contiguous()):
+        return None
+    return r.route(logits.contiguous(), k, scaling, scoring, bias, renorm, eps, table, ids)
 
 
 # ---- DeepSeek V4 decode-step groups (`triton/v4.py`); each None where it can't run

@@ -36,6 +36,8 @@ def linear(x: torch.Tensor, w: Weight, xq=None) -> torch.Tensor:
     the CUDA decode GEMVs, made with x (`RMSNorm.prepare`); ignored elsewhere."""
     if not isinstance(w, (torch.Tensor, QTensor)):  # other stored formats (HF FP8/FP4 blocks): per use
         return F.linear(x, w.dequantize().to(x.dtype))
+    if isinstance(w, QTensor) and w.raw.is_cuda and w.float_view() is not None:
+        w = w.float_view()  # a 16-bit GGUF weight is a dense one (the one-row kernel reads it as stored)
     if not isinstance(w, QTensor):
         if x.is_cuda and w.is_cuda and x.dim() == 2 and x.shape[0] == 1 and w.dim() == 2:
             from .cuda import dense_gemv  # noqa: PLC0415

@@ -22,7 +22,7 @@ from ..kernels import ops
 from ..quant.tensor import QTensor
 from .hyper_connections import dense, fused_kernels, unit_rms
 from .interleaved_rope import InterleavedRope
-from .linear import Linear
+from .linear import Linear, LinearGroup
 from .moe import FUSED_MAX_PAIRS
 from .norm import RMSNorm
 
@@ -38,15 +38,19 @@ class Compressor(nn.Module):
         self.dim, self.ratio, self.overlap, self.rope = dim, ratio, overlap, rope
         width = (2 if overlap else 1) * dim
         self.kv_proj, self.gate_proj = Linear(hidden, width), Linear(hidden, width)
+        self.kv_gate = LinearGroup([self.kv_proj, self.gate_proj])
         self.kv_norm = RMSNorm(dim, eps)
         self.position_bias = None
+
+    def fuse_weights(self) -> None:
+        self.kv_gate.fuse()  # one GEMV for both (16-bit in the flash GGUFs: one dense launch)
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"position_bias": (self.ratio, (2 if self.overlap else 1) * self.dim)}
 
     def project(self, x: torch.Tensor, q_residual: torch.Tensor, positions: torch.Tensor) -> tuple:
         """The per-row projections [T, ...] the per-sequence part reads (batched over sequences)."""
-        return self.kv_proj(x), self.gate_proj(x)
+        return tuple(self.kv_gate(x))
 
     def compress(self, kv_x: torch.Tensor, gate_x: torch.Tensor, kv, layer: int, positions: torch.Tensor):
         """One sequence's projections kv_x, gate_x [T, c*dim] -> every compressed row so far [n, dim]
@@ -188,6 +192,8 @@ class GroupedLinear(nn.Module):
     """Block-diagonal projection: input split in `groups` slices, slice g times rows
     [g*out_per_group, (g+1)*out_per_group) of weight [groups*out_per_group, in_per_group]."""
 
+    gpu_regroup = True  # the loader may regroup its blocks as a Linear's (the decode GEMV reads int8 x)
+
     def __init__(self, in_per_group: int, out_total: int, groups: int):
         super().__init__()
         self.in_per_group, self.out_total, self.groups = in_per_group, out_total, groups
@@ -229,6 +235,7 @@ class V4Attention(nn.Module):
         self.q_a_proj, self.q_a_norm = Linear(d, cfg.q_lora_rank), RMSNorm(cfg.q_lora_rank, eps)
         self.q_b_proj = Linear(cfg.q_lora_rank, H * hd)
         self.kv_proj, self.kv_norm = Linear(d, hd), RMSNorm(hd, eps)
+        self.q_kv = LinearGroup([self.q_a_proj, self.kv_proj])  # both read x: one GEMV once fused
         self.o_groups = cfg.o_groups
         self.o_a_proj = GroupedLinear(H * hd // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, cfg.o_groups)
         self.o_b_proj = Linear(cfg.o_groups * cfg.o_lora_rank, d)
@@ -238,11 +245,15 @@ class V4Attention(nn.Module):
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"sinks": (self.heads,)}
 
+    def fuse_weights(self) -> None:
+        self.q_kv.fuse()
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv) -> torch.Tensor:
         # x [T, hidden]; one K=V head of head_dim shared by all H query heads
         T = x.shape[0]
-        q_res = self.q_a_norm(self.q_a_proj(x))
-        q, rows = self.q_b_proj(q_res).view(T, self.heads, self.head_dim), self.kv_proj(x)
+        q_a, rows = self.q_kv(x)
+        q_res, _, q_res8 = self.q_a_norm.prepare(q_a)  # + its int8 rows for q_b_proj (one CUDA row)
+        q = self.q_b_proj(q_res, q_res8).view(T, self.heads, self.head_dim)
         fused = fused_kernels(q)
         cos_sin = None
         q_rot = self.rope.fused(q, positions, norm="unit", eps=self.eps) if fused else None

@@ -32,6 +32,12 @@ class QTensor:
         raw = self.raw if rows is None else self.raw[rows]
         return dequantize(raw, self.bt)
 
+    def float_view(self) -> torch.Tensor | None:
+        """The weight itself as a dense [out, in] tensor (no copy) where its type is a plain float
+        (F32 / F16 / BF16), else None."""
+        dtype = _FLOAT_TYPES.get(self.bt.name)
+        return None if dtype is None or self.raw.stride(1) != 1 else self.raw.view(dtype)
+
     def to(self, device: torch.device | str) -> "QTensor":
         return QTensor(self.raw.to(device), self.bt, self.shape)
 
@@ -41,3 +47,4 @@ class QTensor:
 
 
 Weight = torch.Tensor | QTensor
+_FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}

@@ -229,30 +229,68 @@ def weighted_rows(y: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch
 
 
 @triton.jit
-def _dense_gemv_kernel(x_ptr, w_ptr, out_ptr, N, K, s_w, BN: tl.constexpr, BK: tl.constexpr):
-    """Program i: out[rows] = W[rows] @ x for rows i*BN.., W in any float dtype read as stored,
-    products and sums in fp32."""
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+def _dense_gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, N, K, s_w, k_per, SPLITS,
+                       BN: tl.constexpr, BK: tl.constexpr):
+    """Program (i, s): rows i*BN.. of W over K slice s (k_per wide), W in any float dtype read as
+    stored, fp32 products and sums. SPLITS > 1: each slice's sums go to part[s]; the program that
+    finishes a row block last (a counter per block, reset by it for the next launch) adds the
+    slices in order 0..SPLITS-1, so the result does not depend on which program ran when."""
+    i = tl.program_id(0)
+    sk = tl.program_id(1)
+    rows = i * BN + tl.arange(0, BN)
     r64 = tl.minimum(rows, N - 1).to(tl.int64)
     acc = tl.zeros([BN, BK], dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    k_end = tl.minimum(K, (sk + 1) * k_per)
+    for k0 in range(sk * k_per, k_end, BK):
         k = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + r64[:, None] * s_w + k[None, :], mask=(k < K)[None, :], other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + k, mask=k < k_end, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + r64[:, None] * s_w + k[None, :], mask=(k < k_end)[None, :], other=0.0).to(tl.float32)
         acc += w * x[None, :]
-    tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=rows < N)
+    part = tl.sum(acc, axis=1)
+    if SPLITS == 1:
+        tl.store(out_ptr + rows, part.to(out_ptr.dtype.element_ty), mask=rows < N)
+    else:
+        tl.store(part_ptr + sk * N + rows, part, mask=rows < N)
+        tl.debug_barrier()  # every thread's partials stored before the release below
+        done = tl.atomic_add(cnt_ptr + i, 1, sem="acq_rel", scope="gpu")
+        if done == SPLITS - 1:
+            total = tl.zeros([BN], dtype=tl.float32)
+            for s in range(0, SPLITS):
+                total += tl.load(part_ptr + s * N + rows, mask=rows < N, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=rows < N)
+            tl.store(cnt_ptr + i, 0)
 
 
-def dense_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+_COUNTERS: dict = {}  # device -> int32 counters of the split dense GEMV (each left at zero)
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    c = _COUNTERS.get(device)
+    if c is None or c.numel() < n:
+        c = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return c
+
+
+def dense_gemv(x: torch.Tensor, w: torch.Tensor, splits: int | None = None) -> torch.Tensor:
     """x [1, K] @ w.T for a dense w [N, K] of any float dtype (fp32 math, out in x's dtype), in one
     launch: cuBLAS took two for an fp32 router, and a 16-bit weight under fp32 x first needed a
-    converted copy of itself (another launch, and the weight's bytes read twice)."""
+    converted copy of itself (another launch, and the weight's bytes read twice). Few rows over a
+    long K (V4's mHC mix: 24 x 16384) split K over up to 64 programs (one program per 4 rows read
+    all of K: 32 us on an H100 for 1.5 MB)."""
     N, K = w.shape
     if x.shape != (1, K) or w.stride(1) != 1 or x.stride(-1) != 1:
         raise ValueError(f"dense_gemv: x {tuple(x.shape)}, w {tuple(w.shape)}")
     out = torch.empty((1, N), dtype=x.dtype, device=x.device)
-    bn = 4 if N <= 512 else 8
-    _dense_gemv_kernel[(triton.cdiv(N, bn),)](x, w, out, N, K, w.stride(0), BN=bn, BK=256, num_warps=4)
+    bn, bk = (4 if N <= 512 else 8), 256
+    blocks = triton.cdiv(N, bn)
+    if splits is None:  # ~256 programs, each at least 1024 columns
+        splits = max(1, min(64, 256 // blocks, K // 1024))
+    k_per = triton.cdiv(triton.cdiv(K, splits), bk) * bk
+    splits = triton.cdiv(K, k_per)
+    part = torch.empty((splits, N), dtype=torch.float32, device=x.device) if splits > 1 else out
+    cnt = _counters(x.device, blocks) if splits > 1 else out
+    _dense_gemv_kernel[(blocks, splits)](x, w, out, part, cnt, N, K, w.stride(0), k_per, splits, BN=bn, BK=bk,
+                                         num_warps=4)
     return out
 
 

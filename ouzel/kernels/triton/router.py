@@ -1,9 +1,11 @@
 """MoE routing of a decode step in one launch: the router's scores, top-k and the chosen weights'
 renormalisation (torch launches ~7 kernels for it; per MoE layer of every token).
 
-Reference: `qwen3_moe.SoftmaxTopKRouter.forward` after its logits matmul (and `moe.Router`'s
-softmax/sigmoid form): scores = softmax(logits) (or sigmoid), idx = top-k of scores (+ bias),
-w = scores[idx] (/ (sum + eps) if renormalised) * scaling.
+Reference: `qwen3_moe.SoftmaxTopKRouter.forward` after its logits matmul and `moe.Router.forward`
+(DeepSeek V3/V4): scores = softmax(logits), sigmoid or sqrt(softplus), idx = top-k of scores
+(+ bias) or, for hash routing, the token's row of a frozen table, w = scores[idx] (/ (sum + eps)
+if renormalised) * scaling. softplus(x) = max(x, 0) + log1p(exp(-|x|)), log1p(y) as
+log(u) * y / (u - 1) with u = 1 + y (exact to a few ulp where log(1 + y) loses y's low bits).
 
 Program per token row (one warp up to 512 experts: every reduction a warp shuffle, no barrier;
 Qwen3's route took 4.8 us on 4 warps on an H100): the E logits in registers (E <= 1024), scores
@@ -19,33 +21,46 @@ import triton.language as tl
 MAX_E = 1024
 
 
+SCORES = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}
+
+
 @triton.jit
-def _route_kernel(logits_ptr, bias_ptr, w_ptr, idx_ptr, E, K, scaling, eps, s_l,
-                  BE: tl.constexpr, BK: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  RENORM: tl.constexpr):
+def _route_kernel(logits_ptr, bias_ptr, tab_ptr, ids_ptr, w_ptr, idx_ptr, E, K, scaling, eps, s_l,
+                  BE: tl.constexpr, BK: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  RENORM: tl.constexpr, HASH: tl.constexpr):
     t = tl.program_id(0)
     e = tl.arange(0, BE)
     ok = e < E
     x = tl.load(logits_ptr + t * s_l + e, mask=ok, other=float("-inf")).to(tl.float32)
-    if SOFTMAX:
+    if SCORE == 0:  # softmax
         p = tl.exp(x - tl.max(x, axis=0))
         s = p / tl.sum(p, axis=0)
-    else:  # sigmoid
+    elif SCORE == 1:  # sigmoid
         s = 1.0 / (1.0 + tl.exp(-x))
+    else:  # sqrt(softplus)
+        y = tl.exp(-tl.abs(x))
+        u = 1.0 + y
+        s = tl.sqrt(tl.maximum(x, 0.0) + tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0))))
     s = tl.where(ok, s, 0.0)
-    pick = s
-    if HAS_BIAS:
-        pick = s + tl.load(bias_ptr + e, mask=ok, other=0.0).to(tl.float32)
-    pick = tl.where(ok, pick, float("-inf"))
     k = tl.arange(0, BK)
-    chosen_w = tl.zeros([BK], dtype=tl.float32)
-    chosen_i = tl.zeros([BK], dtype=tl.int32)
-    for j in range(0, K):
-        best = tl.max(pick, axis=0)
-        at = tl.min(tl.where(pick == best, e, BE), axis=0)  # the lowest index among equal maxima
-        chosen_w = tl.where(k == j, tl.sum(tl.where(e == at, s, 0.0), axis=0), chosen_w)
-        chosen_i = tl.where(k == j, at, chosen_i)
-        pick = tl.where(e == at, float("-inf"), pick)
+    if HASH:  # the experts are the token's row of the table; their scores gathered
+        tok = tl.load(ids_ptr + t).to(tl.int64)
+        chosen_i = tl.load(tab_ptr + tok * K + k, mask=k < K, other=0).to(tl.int32)
+        chosen_w = tl.sum(tl.where(e[None, :] == chosen_i[:, None], s[None, :], 0.0), axis=1)
+    else:
+        pick = s
+        if HAS_BIAS:
+            pick = s + tl.load(bias_ptr + e, mask=ok, other=0.0).to(tl.float32)
+        pick = tl.where(ok, pick, float("-inf"))
+        chosen_w = tl.zeros([BK], dtype=tl.float32)
+        chosen_i = tl.zeros([BK], dtype=tl.int32)
+        for j in range(0, K):
+            best = tl.max(pick, axis=0)
+            at = tl.min(tl.where(pick == best, e, BE), axis=0)  # the lowest index among equal maxima
+            chosen_w = tl.where(k == j, tl.sum(tl.where(e == at, s, 0.0), axis=0), chosen_w)
+            chosen_i = tl.where(k == j, at, chosen_i)
+            pick = tl.where(e == at, float("-inf"), pick)
+    chosen_w = tl.where(k < K, chosen_w, 0.0)
     if RENORM:
         chosen_w = chosen_w / (tl.sum(chosen_w, axis=0) + eps)
     chosen_w = chosen_w * scaling
@@ -53,17 +68,23 @@ def _route_kernel(logits_ptr, bias_ptr, w_ptr, idx_ptr, E, K, scaling, eps, s_l,
     tl.store(idx_ptr + t * K + k, chosen_i.to(tl.int64), mask=k < K)
 
 
-def route(logits: torch.Tensor, k: int, scaling: float = 1.0, softmax: bool = True,
-          bias: torch.Tensor | None = None, renorm: bool = True, eps: float = 1e-20) -> tuple[torch.Tensor, torch.Tensor]:
+def route(logits: torch.Tensor, k: int, scaling: float = 1.0, scoring: str = "softmax",
+          bias: torch.Tensor | None = None, renorm: bool = True, eps: float = 1e-20,
+          table: torch.Tensor | None = None, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T, E] -> (weights float32 [T, k], expert indices int64 [T, k]); renorm: the k
-    weights divided by their sum + eps."""
+    weights divided by their sum + eps. table [V, k] and ids [T]: hash routing (the experts of
+    token t are table[ids[t]], not the top k)."""
     T, E = logits.shape
-    if E > MAX_E or logits.stride(1) != 1 or not 1 <= k <= E:
-        raise ValueError(f"route: logits {tuple(logits.shape)}, k={k}")
+    if E > MAX_E or logits.stride(1) != 1 or not 1 <= k <= E or scoring not in SCORES:
+        raise ValueError(f"route: logits {tuple(logits.shape)}, k={k}, scoring {scoring!r}")
+    if table is not None and (ids is None or table.dim() != 2 or table.shape[1] != k or not table.is_contiguous()
+                              or ids.shape != (T,)):
+        raise ValueError(f"route: hash table {tuple(table.shape)} and ids do not give {k} experts for {T} tokens")
     w = torch.empty((T, k), dtype=torch.float32, device=logits.device)
     idx = torch.empty((T, k), dtype=torch.int64, device=logits.device)
-    _route_kernel[(T,)](logits, bias if bias is not None else logits, w, idx, E, k, float(scaling), float(eps),
+    _route_kernel[(T,)](logits, bias if bias is not None else logits, table if table is not None else idx,
+                        ids if ids is not None else idx, w, idx, E, k, float(scaling), float(eps),
                         logits.stride(0), BE=triton.next_power_of_2(E), BK=triton.next_power_of_2(k),
-                        SOFTMAX=softmax, HAS_BIAS=bias is not None, RENORM=renorm,
+                        SCORE=SCORES[scoring], HAS_BIAS=bias is not None, RENORM=renorm, HASH=table is not None,
                         num_warps=1 if E <= 512 else 4)  # one warp: the 3K reductions stay in shuffles
     return w, idx

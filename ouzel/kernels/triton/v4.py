@@ -262,10 +262,11 @@ def hc_pre(mixes: torch.Tensor, streams: torch.Tensor, base: torch.Tensor, scale
     comb = torch.empty((T, N, N), dtype=torch.float32, device=streams.device)
     y = torch.empty((T, D), dtype=streams.dtype, device=streams.device)
     if T:
-        BD = min(triton.next_power_of_2(D), 1024)
+        BD = min(triton.next_power_of_2(D), 4096)  # flash (D = 4096): each pass one iteration, not 4
         _hc_pre_kernel[(T,)](mixes, st, base.contiguous(), scale.contiguous(), norm_w.contiguous(), post, comb, y,
                              N, D, mixes.stride(0), max(int(iters), 1), float(hc_eps), float(rms_eps),
-                             float(norm_eps), BN=triton.next_power_of_2(N), BD=BD, num_warps=4)
+                             float(norm_eps), BN=triton.next_power_of_2(N), BD=BD,
+                             num_warps=8 if BD * N >= 8192 else 4)
     return post, comb, y
 
 
