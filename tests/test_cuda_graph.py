@@ -112,13 +112,13 @@ def test_deepseek_v4_cuda_matches_cpu(exact, tmp_path, monkeypatch):
     cpu = Sequence(load(path, device="cpu", progress=False).model, 512, torch.device("cpu"))
     gpu = Sequence(load(path, device="cuda", progress=False).model, 512, torch.device("cuda"))
     assert gpu.graph is not None
-    tol = 1e-4 if exact else 5e-2
+    tol = 1e-4 if exact else 1e-1
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     ids = torch.randint(2, hf.config.vocab_size, (60,), generator=g).tolist()
-    a, b = gpu.prefill(ids[:40]), cpu.prefill(ids[:40])
-    assert rel_l2(a.cpu(), b) < tol, f"prefill: {rel_l2(a.cpu(), b):.2e}"
-    for step, tok in enumerate(ids[40:]):
+    errs = [rel_l2(gpu.prefill(ids[:40]).cpu(), cpu.prefill(ids[:40]))]
+    for tok in ids[40:]:
         a, b = gpu.step(tok), cpu.step(tok)
         assert torch.isfinite(a).all()
-        assert rel_l2(a.cpu(), b) < tol, f"step {step}: {rel_l2(a.cpu(), b):.2e}"
+        errs.append(rel_l2(a.cpu(), b))
+    assert max(errs) < tol, "prefill, then steps: " + " ".join(f"{e:.1e}" for e in errs)
     assert not gpu.graph.failed

@@ -322,3 +322,14 @@ def test_swiglu_matches_reference(M, K, limit, gen):
         out = fused.swiglu(gu, limit, dtype)
         assert out.dtype == dtype and out.shape == (M, K)
         assert rel_err(out, want) < 1e-6 if dtype == F32 else within_ulp(out, want)
+
+
+def test_ring_write_slots(gen):
+    """Rows into a ring buffer at positions % size, cast to the ring's dtype (V4's sliding window)."""
+    ring = torch.zeros(7, 40, dtype=torch.float16, device=DEV)
+    x = torch.randn(3, 40, generator=gen).to(DEV)
+    pos = torch.tensor([5, 13, 15], device=DEV)
+    fused.ring_write(x, pos, ring)
+    want = torch.zeros(7, 40, dtype=torch.float16)
+    want[[5, 6, 1]] = x.cpu().to(torch.float16)
+    assert torch.equal(ring.cpu(), want)

@@ -167,6 +167,16 @@ def swiglu_experts(h: torch.Tensor, w, n_experts: int, idx: torch.Tensor, limit:
                  idx=idx, x_div=1)
 
 
+def ring_write(x: torch.Tensor, positions: torch.Tensor, ring: torch.Tensor) -> bool:
+    """`fused.ring_write` (rows into a ring buffer's slots positions % size); False where it can't run."""
+    f = _fused()
+    if (f is None or not x.is_cuda or x.dim() != 2 or x.dtype not in _DTYPES or ring.dtype not in _DTYPES
+            or x.stride(1) != 1 or ring.stride(1) != 1 or positions.dtype not in (torch.int32, torch.int64)):
+        return False
+    f.ring_write(x, positions, ring)
+    return True
+
+
 def kv_write(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
              v_cache: torch.Tensor) -> bool:
     """`fused.kv_write` (k and v into the caches at positions, one launch); False where it can't run."""

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..kernels import cuda as _cuda
+
 MIN_ROWS = 64  # first capacity of a compressed-row buffer
 
 
@@ -126,21 +128,28 @@ class CompressedKV:
         st.window = window
         return st.raw
 
-    def window(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, window: int):
+    def window(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, window: int, slot_positions: bool = True):
         """Store the new tokens' K=V rows [T, dim]; return (rows, positions) of every raw row a
         query of this call may see: the kept rows followed by the new ones. The fixed step
-        returns the whole ring and each slot's position (negative: never written)."""
+        returns the whole ring and each slot's position (negative: never written; None unless
+        slot_positions: the one-launch attention derives them itself)."""
         self._check_room(rows.shape[0])
         st = self._layers[layer]
         ring = self._raw_ring(st, window, rows.shape[1])
         if self.fixed(rows.shape[0]):
             size = ring.shape[0]
-            ring.index_copy_(0, positions % size, rows.to(self.dtype))
-            return ring, positions - (positions - self._arange(size)) % size
+            if not (rows.is_cuda and _cuda.ring_write(rows, positions, ring)):
+                ring.index_copy_(0, positions % size, rows.to(self.dtype))
+            return ring, (self.ring_positions(layer, positions) if slot_positions else None)
         kept = _ring_read(ring, st.raw_start, self.length)
         kept_pos = torch.arange(st.raw_start, self.length, device=positions.device)
         _ring_write(ring, rows, self.length)
         return torch.cat([kept, rows.to(self.dtype)]), torch.cat([kept_pos, positions])
+
+    def ring_positions(self, layer: int, positions: torch.Tensor) -> torch.Tensor:
+        """Fixed step: the position each slot of the layer's raw ring holds (negative: never written)."""
+        size = self._layers[layer].raw.shape[0]
+        return positions - (positions - self._arange(size)) % size
 
     # ---- compressors
 

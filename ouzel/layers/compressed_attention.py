@@ -284,17 +284,19 @@ class V4Attention(nn.Module):
 
     def _sequence(self, q, rows, positions, proj, kv) -> torch.Tensor:
         """One sequence's attention over its window and compressed rows: q [T, H, D] -> [T, H, D]."""
-        keys, key_pos = kv.window(self.layer, rows, positions, self.window)
+        fused = kv.fixed(q.shape[0]) and fused_kernels(q)  # the whole softmax in one launch
+        keys, key_pos = kv.window(self.layer, rows, positions, self.window, slot_positions=not fused)
         crows, top = None, None  # compressed rows [n, D]; the indexer's picks [T, k] (None: all complete)
         if isinstance(self.compressor, HCACompressor):
             crows = self.compressor.compress(*proj, kv, self.layer, positions)
         elif self.compressor is not None:
             crows, top = self.compressor.picks(proj, positions, kv, self.layer)
-        if kv.fixed(q.shape[0]) and fused_kernels(q):  # the whole softmax in one launch
+        if fused:
             out = _cuda.v4_attention_step(q, keys, positions, self.window, dense(self.sinks), self.scale, crows,
                                           getattr(self.compressor, "ratio", 0), top)
             if out is not None:
                 return out
+            key_pos = kv.ring_positions(self.layer, positions)
         mask = ((key_pos[None, :] <= positions[:, None]) & (key_pos[None, :] > positions[:, None] - self.window)
                 & (key_pos[None, :] >= 0))  # the fixed step's ring: negative = never written
         picked = None

@@ -202,6 +202,27 @@ def kv_write(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, k_cache:
 
 
 @triton.jit
+def _ring_write_kernel(x_ptr, pos_ptr, ring_ptr, size, s_x, s_r, n, BD: tl.constexpr):
+    """Program t: row t of x into the ring's slot pos[t] % size, converted to the ring's dtype."""
+    t = tl.program_id(0)
+    slot = (tl.load(pos_ptr + t) % size).to(tl.int64)
+    d = tl.arange(0, BD)
+    x = tl.load(x_ptr + t * s_x + d, mask=d < n)
+    tl.store(ring_ptr + slot * s_r + d, x.to(ring_ptr.dtype.element_ty), mask=d < n)
+
+
+def ring_write(x: torch.Tensor, positions: torch.Tensor, ring: torch.Tensor) -> None:
+    """ring[positions[t] % len(ring)] = x[t] for x [T, n] and a ring [size, n] (rows contiguous):
+    one launch where torch takes three (the slot, the cast, index_copy_)."""
+    T, n = x.shape
+    if ring.dim() != 2 or ring.shape[1] != n or ring.stride(1) != 1 or x.stride(1) != 1:
+        raise ValueError(f"ring_write: x {tuple(x.shape)}, ring {tuple(ring.shape)}")
+    if T:
+        _ring_write_kernel[(T,)](x, positions, ring, ring.shape[0], x.stride(0), ring.stride(0), n,
+                                 BD=triton.next_power_of_2(n))
+
+
+@triton.jit
 def _weighted_rows_kernel(y_ptr, w_ptr, out_ptr, K, D, BK: tl.constexpr, BD: tl.constexpr):
     """Program (t, block of D): out[t] = sum over k of w[t, k] * y[t * K + k], in fp32."""
     t = tl.program_id(0).to(tl.int64)
@@ -283,8 +304,8 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, splits: int | None = None) -> t
     out = torch.empty((1, N), dtype=x.dtype, device=x.device)
     bn, bk = (4 if N <= 512 else 8), 256
     blocks = triton.cdiv(N, bn)
-    if splits is None:  # ~256 programs, each at least 1024 columns
-        splits = max(1, min(64, 256 // blocks, K // 1024))
+    if splits is None:  # ~512 programs, each at least 256 columns (one load step)
+        splits = max(1, min(64, 512 // blocks, K // 256))
     k_per = triton.cdiv(triton.cdiv(K, splits), bk) * bk
     splits = triton.cdiv(K, k_per)
     part = torch.empty((splits, N), dtype=torch.float32, device=x.device) if splits > 1 else out
