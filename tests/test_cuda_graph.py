@@ -82,23 +82,38 @@ def test_graph_decode_deepseek_v4(exact, tmp_path, monkeypatch):
     assert not graph.graph.failed and graph.graph.captures == 2
 
 
+def _int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the decode GEMVs round their activations (q8act.quantize_x), dequantized."""
+    xr = x.float().reshape(*x.shape[:-1], -1, 32)
+    amax = xr.abs().amax(-1, keepdim=True)
+    q = torch.floor(xr * torch.where(amax > 0, 127 / amax, 0) + 0.5).clamp(-127, 127)
+    return (q * (amax / 127)).reshape(x.shape).to(x.dtype)
+
+
 @pytest.mark.parametrize("exact", [True, False])
 def test_deepseek_v4_cuda_matches_cpu(exact, tmp_path, monkeypatch):
     """One V4 GGUF at kernel-sized dims with the flash file's kinds of weights (Q8_0 attention,
     grouped output and shared expert; F16 compressor and indexer projections) on CUDA against
     the CPU reference: prefill, then 20 captured decode steps. On CUDA the 16-bit weights are
     read as stored, the grouped output projection is regrouped for the int8 GEMV, the shared
-    expert runs fused, routing is one launch and the mHC mix a split GEMV. exact: fp32
-    activations, KV and prefill (tight); else the GPU defaults, int8 activations (loose: their
-    rounding alone is ~1e-2 of the logits)."""
+    expert runs fused, routing is one launch and the mHC mix a split GEMV. fp32 KV and prefill.
+
+    exact: fp32 activations, tight. Else the GEMVs' int8 activations, whose rounding alone moves
+    this model's logits by ~2e-2..2e-1: the CPU then runs twice, exact and with each one-row
+    product's input rounded to int8 the same way, and the GPU must be far closer to the second
+    (only a few roundings may flip) than the second is to the first."""
+    for key, value in (("OUZEL_KV_DTYPE", "f32"), ("OUZEL_CUDA_PREFILL_DTYPE", "f32")):
+        monkeypatch.setenv(key, value)
     if exact:
-        for key, value in (("OUZEL_EXACT_GEMV", "1"), ("OUZEL_KV_DTYPE", "f32"), ("OUZEL_CUDA_PREFILL_DTYPE", "f32")):
-            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("OUZEL_EXACT_GEMV", "1")
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).parent))
     import deepseek4_gguf as d4
     from tiny_deepseek_v4 import build_v4, rel_l2
+
+    from ouzel.kernels import ops
+    from ouzel.quant.tensor import QTensor
 
     q8 = ("attn_q_a", "attn_q_b", "attn_kv", "attn_output_a", "attn_output_b", "ffn_gate_shexp", "ffn_up_shexp",
           "ffn_down_shexp")
@@ -109,16 +124,36 @@ def test_deepseek_v4_cuda_matches_cpu(exact, tmp_path, monkeypatch):
     hf = build_v4(seed=5, hidden_size=256, moe_intermediate_size=256, q_lora_rank=256, head_dim=128,
                   index_head_dim=64, o_lora_rank=256, compress_rates=rates)
     path = d4.write(hf, tmp_path / "v4.gguf", "Q8_0", layer_types=types)
-    cpu = Sequence(load(path, device="cpu", progress=False).model, 512, torch.device("cpu"))
-    gpu = Sequence(load(path, device="cuda", progress=False).model, 512, torch.device("cuda"))
-    assert gpu.graph is not None
-    tol = 1e-4 if exact else 1e-1
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     ids = torch.randint(2, hf.config.vocab_size, (60,), generator=g).tolist()
-    errs = [rel_l2(gpu.prefill(ids[:40]).cpu(), cpu.prefill(ids[:40]))]
-    for tok in ids[40:]:
-        a, b = gpu.step(tok), cpu.step(tok)
-        assert torch.isfinite(a).all()
-        errs.append(rel_l2(a.cpu(), b))
-    assert max(errs) < tol, "prefill, then steps: " + " ".join(f"{e:.1e}" for e in errs)
-    assert not gpu.graph.failed
+
+    decoding = []  # the CPU's int8 rounding is for decode steps (the GPU's prefill runs matmuls)
+
+    def logits(device):
+        seq = Sequence(load(path, device=device, progress=False).model, 512, torch.device(device))
+        out = [seq.prefill(ids[:40])]
+        decoding.append(True)
+        out += [seq.step(tok) for tok in ids[40:]]
+        decoding.clear()
+        assert seq.graph is None or not seq.graph.failed
+        return [o.cpu() for o in out]
+
+    gpu, cpu = logits("cuda"), logits("cpu")
+    assert all(torch.isfinite(o).all() for o in gpu)
+    errs = [rel_l2(a, b) for a, b in zip(gpu, cpu)]
+    if exact:
+        assert max(errs) < 1e-4, "prefill, then steps: " + " ".join(f"{e:.1e}" for e in errs)
+        return
+    linear = ops.linear
+
+    def int8_linear(x, w, xq=None):
+        if decoding and isinstance(w, QTensor) and w.float_view() is None and x.dim() == 2 and x.shape[0] == 1:
+            x = _int8_rows(x)
+        return linear(x, w, xq)
+
+    monkeypatch.setattr(ops, "linear", int8_linear)
+    sim = logits("cpu")
+    to_sim = sum(rel_l2(a, b) for a, b in zip(gpu, sim)) / len(sim)
+    sim_to_exact = sum(rel_l2(a, b) for a, b in zip(sim, cpu)) / len(sim)
+    assert sim_to_exact > 1e-3 and to_sim < 0.2 * sim_to_exact, \
+        f"mean rel err: GPU vs int8 CPU {to_sim:.1e}, int8 CPU vs exact CPU {sim_to_exact:.1e}"

@@ -40,10 +40,12 @@ Q8_M1_CONFIGS = tuple(c for c in Q8_CONFIGS if c.get("m1"))  # the kernels of on
 Q8_0_R8_CONFIGS = (dict(bn=16, u=2), dict(bn=8, u=4), dict(bn=32, u=1), dict(bn=32, u=2, num_warps=8),
                    dict(bn=16, u=4, num_warps=8), dict(bn=8, u=2), dict(bn=16, u=2, target=1024),
                    dict(bn=32, u=2), dict(bn=16, u=4), dict(bn=8, u=2, split=1), dict(bn=8, u=4, split=1))
-# Q2_K_R8 / IQ2_XXS_R8 (one x row; DeepSeek V4's experts; untimed guesses): 4 * bn * u quads of 16
-# bytes per step, so bn * u >= 8 * num_warps keeps one 16-byte load per thread; 40-96 registers on sm_90
-Q2_R8_CONFIGS = (dict(bn=16, u=2), dict(bn=32, u=1), dict(bn=8, u=4), dict(bn=32, u=2), dict(bn=16, u=4),
-                 dict(bn=32, u=2, num_warps=8), dict(bn=64, u=1, num_warps=8), dict(bn=16, u=2, target=1024))
+# Q2_K_R8 / IQ2_XXS_R8 (one x row; DeepSeek V4's experts): 4 * bn * u quads of 16
+# bytes per step, so bn * u >= 8 * num_warps keeps one 16-byte load per thread; 40-96 registers on sm_90.
+# The sweep's best (H100, 6 of 256 experts): bn=64, u=2 for both (IQ2_XXS 24.1 us, Q2_K 8.8 us, 10.2 before)
+Q2_R8_CONFIGS = (dict(bn=64, u=2), dict(bn=16, u=2), dict(bn=32, u=1), dict(bn=8, u=4), dict(bn=32, u=2),
+                 dict(bn=16, u=4), dict(bn=32, u=2, num_warps=8), dict(bn=64, u=1, num_warps=8),
+                 dict(bn=16, u=2, target=1024))
 Q8_TYPE_CONFIGS = {"Q4_K": Q8_CONFIGS, "Q6_K_R8": Q8_M1_CONFIGS, "Q8_0_R8": Q8_0_R8_CONFIGS,
                    "Q2_K_R8": Q2_R8_CONFIGS, "IQ2_XXS_R8": Q2_R8_CONFIGS}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -225,7 +227,8 @@ def embedding_rows(ids: torch.Tensor, w) -> torch.Tensor | None:
     return _gguf().qdequant(w.raw.index_select(0, ids), w.bt.name, (ids.shape[0], w.shape[1]), torch.float32)
 
 
-def _prefill_dtype(x_dtype: torch.dtype) -> torch.dtype:
+def prefill_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the CUDA prefill matmuls: bf16 (OUZEL_CUDA_PREFILL_DTYPE=f32: x's own)."""
     return x_dtype if os.environ.get("OUZEL_CUDA_PREFILL_DTYPE", "bf16") in ("f32", "fp32") else torch.bfloat16
 
 
@@ -233,7 +236,7 @@ def dequantize_for_matmul(w, x_dtype: torch.dtype) -> torch.Tensor | None:
     """The dense [N, K] matrix of a CUDA QTensor in the prefill matmul dtype, or None (no kernel)."""
     if not gemv_supports(w):
         return None
-    return _gguf().qdequant(w.raw, w.bt.name, w.shape, _prefill_dtype(x_dtype))
+    return _gguf().qdequant(w.raw, w.bt.name, w.shape, prefill_dtype(x_dtype))
 
 
 def qlinear(x: torch.Tensor, w, xq=None) -> torch.Tensor | None:
@@ -252,7 +255,7 @@ def qlinear(x: torch.Tensor, w, xq=None) -> torch.Tensor | None:
     if m <= g.MAX_GEMV_M:
         out = _gemv(x2, w.raw, w.bt.name, w.shape, xq=xq)
     else:
-        cd = _prefill_dtype(x.dtype)
+        cd = prefill_dtype(x.dtype)
         wd = g.qdequant(w.raw, w.bt.name, w.shape, cd)
         out = torch.matmul(x2.to(cd), wd.t()).to(x.dtype)
     return out.reshape(*x.shape[:-1], n)
@@ -322,7 +325,7 @@ def moe_gemm(x: torch.Tensor, w, n_experts: int, pair_rows: torch.Tensor, counts
     tile decodes its expert's blocks again)."""
     if not gemv_supports(w) or x.dtype not in _DTYPES:
         return None
-    g, dot = _gguf(), _prefill_dtype(x.dtype)
+    g, dot = _gguf(), prefill_dtype(x.dtype)
     mean = len(pair_rows) / n_experts  # counts may live on the device: no host read for the tile size
     cfg = dict(MOE_GEMM_CONFIGS.get(w.bt.name, MOE_GEMM_DEFAULT))
     bm = cfg.pop("bm", 16 if mean <= 24 else 32 if mean <= 48 else 64)
