@@ -153,7 +153,9 @@ def test_deepseek_v4_cuda_matches_cpu(exact, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ops, "linear", int8_linear)
     sim = logits("cpu")
-    to_sim = sum(rel_l2(a, b) for a, b in zip(gpu, sim)) / len(sim)
-    sim_to_exact = sum(rel_l2(a, b) for a, b in zip(sim, cpu)) / len(sim)
-    assert sim_to_exact > 1e-3 and to_sim < 0.2 * sim_to_exact, \
-        f"mean rel err: GPU vs int8 CPU {to_sim:.1e}, int8 CPU vs exact CPU {sim_to_exact:.1e}"
+    assert errs[0] < 1e-4, f"prefill (no int8 products): {errs[0]:.1e}"
+    # per step: GPU to the int8 CPU over int8 CPU to exact; a flipped rounding or a near-tie of the
+    # router may make a few steps differ more, so the median is judged
+    ratios = sorted(rel_l2(a, b) / max(rel_l2(b, c), 1e-12) for a, b, c in zip(gpu[1:], sim[1:], cpu[1:]))
+    assert ratios[len(ratios) // 2] < 0.25, "GPU-to-int8-CPU over int8-to-exact, per step: " + \
+        " ".join(f"{r:.2f}" for r in ratios)
