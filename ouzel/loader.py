@@ -89,10 +89,12 @@ def load_weights(model: nn.Module, source, device: torch.device, progress: bool 
 def _regroup_for_gpu(model) -> None:
     """Q6_K / Q8_0 / Q2_K / IQ2_XXS weights of Linears and routed experts -> their `_R8`
     regroupings (quant/blocks.py: same bytes regrouped so the GPU reads 16-byte words; the decode
-    GEMVs run ~2x faster), in place. Not for weights an Embedding shares (they would be stored
-    twice), rows of K % (the R8 block) != 0, nor types some CUDA kernel on the weights' paths
-    (GEMV, dequantize, MoE GEMM: kernels/triton/gguf.py) does not read. OUZEL_NO_REGROUP=1 keeps
-    the GGUF layout."""
+    GEMVs run ~2x faster), in place; Q6_K rows of K % 2048 != 0 but K % 768 == 0 (Qwen3-30B-A3B's
+    expert down projections) -> `Q6_K_R3`, which pads each 3 blocks and so takes a new tensor (the
+    old bytes are dropped with the old QTensor). Not for weights an Embedding shares (they would be
+    stored twice), rows no regrouping's block divides, nor types some CUDA kernel on the weights'
+    paths (GEMV, dequantize, MoE GEMM: kernels/triton/gguf.py) does not read. OUZEL_NO_REGROUP=1
+    keeps the GGUF layout."""
     if os.environ.get("OUZEL_NO_REGROUP"):
         return
     from .layers.linear import Embedding, Linear
@@ -104,9 +106,13 @@ def _regroup_for_gpu(model) -> None:
     except ImportError:  # no Triton: only the torch reference runs, and it reads every type
         def gpu_reads(name: str) -> bool:
             return True
-    regroup = {name: (bt, repack) for name, bt, repack in (
-        ("Q6_K", B.Q6_K_R8, B.repack_q6_k_r8), ("Q8_0", B.Q8_0_R8, B.repack_q8_0_r8),
-        ("Q2_K", B.Q2_K_R8, B.repack_q2_k_r8), ("IQ2_XXS", B.IQ2_XXS_R8, B.repack_iq2_xxs_r8)) if gpu_reads(bt.name)}
+    regroup: dict[str, list] = {}  # GGUF type -> its regroupings, preferred first
+    for name, bt, repack in (
+            ("Q6_K", B.Q6_K_R8, B.repack_q6_k_r8), ("Q6_K", B.Q6_K_R3, B.repack_q6_k_r3),
+            ("Q8_0", B.Q8_0_R8, B.repack_q8_0_r8), ("Q2_K", B.Q2_K_R8, B.repack_q2_k_r8),
+            ("IQ2_XXS", B.IQ2_XXS_R8, B.repack_iq2_xxs_r8)):
+        if gpu_reads(bt.name):
+            regroup.setdefault(name, []).append((bt, repack))
 
     def storage(t: torch.Tensor) -> int:
         return t.untyped_storage().data_ptr()
@@ -119,13 +125,16 @@ def _regroup_for_gpu(model) -> None:
         if not isinstance(w, QTensor):
             return w
         key = (storage(w.raw), w.raw.storage_offset(), tuple(w.raw.shape), w.bt.name)
-        if key not in done and (w.bt.name in regroup and w.shape[1] % regroup[w.bt.name][0].block_elems == 0
-                                and w.raw.is_contiguous() and storage(w.raw) not in shared):
-            bt, repack = regroup[w.bt.name]
-            rows = max(1, (16 << 20) // w.raw.shape[1])  # in place, 16 MB at a time: no second copy
-            for i in range(0, w.shape[0], rows):
-                w.raw[i:i + rows] = repack(w.raw[i:i + rows])
-            done[key] = QTensor(w.raw, bt, w.shape)
+        fits = [(bt, repack) for bt, repack in regroup.get(w.bt.name, ()) if w.shape[1] % bt.block_elems == 0]
+        if key not in done and fits and w.raw.is_contiguous() and storage(w.raw) not in shared:
+            bt, repack = fits[0]
+            n, row_bytes = w.shape[0], bt.row_bytes(w.shape[1])
+            # same size: in place; padded (Q6_K_R3): the new tensor only. 16 MB at a time either way
+            out = w.raw if row_bytes == w.raw.shape[1] else w.raw.new_empty((n, row_bytes))
+            rows = max(1, (16 << 20) // w.raw.shape[1])
+            for i in range(0, n, rows):
+                out[i:i + rows] = repack(w.raw[i:i + rows])
+            done[key] = QTensor(out, bt, w.shape)
         return done.get(key, w)
 
     for mod in model.modules():

@@ -3,7 +3,9 @@
 
 On a CUDA machine these run on the GPU; on a CPU machine through Triton's interpreter (tests/
 conftest.py sets TRITON_INTERPRET=1), which the kernel modules accept for CPU tensors. A tiny
-Qwen3-MoE at kernel-sized dimensions (hidden and expert width 256) in a Q8_0 GGUF.
+Qwen3-MoE at kernel-sized dimensions (hidden and expert width 256) in a Q8_0 GGUF; and one of
+expert width 768 whose down stack is Q6_K_R3 (Qwen3-30B-A3B's Q6_K experts, K = 768, as the CUDA
+loader regroups them).
 """
 from __future__ import annotations
 
@@ -26,12 +28,22 @@ from ouzel.loader import load  # noqa: E402
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(scope="module")
-def experts(tmp_path_factory):
-    hf = tm.build_hf_model("qwen3_moe", seed=4, hidden_size=256, moe_intermediate_size=256, num_hidden_layers=1,
+@pytest.fixture(scope="module", params=["Q8_0", "Q6_K_R3"])
+def experts(request, tmp_path_factory):
+    inter = 256 if request.param == "Q8_0" else 768
+    hf = tm.build_hf_model("qwen3_moe", seed=4, hidden_size=256, moe_intermediate_size=inter, num_hidden_layers=1,
                            head_dim=64)
     path = tm.write_gguf(hf, "qwen3_moe", tmp_path_factory.mktemp("moe-k") / "m.gguf", "Q8_0")
     layer = load(path, device=DEV, progress=False).model.model.layers[0].mlp
+    if request.param == "Q6_K_R3":  # random Q6_K down blocks (the writer makes no Q6_K) in the GPU layout
+        from ouzel.kernels.triton.testing import random_blocks
+        from ouzel.layers.moe import ExpertStack
+        from ouzel.quant.blocks import block_type
+        from ouzel.quant.tensor import QTensor
+        E = layer.experts.n_experts
+        raw = random_blocks("Q6_K_R3", E * 256, inter, torch.Generator().manual_seed(5), DEV)
+        layer.experts.down_proj = ExpertStack.from_stacked([QTensor(raw, block_type("Q6_K_R3"), (E * 256, inter))],
+                                                           (E, 256, inter))
     return layer
 
 
@@ -57,7 +69,8 @@ def _loop(experts, x, w, idx):
     for e in torch.unique(idx).tolist():
         tok, slot = torch.where(idx == e)
         h = gu.linear(x[tok], e)
-        y = down.linear(torch.nn.functional.silu(h[:, :256]) * h[:, 256:], e)
+        I = experts.intermediate
+        y = down.linear(torch.nn.functional.silu(h[:, :I]) * h[:, I:], e)
         out.index_add_(0, tok, y * w[tok, slot, None])
     return out
 

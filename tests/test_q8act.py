@@ -1,6 +1,7 @@
 """The int8-activation one-row GEMVs of DeepSeek V4's expert types (kernels/triton/q8act.py:
-Q2_K_R8, IQ2_XXS_R8) against the exact product with the int8-rounded x (`dequantized_x`), dense
-and in the MoE form (expert ids read by the kernel); fresh random blocks each run.
+Q2_K_R8, IQ2_XXS_R8; and Qwen3-30B-A3B's Q6_K_R3 expert down projections through the CUDA
+dispatch) against the exact product with the int8-rounded x (`dequantized_x`), dense and in the
+MoE form (expert ids read by the kernel); fresh random blocks each run.
 
 Needs CUDA, or TRITON_INTERPRET=1 (set by tests/conftest.py on a machine without a GPU).
 """
@@ -20,6 +21,7 @@ from ouzel.quant import blocks  # noqa: E402
 
 DEV = "cpu" if INTERPRET else "cuda"
 R8 = {"Q2_K_R8": blocks.repack_q2_k_r8, "IQ2_XXS_R8": blocks.repack_iq2_xxs_r8}
+REGROUP = {**R8, "Q6_K_R3": blocks.repack_q6_k_r3}
 
 
 @pytest.fixture
@@ -27,9 +29,9 @@ def gen():
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
 
 
-def _r8_blocks(name: str, n: int, k: int, gen) -> torch.Tensor:
+def _regrouped_blocks(name: str, n: int, k: int, gen) -> torch.Tensor:
     """Random GGUF blocks of the base type, regrouped (what the loader does on the GPU)."""
-    return R8[name](random_blocks(name[:-3], n, k, gen)).to(DEV)
+    return REGROUP[name](random_blocks(name[:-3], n, k, gen)).to(DEV)
 
 
 @pytest.mark.parametrize("name", R8)
@@ -37,7 +39,7 @@ def _r8_blocks(name: str, n: int, k: int, gen) -> torch.Tensor:
                                    (4096, dict(bn=16, u=4)), (4096, dict(bn=32, u=2, num_warps=8))])
 def test_q8_gemv_r8(name, k, cfg, gen):
     n = 21  # a partial tile
-    raw = _r8_blocks(name, n, k, gen)
+    raw = _regrouped_blocks(name, n, k, gen)
     x = torch.randn(1, k, generator=gen).to(DEV)
     xq, dx, sx = Q8.quantize_x(x)
     out = torch.full((1, n), float("nan"), device=DEV)
@@ -52,7 +54,7 @@ def test_q8_gemv_r8(name, k, cfg, gen):
 @pytest.mark.parametrize("x_div", [3, 1])  # gate/up: a token's x shared by its experts; down: one x per pair
 def test_q8_gemv_r8_experts(name, x_div, gen):
     E, n, k, G = 5, 24, 2048, 6
-    raw = _r8_blocks(name, E * n, k, gen)
+    raw = _regrouped_blocks(name, E * n, k, gen)
     idx = torch.randint(0, E, (G,), generator=gen).to(DEV)
     x = torch.randn(G // x_div, k, generator=gen).to(DEV)
     xq, dx, sx = Q8.quantize_x(x)
@@ -63,10 +65,10 @@ def test_q8_gemv_r8_experts(name, x_div, gen):
     assert rel_err(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("name", R8)
-def test_cuda_expert_dispatch(name, gen, monkeypatch):
+@pytest.mark.parametrize("name,k", [*((n, 2048) for n in R8), ("Q6_K_R3", 768)])
+def test_cuda_expert_dispatch(name, k, gen, monkeypatch):
     """`cuda.qgemv_experts` (gate/up: a token's x shared by its experts) and `cuda.swiglu_experts`
-    (down: swiglu of each pair's gate/up row, rounded to int8 in the same launch) on R8 stacks."""
+    (down: swiglu of each pair's gate/up row, rounded to int8 in the same launch) on regrouped stacks."""
     from ouzel.kernels import cuda
     from ouzel.kernels.triton import gguf
     from ouzel.layers.moe import swiglu
@@ -74,8 +76,8 @@ def test_cuda_expert_dispatch(name, gen, monkeypatch):
     if not gguf.supports(name):
         pytest.skip(f"kernels/triton/gguf.py does not read {name} (the loader keeps GGUF's layout)")
     monkeypatch.setenv("OUZEL_TRITON_TUNE", "0")
-    E, n, k, T, K = 4, 16, 2048, 2, 3
-    w = QTensor(_r8_blocks(name, E * n, k, gen), blocks.block_type(name), (E * n, k))
+    E, n, T, K = 4, 16, 2, 3
+    w = QTensor(_regrouped_blocks(name, E * n, k, gen), blocks.block_type(name), (E * n, k))
     idx = torch.randint(0, E, (T * K,), generator=gen).to(DEV)
     x = torch.randn(T, k, generator=gen).to(DEV)
     xd = Q8.dequantized_x(*Q8.quantize_x(x)[:2])

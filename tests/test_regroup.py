@@ -38,6 +38,41 @@ def test_regroup_q6_k_linears():
     assert torch.allclose(m.a(x), x @ want["a"].T, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("gpu_reads", [True, False])
+def test_regroup_q6_k_r3_linears(gpu_reads, monkeypatch):
+    """Q6_K Linears of K % 768 == 0 but K % 2048 != 0 become Q6_K_R3 in a new tensor (a weight two
+    Linears share, once), K % 2048 == 0 stays R8 in place; only where the GPU kernels read R3."""
+    pytest.importorskip("triton")
+    from ouzel.kernels.triton import gguf
+    reads = gguf.supports
+    monkeypatch.setattr(gguf, "supports", lambda name: gpu_reads if name == "Q6_K_R3" else reads(name))
+    m = nn.Module()
+    m.a, m.b, m.r8, m.emb = Linear(768, 8), Linear(768, 8), Linear(2048, 4), Embedding(5, 768)
+    m.a.weight = m.b.weight = _q6k(8, 768, 0)
+    m.r8.weight = _q6k(4, 2048, 1)
+    m.emb.weight = _q6k(5, 768, 2)
+    m.c = Linear(768, 5)  # over the embedding's bytes: left as is
+    m.c.weight = QTensor(m.emb.weight.raw, block_type("Q6_K"), (5, 768))
+    m.big = Linear(1536, 13400)  # 13400 rows of 1260 bytes: two 16 MB slices
+    m.big.weight = _q6k(13400, 1536, 3)
+    want = {n: getattr(m, n).weight.dequantize() for n in ("a", "r8", "c", "big")}
+    raws = {n: getattr(m, n).weight.raw for n in want}
+    _regroup_for_gpu(m)
+    assert m.r8.weight.bt.name == "Q6_K_R8" and m.r8.weight.raw.data_ptr() == raws["r8"].data_ptr()
+    assert m.c.weight.bt.name == "Q6_K"
+    for n in ("a", "big"):
+        w = getattr(m, n).weight
+        if gpu_reads:
+            assert w.bt.name == "Q6_K_R3" and w.raw.shape == (w.shape[0], w.shape[1] // 768 * 640)
+        else:
+            assert w.bt.name == "Q6_K" and w.raw is raws[n]
+    assert m.b.weight is m.a.weight
+    for n, w in want.items():
+        assert torch.equal(getattr(m, n).weight.dequantize(), w)
+    x = torch.randn(3, 768)
+    assert torch.allclose(m.a(x), x @ want["a"].T, rtol=1e-4, atol=1e-4)
+
+
 def test_regroup_q8_0_linears():
     """Q8_0 Linears of K % 256 == 0 become Q8_0_R8 in place; other layers' Q8_0 weights stay GGUF's."""
     raw = lambda rows, k, seed: random_blocks("Q8_0", rows, k, torch.Generator().manual_seed(seed))  # noqa: E731
@@ -135,9 +170,26 @@ def test_regroup_expert_stacks(gu_name, down_name):
     assert rel_err(_expert_out(m, D), out) < 1e-5
 
 
+def test_regroup_expert_stack_q6_k_r3():
+    """Qwen3-30B-A3B's Q6_K expert down projections (K = 768, not whole R8 groups) become Q6_K_R3:
+    a new stack (640 bytes per 3 blocks), the experts' views rebuilt over it; same values."""
+    E, D, I = 3, 256, 768
+    m = _experts(_stack("Q8_0", E, 2 * I, D, 0), _stack("Q6_K", E, D, I, 1), D, I)
+    want = m.experts.down_proj.stacked[0].dequantize()
+    out = _expert_out(m, D)
+    _regroup_for_gpu(m)
+    assert m.experts.gate_up_proj.stacked[0].bt.name == "Q8_0_R8"
+    (piece,) = m.experts.down_proj.stacked
+    assert piece.bt.name == "Q6_K_R3" and piece.raw.shape == (E * D, 640) and torch.equal(piece.dequantize(), want)
+    assert all(p[0].bt.name == "Q6_K_R3" and p[0].raw.untyped_storage().data_ptr() == piece.raw.data_ptr()
+               for p in m.experts.down_proj.parts)
+    assert torch.equal(m.experts.down_proj.parts[1][0].dequantize(), want[D:2 * D])
+    assert rel_err(_expert_out(m, D), out) < 1e-5
+
+
 def test_regroup_expert_stack_left_as_is():
-    """Experts whose rows are not whole R8 blocks (Qwen3-30B-A3B's Q6_K down: K = 768) keep GGUF's layout."""
-    m = _experts(_stack("Q8_0", 2, 512, 256, 0), _stack("Q6_K", 2, 256, 768, 1), 256, 256)
+    """Experts whose rows no regrouping's block divides (Q6_K, K = 256) keep GGUF's layout."""
+    m = _experts(_stack("Q8_0", 2, 512, 256, 0), _stack("Q6_K", 2, 256, 256, 1), 256, 256)
     down = m.experts.down_proj
     _regroup_for_gpu(m)
     assert m.experts.gate_up_proj.stacked[0].bt.name == "Q8_0_R8"

@@ -126,11 +126,11 @@ def test_q8_gemv_experts(name, gen):
         assert rel_err(out, ref) < 1e-5
 
 
-def _moe_gemm_case(name, counts, bm, gen, device_tiles=False, **cfg):
+def _moe_gemm_case(name, counts, bm, gen, device_tiles=False, k=512, **cfg):
     """qgemm_experts over pairs sorted by expert (counts[e] each, gate/up form: rows of x shared by
     pairs) against the reference per pair. device_tiles: the schedule built from counts on the
     device (with spare empty tiles)."""
-    E, n, k = len(counts), 40, 512
+    E, n = len(counts), 40
     raw = random_blocks(name, E * n, k, gen, DEV)
     P = sum(counts)
     x = torch.randn(P // 2 + 1, k, generator=gen).to(DEV)
@@ -230,6 +230,64 @@ def test_q8_gemv_q6_k_r8(cfg, gen):
     assert rel_err(out, reference_linear(x, raw, "Q6_K_R8")) < 2e-2
     with pytest.raises(ValueError):  # one x row only
         Q8.qgemv_q8(torch.randn(2, k).to(DEV), raw, "Q6_K_R8", (n, k))
+
+
+# --- Q6_K_R3: Q6_K rows of K % 768 == 0 regrouped for 16-byte loads (quant/blocks.py) ---
+from ouzel.quant.blocks import repack_q6_k_r3, unpack_q6_k_r3  # noqa: E402
+
+
+@pytest.mark.parametrize("k", [768, 1536])
+def test_q6_k_r3_is_q6_k(k, gen):
+    """Each 3 blocks: their bodies, their d, 10 zero bytes; back to GGUF's bytes exactly, and the
+    same values through the torch reference, the dequantizer and the fp32-x GEMV."""
+    n = 9
+    raw = random_blocks("Q6_K", n, k, gen, DEV)
+    r3 = repack_q6_k_r3(raw)
+    assert r3.shape == (n, k // 768 * 640) and torch.equal(unpack_q6_k_r3(r3), raw)
+    assert not r3.view(n, -1, 640)[..., 630:].any()
+    ref = dequantize(raw, block_type("Q6_K"))
+    assert torch.equal(dequantize(r3, block_type("Q6_K_R3")), ref)
+    assert torch.equal(G.qdequant(r3, "Q6_K_R3", (n, k)), ref)
+    x = torch.randn(2, k, generator=gen).to(DEV)
+    assert rel_err(G.qgemv(x, r3, "Q6_K_R3", (n, k), bn=4, u=2), x @ ref.T) < 1e-5
+
+
+@pytest.mark.parametrize("k,cfg", [(768, dict(bn=8, u=1)), (768, dict(bn=16, u=4)), (1536, dict(bn=4, u=2, split=3)),
+                                   (1536, dict(bn=8, u=1, split=2)), (1536, dict(bn=32, u=2, num_warps=8))])
+def test_q8_gemv_q6_k_r3(k, cfg, gen):
+    """The int8-x one-row GEMV on 3-block groups; at K = 1536 a tile of u = 2 blocks, or a split
+    of 3, may start mid-group."""
+    n = 21
+    raw = random_blocks("Q6_K_R3", n, k, gen, DEV)
+    x = torch.randn(1, k, generator=gen).to(DEV)
+    xq, dx, sx = Q8.quantize_x(x)
+    out = torch.full((1, n), float("nan"), device=DEV)
+    Q8.qgemv_q8(x, raw, "Q6_K_R3", (n, k), out=out, xq=(xq, dx, sx), **cfg)
+    assert rel_err(out, reference_linear(Q8.dequantized_x(xq, dx), raw, "Q6_K_R3")) < 1e-5
+    assert rel_err(out, reference_linear(x, raw, "Q6_K_R3")) < 2e-2
+    with pytest.raises(ValueError):  # one x row only
+        Q8.qgemv_q8(torch.randn(2, k).to(DEV), raw, "Q6_K_R3", (n, k))
+
+
+@pytest.mark.parametrize("x_div", [3, 1])  # gate/up: a token's x shared by its experts; down: one x per pair
+def test_q8_gemv_q6_k_r3_experts(x_div, gen):
+    E, n, k, P = 5, 24, 768, 6
+    raw = random_blocks("Q6_K_R3", E * n, k, gen, DEV)
+    idx = torch.randint(0, E, (P,), generator=gen).to(DEV)
+    x = torch.randn(P // x_div, k, generator=gen).to(DEV)
+    xq, dx, sx = Q8.quantize_x(x)
+    xd = Q8.dequantized_x(xq, dx)
+    ref = torch.stack([reference_linear(xd[p // x_div][None], raw[idx[p] * n:(idx[p] + 1) * n], "Q6_K_R3")[0]
+                       for p in range(P)])
+    out = Q8.qgemv_q8(x, raw, "Q6_K_R3", (n, k), idx=idx, x_div=x_div, bn=8, u=1, xq=(xq, dx, sx))
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("name,k", [("Q6_K_R3", 1536), ("Q6_K_R8", 2048)])
+@pytest.mark.parametrize("quads", [True, False])
+def test_moe_gemm_experts_regrouped(name, k, quads, gen):
+    """The MoE prefill GEMM on the regrouped Q6_K stacks (the loader's layouts on CUDA)."""
+    assert _moe_gemm_case(name, [5, 0, 1, 37, 9], 16, gen, k=k, bn=16, quads=quads) < 1e-5
 
 
 # --- Q8_0_R8: Q8_0 regrouped for 16-byte loads on the GPU (quant/blocks.py) ---

@@ -34,7 +34,7 @@ Q8_CONFIGS = (dict(bn=32, u=2), dict(bn=16, u=2), dict(bn=32, u=4, num_warps=8),
               # no K split: small matrices (Qwen3's o_proj 2048x4096) then skip the partials' sum,
               # a second launch that took 3-4 us beside a 5 us GEMV (H100 profile)
               dict(bn=16, u=2, split=1, m1=True), dict(bn=8, u=2, split=1, m1=True), dict(bn=8, u=4, split=1, m1=True))
-Q8_M1_CONFIGS = tuple(c for c in Q8_CONFIGS if c.get("m1"))  # the kernels of one x row (Q6_K_R8)
+Q8_M1_CONFIGS = tuple(c for c in Q8_CONFIGS if c.get("m1"))  # the kernels of one x row (Q6_K_R8, Q6_K_R3)
 # Q8_0_R8 (one x row): 2 * bn * u / num_warps quant words per thread and step; 16 compile to 80
 # registers on sm_90 (6 blocks of 4 warps per SM), 32 to ~170
 Q8_0_R8_CONFIGS = (dict(bn=16, u=2), dict(bn=8, u=4), dict(bn=32, u=1), dict(bn=32, u=2, num_warps=8),
@@ -46,8 +46,8 @@ Q8_0_R8_CONFIGS = (dict(bn=16, u=2), dict(bn=8, u=4), dict(bn=32, u=1), dict(bn=
 Q2_R8_CONFIGS = (dict(bn=64, u=2), dict(bn=16, u=2), dict(bn=32, u=1), dict(bn=8, u=4), dict(bn=32, u=2),
                  dict(bn=16, u=4), dict(bn=32, u=2, num_warps=8), dict(bn=64, u=1, num_warps=8),
                  dict(bn=16, u=2, target=1024))
-Q8_TYPE_CONFIGS = {"Q4_K": Q8_CONFIGS, "Q6_K_R8": Q8_M1_CONFIGS, "Q8_0_R8": Q8_0_R8_CONFIGS,
-                   "Q2_K_R8": Q2_R8_CONFIGS, "IQ2_XXS_R8": Q2_R8_CONFIGS}
+Q8_TYPE_CONFIGS = {"Q4_K": Q8_CONFIGS, "Q6_K_R8": Q8_M1_CONFIGS, "Q6_K_R3": Q8_M1_CONFIGS,
+                   "Q8_0_R8": Q8_0_R8_CONFIGS, "Q2_K_R8": Q2_R8_CONFIGS, "IQ2_XXS_R8": Q2_R8_CONFIGS}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -315,6 +315,7 @@ MOE_GEMM_CONFIGS = {  # H100, 512-token prefill, bench/moe_gemm_bench.py (bench/
     "Q6_K": dict(bm=64, bn=128, num_warps=8, stages=1, quads=True)}  # qwen3 down: 0.31 ms
 for _name in ("IQ2_XXS", "Q2_K", "Q6_K"):  # the regrouped layouts: same bytes, same tiles (untimed)
     MOE_GEMM_CONFIGS[_name + "_R8"] = MOE_GEMM_CONFIGS[_name]
+MOE_GEMM_CONFIGS["Q6_K_R3"] = MOE_GEMM_CONFIGS["Q6_K"]  # same values, 10 bytes of padding per 3 blocks (untimed)
 MOE_GEMM_DEFAULT = dict(bn=64, num_warps=4)
 
 

@@ -298,6 +298,33 @@ def _q6_k_r8(b):
     return _q6_k(unpack_q6_k_r8(b).reshape(-1, 210)).reshape(-1, 2048)
 
 
+# Q6_K_R3: the same for rows of K % 768 == 0 that R8 can't take (Qwen3-30B-A3B's expert down
+# projections: K = 768). Each 3 blocks go to 640 bytes: their 3 bodies, their 3 d, then 10 zero
+# bytes so that groups (and rows) stay 16-byte aligned. Same values; rows take 640 / 630 the bytes.
+Q6_K_R3 = BlockType("Q6_K_R3", 2000 + GT.Q6_K.value, 768, 640)
+_BY_NAME[Q6_K_R3.name] = Q6_K_R3
+
+
+def repack_q6_k_r3(raw: torch.Tensor) -> torch.Tensor:
+    """Q6_K rows [N, K / 256 * 210] -> new Q6_K_R3 rows [N, K / 768 * 640]."""
+    g = raw.reshape(raw.shape[0], -1, 3, 210)
+    pad = g.new_zeros((*g.shape[:2], 10))
+    return torch.cat([g[..., :208].flatten(2), g[..., 208:].flatten(2), pad], dim=2).reshape(raw.shape[0], -1)
+
+
+def unpack_q6_k_r3(raw: torch.Tensor) -> torch.Tensor:
+    """The inverse of `repack_q6_k_r3`: Q6_K_R3 rows -> new Q6_K rows."""
+    g = raw.reshape(raw.shape[0], -1, 640)
+    body = g[..., :624].reshape(*g.shape[:2], 3, 208)
+    d = g[..., 624:630].reshape(*g.shape[:2], 3, 2)
+    return torch.cat([body, d], dim=3).reshape(raw.shape[0], -1)
+
+
+@_kernel(Q6_K_R3)
+def _q6_k_r3(b):
+    return _q6_k(unpack_q6_k_r3(b).reshape(-1, 210)).reshape(-1, 768)
+
+
 # Q8_0_R8: Q8_0 repacked for the GPU (not a GGUF type). A Q8_0 block is 34 bytes (d f16, 32 int8),
 # so its quants are only 2-byte aligned. R8 regroups each 8 blocks (272 bytes, a multiple of 16):
 # their 8 x 32 quant bytes first, then their 8 f16 d. Same bytes, same values; rows of K % 256 == 0.

@@ -22,7 +22,7 @@ large), and the decoder is the same one-screen function per type for both paths.
 Per step of 256 elements a type is viewed as a [S, L] tile (S * L = 256):
 Q4_K [8, 32] (sub-blocks of 32), Q6_K [16, 16], Q8_0 and Q4_0 [8, 32] (8 blocks of 32), Q2_K
 [16, 16], IQ2_XXS [8, 32] (its 256-entry grid and 128 sign patterns come in as small tables); the
-`_R8` regroupings of quant/blocks.py as their base types.
+`_R8` / `_R3` regroupings of quant/blocks.py as their base types.
 """
 from __future__ import annotations
 
@@ -32,10 +32,11 @@ import torch
 import triton
 import triton.language as tl
 
-# type ids (constexpr in the kernels): name -> (id, S, L, bytes per 256-element step)
+# type ids (constexpr in the kernels): name -> (id, S, L, GGUF's bytes per 256-element step)
 _TYPES = {"Q4_K": (0, 8, 32, 144), "Q6_K": (1, 16, 16, 210), "Q8_0": (2, 8, 32, 272), "Q4_0": (3, 8, 32, 144),
           "Q2_K": (4, 16, 16, 84), "IQ2_XXS": (5, 8, 32, 66), "Q6_K_R8": (6, 16, 16, 210),
-          "Q8_0_R8": (7, 8, 32, 272), "Q2_K_R8": (8, 16, 16, 84), "IQ2_XXS_R8": (9, 8, 32, 66)}
+          "Q8_0_R8": (7, 8, 32, 272), "Q2_K_R8": (8, 16, 16, 84), "IQ2_XXS_R8": (9, 8, 32, 66),
+          "Q6_K_R3": (10, 16, 16, 210)}
 STEP = 256
 MAX_GEMV_M = 16
 _PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")  # inline PTX: not in the CPU interpreter
@@ -81,13 +82,17 @@ def _decode(row_ptr, kb, grid_ptr, signs_ptr, TYPE: tl.constexpr, S: tl.constexp
         qf = _int_f32((q >> ((s % 2) * 4)) & 15, 0.0)
         scale = d * _int_f32(sc, 0.0)
         offset = dmin * _int_f32(mn, 0.0)
-    elif TYPE == 1 or TYPE == 6:  # Q6_K: ql 128 B, qh 64 B, 16 int8 scales, d f16 (Q6_K_R8: d after 8 bodies)
+    elif TYPE == 1 or TYPE == 6 or TYPE == 10:  # Q6_K: ql 128 B, qh 64 B, 16 int8 scales, d f16 (Q6_K_R8: d
+        # after 8 bodies; Q6_K_R3: d after 3 bodies, then 10 B of padding)
         if TYPE == 1:
             b = row_ptr + kb * 210
             d_at = b + 208
-        else:
+        elif TYPE == 6:
             b = row_ptr + (kb // 8) * 1680 + (kb % 8) * 208
             d_at = row_ptr + (kb // 8) * 1680 + 1664 + (kb % 8) * 2
+        else:
+            b = row_ptr + (kb // 3) * 640 + (kb % 3) * 208
+            d_at = row_ptr + (kb // 3) * 640 + 624 + (kb % 3) * 2
         e = (s % 8) * 16 + l  # position within a 128-element half
         half = s // 8
         ql = tl.load(b + half * 64 + (e % 64)).to(tl.int32)
@@ -272,15 +277,18 @@ def _quads(row_ptr, kb, TYPE: tl.constexpr, grid_ptr, signs_ptr):
         sc = tl.where(s < 4, a & 63, (c & 15) | ((a >> 2) & 48))
         mn = tl.where(s < 4, m & 63, (c >> 4) | ((m >> 2) & 48))
         w = _f16_at(b) * _int_f32(sc, 0.0) * q - _f16_at(b + 2) * _int_f32(mn, 0.0)
-    elif TYPE == 1 or TYPE == 6:  # Q6_K: element h*128 + jh*64 + jl*32 + l2*16 + l: low 4 bits are nibble jh
-        # of ql byte h*64 + jl*32 + l2*16 + l, high 2 bits are bits 2*(2jh + jl) of qh byte h*32 + l2*16 + l
-        # (Q6_K_R8: bodies of 208 B, d after 8 of them)
+    elif TYPE == 1 or TYPE == 6 or TYPE == 10:  # Q6_K: element h*128 + jh*64 + jl*32 + l2*16 + l: low 4 bits
+        # are nibble jh of ql byte h*64 + jl*32 + l2*16 + l, high 2 bits are bits 2*(2jh + jl) of qh byte
+        # h*32 + l2*16 + l (Q6_K_R8: bodies of 208 B, d after 8 of them; Q6_K_R3: after 3, then padding)
         if TYPE == 1:
             b = (row_ptr + kb * 210)[:, None, None, None, None, None]
             d_at = b + 208
-        else:
+        elif TYPE == 6:
             b = (row_ptr + (kb // 8) * 1680 + (kb % 8) * 208)[:, None, None, None, None, None]
             d_at = (row_ptr + (kb // 8) * 1680 + 1664 + (kb % 8) * 2)[:, None, None, None, None, None]
+        else:
+            b = (row_ptr + (kb // 3) * 640 + (kb % 3) * 208)[:, None, None, None, None, None]
+            d_at = (row_ptr + (kb // 3) * 640 + 624 + (kb % 3) * 2)[:, None, None, None, None, None]
         h = tl.arange(0, 2)[None, :, None, None, None, None]
         jh = tl.arange(0, 2)[None, None, :, None, None, None]
         jl = tl.arange(0, 2)[None, None, None, :, None, None]
@@ -420,7 +428,7 @@ def _moe_tiles_reference(counts: torch.Tensor, bm: int, n_tiles: int):
             torch.where(used, end, 0).to(torch.int32))
 
 
-QUADS_TYPES = ("Q4_K", "Q6_K", "Q2_K", "IQ2_XXS", "Q6_K_R8", "Q2_K_R8", "IQ2_XXS_R8")
+QUADS_TYPES = ("Q4_K", "Q6_K", "Q2_K", "IQ2_XXS", "Q6_K_R8", "Q6_K_R3", "Q2_K_R8", "IQ2_XXS_R8")
 
 
 def qgemm_experts(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, pair_rows: torch.Tensor, tiles,

@@ -11,12 +11,13 @@ x [M, K] -> xq int8 (round(x / dx)), dx = max|x| / 127 and sx = dx * sum(xq) per
 the oracle is therefore the exact dequantized matmul of xq * dx (`dequantized_x`), which the
 kernel matches to fp32 rounding.
 
-`SUPPORTED`: Q4_K, and Q6_K / Q8_0 / Q2_K / IQ2_XXS regrouped at load (`*_R8` in quant/blocks.py;
-the last two are DeepSeek V4's routed experts): in GGUF's layout their blocks are only 2- or
-4-byte aligned, and the same scheme read through int16 pairs was no faster than the
-fp32-activation decoder on an H200 (Q6_K and Q8_0; Q8_0 slower; bench/NOTES.md).
+`SUPPORTED`: Q4_K, and Q6_K / Q8_0 / Q2_K / IQ2_XXS regrouped at load (`*_R8`, and `Q6_K_R3` for
+the Q6_K rows of K % 768 == 0 that R8 can't take, in quant/blocks.py; Q2_K and IQ2_XXS are
+DeepSeek V4's routed experts): in GGUF's layout their blocks are only 2- or 4-byte aligned, and
+the same scheme read through int16 pairs was no faster than the fp32-activation decoder on an
+H200 (Q6_K and Q8_0; Q8_0 slower; bench/NOTES.md).
 
-The one-row kernels (`*_m1_kernel`, the decode step's form; the `_R8` types have only these)
+The one-row kernels (`*_m1_kernel`, the decode step's form; the regrouped types have only these)
 are built for memory-level parallelism, which was the limit, not the instruction count:
 every load of block step i + 1 (weights, their scales as words, x's words and scales) is issued
 before step i computes, products are scaled per word and summed once at the end, and row strides
@@ -321,12 +322,14 @@ def _q4k_scale_words(wa, wm, wc, s):
 @triton.jit
 def _q6k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, idx_ptr, N, blocks_per_split, row_quads, expert_quads,
                       K, x_div, stride_os, stride_og, BN: tl.constexpr, NB: tl.constexpr, HAS_IDX: tl.constexpr,
-                      USE_ASM: tl.constexpr):
-    """One x row times Q6_K_R8 rows (quant/blocks.py: 8 Q6_K bodies of 208 bytes, then their 8 d).
-    Tile [BN rows, NB blocks, 2 halves h, 16 words u]: ql word u of half h holds elements
-    128h + 4u .. +3 (low nibbles) and 128h + 64 + 4u .. (high); their top 2 bits are field u // 8
-    (resp. 2 + u // 8) of qh word u % 8. The 6-bit values are unsigned; q - 32 is exact in the
-    integer dot as dp4a(q, x) - dp4a(32, x). Every load of step i + 1 is in flight during step i."""
+                      USE_ASM: tl.constexpr, G: tl.constexpr, GW: tl.constexpr):
+    """One x row times Q6_K_R8 or Q6_K_R3 rows (quant/blocks.py: per group of G = 8 or 3 blocks, GW =
+    420 or 160 words: their Q6_K bodies of 208 bytes (52 words), then their G f16 d, two to a word;
+    R3 then 10 bytes of padding). Tile [BN rows, NB blocks, 2 halves h, 16 words u]: ql word u of
+    half h holds elements 128h + 4u .. +3 (low nibbles) and 128h + 64 + 4u .. (high); their top 2
+    bits are field u // 8 (resp. 2 + u // 8) of qh word u % 8. The 6-bit values are unsigned; q - 32
+    is exact in the integer dot as dp4a(q, x) - dp4a(32, x). Every load of step i + 1 is in flight
+    during step i."""
     split = tl.program_id(1)
     g = tl.program_id(2)
     rows, wrow = _m1_rows(idx_ptr, N, row_quads, expert_quads, BN, HAS_IDX)
@@ -341,12 +344,12 @@ def _q6k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, idx_ptr, N, blocks_per_spl
     xs = xrow * (K // 32) + h4 * 4 + u4 // 8  # + block * 8: x's scale of those words
     blk_end = (split + 1) * blocks_per_split
     blk = split * blocks_per_split + b4
-    body = r4 + (blk // 8) * 420 + (blk % 8) * 52  # word offset of each block's body
+    body = r4 + (blk // G) * GW + (blk % G) * 52  # word offset of each block's body
     ql = tl.load(w_ptr + body + h4 * 16 + u4)
     qh = tl.load(w_ptr + body + 32 + h4 * 8 + u4 % 8)
     sw = tl.load(w_ptr + body + 48 + h4 * 2)  # scale words: sub-blocks 8h .. 8h+3, then 8h+4 ..
     sw2 = tl.load(w_ptr + body + 49 + h4 * 2)
-    dw = tl.load(w_ptr + r4 + (blk // 8) * 420 + 416 + (blk % 8) // 2)
+    dw = tl.load(w_ptr + r4 + (blk // G) * GW + G * 52 + (blk % G) // 2)
     xl = tl.load(xw + blk * 64)
     xh = tl.load(xw + blk * 64 + 16)
     dl = tl.load(dx_ptr + xs + blk * 8)
@@ -355,12 +358,12 @@ def _q6k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, idx_ptr, N, blocks_per_spl
     for _ in range(0, blocks_per_split, NB):
         nblk = blk + NB
         ok = nblk < blk_end
-        nbody = r4 + (nblk // 8) * 420 + (nblk % 8) * 52
+        nbody = r4 + (nblk // G) * GW + (nblk % G) * 52
         ql_n = tl.load(w_ptr + nbody + h4 * 16 + u4, mask=ok, other=0)
         qh_n = tl.load(w_ptr + nbody + 32 + h4 * 8 + u4 % 8, mask=ok, other=0)
         sw_n = tl.load(w_ptr + nbody + 48 + h4 * 2, mask=ok, other=0)
         sw2_n = tl.load(w_ptr + nbody + 49 + h4 * 2, mask=ok, other=0)
-        dw_n = tl.load(w_ptr + r4 + (nblk // 8) * 420 + 416 + (nblk % 8) // 2, mask=ok, other=0)
+        dw_n = tl.load(w_ptr + r4 + (nblk // G) * GW + G * 52 + (nblk % G) // 2, mask=ok, other=0)
         xl_n = tl.load(xw + nblk * 64, mask=ok, other=0)
         xh_n = tl.load(xw + nblk * 64 + 16, mask=ok, other=0)
         dl_n = tl.load(dx_ptr + xs + nblk * 8, mask=ok, other=0.0)
@@ -371,7 +374,8 @@ def _q6k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, idx_ptr, N, blocks_per_spl
         c_hi = _dp4a(q_hi, xh, 0, USE_ASM) - _dp4a(tl.zeros_like(xh) + 0x20202020, xh, 0, USE_ASM)
         sc_lo = (sw << sc_shift) >> 24  # the signed scale byte u // 4 of the word
         sc_hi = (sw2 << sc_shift) >> 24
-        d = _f16_lo(dw >> (16 * (blk % 2)))
+        # d of block blk % G of its group: half (blk % G) % 2 of the word, which is blk % 2 for even G
+        d = _f16_lo(dw >> (16 * (blk % 2 if G % 2 == 0 else (blk % G) % 2)))
         acc += d * ((c_lo * sc_lo).to(tl.float32) * dl + (c_hi * sc_hi).to(tl.float32) * dh)
         ql, qh, sw, sw2, dw, xl, xh, dl, dh = ql_n, qh_n, sw_n, sw2_n, dw_n, xl_n, xh_n, dl_n, dh_n
         blk = nblk
@@ -607,8 +611,9 @@ def _iq2_tables(device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # the regrouped types (quant/blocks.py), one x row only (`supports`); IQ2_XXS_R8 also reads the tables
-ONE_ROW = {"Q6_K_R8": _q6k_r8_m1_kernel, "Q8_0_R8": _q8_0_r8_m1_kernel, "Q2_K_R8": _q2k_r8_m1_kernel,
-           "IQ2_XXS_R8": _iq2xxs_r8_m1_kernel}
+ONE_ROW = {"Q6_K_R8": _q6k_r8_m1_kernel, "Q6_K_R3": _q6k_r8_m1_kernel, "Q8_0_R8": _q8_0_r8_m1_kernel,
+           "Q2_K_R8": _q2k_r8_m1_kernel, "IQ2_XXS_R8": _iq2xxs_r8_m1_kernel}
+_Q6K_GROUPS = {"Q6_K_R8": dict(G=8, GW=420), "Q6_K_R3": dict(G=3, GW=160)}  # blocks, int32 words per group
 SUPPORTED = ("Q4_K", *ONE_ROW)
 
 
@@ -647,7 +652,8 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch
         tables = _iq2_tables(raw.device) if bt_name == "IQ2_XXS_R8" else ()
         ONE_ROW[bt_name][grid](xq.view(torch.int32), dx, raw.view(torch.int32), dst, idx_arg, n, n_blocks // split,
                                raw.stride(0) // 16, n * raw.stride(0) // 16, k, x_div, strides[2], strides[3], *tables,
-                               BN=bn, NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps)
+                               BN=bn, NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps,
+                               **_Q6K_GROUPS.get(bt_name, {}))
         return finish_gemv(dst, out)
     if m1 and m == 1:
         _q4k_m1_kernel[grid](xq.view(torch.int32), dx, sx, raw.view(torch.int32), dst, idx_arg, n, n_blocks // split,
