@@ -4,7 +4,7 @@
 # Carry: .whl (gguf wheel) and bench/models/tokenizer.gguf. One log per model, $OUT/<model>.log, and
 # the tests' whole output in $OUT/tests.log
 # (only 8 files come back from a call); CSVs and the writers' logs under /tmp/logs.
-#   TESTS="tests/test_x.py ..." RUNS=3 WALK=16k bash bench/gpu_all.sh
+#   TESTS="tests/test_x.py ..." RUNS=3 WALK=16k bash bench/gpu_all.sh   (TESTS_K: a pytest -k expression)
 # PROFILE=N adds bench/profile_decode.py per model (the first N kernels of a decode step in order,
 # the host's profile of a prefill) into the model's log.
 set -uo pipefail
@@ -17,7 +17,8 @@ for MODEL in $MODELS; do  # numpy-bound, one core each: in parallel (~40 GB of d
   python3 bench/make_models.py $MODEL --out /tmp/m/$MODEL --tokenizer-from bench/models/tokenizer.gguf > "/tmp/logs/$MODEL.make.log" 2>&1 &
 done
 if [[ ${TESTS:-} ]]; then
-  timeout ${TESTS_S:-120} python3 -m pytest -q -x -p no:cacheprovider $TESTS 2>&1 | tee "$OUT/tests.log" | tail -3
+  timeout ${TESTS_S:-120} python3 -m pytest -q -x -p no:cacheprovider $TESTS ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
+    | tee "$OUT/tests.log" | tail -3
 fi
 wait
 echo "models written in $(( $(date +%s) - t0 )) s"
