@@ -291,7 +291,7 @@ def test_disconnect_cancels_and_frees_blocks(server):
         for i, _ in enumerate(r.iter_lines()):
             if i > 6:
                 break
-    for _ in range(100):
+    for _ in range(300):  # up to 30 s: the server is a second process on a busy 2-core machine
         m = server.metrics()
         if m["ouzel_requests_cancelled_total"] > before and m["ouzel_requests_running"] == 0:
             break
@@ -320,7 +320,7 @@ def test_non_streaming_client_timeout_cancels(server):
     with pytest.raises(httpx.TimeoutException):
         httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"},
                    timeout=2)
-    for _ in range(100):
+    for _ in range(300):  # up to 30 s: the server is a second process on a busy 2-core machine
         m = server.metrics()
         if m["ouzel_requests_cancelled_total"] > before and m["ouzel_requests_running"] == 0:
             break
