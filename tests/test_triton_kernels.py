@@ -218,20 +218,6 @@ def test_q6_k_r8_is_q6_k(gen):
     assert rel_err(G.qgemv(x, r8, "Q6_K_R8", (n, k), bn=4, u=2), x @ ref.T) < 1e-5
 
 
-@pytest.mark.parametrize("cfg", [dict(bn=8, u=1), dict(bn=4, u=2, split=2), dict(bn=16, u=4)])
-def test_q8_gemv_q6_k_r8(cfg, gen):
-    n, k = 21, 4096
-    raw = repack_q6_k_r8(random_blocks("Q6_K", n, k, gen, DEV))
-    x = torch.randn(1, k, generator=gen).to(DEV)
-    xq, dx, sx = Q8.quantize_x(x)
-    out = torch.full((1, n), float("nan"), device=DEV)
-    Q8.qgemv_q8(x, raw, "Q6_K_R8", (n, k), out=out, xq=(xq, dx, sx), **cfg)
-    assert rel_err(out, reference_linear(Q8.dequantized_x(xq, dx), raw, "Q6_K_R8")) < 1e-5
-    assert rel_err(out, reference_linear(x, raw, "Q6_K_R8")) < 2e-2
-    with pytest.raises(ValueError):  # one x row only
-        Q8.qgemv_q8(torch.randn(2, k).to(DEV), raw, "Q6_K_R8", (n, k))
-
-
 # --- Q6_K_R3: Q6_K rows of K % 768 == 0 regrouped for 16-byte loads (quant/blocks.py) ---
 from ouzel.quant.blocks import repack_q6_k_r3, unpack_q6_k_r3  # noqa: E402
 
@@ -252,21 +238,23 @@ def test_q6_k_r3_is_q6_k(k, gen):
     assert rel_err(G.qgemv(x, r3, "Q6_K_R3", (n, k), bn=4, u=2), x @ ref.T) < 1e-5
 
 
-@pytest.mark.parametrize("k,cfg", [(768, dict(bn=8, u=1)), (768, dict(bn=16, u=4)), (1536, dict(bn=4, u=2, split=3)),
-                                   (1536, dict(bn=8, u=1, split=2)), (1536, dict(bn=32, u=2, num_warps=8))])
-def test_q8_gemv_q6_k_r3(k, cfg, gen):
-    """The int8-x one-row GEMV on 3-block groups; at K = 1536 a tile of u = 2 blocks, or a split
-    of 3, may start mid-group."""
+@pytest.mark.parametrize("name,k,cfg", [
+    ("Q6_K_R8", 4096, dict(bn=8, u=1)), ("Q6_K_R8", 4096, dict(bn=4, u=2, split=2)), ("Q6_K_R8", 4096, dict(bn=16, u=4)),
+    ("Q6_K_R3", 768, dict(bn=8, u=1)), ("Q6_K_R3", 768, dict(bn=16, u=4)), ("Q6_K_R3", 1536, dict(bn=4, u=2, split=3)),
+    ("Q6_K_R3", 1536, dict(bn=8, u=1, split=2)), ("Q6_K_R3", 1536, dict(bn=32, u=2, num_warps=8))])
+def test_q8_gemv_q6_k_regrouped(name, k, cfg, gen):
+    """The int8-x one-row GEMV on the regrouped Q6_K layouts (R3 at K = 1536: a tile of u = 2
+    blocks, or a split of 3, may start mid-group)."""
     n = 21
-    raw = random_blocks("Q6_K_R3", n, k, gen, DEV)
+    raw = random_blocks(name, n, k, gen, DEV)
     x = torch.randn(1, k, generator=gen).to(DEV)
     xq, dx, sx = Q8.quantize_x(x)
     out = torch.full((1, n), float("nan"), device=DEV)
-    Q8.qgemv_q8(x, raw, "Q6_K_R3", (n, k), out=out, xq=(xq, dx, sx), **cfg)
-    assert rel_err(out, reference_linear(Q8.dequantized_x(xq, dx), raw, "Q6_K_R3")) < 1e-5
-    assert rel_err(out, reference_linear(x, raw, "Q6_K_R3")) < 2e-2
+    Q8.qgemv_q8(x, raw, name, (n, k), out=out, xq=(xq, dx, sx), **cfg)
+    assert rel_err(out, reference_linear(Q8.dequantized_x(xq, dx), raw, name)) < 1e-5
+    assert rel_err(out, reference_linear(x, raw, name)) < 2e-2
     with pytest.raises(ValueError):  # one x row only
-        Q8.qgemv_q8(torch.randn(2, k).to(DEV), raw, "Q6_K_R3", (n, k))
+        Q8.qgemv_q8(torch.randn(2, k).to(DEV), raw, name, (n, k))
 
 
 @pytest.mark.parametrize("x_div", [3, 1])  # gate/up: a token's x shared by its experts; down: one x per pair
