@@ -240,3 +240,22 @@ def test_grouped_linear_as_experts(monkeypatch):
                                                    for i in range(g)], dim=-1)
     monkeypatch.setattr(hcm, "TRITON_ON_CPU", True)
     _close(lin(x), want, 1e-4)
+
+
+@pytest.mark.parametrize("H,n,p", [(20, 150, 401), (64, 64, 3), (16, 7, 100)])
+@pytest.mark.parametrize("rows_dtype", [torch.float32, torch.float16])
+def test_index_scores(H, n, p, rows_dtype):
+    """The indexer's scores of one query (`Indexer.select`'s torch code): sum over heads of
+    w_h relu(q_h . row) * scale, -inf for the rows the query may not read yet."""
+    g = torch.Generator().manual_seed(H + n)
+    D, ratio = 32, 4
+    q = torch.randn(H, D, generator=g)
+    w = torch.randn(H, generator=g)
+    rows = torch.randn(n, D, generator=g).to(rows_dtype)
+    scores = torch.relu(torch.einsum("hd,nd->hn", q, rows.float())) * D ** -0.5
+    want = (scores * w[:, None]).sum(0).masked_fill(torch.arange(n) >= (p + 1) // ratio, float("-inf"))
+    out = v4.index_scores(q.to(DEV), w.to(DEV), rows.to(DEV), torch.tensor([p], device=DEV), ratio, D ** -0.5)
+    out = out.cpu()
+    assert torch.equal(torch.isinf(out), torch.isinf(want))
+    fin = torch.isfinite(want)
+    assert torch.allclose(out[fin], want[fin], rtol=1e-5, atol=1e-5)

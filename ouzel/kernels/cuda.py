@@ -405,6 +405,16 @@ def v4_hc_merge(streams, out, post, comb):
     return v.hc_merge(streams, out, post, comb)
 
 
+def v4_index_scores(q, w, rows, positions, ratio: int, scale: float):
+    """`v4.index_scores` (one query's indexer scores over the compressed rows, unreadable ones
+    -inf), or None."""
+    v = _v4(q, w, rows)
+    D = q.shape[-1]
+    if v is None or q.dim() != 2 or D & (D - 1) or not 16 <= D <= 256 or not rows.is_contiguous():
+        return None
+    return v.index_scores(q, w, rows, positions, ratio, scale)
+
+
 def v4_attention_step(q, ring, positions, window: int, sinks, scale: float, rows=None, ratio: int = 0, top=None):
     """`v4.attention_step` (the fixed step's window + compressed-row attention with sinks), or None."""
     v = _v4(q, ring, sinks, *(t for t in (rows,) if t is not None))

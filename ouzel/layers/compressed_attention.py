@@ -144,15 +144,19 @@ class Indexer(Compressor):
         if len(proj) == 2:
             return None
         q, w = proj[2:]
-        scores = F.relu(torch.einsum("thd,nd->thn", q.float(), rows.float())) * self.dim ** -0.5
-        index = (scores * w[..., None]).sum(dim=1)  # [T, n]
         n = rows.shape[0]
         k = min(self.top_k, n)
         if n == 0:
-            return index.new_zeros((q.shape[0], 0), dtype=torch.long)
+            return q.new_zeros((q.shape[0], 0), dtype=torch.long)
         ready = ((positions + 1) // self.ratio)[:, None]  # rows a query may read: index < ready
-        index = index.masked_fill(torch.arange(n, device=q.device)[None, :] >= ready, float("-inf"))
-        top = index.topk(k, dim=-1).indices
+        index = None
+        if q.shape[0] == 1 and fused_kernels(q):  # a decode step: the scores in one launch
+            index = _cuda.v4_index_scores(q[0], w[0], rows, positions, self.ratio, self.dim ** -0.5)
+        if index is None:
+            scores = F.relu(torch.einsum("thd,nd->thn", q.float(), rows.float())) * self.dim ** -0.5
+            index = (scores * w[..., None]).sum(dim=1)  # [T, n]
+            index = index.masked_fill(torch.arange(n, device=q.device)[None, :] >= ready, float("-inf"))
+        top = index.view(q.shape[0], n).topk(k, dim=-1).indices
         return torch.where(top >= ready, torch.full_like(top, -1), top)
 
 

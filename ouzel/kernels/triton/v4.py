@@ -17,6 +17,9 @@ References (the torch code they replace, the oracle in tests/test_triton_v4.py):
   kernel, scores, softmax with the per-head sinks, weighted sum), flash-decoding: program per
   (16 heads, split of the keys), a second launch merging the splits' partials with the sinks.
   The output's inverse rope stays `rms_rope` (sign -1).
+- `index_scores`: `Indexer.select`'s scores for one query: sum_h w_h relu(q_h . row) * scale
+  per compressed row, -inf for rows the query may not read yet (index >= (p + 1) // ratio);
+  program per block of rows, the heads in blocks of 16 on the tensor cores. The top-k stays torch.
 
 Channels are handled as (even, odd) halves so a rope pair (2i, 2i+1) sits in one lane. Compiled
 without fp fusion so x * cos and x * sin round apart, as in torch.
@@ -481,4 +484,37 @@ def attention_step(q: torch.Tensor, ring: torch.Tensor, positions: torch.Tensor,
         BDC = min(triton.next_power_of_2(D), max(16, 4096 // BS))
         _attention_combine_kernel[(H, triton.cdiv(D, BDC))](part, ml, sinks, out, H, splits, D=D, BS=BS, BDC=BDC,
                                                             num_warps=4)
+    return out
+
+
+@triton.jit
+def _index_scores_kernel(q_ptr, w_ptr, rows_ptr, pos_ptr, out_ptr, n, H, ratio, scale, D: tl.constexpr,
+                         BH: tl.constexpr, BN: tl.constexpr, F32_DOT: tl.constexpr):
+    r = tl.program_id(0) * BN + tl.arange(0, BN)
+    ok = r < n
+    d = tl.arange(0, D)
+    kt = tl.load(rows_ptr + r.to(tl.int64)[None, :] * D + d[:, None], mask=ok[None, :], other=0.0).to(tl.float32)
+    acc = tl.zeros((BN,), tl.float32)
+    for h0 in range(0, H, BH):
+        h = h0 + tl.arange(0, BH)
+        qh = tl.load(q_ptr + h[:, None] * D + d[None, :], mask=(h < H)[:, None], other=0.0).to(tl.float32)
+        s = tl.maximum(_dot(qh, kt, F32_DOT), 0.0) * scale  # [BH, BN]
+        acc += tl.sum(s * tl.load(w_ptr + h, mask=h < H, other=0.0).to(tl.float32)[:, None], axis=0)
+    ready = (tl.load(pos_ptr).to(tl.int32) + 1) // ratio
+    tl.store(out_ptr + r, tl.where(r < ready, acc, float("-inf")), mask=ok)
+
+
+def index_scores(q: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, ratio: int,
+                 scale: float, block_n: int = 64) -> torch.Tensor:
+    """One query's indexer scores: q [H, D] (rotated), w [H] head weights, rows [n, D] (the
+    compressed rows so far, any float dtype), positions [1] on the device -> float32 [n]."""
+    H, D = q.shape
+    n = rows.shape[0]
+    if rows.shape[1] != D or w.shape != (H,) or D & (D - 1) or D < 16 or not rows.is_contiguous():
+        raise ValueError(f"index_scores: q {tuple(q.shape)}, w {tuple(w.shape)}, rows {tuple(rows.shape)}")
+    out = torch.empty(n, dtype=torch.float32, device=q.device)
+    if n:
+        _index_scores_kernel[(triton.cdiv(n, block_n),)](q.contiguous(), w.contiguous(), rows, positions, out, n, H,
+                                                         ratio, float(scale), D=D, BH=16, BN=block_n,
+                                                         F32_DOT=not q.is_cuda, num_warps=4)
     return out
