@@ -35,5 +35,8 @@ class GatedMLP(nn.Module):
             y = None if gu is None else _cuda.swiglu_linear(gu, self.down_proj.weight)
             if y is not None:
                 return y
+            if gu is not None:  # no fused down projection: the joint GEMV's halves, not two more GEMVs
+                gate, up = gu.split(self.gate_proj.out_features, dim=-1)
+                return self.down_proj(self.act(gate) * up)
         gate, up = self.gate_up(x, xq)
         return self.down_proj(self.act(gate) * up)

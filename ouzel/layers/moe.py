@@ -123,6 +123,9 @@ class ClampedMLP(nn.Module):
             y = None if gu is None else _cuda.swiglu_linear(gu, self.down_proj.weight, self.limit)
             if y is not None:
                 return y.to(x.dtype)
+            if gu is not None:  # no fused down projection: the joint GEMV's halves, not two more GEMVs
+                gate, up = gu.split(self.gate_proj.out_features, dim=-1)
+                return self.down_proj(swiglu(gate, up, self.limit))
         gate, up = self.gate_up(x, xq)
         return self.down_proj(swiglu(gate, up, self.limit))
 
