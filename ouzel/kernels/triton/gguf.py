@@ -62,6 +62,32 @@ def _int_f32(q, bias: tl.constexpr):
 
 
 @triton.jit
+def _body_head(row_ptr, kb, G: tl.constexpr, GROUP: tl.constexpr, BODY: tl.constexpr, HEAD: tl.constexpr):
+    """Byte pointers to block kb's body and header for blocks stored as groups of G: the G bodies
+    (BODY bytes each) first, then their G headers (HEAD bytes each), GROUP bytes per group with
+    any padding. G = 1 is GGUF's own layout of a body-then-header block (Q6_K, Q2_K); the `_R8` /
+    `_R3` regroupings of quant/blocks.py are G = 8 / 3."""
+    base = row_ptr + (kb // G) * GROUP
+    return base + (kb % G) * BODY, base + G * BODY + (kb % G) * HEAD
+
+
+@triton.jit
+def _q6k_at(row_ptr, kb, TYPE: tl.constexpr):
+    """Q6_K (type 1; 208-byte body, f16 d), Q6_K_R8 (6), Q6_K_R3 (10: 10 bytes of padding)."""
+    G: tl.constexpr = 1 if TYPE == 1 else (8 if TYPE == 6 else 3)
+    GROUP: tl.constexpr = 210 if TYPE == 1 else (1680 if TYPE == 6 else 640)
+    return _body_head(row_ptr, kb, G, GROUP, 208, 2)
+
+
+@triton.jit
+def _q2k_at(row_ptr, kb, TYPE: tl.constexpr):
+    """Q2_K (type 4; 80-byte body, then d, dmin), Q2_K_R8 (8)."""
+    G: tl.constexpr = 1 if TYPE == 4 else 8
+    GROUP: tl.constexpr = 84 if TYPE == 4 else 672
+    return _body_head(row_ptr, kb, G, GROUP, 80, 4)
+
+
+@triton.jit
 def _decode(row_ptr, kb, grid_ptr, signs_ptr, TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr):
     """row_ptr: [BN, 1, 1] byte pointers to each row's blocks; kb: 256-element step index.
     Returns (q float32 [BN, S, L], scale, offset [BN, S, 1] or [BN, 1, 1]): elements
@@ -84,15 +110,7 @@ def _decode(row_ptr, kb, grid_ptr, signs_ptr, TYPE: tl.constexpr, S: tl.constexp
         offset = dmin * _int_f32(mn, 0.0)
     elif TYPE == 1 or TYPE == 6 or TYPE == 10:  # Q6_K: ql 128 B, qh 64 B, 16 int8 scales, d f16 (Q6_K_R8: d
         # after 8 bodies; Q6_K_R3: d after 3 bodies, then 10 B of padding)
-        if TYPE == 1:
-            b = row_ptr + kb * 210
-            d_at = b + 208
-        elif TYPE == 6:
-            b = row_ptr + (kb // 8) * 1680 + (kb % 8) * 208
-            d_at = row_ptr + (kb // 8) * 1680 + 1664 + (kb % 8) * 2
-        else:
-            b = row_ptr + (kb // 3) * 640 + (kb % 3) * 208
-            d_at = row_ptr + (kb // 3) * 640 + 624 + (kb % 3) * 2
+        b, d_at = _q6k_at(row_ptr, kb, TYPE)
         e = (s % 8) * 16 + l  # position within a 128-element half
         half = s // 8
         ql = tl.load(b + half * 64 + (e % 64)).to(tl.int32)
@@ -114,12 +132,7 @@ def _decode(row_ptr, kb, grid_ptr, signs_ptr, TYPE: tl.constexpr, S: tl.constexp
         offset = 0.0
     elif TYPE == 4 or TYPE == 8:  # Q2_K: 16 scale bytes (low 4 bits scale, high 4 min), 64 B of 2-bit quants,
         # d, dmin (Q2_K_R8: 8 bodies of 80 B, then the 8 d, dmin)
-        if TYPE == 4:
-            b = row_ptr + kb * 84
-            h = b + 80
-        else:
-            b = row_ptr + (kb // 8) * 672 + (kb % 8) * 80
-            h = row_ptr + (kb // 8) * 672 + 640 + (kb % 8) * 4
+        b, h = _q2k_at(row_ptr, kb, TYPE)
         sc = tl.load(b + s).to(tl.int32)  # sub-block s of 16: half s // 8, shift 2 * ((s % 8) // 2)
         q = tl.load(b + 16 + (s // 8) * 32 + (s % 2) * 16 + l).to(tl.int32)
         qf = _int_f32((q >> (2 * ((s % 8) // 2))) & 3, 0.0)
@@ -250,12 +263,7 @@ def _quads(row_ptr, kb, TYPE: tl.constexpr, grid_ptr, signs_ptr):
     float32 [BN, 256] in element order, computed as the reference does (Q2_K, Q4_K, Q6_K, IQ2_XXS)."""
     if TYPE == 4 or TYPE == 8:  # Q2_K: element h*128 + j*32 + l is bits 2j of byte 16 + h*32 + l; sub-block
         # of 16 s (Q2_K_R8: bodies of 80 B, d and dmin after 8 of them)
-        if TYPE == 4:
-            b = row_ptr + kb * 84
-            hd = b + 80
-        else:
-            b = row_ptr + (kb // 8) * 672 + (kb % 8) * 80
-            hd = row_ptr + (kb // 8) * 672 + 640 + (kb % 8) * 4
+        b, hd = _q2k_at(row_ptr, kb, TYPE)
         words = tl.load((b[:, None, None, None] + 16 + tl.arange(0, 2)[None, :, None, None] * 32
                          + tl.arange(0, 8)[None, None, None, :] * 4).to(tl.pointer_type(tl.int32)))
         q = _word_bytes((words >> (2 * tl.arange(0, 4)[None, None, :, None])) & 0x03030303)
@@ -280,15 +288,9 @@ def _quads(row_ptr, kb, TYPE: tl.constexpr, grid_ptr, signs_ptr):
     elif TYPE == 1 or TYPE == 6 or TYPE == 10:  # Q6_K: element h*128 + jh*64 + jl*32 + l2*16 + l: low 4 bits
         # are nibble jh of ql byte h*64 + jl*32 + l2*16 + l, high 2 bits are bits 2*(2jh + jl) of qh byte
         # h*32 + l2*16 + l (Q6_K_R8: bodies of 208 B, d after 8 of them; Q6_K_R3: after 3, then padding)
-        if TYPE == 1:
-            b = (row_ptr + kb * 210)[:, None, None, None, None, None]
-            d_at = b + 208
-        elif TYPE == 6:
-            b = (row_ptr + (kb // 8) * 1680 + (kb % 8) * 208)[:, None, None, None, None, None]
-            d_at = (row_ptr + (kb // 8) * 1680 + 1664 + (kb % 8) * 2)[:, None, None, None, None, None]
-        else:
-            b = (row_ptr + (kb // 3) * 640 + (kb % 3) * 208)[:, None, None, None, None, None]
-            d_at = (row_ptr + (kb // 3) * 640 + 624 + (kb % 3) * 2)[:, None, None, None, None, None]
+        b, d_at = _q6k_at(row_ptr, kb, TYPE)
+        b = b[:, None, None, None, None, None]
+        d_at = d_at[:, None, None, None, None, None]
         h = tl.arange(0, 2)[None, :, None, None, None, None]
         jh = tl.arange(0, 2)[None, None, :, None, None, None]
         jl = tl.arange(0, 2)[None, None, None, :, None, None]
