@@ -5,6 +5,7 @@
 # the tests' whole output in $OUT/tests.log
 # (only 8 files come back from a call); CSVs and the writers' logs under /tmp/logs.
 #   TESTS="tests/test_x.py ..." RUNS=3 WALK=16k bash bench/gpu_all.sh   (TESTS_K: a pytest -k expression)
+# PRE="cmd" runs cmd while the models are written (after TESTS), its output in $OUT/pre.log.
 # PROFILE=N adds bench/profile_decode.py per model (the first N kernels of a decode step in order,
 # the host's profile of a prefill) into the model's log.
 set -uo pipefail
@@ -19,6 +20,10 @@ done
 if [[ ${TESTS:-} ]]; then
   timeout ${TESTS_S:-120} python3 -m pytest -q -x -p no:cacheprovider $TESTS ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
     | tee "$OUT/tests.log" | tail -3
+fi
+if [[ ${PRE:-} ]]; then  # more work while the models are written (a microbenchmark): $OUT/pre.log
+  bash -c "$PRE" > "$OUT/pre.log" 2>&1
+  tail -${PRE_TAIL:-20} "$OUT/pre.log"
 fi
 wait
 echo "models written in $(( $(date +%s) - t0 )) s"

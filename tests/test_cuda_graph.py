@@ -29,7 +29,7 @@ def test_graph_decode_equals_eager(arch, tmp_path):
     dev = torch.device("cuda")
     graph, eager = Sequence(model, 512, dev), Sequence(model, 512, dev)
     assert graph.graph is not None, f"{arch}: decode graphs not enabled"
-    eager.graph = None
+    eager.graph = eager.chunk_graph = None
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     prompt = torch.randint(2, hf.config.vocab_size, (250,), generator=g).tolist()
     a, b = graph.prefill(prompt), eager.prefill(prompt)
@@ -41,6 +41,43 @@ def test_graph_decode_equals_eager(arch, tmp_path):
         rel = ((a - b).norm() / b.norm()).item()
         assert rel < 1e-5, f"{arch}: step {step} logits rel err {rel:.2e}"
     assert graph.graph.captures == 2  # captured once, then again after the cache grew past 256
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3_moe"])
+def test_chunk_graph_prefill(arch, tmp_path):
+    """Full prefill chunks replayed from one captured graph (ChunkGraph) against the eager chunks
+    on the same GPU and against the CPU. 1100 tokens: two chunks of 512 replayed (the cache grows
+    at the second: captured twice), the last 76 eager, then decode steps on the graph-filled cache."""
+    from ouzel.engine.generate import PREFILL_CHUNK
+    extra = dict(moe_intermediate_size=256) if arch == "qwen3_moe" else {}
+    hf = tm.build_hf_model(arch, max_position_embeddings=2048, **SIZES, **extra)
+    path = tm.write_gguf(hf, arch, tmp_path / f"{arch}.gguf", "Q8_0")
+    model = load(path, device="cuda", progress=False).model
+    dev = torch.device("cuda")
+    graph, eager = Sequence(model, 1200, dev), Sequence(model, 1200, dev)
+    assert graph.chunk_graph is not None and graph.chunk_graph.n_tokens == PREFILL_CHUNK == 512
+    eager.chunk_graph = None
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    prompt = torch.randint(2, hf.config.vocab_size, (1100,), generator=g).tolist()
+    a, b = graph.prefill(prompt), eager.prefill(prompt)
+    assert not graph.chunk_graph.failed and graph.chunk_graph.captures == 2
+    rel = ((a - b).norm() / b.norm()).item()
+    assert rel < 1e-5, f"{arch}: prefill logits rel err {rel:.2e} (graph vs eager)"
+    cpu = Sequence(load(path, device="cpu", progress=False).model, 1200, torch.device("cpu")).prefill(prompt)
+    rel = ((a.cpu() - cpu).norm() / cpu.norm()).item()
+    assert rel < 2e-2, f"{arch}: prefill logits rel err {rel:.2e} (GPU vs CPU)"
+    for step in range(4):  # decode reads the k/v the replayed chunks stored
+        tok = int(b.argmax())
+        a, b = graph.step(tok), eager.step(tok)
+        rel = ((a - b).norm() / b.norm()).item()
+        assert rel < 1e-5, f"{arch}: step {step} logits rel err {rel:.2e}"
+    # the eager last chunk grew the cache to 1200 (its full size): the next chunk captures again,
+    # later ones replay at any depth (same buffers)
+    for keep, captures in ((600, 3), (300, 3), (0, 3)):
+        ids = prompt[:keep] + prompt[keep + 7:keep + 7 + 512]  # one full chunk after `keep` cached tokens
+        a, b = graph.prefill(ids), eager.prefill(ids)
+        assert graph.reused == keep and graph.chunk_graph.captures == captures
+        assert ((a - b).norm() / b.norm()).item() < 1e-5, f"{arch}: chunk at {keep}"
 
 
 @pytest.mark.parametrize("exact", [False, True])

@@ -15,7 +15,8 @@ if not (torch.cuda.is_available() or INTERPRET):
     pytest.skip("needs CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
 
 from ouzel.kernels.triton.attention import (decode_attention, decode_attention_reference,  # noqa: E402
-                                            paged_decode_attention, paged_decode_attention_reference)
+                                            paged_decode_attention, paged_decode_attention_reference,
+                                            prefill_attention, prefill_attention_reference)
 from ouzel.kernels.triton.testing import rel_err  # noqa: E402
 
 DEV = "cpu" if INTERPRET else "cuda"
@@ -218,3 +219,79 @@ def test_paged_cuda_graph_replay_with_new_tables(gen):
         out.fill_(float("nan"))
         graph.replay()
         assert rel_err(out, paged_decode_attention_reference(q, k, v, table, lengths, bs, 0.088)) < 1e-2
+
+
+F16 = torch.float16
+PREFILL_TOL = {F16: 3e-3, BF16: 2e-2}  # q and P enter the dots rounded to the cache dtype
+
+
+def make_prefill(gen, start, T, H, Hkv, D, C, q_dtype, cache_dtype, window=None):
+    """A chunk of T queries at positions start .. start+T-1 whose k/v are already cached; every
+    cache row no query may see (past the chunk, before the first query's window) holds NaN."""
+    q = torch.randn(T, H, D, generator=gen).to(DEV, q_dtype)
+    k = torch.randn(C, Hkv, D, generator=gen)
+    v = torch.randn(C, Hkv, D, generator=gen)
+    lo = 0 if window is None else max(0, start - window + 1)
+    for t in (k, v):
+        t[:lo] = float("nan")
+        t[start + T:] = float("nan")
+    pos = torch.arange(start, start + T, device=DEV)
+    return q, k.to(DEV, cache_dtype), v.to(DEV, cache_dtype), pos
+
+
+def check_prefill(q, k, v, pos, window, tol, **kw):
+    scale = q.shape[-1] ** -0.5
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=DEV)
+    assert prefill_attention(q, k, v, pos, scale, window=window, out=out, **kw) is out
+    ref = prefill_attention_reference(q, k, v, pos, scale, window=window)
+    assert torch.isfinite(ref).all()
+    err = rel_err(out, ref)  # inf if a NaN row was read or an output row left unwritten
+    assert err < tol, f"rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("start,T", [(0, 40), (100, 37), (139, 1)])  # fresh, a chunk at depth, one row
+@pytest.mark.parametrize("window", [None, 24])
+@pytest.mark.parametrize("q_dtype,cache_dtype", [(F32, F16), (BF16, BF16)])
+def test_prefill_matches_reference(start, T, window, q_dtype, cache_dtype, gen):
+    """Causal attention of a chunk over its cached keys, the bounds read from the device; query
+    blocks of 16 rows cross the chunk's end, key tiles of 32 straddle every diagonal."""
+    q, k, v, pos = make_prefill(gen, start, T, 8, 2, 64, 160, q_dtype, cache_dtype, window)
+    check_prefill(q, k, v, pos, window, PREFILL_TOL[cache_dtype], block_m=16, block_n=32)
+
+
+def test_prefill_last_row_only_and_odd_shapes(gen):
+    """The last layer's pruned prefill: one query row (the chunk's last position) over keys the
+    chunk wrote; D = 80 (masked to 128), one kv head per query head, default tiles."""
+    q, k, v, pos = make_prefill(gen, 50, 30, 4, 4, 80, 96, F32, F16)
+    check_prefill(q[-1:], k, v, pos[-1:], None, PREFILL_TOL[F16])
+    check_prefill(q, k, v, pos.to(torch.int32), 7, PREFILL_TOL[F16])
+
+
+def test_prefill_rejects_bad_input():
+    q = torch.zeros(4, 8, 64, device=DEV)
+    k = torch.zeros(16, 2, 64, device=DEV, dtype=F16)
+    pos = torch.arange(4, device=DEV)
+    with pytest.raises(ValueError, match="float16/bfloat16"):
+        prefill_attention(q, k.float(), k.float(), pos, 1.0)
+    with pytest.raises(ValueError, match="positions"):
+        prefill_attention(q, k, k, pos[:3], 1.0)
+    with pytest.raises(ValueError, match="prefill_attention"):
+        prefill_attention(q, k[:, :1].expand(16, 3, 64), k[:, :1].expand(16, 3, 64), pos, 1.0)  # 8 on 3
+
+
+@pytest.mark.skipif(INTERPRET, reason="CUDA graphs need CUDA")
+def test_prefill_graph_replays_at_any_depth(gen):
+    """One captured chunk of 512 replays at other positions: the key range is read on the device."""
+    q, k, v, pos = make_prefill(gen, 0, 512, 32, 8, 128, 4096, F32, F16)
+    k, v = torch.nan_to_num(k), torch.nan_to_num(v)
+    out = torch.empty_like(q)
+    prefill_attention(q, k, v, pos, 0.088, out=out)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        prefill_attention(q, k, v, pos, 0.088, out=out)
+    for start in (0, 1000, 3584):
+        pos.copy_(torch.arange(start, start + 512, device=DEV))
+        out.fill_(float("nan"))
+        graph.replay()
+        assert rel_err(out, prefill_attention_reference(q, k, v, pos, 0.088)) < 3e-3

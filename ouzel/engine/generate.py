@@ -8,7 +8,7 @@ import torch
 
 from ..errors import OuzelError
 from ..kv.cache import DenseKV
-from .graphs import DecodeGraph, graphs_enabled
+from .graphs import ChunkGraph, DecodeGraph, chunk_graphs_enabled, graphs_enabled
 from .sampler import Sampler, SamplingParams
 
 PREFILL_CHUNK = 512
@@ -24,6 +24,9 @@ class Sequence:
         self.kv = (model.new_kv(max_tokens, device) if hasattr(model, "new_kv")
                    else DenseKV(len(model.model.layers), max_tokens, device))
         self.graph = DecodeGraph(model, self.kv, device) if graphs_enabled(model, self.kv, device) else None
+        # full prefill chunks replay one captured graph (the last, shorter one runs eagerly)
+        self.chunk_graph = (ChunkGraph(model, self.kv, device, PREFILL_CHUNK)
+                            if chunk_graphs_enabled(model, self.kv, device) else None)
 
     def reset(self) -> None:
         self.tokens = []
@@ -32,6 +35,12 @@ class Sequence:
     def _forward(self, ids: list[int], last_only: bool = False) -> torch.Tensor:
         """Run ids through the model; with last_only, only the last row of hidden is computed."""
         start = self.kv.length
+        g = self.chunk_graph
+        if last_only and g is not None and not g.failed and len(ids) == g.n_tokens:
+            hidden = g(ids, start)
+            self.kv.commit(len(ids))
+            self.tokens.extend(ids)
+            return hidden
         t = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.arange(start, start + len(ids), device=self.device)
         if last_only and getattr(self.model, "prunes_outputs", False):

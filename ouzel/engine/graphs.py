@@ -1,4 +1,4 @@
-"""CUDA-graph replay of a single sequence's decode step.
+"""CUDA-graph replay of a single sequence's decode step and prefill chunks.
 
 A decode step launches a few hundred small kernels (per layer: norms, q/k/v/o and MLP GEMVs,
 rope, attention); launched one by one from Python their host cost is several times the GPU
@@ -9,8 +9,12 @@ so the captured step stays valid until the cache reallocates (`DenseKV.generatio
 captured again. Any state with that `generation` and a `reserve(end)` that grows it before a
 replay qualifies (DeepSeek V4's `CompressedKV`, whose one-token step has fixed shapes too).
 
+`ChunkGraph` does the same for a prefill chunk of a fixed size (the cache's chunk attention reads
+the positions on the device too), so a long prompt's chunks replay one graph at every depth.
+
 Used only for models that declare `graph_safe` (no host reads inside their forward) and only
-on CUDA; OUZEL_NO_CUDA_GRAPH=1 switches it off (the eager step is the reference).
+on CUDA; OUZEL_NO_CUDA_GRAPH=1 switches both off, OUZEL_NO_CHUNK_GRAPH=1 the chunks' only (the
+eager forward is the reference).
 """
 from __future__ import annotations
 
@@ -33,44 +37,82 @@ def graphs_enabled(model, kv, device: torch.device) -> bool:
             and not os.environ.get("OUZEL_NO_CUDA_GRAPH"))
 
 
-class DecodeGraph:
-    def __init__(self, model, kv, device: torch.device):
-        self.model, self.kv, self.device = model, kv, device
-        self.ids = torch.zeros(1, dtype=torch.long, device=device)
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+class _Captured:
+    """One forward of a fixed number of tokens, captured once and replayed: ids and positions go in
+    through static device tensors; `_run` is the captured work, its output tensor is reused."""
+
+    def __init__(self, model, kv, device: torch.device, n_tokens: int):
+        self.model, self.kv, self.device, self.n_tokens = model, kv, device, n_tokens
+        self.ids = torch.zeros(n_tokens, dtype=torch.long, device=device)
+        self.pos = torch.zeros(n_tokens, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
+        self.out: torch.Tensor | None = None
         self.generation = -1
         self.captures = 0
         self.failed = False
 
-    def _step(self) -> torch.Tensor:
-        return self.model.logits(self.model(self.ids, self.pos, self.kv))
+    def _run(self) -> torch.Tensor:
+        raise NotImplementedError
 
     def _capture(self) -> None:
-        self.graph = self.logits = None
+        self.graph = self.out = None
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            self._step()  # eager warm-up: compiles and tunes kernels, none of which may run in capture
+            self._run()  # eager warm-up: compiles and tunes kernels, none of which may run in capture
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.logits = self._step()
+            self.out = self._run()
         self.graph, self.generation = graph, self.kv.generation
         self.captures += 1
 
-    def __call__(self, token: int, position: int) -> torch.Tensor:
-        """Logits [1, V] after `token` at `position` (its k/v are written at that position)."""
-        self.kv.reserve(position + 1)
-        self.ids.fill_(token)
-        self.pos.fill_(position)
+    def _replay(self, start: int) -> torch.Tensor:
+        """With ids/pos filled for positions start .. start + n_tokens - 1."""
+        self.kv.reserve(start + self.n_tokens)
         if self.graph is None or self.generation != self.kv.generation:
             try:
-                self._capture()  # the replay below recomputes the warm-up's step: same values
-            except Exception as e:  # a host read inside the step: run it eagerly from now on
-                log.warning("decode step not capturable (%s); running it eagerly", e)
+                self._capture()  # the replay below recomputes the warm-up's work: same values
+            except Exception as e:  # a host read inside the forward: run it eagerly from now on
+                log.warning("%s not capturable (%s); running it eagerly", type(self).__name__, e)
                 self.failed = True
-                return self._step()
+                return self._run()
         self.graph.replay()
-        return self.logits
+        return self.out
+
+
+class DecodeGraph(_Captured):
+    """The decode step: embedding, layers, final norm and logits of one token."""
+
+    def __init__(self, model, kv, device: torch.device):
+        super().__init__(model, kv, device, 1)
+
+    def _run(self) -> torch.Tensor:
+        return self.model.logits(self.model(self.ids, self.pos, self.kv))
+
+    def __call__(self, token: int, position: int) -> torch.Tensor:
+        """Logits [1, V] after `token` at `position` (its k/v are written at that position)."""
+        self.ids.fill_(token)
+        self.pos.fill_(position)
+        return self._replay(position)
+
+
+class ChunkGraph(_Captured):
+    """A prefill chunk of exactly n_tokens: the layers (their k/v stored at the chunk's positions)
+    and the last row's final hidden state. An eager 512-token chunk launches ~600 kernels from
+    Python, 2-3x its GPU time on the H100 hosts; replayed, the GPU sets the pace. Needs a state
+    whose chunk attention reads positions on the device only (`DenseKV.chunk_graphs`)."""
+
+    def _run(self) -> torch.Tensor:
+        return self.model(self.ids, self.pos, self.kv, last_only=True)[-1:]
+
+    def __call__(self, ids: list[int], start: int) -> torch.Tensor:
+        """Hidden [1, D] after the chunk ids at positions start .. start + n_tokens - 1."""
+        self.ids.copy_(torch.tensor(ids, dtype=torch.long))
+        torch.arange(start, start + self.n_tokens, out=self.pos)
+        return self._replay(start)
+
+
+def chunk_graphs_enabled(model, kv, device: torch.device) -> bool:
+    return (graphs_enabled(model, kv, device) and getattr(kv, "chunk_graphs", False)
+            and getattr(model, "prunes_outputs", False) and not os.environ.get("OUZEL_NO_CHUNK_GRAPH"))

@@ -274,6 +274,18 @@ def decode_attention(q, k_cache, v_cache, lengths, window, scale, new_kv=None):
     return a.decode_attention(q, k_cache, v_cache, lengths, scale, window=window, new_kv=new_kv)
 
 
+def prefill_attention_supports(q: torch.Tensor, cache_dtype: torch.dtype) -> bool:
+    """Whether `prefill_attention` runs for these queries on a cache of this dtype."""
+    return (_attention() is not None and q.is_cuda and q.dtype in _DTYPES and q.shape[-1] <= 256
+            and cache_dtype in (torch.float16, torch.bfloat16))
+
+
+def prefill_attention(q, k_cache, v_cache, positions, window, scale) -> torch.Tensor:
+    """A prefill chunk's causal attention over its cached keys, the key ranges read from `positions`
+    on the device (`attention.prefill_attention`); check `prefill_attention_supports` first."""
+    return _attention().prefill_attention(q, k_cache, v_cache, positions, scale, window=window)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False,
              residual: torch.Tensor | None = None, q8: bool = False):
     """`fused.rms_norm` (one launch), or None where it can't run (the caller runs the reference).

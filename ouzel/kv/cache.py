@@ -44,7 +44,11 @@ class DenseKV:
     A single-token step writes its k/v at `positions` and attends with the visible length read
     from `positions` on the device, so the step has no host-side shape that depends on the length:
     it can be captured once in a CUDA graph and replayed while the buffers stay the same
-    (`generation` counts reallocations)."""
+    (`generation` counts reallocations). On CUDA a prefill chunk does the same (the Triton causal
+    kernel reads its key range from the positions): `chunk_graphs` says a captured chunk of one
+    size replays at any depth."""
+
+    chunk_graphs = True
 
     def __init__(self, n_layers: int, max_tokens: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype | None = None):
@@ -54,6 +58,7 @@ class DenseKV:
         self.generation = 0
         self._k: list[torch.Tensor | None] = [None] * n_layers
         self._v: list[torch.Tensor | None] = [None] * n_layers
+        self._offsets: dict[int, torch.Tensor] = {}  # chunk size -> [1 - T .. 0] on the device
 
     def _reserve(self, layer: int, k_shape, v_shape, end: int) -> None:
         cur = self._k[layer]
@@ -100,8 +105,36 @@ class DenseKV:
                 kc.index_copy_(0, positions, k.to(self.dtype))
                 vc.index_copy_(0, positions, v.to(self.dtype))
             return decode_attention(q, kc, vc, positions + 1, window, scale)
+        if self.device.type == "cuda":
+            out = self._chunk_attention(layer, q, k, v, positions, window, scale)
+            if out is not None:
+                return out
+            if torch.cuda.is_current_stream_capturing():  # the slices below would bake in today's length
+                raise RuntimeError("DenseKV: this prefill chunk's attention needs host-side lengths")
         k_all, v_all = self.update(layer, k, v)
         return attend(q, k_all, v_all, positions, window, scale)
+
+    def _chunk_attention(self, layer, q, k, v, positions, window, scale):
+        """A prefill chunk on CUDA with the positions read on the device only (so a captured chunk
+        replays at any depth): k/v stored at the chunk's positions, then the Triton causal kernel.
+        The chunk's keys end where its queries do (q may be only its last rows). None where the
+        kernel can't run (nothing is written then)."""
+        from ..kernels import cuda  # noqa: PLC0415
+        end = self.length + k.shape[0]
+        if end > self.max_tokens:
+            raise ValueError(f"KV cache holds {self.max_tokens} tokens; {end} needed")
+        if not cuda.prefill_attention_supports(q, self.dtype):
+            return None
+        self._reserve(layer, k.shape[1:], v.shape[1:], end)
+        kc, vc = self._k[layer], self._v[layer]
+        back = self._offsets.get(k.shape[0])
+        if back is None:
+            back = self._offsets[k.shape[0]] = torch.arange(1 - k.shape[0], 1, device=self.device)
+        k_pos = positions[-1:] + back
+        if not cuda.kv_write(k, v, k_pos, kc, vc):
+            kc.index_copy_(0, k_pos, k.to(self.dtype))
+            vc.index_copy_(0, k_pos, v.to(self.dtype))
+        return cuda.prefill_attention(q, kc, vc, positions, window, scale)
 
     def commit(self, n: int) -> None:
         self.length += n

@@ -339,6 +339,135 @@ def _launch(q, k4, v4, batch_strides, C, lengths, table, page, scale, window, ou
     return out
 
 
+@triton.jit
+def _prefill_tile(q, p, qk_scale, k_head, v_head, s_kc, s_vc, key0, hi, window, m_i, l_i, acc,
+                  D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, F32_DOT: tl.constexpr):
+    """One online-softmax step of a query block (rows at positions p) over keys key0 .. key0+BN-1
+    (those < hi); row t takes the keys in (p[t] - window, p[t]]."""
+    keys = key0 + tl.arange(0, BN)
+    key_ok = keys < hi
+    d = tl.arange(0, DP)
+    kd = key_ok[:, None] & (d < D)[None, :]
+    v = tl.load(v_head + keys[:, None].to(tl.int64) * s_vc + d[None, :], mask=kd, other=0.0)
+    kt = tl.load(k_head + keys[None, :].to(tl.int64) * s_kc + d[:, None], mask=tl.trans(kd), other=0.0)
+    if F32_DOT:  # the interpreter's 16-bit dot is wrong: same rounded operands, fp32 product
+        s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+    else:
+        s = tl.dot(q, kt)
+    s = s * qk_scale  # [BM, BN], log2 units
+    seen = (keys[None, :] <= p[:, None]) & (keys[None, :] > p[:, None] - window) & key_ok[None, :]
+    s = tl.where(seen, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet changes nothing
+    alpha = tl.exp2(m_i - m_ref)
+    pr = tl.exp2(s - m_ref[:, None])
+    if F32_DOT:
+        pv = tl.dot(pr.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(pr.to(v.dtype), v)
+    return m_new, l_i * alpha + tl.sum(pr, axis=1), acc * alpha[:, None] + pv
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, qk_scale, window, T, G,
+                    s_qt, s_qh, s_kc, s_kh, s_vc, s_vh, s_ot, s_oh,
+                    D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    F32_DOT: tl.constexpr, MAX_ITERS: tl.constexpr):
+    """Program (query block, head h): BM query rows of head h, row t at position pos[t], over the
+    keys of kv head h // G it may see: (pos[t] - window, pos[t]]. The key range of the block,
+    [min pos - window + 1, max pos], is read from the device (no host length); keys past it are
+    never loaded. q and P enter the dots in the cache dtype (flash attention's rounding); the
+    scores, the online softmax (exp2) and the accumulator are fp32."""
+    mb = tl.program_id(0)
+    h = tl.program_id(1)
+    hkv = h // G
+    rows = mb * BM + tl.arange(0, BM)
+    row_ok = rows < T
+    p = tl.load(pos_ptr + rows, mask=row_ok, other=-1).to(tl.int32)
+    hi = tl.max(p, axis=0) + 1  # one past the last key any row of the block sees
+    lo = tl.maximum(tl.min(tl.where(row_ok, p, hi), axis=0) - window + 1, 0)
+    d = tl.arange(0, DP)
+    q = tl.load(q_ptr + rows[:, None].to(tl.int64) * s_qt + h * s_qh + d[None, :],
+                mask=row_ok[:, None] & (d < D)[None, :], other=0.0).to(k_ptr.dtype.element_ty)
+    k_head = k_ptr + hkv * s_kh
+    v_head = v_ptr + hkv * s_vh
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, DP], dtype=tl.float32)
+    if MAX_ITERS == 0:  # GPU: the trip count comes from the device-side positions
+        for i in range(0, tl.cdiv(tl.maximum(hi - lo, 0), BN)):
+            m_i, l_i, acc = _prefill_tile(q, p, qk_scale, k_head, v_head, s_kc, s_vc, lo + i * BN, hi, window,
+                                          m_i, l_i, acc, D, DP, BN, F32_DOT)
+    else:  # the interpreter cannot loop to a runtime bound: loop over the capacity, idle tiles masked
+        for i in range(0, MAX_ITERS):
+            m_i, l_i, acc = _prefill_tile(q, p, qk_scale, k_head, v_head, s_kc, s_vc, lo + i * BN, hi, window,
+                                          m_i, l_i, acc, D, DP, BN, F32_DOT)
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(o_ptr + rows[:, None].to(tl.int64) * s_ot + h * s_oh + d[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (d < D)[None, :])
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                      scale: float, window: int | None = None, out: torch.Tensor | None = None,
+                      block_m: int | None = None, block_n: int | None = None, *, num_warps: int = 4,
+                      num_stages: int = 3) -> torch.Tensor:
+    """out [T, H, D]: query t (at positions[t]) over the cached keys (positions[t] - window,
+    positions[t]] -- causal attention of a prefill chunk whose k/v are already in the caches.
+
+    q [T, H, D]; k_cache/v_cache [C, Hkv, D] in a 16-bit dtype, last dim contiguous, H = G * Hkv;
+    positions [T] int32/int64 on the device, read only by the kernel: the launch depends on shapes
+    alone, so a CUDA graph captured for one chunk replays at any depth. Keys past a block's last
+    position are never read. Reference: `prefill_attention_reference`."""
+    name = "prefill_attention"
+    T, H, D = q.shape
+    if k_cache.dim() != 3:
+        raise ValueError(f"{name}: cache {tuple(k_cache.shape)} is not [C, Hkv, D]")
+    _check_kv(q, k_cache[None], v_cache[None], name)
+    if k_cache.dtype not in (torch.float16, torch.bfloat16) or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"{name}: caches must be float16/bfloat16, got {k_cache.dtype}, {v_cache.dtype}")
+    if positions.shape != (T,) or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: positions must be int32/int64 [T={T}], got {positions.dtype} "
+                         f"{tuple(positions.shape)}")
+    if window is not None and window < 1:
+        raise ValueError(f"{name}: window must be >= 1, got {window}")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if out is None:
+        out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    elif out.shape != (T, H, D) or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"{name}: out must be [T, H, D] {q.dtype} with a contiguous last dim")
+    C, Hkv = k_cache.shape[:2]
+    DP = max(16, triton.next_power_of_2(D))
+    block_m = block_m or (64 if DP <= 128 else 32)
+    block_n = block_n or (64 if DP <= 128 else 32)
+    interp = q.device.type != "cuda"
+    win = C + 1 if window is None else min(window, C + 1)  # int32-safe "all keys"
+    # the interpreter can't loop to a device-side bound: every block loops over the capacity's tiles
+    max_iters = triton.cdiv(C, block_n) if interp else 0
+    _prefill_kernel[(triton.cdiv(T, block_m), H)](
+        q, k_cache, v_cache, positions, out, float(scale) * _LOG2E, win, T, H // Hkv,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        out.stride(0), out.stride(1), D=D, DP=DP, BM=block_m, BN=block_n, F32_DOT=interp, MAX_ITERS=max_iters,
+        num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                positions: torch.Tensor, scale: float, window: int | None = None) -> torch.Tensor:
+    """The oracle: per query row, its visible keys sliced on the host, fp32 scores and softmax."""
+    T, H, D = q.shape
+    G = H // k_cache.shape[1]
+    out = torch.zeros((T, H, D), dtype=torch.float32, device=q.device)
+    for t in range(T):
+        p = int(positions[t])
+        lo = 0 if window is None else max(0, p - window + 1)
+        kb = k_cache[lo:p + 1].float().repeat_interleave(G, dim=1)  # [S, H, D]
+        vb = v_cache[lo:p + 1].float().repeat_interleave(G, dim=1)
+        s = torch.einsum("hd,shd->hs", q[t].float(), kb) * scale
+        out[t] = torch.einsum("hs,shd->hd", torch.softmax(s, dim=-1), vb)
+    return out.to(q.dtype)
+
+
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                lengths: torch.Tensor, scale: float, window: int | None = None) -> torch.Tensor:
     """The oracle: per sequence, slice the visible keys, fp32 scores and softmax, q's dtype out."""
