@@ -74,7 +74,9 @@ def test_chunk_graph_prefill(arch, tmp_path):
     # the eager last chunk grew the cache to 1200 (its full size): the next chunk captures again,
     # later ones replay at any depth (same buffers)
     for keep, captures in ((600, 3), (300, 3), (0, 3)):
-        ids = prompt[:keep] + prompt[keep + 7:keep + 7 + 512]  # one full chunk after `keep` cached tokens
+        fresh = torch.randint(2, hf.config.vocab_size, (512,), generator=g).tolist()
+        fresh[0] = prompt[keep] ^ 1  # differs from the cached token there
+        ids = prompt[:keep] + fresh  # one full chunk after `keep` cached tokens
         a, b = graph.prefill(ids), eager.prefill(ids)
         assert graph.reused == keep and graph.chunk_graph.captures == captures
         assert ((a - b).norm() / b.norm()).item() < 1e-5, f"{arch}: chunk at {keep}"
