@@ -281,8 +281,9 @@ def test_prefill_rejects_bad_input():
 
 @pytest.mark.skipif(INTERPRET, reason="CUDA graphs need CUDA")
 def test_prefill_graph_replays_at_any_depth(gen):
-    """One captured chunk of 512 replays at other positions: the key range is read on the device."""
-    q, k, v, pos = make_prefill(gen, 0, 512, 32, 8, 128, 4096, F32, F16)
+    """One captured chunk of 512 replays at other positions: the key range is read on the device
+    (a cache of 8192: the tiles for depth)."""
+    q, k, v, pos = make_prefill(gen, 0, 512, 32, 8, 128, 8192, F32, F16)
     k, v = torch.nan_to_num(k), torch.nan_to_num(v)
     out = torch.empty_like(q)
     prefill_attention(q, k, v, pos, 0.088, out=out)  # compile outside the capture
@@ -290,7 +291,7 @@ def test_prefill_graph_replays_at_any_depth(gen):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         prefill_attention(q, k, v, pos, 0.088, out=out)
-    for start in (0, 1000, 3584):
+    for start in (0, 1000, 7680):
         pos.copy_(torch.arange(start, start + 512, device=DEV))
         out.fill_(float("nan"))
         graph.replay()

@@ -409,7 +409,7 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, qk_scale, window, T, G,
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
                       scale: float, window: int | None = None, out: torch.Tensor | None = None,
-                      block_m: int | None = None, block_n: int | None = None, *, num_warps: int = 4,
+                      block_m: int | None = None, block_n: int | None = None, *, num_warps: int | None = None,
                       num_stages: int = 3) -> torch.Tensor:
     """out [T, H, D]: query t (at positions[t]) over the cached keys (positions[t] - window,
     positions[t]] -- causal attention of a prefill chunk whose k/v are already in the caches.
@@ -438,8 +438,14 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         raise ValueError(f"{name}: out must be [T, H, D] {q.dtype} with a contiguous last dim")
     C, Hkv = k_cache.shape[:2]
     DP = max(16, triton.next_power_of_2(D))
-    block_m = block_m or (64 if DP <= 128 else 32)
-    block_n = block_n or (64 if DP <= 128 else 32)
+    # tiles by the capacity (the depth is only known on the device; a cache doubles as it fills):
+    # the H100 sweep's best for D = 128 (bench/bench_prefill_attention.py): 64 x 32 keys on 4 warps
+    # for a fresh chunk (28 vs 53 us at 64 x 64), 128 x 64 on 8 warps at depth 4k-16k
+    deep = C > 4096
+    if num_warps is None:
+        num_warps = 8 if deep and DP <= 128 else 4
+    block_m = block_m or (32 if DP > 128 else 128 if deep else 64)
+    block_n = block_n or (32 if DP > 128 or not deep else 64)
     interp = q.device.type != "cuda"
     win = C + 1 if window is None else min(window, C + 1)  # int32-safe "all keys"
     # the interpreter can't loop to a device-side bound: every block loops over the capacity's tiles
