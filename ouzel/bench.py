@@ -171,8 +171,8 @@ class Bench:
     def warmup(self, tokens: list[int]) -> None:
         """A full prefill chunk plus a partial one and a few steps first: kernel compilation, the
         first call of each matmul shape (library heuristics) and first-touch page faults belong to
-        no frontier. The KV cache is then sized for the whole run, so no decode step is re-captured
-        (CUDA graphs) inside a timed region."""
+        no frontier. The KV cache is then sized for the whole run, so no decode step or prefill
+        chunk is re-captured (CUDA graphs) inside a timed region."""
         from .engine.generate import PREFILL_CHUNK
         self.seq.reset()
         logits = self.seq.prefill(tokens[:min(PREFILL_CHUNK + 32, len(tokens), self.seq.max_tokens - 8)])
@@ -181,6 +181,9 @@ class Bench:
         for _ in range(min(4, self.tg)):
             logits = self.seq.step(int(logits.argmax().item()))
         self.seq.reset()
+        if len(tokens) >= PREFILL_CHUNK and self.seq.max_tokens >= PREFILL_CHUNK:
+            self.seq.prefill(tokens[:PREFILL_CHUNK])  # a full chunk's graph, captured on the sized cache
+            self.seq.reset()
 
     def frontiers(self, tokens: list[int], frontiers: list[int], on_row=None) -> list[Row]:
         rows = []

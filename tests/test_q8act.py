@@ -16,6 +16,7 @@ if not (torch.cuda.is_available() or INTERPRET):
     pytest.skip("needs CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
 
 from ouzel.kernels.triton import q8act as Q8  # noqa: E402
+from ouzel.kernels.triton.gguf import split_counters  # noqa: E402
 from ouzel.kernels.triton.testing import random_blocks, reference_linear, rel_err  # noqa: E402
 from ouzel.quant import blocks  # noqa: E402
 
@@ -90,3 +91,28 @@ def test_cuda_expert_dispatch(name, k, gen, monkeypatch):
     ref = torch.stack([reference_linear(xd[p][None], w.raw[idx[p] * n:(idx[p] + 1) * n], name)[0]
                        for p in range(T * K)])
     assert rel_err(cuda.swiglu_experts(h, w, E, idx, 7.0), ref) < 1e-5
+
+
+ONE_ROW_BASE = {"Q4_K": None, "Q6_K_R8": blocks.repack_q6_k_r8, "Q6_K_R3": blocks.repack_q6_k_r3,
+                "Q8_0_R8": blocks.repack_q8_0_r8, **R8}
+
+
+@pytest.mark.parametrize("name", ONE_ROW_BASE)
+@pytest.mark.parametrize("moe", [False, True])
+def test_one_row_split_k_finishes_in_kernel(name, moe, gen):
+    """A K split of the one-row kernels is summed by the last split of each row tile (no second
+    launch): the same values as without a split, the same bits on every call whatever order the
+    splits finish in, and every counter back at zero."""
+    k = 3072 if name == "Q6_K_R3" else 2048  # 4 R3 groups, 8 blocks elsewhere: a split of 4
+    E, n = (2, 9) if moe else (1, 9)  # a partial second tile of 8 rows
+    base = random_blocks(name.removesuffix("_R8").removesuffix("_R3"), E * n, k, gen)
+    raw = (ONE_ROW_BASE[name] or (lambda r: r))(base).to(DEV)
+    idx = torch.tensor([1, 0, 1], device=DEV) if moe else None
+    x = torch.randn(len(idx) if moe else 1, k, generator=gen).to(DEV)
+    kw = dict(idx=idx, x_div=1) if moe else {}
+    one = dict(m1=True) if name == "Q4_K" else {}
+    whole = Q8.qgemv_q8(x, raw, name, (n, k), bn=8, u=1, split=1, **one, **kw)
+    outs = [Q8.qgemv_q8(x, raw, name, (n, k), bn=8, u=1, split=4, **one, **kw) for _ in range(2)]
+    assert rel_err(outs[0], whole) < 1e-6, rel_err(outs[0], whole)
+    assert torch.equal(outs[1], outs[0])
+    assert int(split_counters(x.device, 1).abs().sum()) == 0

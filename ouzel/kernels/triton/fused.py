@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .gguf import split_counters
 from .q8act import QBLOCK, _round_store
 
 MAX_D = 16384  # one row must fit one program's registers
@@ -282,16 +283,6 @@ def _dense_gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, N, K, s_w, k_pe
             tl.store(cnt_ptr + i, 0)
 
 
-_COUNTERS: dict = {}  # device -> int32 counters of the split dense GEMV (each left at zero)
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    c = _COUNTERS.get(device)
-    if c is None or c.numel() < n:
-        c = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return c
-
-
 def dense_gemv(x: torch.Tensor, w: torch.Tensor, splits: int | None = None) -> torch.Tensor:
     """x [1, K] @ w.T for a dense w [N, K] of any float dtype (fp32 math, out in x's dtype), in one
     launch: cuBLAS took two for an fp32 router, and a 16-bit weight under fp32 x first needed a
@@ -309,7 +300,7 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, splits: int | None = None) -> t
     k_per = triton.cdiv(triton.cdiv(K, splits), bk) * bk
     splits = triton.cdiv(K, k_per)
     part = torch.empty((splits, N), dtype=torch.float32, device=x.device) if splits > 1 else out
-    cnt = _counters(x.device, blocks) if splits > 1 else out
+    cnt = split_counters(x.device, blocks) if splits > 1 else out
     _dense_gemv_kernel[(blocks, splits)](x, w, out, part, cnt, N, K, w.stride(0), k_per, splits, BN=bn, BK=bk,
                                          num_warps=4)
     return out

@@ -499,6 +499,22 @@ def plan_gemv(what: str, x: torch.Tensor, n: int, n_steps: int, rows_out: int, t
     return u, split, out, dst
 
 
+_COUNTERS: dict = {}  # device -> int32 counters of the kernels that finish a K split themselves
+_RETIRED: list = []  # outgrown counters: a captured graph may still hold their address
+
+
+def split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least n int32 counters on device, all zero between launches: a kernel that splits K
+    counts its row tile's finished splits in one, and the last split to finish sums the partials
+    and sets it back to zero (so the next launch or graph replay finds it armed)."""
+    c = _COUNTERS.get(device)
+    if c is None or c.numel() < n:
+        if c is not None:
+            _RETIRED.append(c)
+        c = _COUNTERS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+    return c
+
+
 def finish_gemv(dst: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Sum the split-K partials into out (nothing to do without a split)."""
     if dst is not out:
