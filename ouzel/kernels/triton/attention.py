@@ -10,10 +10,8 @@ The call is CUDA-graph capturable with `lengths` changing between replays: the h
   any length; a chunk past the end does nothing and writes a neutral partial (lse = -inf, o = 0).
   It loads each [BN, D] tile of K and V once for all G query heads that share the kv head
   (GQA), with an online softmax in fp32 (exp2; scores scaled by scale * log2(e) after the dot).
-- The last split of a program row to finish (a counter per row, `gguf.split_counters`) merges
-  the SPLITS partials (o normalized, lse in log2 units) into the output in split order: no second
-  launch (a combine kernel took 1.7 us per layer beside the 6 us split kernel, H100 profile).
-  With splits == 1 the kernel writes the output itself.
+- `_combine_kernel`, program (b, h): merges the SPLITS partials (o normalized, lse in log2 units).
+  With splits == 1 the first kernel writes the output itself.
 
 Scores and P @ V use `tl.dot`: the G heads are padded to 16 rows (mma needs M >= 16; the padding
 rows are zeros and never stored). q and P go in at the cache dtype, as flash attention does; the
@@ -41,8 +39,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-
-from .gguf import split_counters
 
 MAX_SPLITS = 64
 _LOG2E = math.log2(math.e)
@@ -106,8 +102,7 @@ def _new_key(q, qk_scale, nk, nv, k_row, v_row, d, m_i, l_i, acc, write, D: tl.c
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, tbl_ptr, o_ptr, part_ptr, lse_ptr, cnt_ptr, nk_ptr, nv_ptr, qk_scale,
-                  window, C, G,
+def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, tbl_ptr, o_ptr, lse_ptr, nk_ptr, nv_ptr, qk_scale, window, C, G,
                   Hkv, s_qb, s_qh, s_kb, s_kc, s_kh, s_vb, s_vc, s_vh, s_tb, s_ob, s_oh, s_nkb, s_nkh, s_nvb, s_nvh,
                   D: tl.constexpr, DP: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
                   PAGE: tl.constexpr, SPLITS: tl.constexpr, ONE_PASS: tl.constexpr,
@@ -115,9 +110,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, tbl_ptr, o_ptr, part_ptr, lse_pt
     """q [B, H, D]; BG heads of one kv head per program. PAGE == 0: k/v rows at b*s_kb + key*s_kc
     + hkv*s_kh. PAGE > 0 (a paged pool, s_kb = 0): the row of a key comes from the block table
     tbl_ptr + b*s_tb (see `_tile`); C is then the table's capacity in keys.
-    o_ptr: the output [B, H, D]. Without ONE_PASS each split stores its partial in part_ptr
-    [B*H, SPLITS, D] fp32 and lse [B*H, SPLITS]; the last split of the program row to finish (a
-    counter per row in cnt_ptr) merges them into the output in split order and re-arms the counter.
+    ONE_PASS: o_ptr is the output [B, H, D]; else o_ptr [B*H, SPLITS, D] fp32 and lse [B*H, SPLITS].
     NEW_KV (PAGE == 0): len_ptr holds positions, length = position + 1, and the key at the position
     is the new token's, read from nk/nv [B, Hkv, D]; the split holding it uses it from there and
     its first head block stores it into the caches (no other program reads that row)."""
@@ -167,38 +160,32 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, tbl_ptr, o_ptr, part_ptr, lse_pt
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]  # an empty range gives o = 0
-    out_at = o_ptr + b * s_ob + heads[:, None] * s_oh + d[None, :]
     if ONE_PASS:
-        tl.store(out_at, o.to(o_ptr.dtype.element_ty), mask=gd_mask)
+        tl.store(o_ptr + b * s_ob + heads[:, None] * s_oh + d[None, :], o.to(o_ptr.dtype.element_ty), mask=gd_mask)
     else:
         row = b * (Hkv * G) + heads  # b * H + h
-        tl.store(part_ptr + (row[:, None] * SPLITS + split) * D + d[None, :], o, mask=gd_mask)
+        tl.store(o_ptr + (row[:, None] * SPLITS + split) * D + d[None, :], o, mask=gd_mask)
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(lse_ptr + row * SPLITS + split, lse, mask=g < G)
-        tl.debug_barrier()  # every thread's partials stored before the release below
-        if tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
-            _merge(part_ptr, lse_ptr, row, g < G, d, gd_mask, out_at, D, SPLITS)
-            tl.store(cnt_ptr + pid, 0)
 
 
 @triton.jit
-def _merge(part_ptr, lse_ptr, row, row_ok, d, gd_mask, out_at, D: tl.constexpr, SPLITS: tl.constexpr):
-    """out = sum_s w_s o_s / sum_s w_s over the rows' split partials, w_s = 2**(lse_s - max lse);
-    0 where every split was empty. Read past L1: other programs wrote them."""
-    m = tl.full(row.shape, float("-inf"), dtype=tl.float32)
-    for s in range(0, SPLITS):
-        m = tl.maximum(m, tl.load(lse_ptr + row * SPLITS + s, mask=row_ok, other=float("-inf"), cache_modifier=".cg"))
-    m_ref = tl.where(m == float("-inf"), 0.0, m)
-    acc = tl.zeros(out_at.shape, dtype=tl.float32)
-    tot = tl.zeros(row.shape, dtype=tl.float32)
-    for s in range(0, SPLITS):
-        w = tl.exp2(tl.load(lse_ptr + row * SPLITS + s, mask=row_ok, other=float("-inf"), cache_modifier=".cg") - m_ref)
-        o = tl.load(part_ptr + (row[:, None] * SPLITS + s) * D + d[None, :], mask=gd_mask, other=0.0,
-                    cache_modifier=".cg")
-        acc += w[:, None] * o
-        tot += w
-    out = acc / tl.where(tot > 0, tot, 1.0)[:, None]
-    tl.store(out_at, out.to(out_at.dtype.element_ty), mask=gd_mask)
+def _combine_kernel(o_part_ptr, lse_ptr, out_ptr, H, s_ob, s_oh,
+                    D: tl.constexpr, DP: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr):
+    """out[b, h] = sum_s w_s o_s / sum_s w_s, w_s = 2**(lse_s - max lse); 0 if every split is empty."""
+    row = tl.program_id(0)
+    s = tl.arange(0, SP)
+    d = tl.arange(0, DP)
+    lse = tl.load(lse_ptr + row * SPLITS + s, mask=s < SPLITS, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    mask = (s < SPLITS)[:, None] & (d < D)[None, :]
+    o = tl.load(o_part_ptr + (row * SPLITS + s)[:, None] * D + d[None, :], mask=mask, other=0.0)
+    tot = tl.sum(w, axis=0)
+    out = tl.sum(w[:, None] * o, axis=0) / tl.where(tot > 0, tot, 1.0)
+    b = row // H
+    h = row % H
+    tl.store(out_ptr + b * s_ob + h * s_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -341,14 +328,15 @@ def _launch(q, k4, v4, batch_strides, C, lengths, table, page, scale, window, ou
     strides = (q.stride(0), q.stride(1), s_kb, k4.stride(1), k4.stride(2), s_vb, v4.stride(1), v4.stride(2), s_tb)
     new_strides = (nk.stride(0), nk.stride(1), nv.stride(0), nv.stride(1))
     if splits == 1:
-        _split_kernel[(progs, 1)](q, k4, v4, lengths, tbl, out, out, out, out, *new, qk_scale, win, C, G, Hkv,
-                                  *strides, out.stride(0), out.stride(1), *new_strides, ONE_PASS=True, **meta)
+        _split_kernel[(progs, 1)](q, k4, v4, lengths, tbl, out, out, *new, qk_scale, win, C, G, Hkv, *strides,
+                                  out.stride(0), out.stride(1), *new_strides, ONE_PASS=True, **meta)
         return out
     o_part = torch.empty((B * H, splits, D), dtype=torch.float32, device=q.device)
     lse = torch.empty((B * H, splits), dtype=torch.float32, device=q.device)
-    cnt = split_counters(q.device, progs)
-    _split_kernel[(progs, splits)](q, k4, v4, lengths, tbl, out, o_part, lse, cnt, *new, qk_scale, win, C, G, Hkv,
-                                   *strides, out.stride(0), out.stride(1), *new_strides, ONE_PASS=False, **meta)
+    _split_kernel[(progs, splits)](q, k4, v4, lengths, tbl, o_part, lse, *new, qk_scale, win, C, G, Hkv, *strides,
+                                   0, 0, *new_strides, ONE_PASS=False, **meta)
+    _combine_kernel[(B * H,)](o_part, lse, out, H, out.stride(0), out.stride(1),
+                              D=D, DP=DP, SPLITS=splits, SP=triton.next_power_of_2(splits), num_warps=4)
     return out
 
 
