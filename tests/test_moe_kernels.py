@@ -99,3 +99,20 @@ def test_grouped_prefill_kernels(experts):
     fused = gu.fused()  # gate and up as one stack: same result
     assert len(fused.stacked) == 1
     assert rel(ex._grouped_kernels(x, w, order, counts, idx.shape[1], fused, down), out) < 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the layer's int8 decode path runs on CUDA only")
+def test_fused_decode_one_token_combines_in_the_down_gemv(experts, monkeypatch):
+    """One token with int8 activations (the decode default): the down GEMV forms the routing
+    weights' sum of the K rows itself; the same as the weighted-sum launch it replaces, and both
+    near the exact per-expert loop (int8 rounding of the activations only)."""
+    monkeypatch.delenv("OUZEL_EXACT_GEMV")
+    ex = experts.experts
+    x, w, idx = _inputs(experts, 1, 3)
+    gu, down = ex._stack(ex.gate_up_proj), ex._stack(ex.down_proj)
+    combined = ex._fused(x, w, idx, gu, down)
+    monkeypatch.setenv("OUZEL_NO_MOE_COMBINE", "1")
+    separate = ex._fused(x, w, idx, gu, down)
+    assert combined.shape == separate.shape == x.shape
+    assert rel(combined, separate) < 1e-6
+    assert rel(combined, _loop(ex, x, w, idx)) < 3e-2

@@ -91,6 +91,9 @@ def test_cuda_expert_dispatch(name, k, gen, monkeypatch):
     ref = torch.stack([reference_linear(xd[p][None], w.raw[idx[p] * n:(idx[p] + 1) * n], name)[0]
                        for p in range(T * K)])
     assert rel_err(cuda.swiglu_experts(h, w, E, idx, 7.0), ref) < 1e-5
+    wts = torch.rand(K, generator=gen).to(DEV)  # one token's routing weights: the GEMV sums its rows
+    mixed = cuda.swiglu_experts(h[:K], w, E, idx[:K], 7.0, combine=wts)
+    assert mixed.shape == (1, n) and rel_err(mixed[0], (wts[:, None] * ref[:K]).sum(0)) < 1e-5
 
 
 ONE_ROW_BASE = {"Q4_K": None, "Q6_K_R8": blocks.repack_q6_k_r8, "Q6_K_R3": blocks.repack_q6_k_r3,
@@ -102,7 +105,7 @@ ONE_ROW_BASE = {"Q4_K": None, "Q6_K_R8": blocks.repack_q6_k_r8, "Q6_K_R3": block
 def test_one_row_split_k_finishes_in_kernel(name, moe, gen):
     """A K split of the one-row kernels is summed by the last split of each row tile (no second
     launch): the same values as without a split, the same bits on every call whatever order the
-    splits finish in, and every counter back at zero."""
+    splits finish in, and every counter back at zero. MoE: the combine of one token's pairs too."""
     k = 3072 if name == "Q6_K_R3" else 2048  # 4 R3 groups, 8 blocks elsewhere: a split of 4
     E, n = (2, 9) if moe else (1, 9)  # a partial second tile of 8 rows
     base = random_blocks(name.removesuffix("_R8").removesuffix("_R3"), E * n, k, gen)
@@ -115,4 +118,9 @@ def test_one_row_split_k_finishes_in_kernel(name, moe, gen):
     outs = [Q8.qgemv_q8(x, raw, name, (n, k), bn=8, u=1, split=4, **one, **kw) for _ in range(2)]
     assert rel_err(outs[0], whole) < 1e-6, rel_err(outs[0], whole)
     assert torch.equal(outs[1], outs[0])
+    if moe:  # one token's pairs: the kernel forms sum_g w[g] * row g, with and without a K split
+        wts = torch.tensor([0.5, 0.25, 0.125], device=DEV)
+        for split in (1, 4):
+            mixed = Q8.qgemv_q8(x, raw, name, (n, k), bn=8, u=1, split=split, **one, **kw, combine=wts)
+            assert mixed.shape == (1, n) and rel_err(mixed[0], (wts[:, None] * whole).sum(0)) < 1e-6
     assert int(split_counters(x.device, 1).abs().sum()) == 0

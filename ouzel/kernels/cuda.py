@@ -10,6 +10,8 @@ in kv/cache.py and OUZEL_NO_CUDA_GRAPH in engine/graphs.py):
   OUZEL_CUDA_PREFILL_DTYPE=f32   large-M matmuls (prefill) in x's dtype instead of bf16 operands
                                  with fp32 accumulation on the tensor cores (the default)
   OUZEL_TRITON_TUNE=0            use the default GEMV config instead of timing a few on first use
+  OUZEL_NO_MOE_COMBINE=1         MoE decode: the experts' weighted sum in its own launch, not formed
+                                 by the down GEMV
   OUZEL_EXACT_GEMV=1             decode GEMVs multiply fp32 activations (default: Q4_K rounds x to
                                  int8 per 32 values and uses integer dot products, as llama.cpp does)
 """
@@ -109,7 +111,8 @@ def _gemv(x2, raw, bt_name: str, shape, xq=None, **moe) -> torch.Tensor:
 def _gemv_config(fn, configs, x2, raw, bt_name: str, shape, **moe) -> dict:
     """The fastest of a few configs for this shape, timed on first use (must not run while a
     CUDA graph is being captured: the first call of every shape happens in an eager warm-up)."""
-    key = (fn.__name__, bt_name, *shape, x2.shape[0], x2.dtype, raw.shape[0], len(moe["idx"]) if moe else 0)
+    key = (fn.__name__, bt_name, *shape, x2.shape[0], x2.dtype, raw.shape[0], len(moe["idx"]) if moe else 0,
+           moe.get("combine") is not None)
     cfg = _TUNED.get(key)
     if cfg is None:
         cfg = configs[0]
@@ -156,17 +159,22 @@ def quantize_rows(x: torch.Tensor):
     return q8.quantize_x(x)
 
 
-def swiglu_experts(h: torch.Tensor, w, n_experts: int, idx: torch.Tensor, limit: float | None) -> torch.Tensor | None:
+def swiglu_experts(h: torch.Tensor, w, n_experts: int, idx: torch.Tensor, limit: float | None,
+                   combine: torch.Tensor | None = None) -> torch.Tensor | None:
     """MoE decode: out [G, n] row g = swiglu(h[g]) @ W_e.T (e = idx[g]), h [G, 2K] the pairs'
     gate/up outputs, w the down stack [E * n, K]; the activation and its int8 rounding in one
-    launch. None where no kernel fits."""
+    launch. combine [G] (one token's routing weights): out [1, n] = their weighted sum of the
+    rows, formed by the GEMV itself. None where no kernel fits."""
     q8 = _q8()
     k = w.shape[1]
     if (q8 is None or h.dim() != 2 or h.dtype not in _DTYPES or h.stride(1) != 1 or not gemv_supports(w)
             or not q8.supports(w.bt.name, 1) or h.shape[1] != 2 * k or h.device != w.device):
         return None
+    if combine is not None and os.environ.get("OUZEL_NO_MOE_COMBINE"):
+        return None
+    extra = {} if combine is None else dict(combine=combine.reshape(-1).float().contiguous())
     return _gemv(h[:, :k], w.raw, w.bt.name, (w.shape[0] // n_experts, k), xq=q8.quantize_swiglu(h, limit),
-                 idx=idx, x_div=1)
+                 idx=idx, x_div=1, **extra)
 
 
 def ring_write(x: torch.Tensor, positions: torch.Tensor, ring: torch.Tensor) -> bool:

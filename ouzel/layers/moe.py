@@ -217,10 +217,21 @@ class RoutedExperts(nn.Module):
         def matmul(inp, w, first):
             return ops.linear_experts(inp, w, self.n_experts, flat, K if first else 1, xq if first else None)
 
-        down_fast = lambda h: _cuda.swiglu_experts(h, down.stacked[0], self.n_experts, flat, self.limit)  # noqa: E731
+        combined = []
+
+        def down_fast(h):  # one token: the down GEMV also forms the weighted sum of its K rows
+            if T == 1:
+                out = _cuda.swiglu_experts(h, down.stacked[0], self.n_experts, flat, self.limit, combine=weights)
+                if out is not None:
+                    combined.append(True)
+                    return out
+            return _cuda.swiglu_experts(h, down.stacked[0], self.n_experts, flat, self.limit)
+
         y = self._through(x, gu, down, matmul, down_fast)
         if y is None:
             return None
+        if combined:
+            return y.to(x.dtype)
         out = _cuda.weighted_rows(y, weights, x.dtype) if y.is_cuda else None  # one launch
         if out is not None:
             return out

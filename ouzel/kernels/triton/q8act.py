@@ -229,25 +229,44 @@ def _q4k_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, wb_ptr, out_ptr, idx_ptr, N, bloc
 
 
 @triton.jit
-def _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, split, g, stride_os, stride_og, SPLITS: tl.constexpr):
+def _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, split, g, stride_os, stride_og,
+              SPLITS: tl.constexpr, SP: tl.constexpr, COMBINE: tl.constexpr, GP: tl.constexpr):
     """The one-row kernels' result for rows of tile (program 0, group g): the output itself
     without a K split. With one, this split's fp32 partial; the last split of the tile to finish
-    (a counter per tile) adds the partials in split order (the same sum whatever the arrival
-    order) into the output and sets the counter back to zero: no second launch to sum them, which
-    took 4.3 us beside a 21 us GEMV in the H100 profile of a llama8b layer."""
-    if SPLITS == 1:
+    (a counter per tile) adds the partials (one load of all SPLITS, a fixed reduction order: the
+    same sum whatever the arrival order) into the output and sets the counter back to zero: no
+    second launch to sum them, which took 4.3 us beside a 21 us GEMV in the H100 profile of a
+    llama8b layer. COMBINE (MoE decode, one token): the G groups are its (expert, weight mix_ptr[g])
+    pairs and the output is the one row sum_g w[g] * y_g: the last program of the tile over all
+    splits and groups forms it (the separate weighted sum of the pairs' rows took 1.6 us)."""
+    if SPLITS == 1 and not COMBINE:
         tl.store(out_ptr + g * stride_og + rows, res.to(out_ptr.dtype.element_ty), mask=rows < N)
     else:
         tl.store(part_ptr + split * stride_os + g * stride_og + rows, res, mask=rows < N)
         tl.debug_barrier()  # every thread's partials stored before the release below
-        tile = g * tl.num_programs(0) + tl.program_id(0)
-        done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if done == SPLITS - 1:
-            total = tl.zeros(rows.shape, dtype=tl.float32)
-            for s in range(0, SPLITS):
-                total += tl.load(part_ptr + s * stride_os + g * stride_og + rows, mask=rows < N, other=0.0,
-                                 cache_modifier=".cg")
-            tl.store(out_ptr + g * stride_og + rows, total.to(out_ptr.dtype.element_ty), mask=rows < N)
+        if COMBINE:
+            tile = tl.program_id(0)
+            expected = SPLITS * tl.num_programs(2)
+        else:
+            tile = g * tl.num_programs(0) + tl.program_id(0)
+            expected = SPLITS
+        if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu") == expected - 1:
+            ok = (rows < N)[None, :]
+            if COMBINE:
+                gg = tl.arange(0, GP)
+                g_ok = gg < tl.num_programs(2)
+                y = tl.zeros([GP, rows.shape[0]], dtype=tl.float32)
+                for s in range(0, SPLITS):
+                    y += tl.load(part_ptr + s * stride_os + gg[:, None] * stride_og + rows[None, :],
+                                 mask=g_ok[:, None] & ok, other=0.0, cache_modifier=".cg")
+                mix = tl.load(mix_ptr + gg, mask=g_ok, other=0.0).to(tl.float32)
+                tl.store(out_ptr + rows, tl.sum(y * mix[:, None], axis=0).to(out_ptr.dtype.element_ty), mask=rows < N)
+            else:
+                sp = tl.arange(0, SP)
+                p = tl.load(part_ptr + sp[:, None] * stride_os + g * stride_og + rows[None, :],
+                            mask=(sp < SPLITS)[:, None] & ok, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + g * stride_og + rows, tl.sum(p, axis=0).to(out_ptr.dtype.element_ty),
+                         mask=rows < N)
             tl.store(cnt_ptr + tile, 0)
 
 
@@ -263,9 +282,10 @@ def _m1_rows(idx_ptr, N, row_quads, expert_quads, BN: tl.constexpr, HAS_IDX: tl.
 
 
 @triton.jit
-def _q4k_m1_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, idx_ptr, N, blocks_per_split,
+def _q4k_m1_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr, idx_ptr, N, blocks_per_split,
                    row_quads, expert_quads, K, x_div, stride_os, stride_og, BN: tl.constexpr, NB: tl.constexpr,
-                   HAS_IDX: tl.constexpr, SPLITS: tl.constexpr, USE_ASM: tl.constexpr):
+                   HAS_IDX: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr, COMBINE: tl.constexpr, GP:
+                   tl.constexpr, USE_ASM: tl.constexpr):
     """`_q4k_kernel` for one activation row (decode), every load of step i + 1 in flight while step i
     computes: the nibble words, the block headers as one 16-byte word load each (d | dmin, then
     the three words of 6-bit scales, decoded with shifts instead of byte loads), and x's words
@@ -327,7 +347,8 @@ def _q4k_m1_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, id
         qw, hw, xl, xh, dl, dh, sl, sh = qw_n, hw_n, xl_n, xh_n, dl_n, dh_n, sl_n, sh_n
         blk, blk3 = nblk, nblk3
     res = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1) - tl.sum(tl.sum(accm, axis=2), axis=1)
-    _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, split, g, stride_os, stride_og, SPLITS)
+    _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, split, g, stride_os, stride_og, SPLITS, SP, COMBINE,
+              GP)
 
 
 @triton.jit
@@ -343,9 +364,10 @@ def _q4k_scale_words(wa, wm, wc, s):
 
 
 @triton.jit
-def _q6k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, idx_ptr, N, blocks_per_split, row_quads,
-                      expert_quads, K, x_div, stride_os, stride_og, BN: tl.constexpr, NB: tl.constexpr, HAS_IDX:
-                      tl.constexpr, SPLITS: tl.constexpr, USE_ASM: tl.constexpr, G: tl.constexpr, GW: tl.constexpr):
+def _q6k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr, idx_ptr, N, blocks_per_split,
+                      row_quads, expert_quads, K, x_div, stride_os, stride_og, BN: tl.constexpr, NB: tl.constexpr,
+                      HAS_IDX: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr, COMBINE: tl.constexpr, GP:
+                      tl.constexpr, USE_ASM: tl.constexpr, G: tl.constexpr, GW: tl.constexpr):
     """One x row times Q6_K_R8 or Q6_K_R3 rows (quant/blocks.py: per group of G = 8 or 3 blocks, GW =
     420 or 160 words: their Q6_K bodies of 208 bytes (52 words), then their G f16 d, two to a word;
     R3 then 10 bytes of padding). Tile [BN rows, NB blocks, 2 halves h, 16 words u]: ql word u of
@@ -403,13 +425,15 @@ def _q6k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, idx_ptr
         ql, qh, sw, sw2, dw, xl, xh, dl, dh = ql_n, qh_n, sw_n, sw2_n, dw_n, xl_n, xh_n, dl_n, dh_n
         blk = nblk
     res = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
-    _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, split, g, stride_os, stride_og, SPLITS)
+    _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, split, g, stride_os, stride_og, SPLITS, SP, COMBINE,
+              GP)
 
 
 @triton.jit
-def _q8_0_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, idx_ptr, N, blocks_per_split, row_vecs,
-                       expert_vecs, K, x_div, stride_os, stride_og, BN: tl.constexpr, NB: tl.constexpr, HAS_IDX:
-                       tl.constexpr, SPLITS: tl.constexpr, USE_ASM: tl.constexpr):
+def _q8_0_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr, idx_ptr, N, blocks_per_split,
+                       row_vecs, expert_vecs, K, x_div, stride_os, stride_og, BN: tl.constexpr, NB: tl.constexpr,
+                       HAS_IDX: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr, COMBINE: tl.constexpr, GP:
+                       tl.constexpr, USE_ASM: tl.constexpr):
     """One x row times Q8_0_R8 rows (quant/blocks.py: per 256 elements, 8 x 32 int8 quants, then
     their 8 f16 d; 68 words). Tile [16 quads q, NB steps, BN rows, 4 words w]: quant word 4q + w
     holds elements 16q + 4w .. +3 (block q // 2), as does x's int8 word 64 * step + 4q + w, so a
@@ -450,7 +474,8 @@ def _q8_0_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, idx_pt
         qw, dw, xw, dx = qw_n, dw_n, xw_n, dx_n
         blk = nblk
     res = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=1), axis=0)
-    _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, split, g, stride_os, stride_og, SPLITS)
+    _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, split, g, stride_os, stride_og, SPLITS, SP, COMBINE,
+              GP)
 
 
 @triton.jit
@@ -474,9 +499,10 @@ def _q2k_field(qw, xw, dxw, sw, dd, dm, a4, i4, J: tl.constexpr, USE_ASM: tl.con
 
 
 @triton.jit
-def _q2k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, idx_ptr, N, blocks_per_split, row_quads,
-                      expert_quads, K, x_div, stride_os, stride_og, BN: tl.constexpr, NB: tl.constexpr, HAS_IDX:
-                      tl.constexpr, SPLITS: tl.constexpr, USE_ASM: tl.constexpr):
+def _q2k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr, idx_ptr, N, blocks_per_split,
+                      row_quads, expert_quads, K, x_div, stride_os, stride_og, BN: tl.constexpr, NB: tl.constexpr,
+                      HAS_IDX: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr, COMBINE: tl.constexpr, GP:
+                      tl.constexpr, USE_ASM: tl.constexpr):
     """One x row times Q2_K_R8 rows (quant/blocks.py: per 2048 elements, 8 Q2_K bodies of 20 words
     (16 scale bytes: low nibble scale, high nibble min, per 16 elements; 64 bytes of 2-bit quants),
     then their 8 words d | dmin << 16; 168 words). Tile [4 quads a, NB blocks, BN rows, 4 words i]:
@@ -525,7 +551,8 @@ def _q2k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, idx_ptr
         qw, sw, hw, x0, x1, x2, x3, dxw = qw_n, sw_n, hw_n, x0_n, x1_n, x2_n, x3_n, dxw_n
         blk = nblk
     res = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=1), axis=0)
-    _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, split, g, stride_os, stride_og, SPLITS)
+    _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, split, g, stride_os, stride_og, SPLITS, SP, COMBINE,
+              GP)
 
 
 @triton.jit
@@ -567,9 +594,10 @@ def _iq2xxs_group(gi, aux, xa, xb, grid_ptr, signs_ptr, i4, USE_ASM: tl.constexp
 
 
 @triton.jit
-def _iq2xxs_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, idx_ptr, N, blocks_per_split, row_quads,
-                         expert_quads, K, x_div, stride_os, stride_og, grid_ptr, signs_ptr, BN: tl.constexpr, NB:
-                         tl.constexpr, HAS_IDX: tl.constexpr, SPLITS: tl.constexpr, USE_ASM: tl.constexpr):
+def _iq2xxs_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr, idx_ptr, N, blocks_per_split,
+                         row_quads, expert_quads, K, x_div, stride_os, stride_og, grid_ptr, signs_ptr, BN:
+                         tl.constexpr, NB: tl.constexpr, HAS_IDX: tl.constexpr, SPLITS: tl.constexpr, SP:
+                         tl.constexpr, COMBINE: tl.constexpr, GP: tl.constexpr, USE_ASM: tl.constexpr):
     """One x row times IQ2_XXS_R8 rows (quant/blocks.py: per 2048 elements, 8 IQ2_XXS bodies of 16
     words, then their 8 f16 d; 132 words). Body words 2g, 2g + 1 of group g (32 elements, x's
     block g): 4 grid indices (byte p: elements 32g + 8p .. + 7, magnitudes in {8, 25, 43} from the
@@ -616,7 +644,8 @@ def _iq2xxs_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, idx_
         qw, dw, x0, x1, x2, x3, dxw = qw_n, dw_n, x0_n, x1_n, x2_n, x3_n, dxw_n
         blk = nblk
     res = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=1), axis=0)
-    _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, split, g, stride_os, stride_og, SPLITS)
+    _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, split, g, stride_os, stride_og, SPLITS, SP, COMBINE,
+              GP)
 
 
 _TABLES: dict = {}
@@ -647,11 +676,13 @@ def supports(bt_name: str, m: int) -> bool:
 def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch.Tensor | None = None,
              bn: int = 8, u: int = 1, split: int | None = None, num_warps: int = 4, target: int = 264,
              prefetch: bool = True, idx: torch.Tensor | None = None, x_div: int = 1, xq=None,
-             m1: bool = False) -> torch.Tensor:
+             m1: bool = False, combine: torch.Tensor | None = None) -> torch.Tensor:
     """out [M, N] = x [M, K] @ W.T with x rounded to int8 per 32 (see the module doc); M <= 16.
     MoE form as `gguf.qgemv`: idx [G] experts of raw [E * N, row_bytes], out [G, N], x row g // x_div.
     xq: a `quantize_x(x)` result to reuse (several matrices reading the same x). m1: one x row
-    through `_q4k_m1_kernel` (the decode step's form); the `ONE_ROW` types have only that form."""
+    through `_q4k_m1_kernel` (the decode step's form); the `ONE_ROW` types have only that form.
+    combine [G] fp32 (one-row MoE form, one token's G expert pairs): out [1, N] = sum_g combine[g] *
+    (row g), the routing weights' sum formed by the kernel."""
     n, k = shape
     moe = idx is not None
     m = 1 if moe else x.shape[0]
@@ -671,20 +702,31 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch
     common = dict(M=m, MP=1 << (m - 1).bit_length(), BN=bn, NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps)
     strides = (k, x_div, 0 if split == 1 else dst.stride(0), dst.stride(-2) if moe else 0, dst.stride(-2))
     idx_arg = idx if moe else dx
-    # the one-row kernels finish a K split themselves (`_m1_store`): a counter per row tile
-    cnt = split_counters(x.device, grid[0] * groups) if split > 1 else dx  # dx: an unread stand-in
+    one_row = bt_name in ONE_ROW or (m1 and m == 1)
+    if combine is not None:
+        if not (moe and one_row and combine.shape == (groups,) and combine.is_contiguous()):
+            raise ValueError(f"qgemv_q8: combine needs the one-row MoE form and a weight per pair ({groups}), "
+                             f"got {tuple(combine.shape)}")
+        out = torch.empty((1, n), dtype=x.dtype, device=x.device)  # sum_g combine[g] * (row g)
+        if dst.shape[0] != split or dst.dim() != 3:  # partials even without a K split
+            dst = torch.empty((split, groups, n), dtype=torch.float32, device=x.device)
+        strides = (*strides[:2], dst.stride(0), dst.stride(1), dst.stride(1))
+    # the one-row kernels finish a K split (and a combine) themselves (`_m1_store`): a counter per row tile
+    finish = dict(SPLITS=split, SP=triton.next_power_of_2(split), COMBINE=combine is not None,
+                  GP=triton.next_power_of_2(groups))
+    cnt = split_counters(x.device, grid[0] * groups) if split > 1 or combine is not None else dx  # dx: unread
+    w_arg = combine if combine is not None else dx
     if bt_name in ONE_ROW:
         tables = _iq2_tables(raw.device) if bt_name == "IQ2_XXS_R8" else ()
-        ONE_ROW[bt_name][grid](xq.view(torch.int32), dx, raw.view(torch.int32), out, dst, cnt, idx_arg, n,
+        ONE_ROW[bt_name][grid](xq.view(torch.int32), dx, raw.view(torch.int32), out, dst, cnt, w_arg, idx_arg, n,
                                n_blocks // split, raw.stride(0) // 16, n * raw.stride(0) // 16, k, x_div, strides[2],
-                               strides[3], *tables, BN=bn, NB=u, HAS_IDX=moe, SPLITS=split, USE_ASM=x.is_cuda,
-                               num_warps=num_warps, **_Q6K_GROUPS.get(bt_name, {}))
+                               strides[3], *tables, BN=bn, NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda,
+                               num_warps=num_warps, **finish, **_Q6K_GROUPS.get(bt_name, {}))
         return out
     if m1 and m == 1:
-        _q4k_m1_kernel[grid](xq.view(torch.int32), dx, sx, raw.view(torch.int32), out, dst, cnt, idx_arg, n,
+        _q4k_m1_kernel[grid](xq.view(torch.int32), dx, sx, raw.view(torch.int32), out, dst, cnt, w_arg, idx_arg, n,
                              n_blocks // split, raw.stride(0) // 16, n * raw.stride(0) // 16, k, x_div, strides[2],
-                             strides[3], BN=bn, NB=u, HAS_IDX=moe, SPLITS=split, USE_ASM=x.is_cuda,
-                             num_warps=num_warps)
+                             strides[3], BN=bn, NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps, **finish)
         return out
     _q4k_kernel[grid](xq.view(torch.int32), dx, sx, raw.view(torch.int32), raw, dst, idx_arg, n, n_blocks // split,
                       raw.stride(0) // 4, n * raw.stride(0) // 4, *strides, PREFETCH=prefetch, **common)
