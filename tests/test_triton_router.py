@@ -63,3 +63,64 @@ def test_route_matches_deepseek_router(hashed):
     ref_w, ref_idx = _sorted(ref_w, ref_idx)
     assert torch.equal(idx, ref_idx)
     assert torch.allclose(w, ref_w, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("E,D,K,scoring,wdtype,splits", [(128, 256, 8, "softmax", torch.float32, None),
+                                                         (128, 256, 8, "softmax", torch.bfloat16, 3),
+                                                         (60, 160, 4, "sigmoid", torch.float32, 1),
+                                                         (256, 128, 6, "sqrtsoftplus", torch.float32, None)])
+@pytest.mark.parametrize("hashed", [False, True])
+def test_route_linear_matches_gemv_then_route(E, D, K, scoring, wdtype, splits, hashed):
+    """One token's router GEMV and routing in one launch (the slices summed and routed by the last
+    program) against F.linear then `route`; the counter back at zero after every call."""
+    from ouzel.kernels.triton.gguf import split_counters
+    gen = torch.Generator().manual_seed(E + D + hashed)
+    x = torch.randn(1, D, generator=gen).to(DEV)
+    wt = (torch.randn(E, D, generator=gen) * 0.2).to(DEV, wdtype)
+    bias = None if hashed or scoring == "softmax" else torch.randn(E, generator=gen).to(DEV) * 0.05
+    table = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(9)]).to(DEV) if hashed else None
+    ids = torch.tensor([4], device=DEV) if hashed else None
+    logits = torch.nn.functional.linear(x.double(), wt.double()).float()
+    ref_w, ref_idx = router.route(logits, K, 1.5, scoring, bias, True, 1e-20, table, ids)
+    for _ in range(2):
+        w, idx = router.route_linear(x, wt, K, 1.5, scoring, bias, True, 1e-20, table, ids, splits=splits)
+        assert int(split_counters(x.device, 1)[0]) == 0
+        if hashed:
+            assert torch.equal(idx, ref_idx)  # the table's order
+        w, idx = _sorted(w, idx)
+        rw, ri = _sorted(ref_w, ref_idx)
+        assert torch.equal(idx, ri)
+        assert torch.allclose(w, rw, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the routers take the fused path on CUDA only")
+@pytest.mark.parametrize("kind", ["qwen3", "v4-bias", "v4-hash"])
+def test_router_modules_one_token_on_cuda(kind, monkeypatch):
+    """A decode step's router module (Qwen3's softmax top-k, DeepSeek V4's biased or hashed
+    sqrt-softplus) on CUDA: the one-launch GEMV + routing picks the CPU module's experts and
+    weights, as the two-launch path does (OUZEL_NO_FUSED_ROUTER=1)."""
+    from ouzel.layers.moe import Router
+    from ouzel.models.qwen3_moe import SoftmaxTopKRouter
+    gen = torch.Generator().manual_seed(11)
+    if kind == "qwen3":
+        r, E, K = SoftmaxTopKRouter(2048, 128, 8, True), 128, 8
+    else:
+        E, K = 256, 6
+        r = Router(4096, E, K, "sqrtsoftplus", 1.5, hash_vocab=50 if kind == "v4-hash" else None)
+        if kind == "v4-hash":
+            r.tid2eid = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(50)]).to(torch.int32)
+        else:
+            r.e_score_correction_bias = torch.randn(E, generator=gen) * 0.05
+    r.weight = torch.randn(E, r.hidden, generator=gen) * 0.02
+    x = torch.randn(1, r.hidden, generator=gen)
+    ids = torch.tensor([7])
+    ref_w, ref_idx = _sorted(*r(x, ids))
+    for name in ("weight", "e_score_correction_bias", "tid2eid"):
+        if getattr(r, name, None) is not None:
+            setattr(r, name, getattr(r, name).cuda())
+    outs = [_sorted(*(t.cpu() for t in r(x.cuda(), ids.cuda())))]
+    monkeypatch.setenv("OUZEL_NO_FUSED_ROUTER", "1")
+    outs.append(_sorted(*(t.cpu() for t in r(x.cuda(), ids.cuda()))))
+    for w, idx in outs:
+        assert torch.equal(idx, ref_idx)
+        assert torch.allclose(w, ref_w, rtol=1e-5, atol=1e-7)

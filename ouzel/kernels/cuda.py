@@ -12,6 +12,7 @@ in kv/cache.py and OUZEL_NO_CUDA_GRAPH in engine/graphs.py):
   OUZEL_TRITON_TUNE=0            use the default GEMV config instead of timing a few on first use
   OUZEL_NO_MOE_COMBINE=1         MoE decode: the experts' weighted sum in its own launch, not formed
                                  by the down GEMV
+  OUZEL_NO_FUSED_ROUTER=1        MoE decode: the router GEMV and the routing as two launches
   OUZEL_EXACT_GEMV=1             decode GEMVs multiply fp32 activations (default: Q4_K rounds x to
                                  int8 per 32 values and uses integer dot products, as llama.cpp does)
 """
@@ -377,6 +378,25 @@ def route(logits: torch.Tensor, k: int, scoring: str, scaling: float = 1.0, bias
     if table is not None and (ids is None or table.dtype not in (torch.int32, torch.int64) or not table.is_contiguous()):
         return None
     return r.route(logits.contiguous(), k, scaling, scoring, bias, renorm, eps, table, ids)
+
+
+def route_linear(x: torch.Tensor, weight, k: int, scoring: str, scaling: float = 1.0,
+                 bias: torch.Tensor | None = None, renorm: bool = True, eps: float = 1e-20,
+                 table: torch.Tensor | None = None, ids: torch.Tensor | None = None):
+    """`router.route_linear` (one token's router GEMV and routing in one launch), or None where it
+    can't run (OUZEL_NO_FUSED_ROUTER=1: the GEMV and `route` as two launches)."""
+    r = _triton("router")
+    if not isinstance(weight, torch.Tensor):  # a GGUF F32/F16/BF16 weight is the dense tensor it holds
+        weight = weight.float_view() if hasattr(weight, "float_view") and weight.raw.is_cuda else None
+    if (r is None or os.environ.get("OUZEL_NO_FUSED_ROUTER") or weight is None or not x.is_cuda
+            or scoring not in r.SCORES or x.dim() != 2 or x.shape[0] != 1 or weight.dim() != 2
+            or weight.shape[0] > r.MAX_E or x.shape[1] != weight.shape[1] or weight.stride(1) != 1
+            or weight.dtype not in _DTYPES or x.dtype not in _DTYPES
+            or any(t is not None and t.device != x.device for t in (weight, bias, table, ids))):
+        return None
+    if table is not None and (ids is None or table.dtype not in (torch.int32, torch.int64) or not table.is_contiguous()):
+        return None
+    return r.route_linear(x.contiguous(), weight, k, scaling, scoring, bias, renorm, eps, table, ids)
 
 
 # ---- DeepSeek V4 decode-step groups (`triton/v4.py`); each None where it can't run

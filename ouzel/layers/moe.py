@@ -150,12 +150,16 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D], ids [T] -> weights [T, K] (float32), expert indices [T, K]."""
+        hashed = self.hash_vocab is not None
+        fused = dict(bias=None if hashed else dense(self.e_score_correction_bias), renorm=True, eps=1e-20,
+                     table=self.tid2eid if hashed else None, ids=ids if hashed else None)
+        if x.is_cuda and x.dim() == 2 and x.shape[0] == 1:  # decode: the GEMV and the routing in one launch
+            fast = _cuda.route_linear(x.float(), self.weight, self.top_k, self.scoring, self.scaling, **fused)
+            if fast is not None:
+                return fast
         logits = ops.linear(x.float(), self.weight)
         if logits.is_cuda:  # scores, choice, gather and renormalisation in one launch
-            hashed = self.hash_vocab is not None
-            fast = _cuda.route(logits, self.top_k, self.scoring, self.scaling,
-                               None if hashed else dense(self.e_score_correction_bias), True, 1e-20,
-                               self.tid2eid if hashed else None, ids if hashed else None)
+            fast = _cuda.route(logits, self.top_k, self.scoring, self.scaling, **fused)
             if fast is not None:
                 return fast
         scores = self.score(logits)
