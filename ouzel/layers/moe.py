@@ -102,6 +102,16 @@ def softmax_topk(logits: torch.Tensor, k: int, renorm: bool) -> tuple[torch.Tens
     return w, idx
 
 
+def softmax_topk_linear(x: torch.Tensor, weight, k: int, renorm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`softmax_topk` of the router logits x @ weight.T; for one token on CUDA the GEMV and the
+    routing in one launch (`router.route_linear`)."""
+    if x.is_cuda and x.dim() == 2 and x.shape[0] == 1:
+        fast = _cuda.route_linear(x.float(), weight, k, "softmax", renorm=renorm, eps=0.0)
+        if fast is not None:
+            return fast
+    return softmax_topk(ops.linear(x.float(), weight), k, renorm)
+
+
 class ClampedMLP(nn.Module):
     """The shared expert: a gated MLP with the same SwiGLU clamp as the routed experts."""
 

@@ -11,12 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import cuda as _cuda
-from ..kernels import ops
 from ..layers.attention import Attention
 from ..layers.linear import Linear
 from ..layers.mlp import GatedMLP
-from ..layers.moe import Router, RoutedExperts, softmax_topk
+from ..layers.moe import Router, RoutedExperts, softmax_topk_linear
 from ..layers.norm import RMSNorm
 from ..layers.rope import Rope
 from .config import Config
@@ -46,11 +44,7 @@ class SoftmaxTopKRouter(Router):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> weights [T, K] float32, expert indices [T, K]."""
-        if x.is_cuda and x.dim() == 2 and x.shape[0] == 1:  # decode: the GEMV and the routing in one launch
-            fast = _cuda.route_linear(x.float(), self.weight, self.top_k, "softmax", renorm=self.renorm, eps=0.0)
-            if fast is not None:
-                return fast
-        return softmax_topk(ops.linear(x.float(), self.weight), self.top_k, self.renorm)
+        return softmax_topk_linear(x, self.weight, self.top_k, self.renorm)
 
 
 class Qwen3SparseMoe(nn.Module):
