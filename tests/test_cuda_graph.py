@@ -20,12 +20,17 @@ from ouzel.loader import load  # noqa: E402
 SIZES = dict(hidden_size=256, intermediate_size=512)
 
 
+def _tiny(arch: str, tmp_path, max_positions: int):
+    """A tiny model of arch at kernel-sized dims: (its HF model, its Q8_0 GGUF, the model loaded on CUDA)."""
+    extra = dict(moe_intermediate_size=256) if arch == "qwen3_moe" else {}
+    hf = tm.build_hf_model(arch, max_position_embeddings=max_positions, **SIZES, **extra)
+    path = tm.write_gguf(hf, arch, tmp_path / f"{arch}.gguf", "Q8_0")
+    return hf, path, load(path, device="cuda", progress=False).model
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3_moe"])
 def test_graph_decode_equals_eager(arch, tmp_path):
-    extra = dict(moe_intermediate_size=256) if arch == "qwen3_moe" else {}
-    hf = tm.build_hf_model(arch, max_position_embeddings=1024, **SIZES, **extra)
-    path = tm.write_gguf(hf, arch, tmp_path / f"{arch}.gguf", "Q8_0")
-    model = load(path, device="cuda", progress=False).model
+    hf, path, model = _tiny(arch, tmp_path, 1024)
     dev = torch.device("cuda")
     graph, eager = Sequence(model, 512, dev), Sequence(model, 512, dev)
     assert graph.graph is not None, f"{arch}: decode graphs not enabled"
@@ -49,10 +54,7 @@ def test_chunk_graph_prefill(arch, tmp_path):
     on the same GPU and against the CPU. 1100 tokens: two chunks of 512 replayed (the cache grows
     at the second: captured twice), the last 76 eager, then decode steps on the graph-filled cache."""
     from ouzel.engine.generate import PREFILL_CHUNK
-    extra = dict(moe_intermediate_size=256) if arch == "qwen3_moe" else {}
-    hf = tm.build_hf_model(arch, max_position_embeddings=2048, **SIZES, **extra)
-    path = tm.write_gguf(hf, arch, tmp_path / f"{arch}.gguf", "Q8_0")
-    model = load(path, device="cuda", progress=False).model
+    hf, path, model = _tiny(arch, tmp_path, 2048)
     dev = torch.device("cuda")
     graph, eager = Sequence(model, 1200, dev), Sequence(model, 1200, dev)
     assert graph.chunk_graph is not None and graph.chunk_graph.n_tokens == PREFILL_CHUNK == 512

@@ -286,6 +286,19 @@ def _check_kv(q: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, name: str) ->
         raise ValueError(f"{name}: k/v rows must be contiguous in the last dim")
 
 
+def _q_and_out(q: torch.Tensor, out: torch.Tensor | None, window: int | None, name: str):
+    """q with a contiguous last dim, and out (q's shape and dtype) checked or made."""
+    if window is not None and window < 1:
+        raise ValueError(f"{name}: window must be >= 1, got {window}")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"{name}: out must be {list(q.shape)} {q.dtype} with a contiguous last dim")
+    return q, out
+
+
 def _launch(q, k4, v4, batch_strides, C, lengths, table, page, scale, window, out, block_n, splits,
             num_warps, num_stages, name, new_kv):
     """Shared by both entry points: k4/v4 [B or 1, C or slots, Hkv, D] checked by `_check_kv`;
@@ -294,14 +307,7 @@ def _launch(q, k4, v4, batch_strides, C, lengths, table, page, scale, window, ou
     Hkv = k4.shape[2]
     if lengths.shape != (B,) or lengths.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name}: lengths must be int32/int64 [B={B}], got {lengths.dtype} {tuple(lengths.shape)}")
-    if window is not None and window < 1:
-        raise ValueError(f"{name}: window must be >= 1, got {window}")
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if out is None:
-        out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
-    elif out.shape != (B, H, D) or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise ValueError(f"{name}: out must be [B, H, D] {q.dtype} with a contiguous last dim")
+    q, out = _q_and_out(q, out, window, name)
 
     G = H // Hkv
     DP = max(16, triton.next_power_of_2(D))  # D need not be a power of two: masked to DP
@@ -429,14 +435,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if positions.shape != (T,) or positions.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name}: positions must be int32/int64 [T={T}], got {positions.dtype} "
                          f"{tuple(positions.shape)}")
-    if window is not None and window < 1:
-        raise ValueError(f"{name}: window must be >= 1, got {window}")
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if out is None:
-        out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
-    elif out.shape != (T, H, D) or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise ValueError(f"{name}: out must be [T, H, D] {q.dtype} with a contiguous last dim")
+    q, out = _q_and_out(q, out, window, name)
     C, Hkv = k_cache.shape[:2]
     DP = max(16, triton.next_power_of_2(D))
     # tiles by the capacity (the depth is only known on the device; a cache doubles as it fills):

@@ -251,6 +251,21 @@ def weighted_rows(y: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch
 
 
 @triton.jit
+def dense_slice(x_ptr, w_ptr, rows, N, K, s_w, sk, k_per, BN: tl.constexpr, BK: tl.constexpr):
+    """[BN] fp32: rows of a dense W [N, K] (any float dtype, read as stored) times x over K slice
+    sk (k_per wide)."""
+    r64 = tl.minimum(rows, N - 1).to(tl.int64)
+    acc = tl.zeros([BN, BK], dtype=tl.float32)
+    k_end = tl.minimum(K, (sk + 1) * k_per)
+    for k0 in range(sk * k_per, k_end, BK):
+        k = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + k, mask=k < k_end, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + r64[:, None] * s_w + k[None, :], mask=(k < k_end)[None, :], other=0.0).to(tl.float32)
+        acc += w * x[None, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
 def _dense_gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, N, K, s_w, k_per, SPLITS,
                        BN: tl.constexpr, BK: tl.constexpr):
     """Program (i, s): rows i*BN.. of W over K slice s (k_per wide), W in any float dtype read as
@@ -260,15 +275,7 @@ def _dense_gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, N, K, s_w, k_pe
     i = tl.program_id(0)
     sk = tl.program_id(1)
     rows = i * BN + tl.arange(0, BN)
-    r64 = tl.minimum(rows, N - 1).to(tl.int64)
-    acc = tl.zeros([BN, BK], dtype=tl.float32)
-    k_end = tl.minimum(K, (sk + 1) * k_per)
-    for k0 in range(sk * k_per, k_end, BK):
-        k = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + k, mask=k < k_end, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + r64[:, None] * s_w + k[None, :], mask=(k < k_end)[None, :], other=0.0).to(tl.float32)
-        acc += w * x[None, :]
-    part = tl.sum(acc, axis=1)
+    part = dense_slice(x_ptr, w_ptr, rows, N, K, s_w, sk, k_per, BN, BK)
     if SPLITS == 1:
         tl.store(out_ptr + rows, part.to(out_ptr.dtype.element_ty), mask=rows < N)
     else:

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fused import dense_slice
 from .gguf import split_counters
 
 MAX_E = 1024
@@ -90,18 +91,9 @@ def _route_linear_kernel(x_ptr, r_ptr, part_ptr, cnt_ptr, bias_ptr, tab_ptr, ids
     """Program (row block b, K slice s): router rows b*BR.. times x's slice s (the router weight in
     its own dtype, fp32 sums) into part[s]. The last program of the grid to finish (one counter,
     re-armed by it) adds the slices in split order per expert and routes (`_route_row`)."""
-    b = tl.program_id(0)
     sk = tl.program_id(1)
-    rows = b * BR + tl.arange(0, BR)
-    r64 = tl.minimum(rows, E - 1).to(tl.int64)
-    acc = tl.zeros([BR, BD], dtype=tl.float32)
-    k_end = tl.minimum(D, (sk + 1) * k_per)
-    for k0 in range(sk * k_per, k_end, BD):
-        kk = k0 + tl.arange(0, BD)
-        xv = tl.load(x_ptr + kk, mask=kk < k_end, other=0.0).to(tl.float32)
-        wv = tl.load(r_ptr + r64[:, None] * s_r + kk[None, :], mask=(kk < k_end)[None, :], other=0.0).to(tl.float32)
-        acc += wv * xv[None, :]
-    tl.store(part_ptr + sk * BE + rows, tl.sum(acc, axis=1), mask=rows < E)
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    tl.store(part_ptr + sk * BE + rows, dense_slice(x_ptr, r_ptr, rows, E, D, s_r, sk, k_per, BR, BD), mask=rows < E)
     tl.debug_barrier()  # every thread's partials stored before the release below
     if tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) * SPLITS - 1:
         e = tl.arange(0, BE)
