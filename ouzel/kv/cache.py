@@ -73,6 +73,14 @@ class DenseKV:
         self._k[layer], self._v[layer] = nk, nv
         self.generation += 1
 
+    def _room(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Make layer's buffers hold the new rows k, v [T, H, D] after `length`; returns the end."""
+        end = self.length + k.shape[0]
+        if end > self.max_tokens:
+            raise ValueError(f"KV cache holds {self.max_tokens} tokens; {end} needed")
+        self._reserve(layer, k.shape[1:], v.shape[1:], end)
+        return end
+
     def reserve(self, end: int) -> None:
         """Make every layer seen so far hold `end` tokens (before replaying a captured step)."""
         for i, k in enumerate(self._k):
@@ -81,10 +89,7 @@ class DenseKV:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [T, H, D] at positions length..length+T-1; return all [length+T, H, D]."""
-        end = self.length + k.shape[0]
-        if end > self.max_tokens:
-            raise ValueError(f"KV cache holds {self.max_tokens} tokens; {end} needed")
-        self._reserve(layer, k.shape[1:], v.shape[1:], end)
+        end = self._room(layer, k, v)
         self._k[layer][self.length:end] = k
         self._v[layer][self.length:end] = v
         return self._k[layer][:end], self._v[layer][:end]
@@ -92,10 +97,7 @@ class DenseKV:
     def attention(self, layer, q, k, v, positions, window, scale):
         from ..layers.attention import attend, decode_attention
         if q.shape[0] == 1 and k.shape[0] == 1 and self.device.type == "cuda":
-            end = self.length + 1
-            if end > self.max_tokens:
-                raise ValueError(f"KV cache holds {self.max_tokens} tokens; {end} needed")
-            self._reserve(layer, k.shape[1:], v.shape[1:], end)
+            self._room(layer, k, v)
             kc, vc = self._k[layer], self._v[layer]
             from ..kernels import cuda  # noqa: PLC0415
             out = cuda.decode_attention(q, kc, vc, positions, window, scale, new_kv=(k, v))
@@ -120,12 +122,9 @@ class DenseKV:
         The chunk's keys end where its queries do (q may be only its last rows). None where the
         kernel can't run (nothing is written then)."""
         from ..kernels import cuda  # noqa: PLC0415
-        end = self.length + k.shape[0]
-        if end > self.max_tokens:
-            raise ValueError(f"KV cache holds {self.max_tokens} tokens; {end} needed")
         if not cuda.prefill_attention_supports(q, self.dtype):
             return None
-        self._reserve(layer, k.shape[1:], v.shape[1:], end)
+        self._room(layer, k, v)
         kc, vc = self._k[layer], self._v[layer]
         back = self._offsets.get(k.shape[0])
         if back is None:

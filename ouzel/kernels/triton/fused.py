@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gguf import split_counters
+from .gguf import last_to_finish, split_counters
 from .q8act import QBLOCK, _round_store
 
 MAX_D = 16384  # one row must fit one program's registers
@@ -280,9 +280,7 @@ def _dense_gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, N, K, s_w, k_pe
         tl.store(out_ptr + rows, part.to(out_ptr.dtype.element_ty), mask=rows < N)
     else:
         tl.store(part_ptr + sk * N + rows, part, mask=rows < N)
-        tl.debug_barrier()  # every thread's partials stored before the release below
-        done = tl.atomic_add(cnt_ptr + i, 1, sem="acq_rel", scope="gpu")
-        if done == SPLITS - 1:
+        if last_to_finish(cnt_ptr + i, SPLITS):
             total = tl.zeros([BN], dtype=tl.float32)
             for s in range(0, SPLITS):
                 total += tl.load(part_ptr + s * N + rows, mask=rows < N, other=0.0, cache_modifier=".cg")

@@ -515,6 +515,16 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor:
     return c
 
 
+@triton.jit
+def last_to_finish(cnt_ptr, expected):
+    """After a program stored its partial results: whether it is the last of the `expected`
+    programs counting on *cnt_ptr to finish. The barrier orders every thread's stores before the
+    release of the acq_rel add, whose acquire side lets the last program read all partials (past
+    L1: load them with cache_modifier=".cg"). That program must store 0 back (`split_counters`)."""
+    tl.debug_barrier()
+    return tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == expected - 1
+
+
 def finish_gemv(dst: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Sum the split-K partials into out (nothing to do without a split)."""
     if dst is not out:

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gguf import finish_gemv, plan_gemv, split_counters
+from .gguf import finish_gemv, last_to_finish, plan_gemv, split_counters
 
 QBLOCK = 32  # activation values per int8 scale
 
@@ -243,14 +243,13 @@ def _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, split, g, strid
         tl.store(out_ptr + g * stride_og + rows, res.to(out_ptr.dtype.element_ty), mask=rows < N)
     else:
         tl.store(part_ptr + split * stride_os + g * stride_og + rows, res, mask=rows < N)
-        tl.debug_barrier()  # every thread's partials stored before the release below
         if COMBINE:
             tile = tl.program_id(0)
             expected = SPLITS * tl.num_programs(2)
         else:
             tile = g * tl.num_programs(0) + tl.program_id(0)
             expected = SPLITS
-        if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu") == expected - 1:
+        if last_to_finish(cnt_ptr + tile, expected):
             ok = (rows < N)[None, :]
             if COMBINE:
                 gg = tl.arange(0, GP)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .fused import dense_slice
-from .gguf import split_counters
+from .gguf import last_to_finish, split_counters
 
 MAX_E = 1024
 
@@ -94,8 +94,7 @@ def _route_linear_kernel(x_ptr, r_ptr, part_ptr, cnt_ptr, bias_ptr, tab_ptr, ids
     sk = tl.program_id(1)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     tl.store(part_ptr + sk * BE + rows, dense_slice(x_ptr, r_ptr, rows, E, D, s_r, sk, k_per, BR, BD), mask=rows < E)
-    tl.debug_barrier()  # every thread's partials stored before the release below
-    if tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) * SPLITS - 1:
+    if last_to_finish(cnt_ptr, tl.num_programs(0) * SPLITS):
         e = tl.arange(0, BE)
         ok = e < E
         logits = tl.zeros([BE], dtype=tl.float32)
