@@ -13,6 +13,8 @@ in kv/cache.py and OUZEL_NO_CUDA_GRAPH in engine/graphs.py):
   OUZEL_NO_MOE_COMBINE=1         MoE decode: the experts' weighted sum in its own launch, not formed
                                  by the down GEMV
   OUZEL_NO_FUSED_ROUTER=1        MoE decode: the router GEMV and the routing as two launches
+  OUZEL_PDL=1                    programmatic dependent launch (sm_90+): a Triton kernel starts while
+                                 the one before it finishes (kernels/triton/pdl.py; off until timed)
   OUZEL_EXACT_GEMV=1             decode GEMVs multiply fp32 activations (default: Q4_K rounds x to
                                  int8 per 32 values and uses integer dot products, as llama.cpp does)
 """

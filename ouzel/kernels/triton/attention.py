@@ -40,6 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import wait_for_inputs
+
 MAX_SPLITS = 64
 _LOG2E = math.log2(math.e)
 
@@ -106,7 +109,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, tbl_ptr, o_ptr, lse_ptr, nk_ptr,
                   Hkv, s_qb, s_qh, s_kb, s_kc, s_kh, s_vb, s_vc, s_vh, s_tb, s_ob, s_oh, s_nkb, s_nkh, s_nvb, s_nvh,
                   D: tl.constexpr, DP: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
                   PAGE: tl.constexpr, SPLITS: tl.constexpr, ONE_PASS: tl.constexpr,
-                  SPLIT_DOT: tl.constexpr, MAX_ITERS: tl.constexpr, NEW_KV: tl.constexpr):
+                  SPLIT_DOT: tl.constexpr, MAX_ITERS: tl.constexpr, NEW_KV: tl.constexpr, PDL: tl.constexpr):
     """q [B, H, D]; BG heads of one kv head per program. PAGE == 0: k/v rows at b*s_kb + key*s_kc
     + hkv*s_kh. PAGE > 0 (a paged pool, s_kb = 0): the row of a key comes from the block table
     tbl_ptr + b*s_tb (see `_tile`); C is then the table's capacity in keys.
@@ -114,6 +117,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, tbl_ptr, o_ptr, lse_ptr, nk_ptr,
     NEW_KV (PAGE == 0): len_ptr holds positions, length = position + 1, and the key at the position
     is the new token's, read from nk/nv [B, Hkv, D]; the split holding it uses it from there and
     its first head block stores it into the caches (no other program reads that row)."""
+    wait_for_inputs(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n_gblk = tl.cdiv(G, BG)
@@ -171,8 +175,9 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, tbl_ptr, o_ptr, lse_ptr, nk_ptr,
 
 @triton.jit
 def _combine_kernel(o_part_ptr, lse_ptr, out_ptr, H, s_ob, s_oh,
-                    D: tl.constexpr, DP: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr):
+                    D: tl.constexpr, DP: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr):
     """out[b, h] = sum_s w_s o_s / sum_s w_s, w_s = 2**(lse_s - max lse); 0 if every split is empty."""
+    wait_for_inputs(PDL)
     row = tl.program_id(0)
     s = tl.arange(0, SP)
     d = tl.arange(0, DP)
@@ -326,7 +331,8 @@ def _launch(q, k4, v4, batch_strides, C, lengths, table, page, scale, window, ou
     # fp32 q on a 16-bit cache: q and P go through the dots as hi + lo pieces (fp32-level accuracy)
     split_dot = q.dtype == torch.float32 and k4.dtype != torch.float32
     meta = dict(D=D, DP=DP, BG=BG, BN=block_n, PAGE=page, SPLITS=splits, SPLIT_DOT=split_dot,
-                MAX_ITERS=max_iters, NEW_KV=new_kv is not None, num_warps=num_warps, num_stages=num_stages)
+                MAX_ITERS=max_iters, NEW_KV=new_kv is not None, num_warps=num_warps, num_stages=num_stages,
+                **pdl.launch(q.device))
     nk, nv = new_kv if new_kv is not None else (q, q)  # unread stand-ins without new rows
     new = (nk, nv)
     s_kb, s_vb = batch_strides
@@ -342,7 +348,8 @@ def _launch(q, k4, v4, batch_strides, C, lengths, table, page, scale, window, ou
     _split_kernel[(progs, splits)](q, k4, v4, lengths, tbl, o_part, lse, *new, qk_scale, win, C, G, Hkv, *strides,
                                    0, 0, *new_strides, ONE_PASS=False, **meta)
     _combine_kernel[(B * H,)](o_part, lse, out, H, out.stride(0), out.stride(1),
-                              D=D, DP=DP, SPLITS=splits, SP=triton.next_power_of_2(splits), num_warps=4)
+                              D=D, DP=DP, SPLITS=splits, SP=triton.next_power_of_2(splits), num_warps=4,
+                              **pdl.launch(q.device))
     return out
 
 
@@ -379,12 +386,13 @@ def _prefill_tile(q, p, qk_scale, k_head, v_head, s_kc, s_vc, key0, hi, window, 
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, qk_scale, window, T, G,
                     s_qt, s_qh, s_kc, s_kh, s_vc, s_vh, s_ot, s_oh,
                     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    F32_DOT: tl.constexpr, MAX_ITERS: tl.constexpr):
+                    F32_DOT: tl.constexpr, MAX_ITERS: tl.constexpr, PDL: tl.constexpr):
     """Program (query block, head h): BM query rows of head h, row t at position pos[t], over the
     keys of kv head h // G it may see: (pos[t] - window, pos[t]]. The key range of the block,
     [min pos - window + 1, max pos], is read from the device (no host length); keys past it are
     never loaded. q and P enter the dots in the cache dtype (flash attention's rounding); the
     scores, the online softmax (exp2) and the accumulator are fp32."""
+    wait_for_inputs(PDL)
     mb = tl.program_id(0)
     h = tl.program_id(1)
     hkv = h // G
@@ -454,7 +462,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         q, k_cache, v_cache, positions, out, float(scale) * _LOG2E, win, T, H // Hkv,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         out.stride(0), out.stride(1), D=D, DP=DP, BM=block_m, BN=block_n, F32_DOT=interp, MAX_ITERS=max_iters,
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages, **pdl.launch(q.device))
     return out
 
 

@@ -21,7 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .gguf import last_to_finish, split_counters
+from .pdl import wait_for_inputs
 from .q8act import QBLOCK, _round_store
 
 MAX_D = 16384  # one row must fit one program's registers
@@ -29,9 +31,11 @@ MAX_D = 16384  # one row must fit one program's registers
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, xq_ptr, dx_ptr, sx_ptr, D, eps, s_x, s_r, s_y, s_h,
-                     BD: tl.constexpr, UNIT_OFFSET: tl.constexpr, RESIDUAL: tl.constexpr, Q8: tl.constexpr):
+                     BD: tl.constexpr, UNIT_OFFSET: tl.constexpr, RESIDUAL: tl.constexpr, Q8: tl.constexpr,
+                     PDL: tl.constexpr):
     """y[row] = h * rsqrt(mean(h^2) + eps) * w with h = x[row] (+ residual[row], stored to h_ptr).
     Q8: also y's int8 rounding for the next GEMV (q8act.quantize_x's arithmetic on the stored y)."""
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BD)
     m = d < D
@@ -89,7 +93,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: boo
                                xq if q8 else y2, dx if q8 else y2, sx if q8 else y2, D, float(eps),
                                x2.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0), h2.stride(0),
                                BD=BD, UNIT_OFFSET=bool(unit_offset), RESIDUAL=residual is not None, Q8=q8,
-                               num_warps=max(1, min(16, BD // 512)))
+                               num_warps=max(1, min(16, BD // 512)), **pdl.launch(x.device))
     out = (y,) if residual is None else (y, h)
     if q8:
         out += ((xq, dx, sx),)
@@ -99,10 +103,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: boo
 @triton.jit
 def _rope_qk_kernel(q_ptr, k_ptr, pos_ptr, inv_ptr, qo_ptr, ko_ptr, wq_ptr, wk_ptr, eps, H, Hkv, s_qt, s_qh, s_kt,
                     s_kh, D: tl.constexpr, ROT: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr,
-                    NORM: tl.constexpr, UNIT_OFFSET: tl.constexpr):
+                    NORM: tl.constexpr, UNIT_OFFSET: tl.constexpr, PDL: tl.constexpr):
     """Program (t, j): head j of q (j < H) or head j - H of k; outputs contiguous [T, heads, D].
     NORM: each head first RMS-normalised over its D values with weights wq / wk (`_rms_norm_kernel`'s
     arithmetic), as Qwen3's and Gemma 3's q/k norms."""
+    wait_for_inputs(PDL)
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     if j < H:
@@ -172,15 +177,17 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq:
         _rope_qk_kernel[(T, H + Hkv)](q, k, positions, inv_freq.float().contiguous(), qo, ko, wq.contiguous(),
                                       wk.contiguous(), float(eps), H, Hkv, q.stride(0), q.stride(1), k.stride(0),
                                       k.stride(1), D=D, ROT=rot_dim, HP=HP, DP=DP, NORM=norm is not None,
-                                      UNIT_OFFSET=bool(unit), num_warps=1, enable_fp_fusion=False)
+                                      UNIT_OFFSET=bool(unit), num_warps=1, enable_fp_fusion=False,
+                                      **pdl.launch(q.device))
     return qo, ko
 
 
 @triton.jit
 def _kv_write_kernel(k_ptr, v_ptr, pos_ptr, kc_ptr, vc_ptr, s_kt, s_vt, s_kc, s_vc, n_k, n_v,
-                     BK: tl.constexpr, BV: tl.constexpr):
+                     BK: tl.constexpr, BV: tl.constexpr, PDL: tl.constexpr):
     """Program t: row t of k [T, n_k] and v [T, n_v] (heads flattened) into the caches' row pos[t],
     converted to the caches' dtypes."""
+    wait_for_inputs(PDL)
     t = tl.program_id(0)
     row = tl.load(pos_ptr + t).to(tl.int64)
     dk = tl.arange(0, BK)
@@ -199,12 +206,14 @@ def kv_write(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, k_cache:
     T = k.shape[0]
     n_k, n_v = k[0].numel(), v[0].numel()
     _kv_write_kernel[(T,)](k, v, positions, k_cache, v_cache, k.stride(0), v.stride(0), k_cache.stride(0),
-                           v_cache.stride(0), n_k, n_v, BK=triton.next_power_of_2(n_k), BV=triton.next_power_of_2(n_v))
+                           v_cache.stride(0), n_k, n_v, BK=triton.next_power_of_2(n_k), BV=triton.next_power_of_2(n_v),
+                           **pdl.launch(k.device))
 
 
 @triton.jit
-def _ring_write_kernel(x_ptr, pos_ptr, ring_ptr, size, s_x, s_r, n, BD: tl.constexpr):
+def _ring_write_kernel(x_ptr, pos_ptr, ring_ptr, size, s_x, s_r, n, BD: tl.constexpr, PDL: tl.constexpr):
     """Program t: row t of x into the ring's slot pos[t] % size, converted to the ring's dtype."""
+    wait_for_inputs(PDL)
     t = tl.program_id(0)
     slot = (tl.load(pos_ptr + t) % size).to(tl.int64)
     d = tl.arange(0, BD)
@@ -220,12 +229,13 @@ def ring_write(x: torch.Tensor, positions: torch.Tensor, ring: torch.Tensor) -> 
         raise ValueError(f"ring_write: x {tuple(x.shape)}, ring {tuple(ring.shape)}")
     if T:
         _ring_write_kernel[(T,)](x, positions, ring, ring.shape[0], x.stride(0), ring.stride(0), n,
-                                 BD=triton.next_power_of_2(n))
+                                 BD=triton.next_power_of_2(n), **pdl.launch(x.device))
 
 
 @triton.jit
-def _weighted_rows_kernel(y_ptr, w_ptr, out_ptr, K, D, BK: tl.constexpr, BD: tl.constexpr):
+def _weighted_rows_kernel(y_ptr, w_ptr, out_ptr, K, D, BK: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
     """Program (t, block of D): out[t] = sum over k of w[t, k] * y[t * K + k], in fp32."""
+    wait_for_inputs(PDL)
     t = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BD + tl.arange(0, BD)
     k = tl.arange(0, BK)
@@ -246,7 +256,7 @@ def weighted_rows(y: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch
     if T:
         BD = min(512, triton.next_power_of_2(D))
         _weighted_rows_kernel[(T, triton.cdiv(D, BD))](y, w, out, K, D, BK=triton.next_power_of_2(K), BD=BD,
-                                                      num_warps=4)
+                                                      num_warps=4, **pdl.launch(y.device))
     return out
 
 
@@ -267,11 +277,12 @@ def dense_slice(x_ptr, w_ptr, rows, N, K, s_w, sk, k_per, BN: tl.constexpr, BK: 
 
 @triton.jit
 def _dense_gemv_kernel(x_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, N, K, s_w, k_per, SPLITS,
-                       BN: tl.constexpr, BK: tl.constexpr):
+                       BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
     """Program (i, s): rows i*BN.. of W over K slice s (k_per wide), W in any float dtype read as
     stored, fp32 products and sums. SPLITS > 1: each slice's sums go to part[s]; the program that
     finishes a row block last (a counter per block, reset by it for the next launch) adds the
     slices in order 0..SPLITS-1, so the result does not depend on which program ran when."""
+    wait_for_inputs(PDL)
     i = tl.program_id(0)
     sk = tl.program_id(1)
     rows = i * BN + tl.arange(0, BN)
@@ -307,14 +318,15 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, splits: int | None = None) -> t
     part = torch.empty((splits, N), dtype=torch.float32, device=x.device) if splits > 1 else out
     cnt = split_counters(x.device, blocks) if splits > 1 else out
     _dense_gemv_kernel[(blocks, splits)](x, w, out, part, cnt, N, K, w.stride(0), k_per, splits, BN=bn, BK=bk,
-                                         num_warps=4)
+                                         num_warps=4, **pdl.launch(x.device))
     return out
 
 
 @triton.jit
-def _swiglu_kernel(gu_ptr, out_ptr, K, s_gu, s_out, limit, BLOCK: tl.constexpr, LIMIT: tl.constexpr):
+def _swiglu_kernel(gu_ptr, out_ptr, K, s_gu, s_out, limit, BLOCK: tl.constexpr, LIMIT: tl.constexpr, PDL: tl.constexpr):
     """Program (m, block): out[m] = silu(gate) * up of the row's halves gu[m] = [gate | up]
     (LIMIT: gate clamped from above and up on both sides first, as `moe.swiglu`)."""
+    wait_for_inputs(PDL)
     m = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     g = tl.load(gu_ptr + m * s_gu + offs, mask=offs < K, other=0.0).to(tl.float32)
@@ -336,5 +348,5 @@ def swiglu(gu: torch.Tensor, limit: float | None, dtype: torch.dtype) -> torch.T
     if M:
         block = min(1024, triton.next_power_of_2(K))
         _swiglu_kernel[(M, triton.cdiv(K, block))](gu, out, K, gu.stride(0), out.stride(0), float(limit or 0.0),
-                                                   BLOCK=block, LIMIT=bool(limit), num_warps=4)
+                                                   BLOCK=block, LIMIT=bool(limit), num_warps=4, **pdl.launch(gu.device))
     return out

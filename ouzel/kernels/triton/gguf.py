@@ -32,6 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import wait_for_inputs
+
 # type ids (constexpr in the kernels): name -> (id, S, L, GGUF's bytes per 256-element step)
 _TYPES = {"Q4_K": (0, 8, 32, 144), "Q6_K": (1, 16, 16, 210), "Q8_0": (2, 8, 32, 272), "Q4_0": (3, 8, 32, 144),
           "Q2_K": (4, 16, 16, 84), "IQ2_XXS": (5, 8, 32, 66), "Q6_K_R8": (6, 16, 16, 210),
@@ -168,9 +171,10 @@ def _qgemv_kernel(x_ptr, w_ptr, out_ptr, idx_ptr, grid_ptr, signs_ptr, N, steps_
                   stride_xm, stride_xg, x_div, stride_os, stride_og, stride_om,
                   M: tl.constexpr, MP: tl.constexpr, TYPE: tl.constexpr, S: tl.constexpr,
                   L: tl.constexpr, BN: tl.constexpr, U: tl.constexpr, HAS_IDX: tl.constexpr,
-                  STAGES: tl.constexpr = 1):
+                  STAGES: tl.constexpr = 1, PDL: tl.constexpr = False):
     """Program (i, j): rows i*BN.., K steps [j*steps_per_split, (j+1)*steps_per_split), U steps
     decoded per iteration (more loads in flight); writes out[j, m, row] (fp32 partials if split)."""
+    wait_for_inputs(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     g = tl.program_id(2)  # MoE: (token, expert) pair g uses x row g // x_div and expert idx[g]
@@ -209,7 +213,8 @@ def _qgemv_kernel(x_ptr, w_ptr, out_ptr, idx_ptr, grid_ptr, signs_ptr, N, steps_
 
 @triton.jit
 def _qdequant_kernel(w_ptr, out_ptr, grid_ptr, signs_ptr, N, K, row_bytes, TYPE: tl.constexpr, S: tl.constexpr,
-                     L: tl.constexpr, BN: tl.constexpr):
+                     L: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     pid = tl.program_id(0)
     kb = tl.program_id(1)
     rows = pid * BN + tl.arange(0, BN)
@@ -329,12 +334,14 @@ def _quads(row_ptr, kb, TYPE: tl.constexpr, grid_ptr, signs_ptr):
 def _moe_gemm_kernel(x_ptr, w_ptr, out_ptr, grid_ptr, signs_ptr, pair_row_ptr, tile_expert_ptr, tile_start_ptr,
                      tile_end_ptr, N, K, row_bytes, expert_bytes, stride_xm, stride_om,
                      TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, QUADS: tl.constexpr, STAGES: tl.constexpr):
+                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, QUADS: tl.constexpr, STAGES: tl.constexpr,
+                     PDL: tl.constexpr):
     """Program (t, j): (token, expert) pairs tile_start[t] .. tile_end[t] (all of one expert e =
     tile_expert[t], at most BM) times output rows j*BN.. of W_e: out[pair] = x[pair_row[pair]] . W_e.T.
     Each 256-step of W_e's blocks is decoded in registers and fed to tl.dot: the experts' weights
     are never written out dense. The decoded tile is the MMA's M side (out.T = W_e . x.T) so that
     a tile of few pairs (BM = 16) still fills the tensor-core instruction; QUADS picks `_quads`."""
+    wait_for_inputs(PDL)
     t = tl.program_id(0)
     j = tl.program_id(1)
     start = tl.load(tile_start_ptr + t)
@@ -383,9 +390,11 @@ def moe_tiles(counts, bm: int, device, pairs: int | None = None) -> tuple[torch.
 
 
 @triton.jit
-def _moe_tiles_kernel(counts_ptr, e_ptr, start_ptr, end_ptr, E, bm, n_tiles, BE: tl.constexpr, BT: tl.constexpr):
+def _moe_tiles_kernel(counts_ptr, e_ptr, start_ptr, end_ptr, E, bm, n_tiles, BE: tl.constexpr, BT: tl.constexpr,
+                      PDL: tl.constexpr):
     """One program: tile t of the schedule belongs to the expert whose tiles (ceil(count / bm) of
     them, experts in order) cover t; its pairs are [start, end). Tiles past the last are empty."""
+    wait_for_inputs(PDL)
     e = tl.arange(0, BE)
     c = tl.load(counts_ptr + e, mask=e < E, other=0).to(tl.int32)
     per = (c + bm - 1) // bm  # tiles of each expert
@@ -413,7 +422,8 @@ def _moe_tiles_device(counts: torch.Tensor, bm: int, n_tiles: int):
     prefill's top host cost per MoE matmul); `_moe_tiles_reference` is the same in torch."""
     out = torch.empty((3, n_tiles), dtype=torch.int32, device=counts.device)
     E = counts.shape[0]
-    _moe_tiles_kernel[(1,)](counts, out[0], out[1], out[2], E, bm, n_tiles, BE=triton.next_power_of_2(E), BT=64)
+    _moe_tiles_kernel[(1,)](counts, out[0], out[1], out[2], E, bm, n_tiles, BE=triton.next_power_of_2(E), BT=64,
+                            **pdl.launch(counts.device))
     return out[0], out[1], out[2]
 
 
@@ -457,7 +467,7 @@ def qgemm_experts(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, pair_
         n * raw.stride(0), x.stride(0), out.stride(0), TYPE=tid, S=S, L=L, BM=bm, BN=bn,
         DOT_DTYPE=tl.bfloat16 if dot == torch.bfloat16 else (tl.float16 if dot == torch.float16 else tl.float32),
         PRECISION="ieee" if dot == torch.float32 else "tf32",  # fp32 operands: exact fp32, not TF32
-        QUADS=quads, STAGES=stages, num_warps=num_warps)
+        QUADS=quads, STAGES=stages, num_warps=num_warps, **pdl.launch(x.device))
     return out
 
 
@@ -561,7 +571,8 @@ def qgemv(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch.Te
     _qgemv_kernel[grid](
         x, raw, dst, idx_arg, *_tables(raw.device), n, n_steps // split, raw.stride(0), expert,
         x.stride(0), x.stride(0), x_div, stride_os, stride_og, dst.stride(-2),
-        M=m, MP=mp, TYPE=tid, S=S, L=L, BN=bn, U=u, HAS_IDX=moe, STAGES=stages, num_warps=num_warps)
+        M=m, MP=mp, TYPE=tid, S=S, L=L, BN=bn, U=u, HAS_IDX=moe, STAGES=stages, num_warps=num_warps,
+        **pdl.launch(x.device))
     return finish_gemv(dst, out)
 
 
@@ -572,7 +583,8 @@ def qdequant(raw: torch.Tensor, bt_name: str, shape, dtype=torch.float32, out: t
     if out is None:
         out = torch.empty((n, k), dtype=dtype, device=raw.device)
     _qdequant_kernel[(triton.cdiv(n, bn), k // STEP)](raw, out, *_tables(raw.device), n, k, raw.stride(0),
-                                                       TYPE=tid, S=S, L=L, BN=bn, num_warps=num_warps)
+                                                       TYPE=tid, S=S, L=L, BN=bn, num_warps=num_warps,
+                                                       **pdl.launch(raw.device))
     return out
 
 

@@ -12,10 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import wait_for_inputs
+
 
 @triton.jit
 def _mhc_mix_kernel(m_ptr, b_ptr, s_ptr, pre_ptr, post_ptr, comb_ptr, s_m, N, iters, eps,
-                    BN: tl.constexpr):
+                    BN: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BN)
     j = tl.arange(0, BN)
@@ -49,5 +53,6 @@ def mhc_mix(mixes: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, n: int
     comb = torch.empty((T, n, n), dtype=torch.float32, device=mixes.device)
     if T:
         _mhc_mix_kernel[(T,)](mixes, base.contiguous(), scale.contiguous(), pre, post, comb, mixes.stride(0),
-                              n, max(int(iters), 1), float(eps), BN=triton.next_power_of_2(n), num_warps=1)
+                              n, max(int(iters), 1), float(eps), BN=triton.next_power_of_2(n), num_warps=1,
+                              **pdl.launch(mixes.device))
     return pre, post, comb

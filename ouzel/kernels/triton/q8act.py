@@ -41,7 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .gguf import finish_gemv, last_to_finish, plan_gemv, split_counters
+from .pdl import wait_for_inputs
 
 QBLOCK = 32  # activation values per int8 scale
 
@@ -63,8 +65,9 @@ def _round_store(x, xq_ptr, dx_ptr, sx_ptr, m, b, K, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _quant_x_kernel(x_ptr, xq_ptr, dx_ptr, sx_ptr, K, stride_xm, BLOCK: tl.constexpr):
+def _quant_x_kernel(x_ptr, xq_ptr, dx_ptr, sx_ptr, K, stride_xm, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Program (m, b): values b*BLOCK .. of row m -> int8, and per 32 the scale and the sum."""
+    wait_for_inputs(PDL)
     m = tl.program_id(0)
     b = tl.program_id(1)
     offs = b * BLOCK + tl.arange(0, BLOCK)
@@ -74,9 +77,10 @@ def _quant_x_kernel(x_ptr, xq_ptr, dx_ptr, sx_ptr, K, stride_xm, BLOCK: tl.const
 
 @triton.jit
 def _quant_swiglu_kernel(gu_ptr, xq_ptr, dx_ptr, sx_ptr, K, stride_m, limit, BLOCK: tl.constexpr,
-                         LIMIT: tl.constexpr):
+                         LIMIT: tl.constexpr, PDL: tl.constexpr):
     """`_quant_x_kernel` of x = silu(gate) * up, gate and up the two halves of a gu row [2K]
     (LIMIT: gate clamped from above and up on both sides at `limit` first, as `moe.swiglu`)."""
+    wait_for_inputs(PDL)
     m = tl.program_id(0)
     b = tl.program_id(1)
     offs = b * BLOCK + tl.arange(0, BLOCK)
@@ -101,7 +105,7 @@ def quantize_swiglu(gu: torch.Tensor, limit: float | None = None) -> tuple[torch
     sx = torch.empty_like(dx)
     block = 256 if k % 256 == 0 else 32
     _quant_swiglu_kernel[(m, triton.cdiv(k, block))](gu, xq, dx, sx, k, gu.stride(0), float(limit or 0.0),
-                                                     BLOCK=block, LIMIT=bool(limit))
+                                                     BLOCK=block, LIMIT=bool(limit), **pdl.launch(gu.device))
     return xq, dx, sx
 
 
@@ -112,7 +116,7 @@ def quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     dx = torch.empty((m, k // QBLOCK), dtype=torch.float32, device=x.device)
     sx = torch.empty_like(dx)
     block = 256 if k % 256 == 0 else 32
-    _quant_x_kernel[(m, triton.cdiv(k, block))](x, xq, dx, sx, k, x.stride(0), BLOCK=block)
+    _quant_x_kernel[(m, triton.cdiv(k, block))](x, xq, dx, sx, k, x.stride(0), BLOCK=block, **pdl.launch(x.device))
     return xq, dx, sx
 
 
@@ -166,9 +170,10 @@ def _q4k_scale(p, s):
 def _q4k_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, wb_ptr, out_ptr, idx_ptr, N, blocks_per_split, row_words,
                 expert_words, K, x_div, stride_os, stride_og, stride_om,
                 M: tl.constexpr, MP: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr,
-                HAS_IDX: tl.constexpr, USE_ASM: tl.constexpr, PREFETCH: tl.constexpr):
+                HAS_IDX: tl.constexpr, USE_ASM: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
     """Program (i, split, g): rows i*BN.., blocks [split*blocks_per_split, ...), pair g (MoE: x row
     g // x_div, expert idx[g]). Tile [BN rows, NB blocks, 4 groups j, 8 words w]."""
+    wait_for_inputs(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     g = tl.program_id(2)
@@ -270,9 +275,12 @@ def _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, split, g, strid
 
 
 @triton.jit
-def _m1_rows(idx_ptr, N, row_quads, expert_quads, BN: tl.constexpr, HAS_IDX: tl.constexpr):
+def _m1_rows(idx_ptr, N, row_quads, expert_quads, BN: tl.constexpr, HAS_IDX: tl.constexpr, PDL: tl.constexpr):
     """The one-row kernels' program (i, split, g): rows i*BN.., and their first words (row strides
-    in 16-byte units, so Triton knows every row is 16-byte aligned; MoE: expert idx[g]'s rows)."""
+    in 16-byte units, so Triton knows every row is 16-byte aligned; MoE: expert idx[g]'s rows).
+    The experts come from the router: a MoE kernel waits for its inputs here (PDL, `pdl.py`)."""
+    if HAS_IDX:
+        wait_for_inputs(PDL)
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     wrow = tl.minimum(rows, N - 1).to(tl.int64) * row_quads * 4
     if HAS_IDX:
@@ -281,17 +289,25 @@ def _m1_rows(idx_ptr, N, row_quads, expert_quads, BN: tl.constexpr, HAS_IDX: tl.
 
 
 @triton.jit
+def _weights_loaded(PDL: tl.constexpr, HAS_IDX: tl.constexpr):
+    """A one-row kernel of dense weights issues its first step's weight loads, then waits for x
+    (PDL): the weights are constant, so their loads overlap the previous kernel's tail."""
+    if not HAS_IDX:
+        wait_for_inputs(PDL)
+
+
+@triton.jit
 def _q4k_m1_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr, idx_ptr, N, blocks_per_split,
                    row_quads, expert_quads, K, x_div, stride_os, stride_og, BN: tl.constexpr, NB: tl.constexpr,
                    HAS_IDX: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr, COMBINE: tl.constexpr, GP:
-                   tl.constexpr, USE_ASM: tl.constexpr):
+                   tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr):
     """`_q4k_kernel` for one activation row (decode), every load of step i + 1 in flight while step i
     computes: the nibble words, the block headers as one 16-byte word load each (d | dmin, then
     the three words of 6-bit scales, decoded with shifts instead of byte loads), and x's words
     and scales. Products are scaled per word and summed once at the end."""
     split = tl.program_id(1)
     g = tl.program_id(2)
-    rows, wrow = _m1_rows(idx_ptr, N, row_quads, expert_quads, BN, HAS_IDX)
+    rows, wrow = _m1_rows(idx_ptr, N, row_quads, expert_quads, BN, HAS_IDX, PDL)
     xrow = (g // x_div).to(tl.int64)
     b4 = tl.arange(0, NB)[None, :, None, None]
     j4 = tl.arange(0, 4)[None, None, :, None]
@@ -307,6 +323,7 @@ def _q4k_m1_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mi
     blk3 = split * blocks_per_split + b3
     qw = tl.load(nib + blk * 36)
     hw = tl.load(hdr + blk3 * 36)
+    _weights_loaded(PDL, HAS_IDX)
     xl = tl.load(xw + blk * 64)
     xh = tl.load(xw + blk * 64 + 8)
     dl = tl.load(dx_ptr + xs + blk3 * 8)
@@ -366,7 +383,7 @@ def _q4k_scale_words(wa, wm, wc, s):
 def _q6k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr, idx_ptr, N, blocks_per_split,
                       row_quads, expert_quads, K, x_div, stride_os, stride_og, BN: tl.constexpr, NB: tl.constexpr,
                       HAS_IDX: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr, COMBINE: tl.constexpr, GP:
-                      tl.constexpr, USE_ASM: tl.constexpr, G: tl.constexpr, GW: tl.constexpr):
+                      tl.constexpr, USE_ASM: tl.constexpr, G: tl.constexpr, GW: tl.constexpr, PDL: tl.constexpr):
     """One x row times Q6_K_R8 or Q6_K_R3 rows (quant/blocks.py: per group of G = 8 or 3 blocks, GW =
     420 or 160 words: their Q6_K bodies of 208 bytes (52 words), then their G f16 d, two to a word;
     R3 then 10 bytes of padding). Tile [BN rows, NB blocks, 2 halves h, 16 words u]: ql word u of
@@ -376,7 +393,7 @@ def _q6k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr
     during step i."""
     split = tl.program_id(1)
     g = tl.program_id(2)
-    rows, wrow = _m1_rows(idx_ptr, N, row_quads, expert_quads, BN, HAS_IDX)
+    rows, wrow = _m1_rows(idx_ptr, N, row_quads, expert_quads, BN, HAS_IDX, PDL)
     xrow = (g // x_div).to(tl.int64)
     b4 = tl.arange(0, NB)[None, :, None, None]
     h4 = tl.arange(0, 2)[None, None, :, None]
@@ -394,6 +411,7 @@ def _q6k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr
     sw = tl.load(w_ptr + body + 48 + h4 * 2)  # scale words: sub-blocks 8h .. 8h+3, then 8h+4 ..
     sw2 = tl.load(w_ptr + body + 49 + h4 * 2)
     dw = tl.load(w_ptr + r4 + (blk // G) * GW + G * 52 + (blk % G) // 2)
+    _weights_loaded(PDL, HAS_IDX)
     xl = tl.load(xw + blk * 64)
     xh = tl.load(xw + blk * 64 + 16)
     dl = tl.load(dx_ptr + xs + blk * 8)
@@ -432,7 +450,7 @@ def _q6k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr
 def _q8_0_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr, idx_ptr, N, blocks_per_split,
                        row_vecs, expert_vecs, K, x_div, stride_os, stride_og, BN: tl.constexpr, NB: tl.constexpr,
                        HAS_IDX: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr, COMBINE: tl.constexpr, GP:
-                       tl.constexpr, USE_ASM: tl.constexpr):
+                       tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr):
     """One x row times Q8_0_R8 rows (quant/blocks.py: per 256 elements, 8 x 32 int8 quants, then
     their 8 f16 d; 68 words). Tile [16 quads q, NB steps, BN rows, 4 words w]: quant word 4q + w
     holds elements 16q + 4w .. +3 (block q // 2), as does x's int8 word 64 * step + 4q + w, so a
@@ -442,7 +460,7 @@ def _q8_0_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_pt
     i + 1 is in flight during step i."""
     split = tl.program_id(1)
     g = tl.program_id(2)
-    rows, wrow = _m1_rows(idx_ptr, N, row_vecs, expert_vecs, BN, HAS_IDX)
+    rows, wrow = _m1_rows(idx_ptr, N, row_vecs, expert_vecs, BN, HAS_IDX, PDL)
     r4 = wrow[None, None, :, None]
     q4 = tl.arange(0, 16)[:, None, None, None]
     b4 = tl.arange(0, NB)[None, :, None, None]
@@ -459,6 +477,7 @@ def _q8_0_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_pt
     blk = split * blocks_per_split + b4
     qw = tl.load(qp + blk * 68)
     dw = tl.load(dp + blk * 68)
+    _weights_loaded(PDL, HAS_IDX)
     xw = tl.load(xp + blk * 64)
     dx = tl.load(sp + blk * 8)
     acc = tl.zeros([16, NB, BN, 1], dtype=tl.float32)
@@ -501,7 +520,7 @@ def _q2k_field(qw, xw, dxw, sw, dd, dm, a4, i4, J: tl.constexpr, USE_ASM: tl.con
 def _q2k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr, idx_ptr, N, blocks_per_split,
                       row_quads, expert_quads, K, x_div, stride_os, stride_og, BN: tl.constexpr, NB: tl.constexpr,
                       HAS_IDX: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr, COMBINE: tl.constexpr, GP:
-                      tl.constexpr, USE_ASM: tl.constexpr):
+                      tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr):
     """One x row times Q2_K_R8 rows (quant/blocks.py: per 2048 elements, 8 Q2_K bodies of 20 words
     (16 scale bytes: low nibble scale, high nibble min, per 16 elements; 64 bytes of 2-bit quants),
     then their 8 words d | dmin << 16; 168 words). Tile [4 quads a, NB blocks, BN rows, 4 words i]:
@@ -513,7 +532,7 @@ def _q2k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr
     load of step i + 1 is in flight during step i."""
     split = tl.program_id(1)
     g = tl.program_id(2)
-    rows, wrow = _m1_rows(idx_ptr, N, row_quads, expert_quads, BN, HAS_IDX)
+    rows, wrow = _m1_rows(idx_ptr, N, row_quads, expert_quads, BN, HAS_IDX, PDL)
     xrow = (g // x_div).to(tl.int64)
     a4 = tl.arange(0, 4)[:, None, None, None]
     b4 = tl.arange(0, NB)[None, :, None, None]
@@ -527,6 +546,7 @@ def _q2k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr
     qw = tl.load(grp + (blk % 8) * 20 + 4 + 4 * a4 + i4)
     sw = tl.load(grp + (blk % 8) * 20 + i4 + 0 * a4)  # the 16 scale bytes
     hw = tl.load(grp + 160 + 4 * (blk % 8 // 4) + i4 + 0 * a4)  # the quad of headers with this block's
+    _weights_loaded(PDL, HAS_IDX)
     x0, x1 = tl.load(xw + blk * 64), tl.load(xw + blk * 64 + 8)
     x2, x3 = tl.load(xw + blk * 64 + 16), tl.load(xw + blk * 64 + 24)
     dxw = tl.load(xs + blk * 8)
@@ -596,7 +616,8 @@ def _iq2xxs_group(gi, aux, xa, xb, grid_ptr, signs_ptr, i4, USE_ASM: tl.constexp
 def _iq2xxs_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr, idx_ptr, N, blocks_per_split,
                          row_quads, expert_quads, K, x_div, stride_os, stride_og, grid_ptr, signs_ptr, BN:
                          tl.constexpr, NB: tl.constexpr, HAS_IDX: tl.constexpr, SPLITS: tl.constexpr, SP:
-                         tl.constexpr, COMBINE: tl.constexpr, GP: tl.constexpr, USE_ASM: tl.constexpr):
+                         tl.constexpr, COMBINE: tl.constexpr, GP: tl.constexpr, USE_ASM: tl.constexpr,
+                         PDL: tl.constexpr):
     """One x row times IQ2_XXS_R8 rows (quant/blocks.py: per 2048 elements, 8 IQ2_XXS bodies of 16
     words, then their 8 f16 d; 132 words). Body words 2g, 2g + 1 of group g (32 elements, x's
     block g): 4 grid indices (byte p: elements 32g + 8p .. + 7, magnitudes in {8, 25, 43} from the
@@ -607,7 +628,7 @@ def _iq2xxs_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_
     `_q2k_r8_m1_kernel`). Every load of step i + 1 but the table reads is in flight during step i."""
     split = tl.program_id(1)
     g = tl.program_id(2)
-    rows, wrow = _m1_rows(idx_ptr, N, row_quads, expert_quads, BN, HAS_IDX)
+    rows, wrow = _m1_rows(idx_ptr, N, row_quads, expert_quads, BN, HAS_IDX, PDL)
     xrow = (g // x_div).to(tl.int64)
     a4 = tl.arange(0, 4)[:, None, None, None]
     b4 = tl.arange(0, NB)[None, :, None, None]
@@ -620,6 +641,7 @@ def _iq2xxs_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_
     grp = w_ptr + r4 + (blk // 8) * 132
     qw = tl.load(grp + (blk % 8) * 16 + 4 * a4 + i4)
     dw = tl.load(grp + 128 + i4 + 0 * a4)  # the 8 d of the group
+    _weights_loaded(PDL, HAS_IDX)
     x0, x1 = tl.load(xw + blk * 64), tl.load(xw + blk * 64 + 4)
     x2, x3 = tl.load(xw + blk * 64 + 8), tl.load(xw + blk * 64 + 12)
     dxw = tl.load(xs + blk * 8)
@@ -698,7 +720,8 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch
     u, split, out, dst = plan_gemv("qgemv_q8", x, n, n_blocks, groups if moe else m, triton.cdiv(n, bn) * groups, u,
                                    split, target, out)
     grid = (triton.cdiv(n, bn), split, groups)
-    common = dict(M=m, MP=1 << (m - 1).bit_length(), BN=bn, NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps)
+    common = dict(M=m, MP=1 << (m - 1).bit_length(), BN=bn, NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps,
+                  **pdl.launch(x.device))
     strides = (k, x_div, 0 if split == 1 else dst.stride(0), dst.stride(-2) if moe else 0, dst.stride(-2))
     idx_arg = idx if moe else dx
     one_row = bt_name in ONE_ROW or (m1 and m == 1)
@@ -720,12 +743,13 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch
         ONE_ROW[bt_name][grid](xq.view(torch.int32), dx, raw.view(torch.int32), out, dst, cnt, w_arg, idx_arg, n,
                                n_blocks // split, raw.stride(0) // 16, n * raw.stride(0) // 16, k, x_div, strides[2],
                                strides[3], *tables, BN=bn, NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda,
-                               num_warps=num_warps, **finish, **_Q6K_GROUPS.get(bt_name, {}))
+                               num_warps=num_warps, **finish, **_Q6K_GROUPS.get(bt_name, {}), **pdl.launch(x.device))
         return out
     if m1 and m == 1:
         _q4k_m1_kernel[grid](xq.view(torch.int32), dx, sx, raw.view(torch.int32), out, dst, cnt, w_arg, idx_arg, n,
                              n_blocks // split, raw.stride(0) // 16, n * raw.stride(0) // 16, k, x_div, strides[2],
-                             strides[3], BN=bn, NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps, **finish)
+                             strides[3], BN=bn, NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps, **finish,
+                             **pdl.launch(x.device))
         return out
     _q4k_kernel[grid](xq.view(torch.int32), dx, sx, raw.view(torch.int32), raw, dst, idx_arg, n, n_blocks // split,
                       raw.stride(0) // 4, n * raw.stride(0) // 4, *strides, PREFETCH=prefetch, **common)

@@ -21,8 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
 from .fused import dense_slice
 from .gguf import last_to_finish, split_counters
+from .pdl import wait_for_inputs
 
 MAX_E = 1024
 
@@ -74,7 +76,8 @@ def _route_row(x, t, e, ok, bias_ptr, tab_ptr, ids_ptr, w_ptr, idx_ptr, K, scali
 @triton.jit
 def _route_kernel(logits_ptr, bias_ptr, tab_ptr, ids_ptr, w_ptr, idx_ptr, E, K, scaling, eps, s_l,
                   BE: tl.constexpr, BK: tl.constexpr, SCORE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  RENORM: tl.constexpr, HASH: tl.constexpr):
+                  RENORM: tl.constexpr, HASH: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     t = tl.program_id(0)
     e = tl.arange(0, BE)
     ok = e < E
@@ -87,10 +90,11 @@ def _route_kernel(logits_ptr, bias_ptr, tab_ptr, ids_ptr, w_ptr, idx_ptr, E, K, 
 def _route_linear_kernel(x_ptr, r_ptr, part_ptr, cnt_ptr, bias_ptr, tab_ptr, ids_ptr, w_ptr, idx_ptr, E, D, s_r,
                          k_per, K, scaling, eps, SPLITS: tl.constexpr, CH: tl.constexpr, BR: tl.constexpr,
                          BD: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, SCORE: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, HASH: tl.constexpr):
+                         HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, HASH: tl.constexpr, PDL: tl.constexpr):
     """Program (row block b, K slice s): router rows b*BR.. times x's slice s (the router weight in
     its own dtype, fp32 sums) into part[s]. The last program of the grid to finish (one counter,
     re-armed by it) adds the slices in split order per expert and routes (`_route_row`)."""
+    wait_for_inputs(PDL)
     sk = tl.program_id(1)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     tl.store(part_ptr + sk * BE + rows, dense_slice(x_ptr, r_ptr, rows, E, D, s_r, sk, k_per, BR, BD), mask=rows < E)
@@ -127,7 +131,8 @@ def route(logits: torch.Tensor, k: int, scaling: float = 1.0, scoring: str = "so
                         ids if ids is not None else idx, w, idx, E, k, float(scaling), float(eps),
                         logits.stride(0), BE=triton.next_power_of_2(E), BK=triton.next_power_of_2(k),
                         SCORE=SCORES[scoring], HAS_BIAS=bias is not None, RENORM=renorm, HASH=table is not None,
-                        num_warps=1 if E <= 512 else 4)  # one warp: the 3K reductions stay in shuffles
+                        num_warps=1 if E <= 512 else 4,  # one warp: the 3K reductions stay in shuffles
+                        **pdl.launch(logits.device))
     return w, idx
 
 
@@ -161,5 +166,6 @@ def route_linear(x: torch.Tensor, weight: torch.Tensor, k: int, scaling: float =
         x, weight, part, split_counters(x.device, 1), bias if bias is not None else x,
         table if table is not None else idx, ids if ids is not None else idx, w, idx, E, D, weight.stride(0), k_per,
         k, float(scaling), float(eps), SPLITS=splits, CH=CH, BR=BR, BD=BD, BE=BE, BK=triton.next_power_of_2(k),
-        SCORE=SCORES[scoring], HAS_BIAS=bias is not None, RENORM=renorm, HASH=table is not None, num_warps=4)
+        SCORE=SCORES[scoring], HAS_BIAS=bias is not None, RENORM=renorm, HASH=table is not None, num_warps=4,
+        **pdl.launch(x.device))
     return w, idx

@@ -30,6 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import wait_for_inputs
+
 
 @triton.jit
 def _norm_rope(xe, xo, j, w_ptr, inv_ptr, pos_f, scale, sign, eps, D: tl.constexpr, ROT: tl.constexpr,
@@ -60,10 +63,11 @@ def _norm_rope(xe, xo, j, w_ptr, inv_ptr, pos_f, scale, sign, eps, D: tl.constex
 @triton.jit
 def _compress_pool_kernel(kv_ring, gate_ring, kv_x, gate_x, pos_ptr, bias_ptr, pooled_ptr, size, W,
                           R: tl.constexpr, OVERLAP: tl.constexpr, D: tl.constexpr, BR: tl.constexpr,
-                          BC: tl.constexpr):
+                          BC: tl.constexpr, PDL: tl.constexpr):
     """Program per BC channels of the row: the token's kv/gate columns of them into its ring slot,
     then the per-channel softmax-pool over the open window's slots (online, BR slots a chunk) ->
     pooled [D] fp32. Channels are independent here; only the norm needs the whole row."""
+    wait_for_inputs(PDL)
     pos = tl.load(pos_ptr)
     slot = pos % size
     base = pos // R * R
@@ -115,9 +119,10 @@ def _compress_pool_kernel(kv_ring, gate_ring, kv_x, gate_x, pos_ptr, bias_ptr, p
 
 @triton.jit
 def _compress_row_kernel(pooled_ptr, pos_ptr, w_ptr, inv_ptr, rows_ptr, eps, scale, R: tl.constexpr,
-                         D: tl.constexpr, ROT: tl.constexpr, BH: tl.constexpr):
+                         D: tl.constexpr, ROT: tl.constexpr, BH: tl.constexpr, PDL: tl.constexpr):
     """One program: RMSNorm of the pooled row, rope at the window's first position, written at
     positions // R."""
+    wait_for_inputs(PDL)
     pos = tl.load(pos_ptr)
     j = tl.arange(0, BH)
     mj = j < D // 2
@@ -157,16 +162,17 @@ def compress_step(kv_ring, gate_ring, kv_x, gate_x, positions, bias, rows, norm_
     _compress_pool_kernel[(triton.cdiv(D, BC),)](kv_ring, gate_ring, kv_x.contiguous(), gate_x.contiguous(),
                                                  positions, bias.contiguous(), pooled, kv_ring.shape[0], W,
                                                  R=ratio, OVERLAP=bool(overlap), D=D, BR=BR, BC=BC, num_warps=4,
-                                                 enable_fp_fusion=False)
+                                                 enable_fp_fusion=False, **pdl.launch(kv_ring.device))
     BH = triton.next_power_of_2(D // 2)
     _compress_row_kernel[(1,)](pooled, positions, norm_w.contiguous(), inv_freq.contiguous(), rows, float(eps),
                                float(rope_scale), R=ratio, D=D, ROT=rot, BH=BH, num_warps=max(1, min(4, BH // 128)),
-                               enable_fp_fusion=False)
+                               enable_fp_fusion=False, **pdl.launch(pooled.device))
 
 
 @triton.jit
 def _rms_rope_kernel(x_ptr, y_ptr, pos_ptr, w_ptr, inv_ptr, H, s_t, s_h, eps, scale, sign,
-                     D: tl.constexpr, ROT: tl.constexpr, NORM: tl.constexpr, BH: tl.constexpr):
+                     D: tl.constexpr, ROT: tl.constexpr, NORM: tl.constexpr, BH: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0)
     t = row // H
     src = x_ptr + t.to(tl.int64) * s_t + (row % H) * s_h
@@ -201,13 +207,14 @@ def rms_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor | 
                                    inv_freq if inv_freq is not None else x3, H, x3.stride(0), x3.stride(1),
                                    float(eps), float(rope_scale), float(sign), D=D, ROT=rot, NORM=mode,
                                    BH=triton.next_power_of_2(D // 2), num_warps=max(1, min(4, D // 256)),
-                                   enable_fp_fusion=False)
+                                   enable_fp_fusion=False, **pdl.launch(x3.device))
     return y
 
 
 @triton.jit
 def _hc_pre_kernel(m_ptr, st_ptr, b_ptr, s_ptr, w_ptr, post_ptr, comb_ptr, y_ptr, N, D, s_m, iters,
-                   hc_eps, rms_eps, norm_eps, BN: tl.constexpr, BD: tl.constexpr):
+                   hc_eps, rms_eps, norm_eps, BN: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BN)
     mi = i < N
@@ -269,12 +276,14 @@ def hc_pre(mixes: torch.Tensor, streams: torch.Tensor, base: torch.Tensor, scale
         _hc_pre_kernel[(T,)](mixes, st, base.contiguous(), scale.contiguous(), norm_w.contiguous(), post, comb, y,
                              N, D, mixes.stride(0), max(int(iters), 1), float(hc_eps), float(rms_eps),
                              float(norm_eps), BN=triton.next_power_of_2(N), BD=BD,
-                             num_warps=8 if BD * N >= 8192 else 4)
+                             num_warps=8 if BD * N >= 8192 else 4, **pdl.launch(st.device))
     return post, comb, y
 
 
 @triton.jit
-def _hc_merge_kernel(st_ptr, out_ptr, post_ptr, comb_ptr, y_ptr, N, D, BN: tl.constexpr, BD: tl.constexpr):
+def _hc_merge_kernel(st_ptr, out_ptr, post_ptr, comb_ptr, y_ptr, N, D, BN: tl.constexpr, BD: tl.constexpr,
+                     PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     t = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BD + tl.arange(0, BD)
     md = d < D
@@ -298,7 +307,8 @@ def hc_merge(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb:
     if T:
         BD = min(triton.next_power_of_2(D), 512)
         _hc_merge_kernel[(T, triton.cdiv(D, BD))](st, out, post.contiguous(), comb.contiguous(), y, N, D,
-                                                  BN=triton.next_power_of_2(N), BD=BD, num_warps=4)
+                                                  BN=triton.next_power_of_2(N), BD=BD, num_warps=4,
+                                                  **pdl.launch(st.device))
     return y
 
 
@@ -345,7 +355,7 @@ def _attention_step_kernel(q_ptr, ring_ptr, rows_ptr, top_ptr, sink_ptr, pos_ptr
                            H, size, n_rows, n_top, window, ratio, qk_scale, ring_tiles, n_tiles, per_split,
                            D: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                            BDO: tl.constexpr, MODE: tl.constexpr, SPLIT: tl.constexpr, DEVICE_BOUND: tl.constexpr,
-                           F32_DOT: tl.constexpr):
+                           F32_DOT: tl.constexpr, PDL: tl.constexpr):
     """Program per (block of BH query heads, split, block of BDO output channels). The keys are
     BN-row tiles: ring_tiles of the window ring, then MODE 1: the compressed rows (those complete
     count), 2: the picked rows top[0..n_top-1] (-1: none). Split s takes tiles s, s + splits, ...
@@ -354,6 +364,7 @@ def _attention_step_kernel(q_ptr, ring_ptr, rows_ptr, top_ptr, sink_ptr, pos_ptr
     loop bound, not an `if` in the loop, which stops the loads' cp.async pipelining). SPLIT:
     write the partial (max, sum, unnormalised acc) to ml/part for _attention_combine_kernel, else
     the output."""
+    wait_for_inputs(PDL)
     h = tl.program_id(0) * BH + tl.arange(0, BH)
     split, splits = tl.program_id(1), tl.num_programs(1)
     d0 = tl.program_id(2) * BDO
@@ -406,9 +417,10 @@ def _attention_step_kernel(q_ptr, ring_ptr, rows_ptr, top_ptr, sink_ptr, pos_ptr
 
 @triton.jit
 def _attention_combine_kernel(part_ptr, ml_ptr, sink_ptr, out_ptr, H, splits, D: tl.constexpr, BS: tl.constexpr,
-                              BDC: tl.constexpr):
+                              BDC: tl.constexpr, PDL: tl.constexpr):
     """Program per (head, BDC output channels): the splits' partials merged, the head's sink in
     the denominator only (rounded to the output's = q's dtype, as the torch code does)."""
+    wait_for_inputs(PDL)
     h = tl.program_id(0)
     d = tl.program_id(1) * BDC + tl.arange(0, BDC)
     s = tl.arange(0, BS)
@@ -478,18 +490,20 @@ def attention_step(q: torch.Tensor, ring: torch.Tensor, positions: torch.Tensor,
         q.contiguous(), ring, rows, top.contiguous(), sinks, positions, out, part, ml, H, ring.shape[0],
         rows.shape[0], top.shape[-1], int(window), max(int(ratio), 1), float(scale) * 1.4426950408889634,
         ring_tiles, n_tiles, per_split, D=D, BH=BH, BN=block_n, BD=BD, BDO=BDO, MODE=mode, SPLIT=splits > 1,
-        DEVICE_BOUND=not interpret, F32_DOT=interpret, num_warps=num_warps, num_stages=num_stages)
+        DEVICE_BOUND=not interpret, F32_DOT=interpret, num_warps=num_warps, num_stages=num_stages,
+        **pdl.launch(q.device))
     if splits > 1:
         BS = triton.next_power_of_2(splits)
         BDC = min(triton.next_power_of_2(D), max(16, 4096 // BS))
         _attention_combine_kernel[(H, triton.cdiv(D, BDC))](part, ml, sinks, out, H, splits, D=D, BS=BS, BDC=BDC,
-                                                            num_warps=4)
+                                                            num_warps=4, **pdl.launch(q.device))
     return out
 
 
 @triton.jit
 def _index_scores_kernel(q_ptr, w_ptr, rows_ptr, pos_ptr, out_ptr, n, H, ratio, scale, D: tl.constexpr,
-                         BH: tl.constexpr, BN: tl.constexpr, F32_DOT: tl.constexpr):
+                         BH: tl.constexpr, BN: tl.constexpr, F32_DOT: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     r = tl.program_id(0) * BN + tl.arange(0, BN)
     ok = r < n
     d = tl.arange(0, D)
@@ -516,5 +530,6 @@ def index_scores(q: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, positions
     if n:
         _index_scores_kernel[(triton.cdiv(n, block_n),)](q.contiguous(), w.contiguous(), rows, positions, out, n, H,
                                                          ratio, float(scale), D=D, BH=16, BN=block_n,
-                                                         F32_DOT=not q.is_cuda, num_warps=4)
+                                                         F32_DOT=not q.is_cuda, num_warps=4,
+                                                         **pdl.launch(q.device))
     return out
