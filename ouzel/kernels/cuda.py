@@ -13,6 +13,8 @@ in kv/cache.py and OUZEL_NO_CUDA_GRAPH in engine/graphs.py):
   OUZEL_NO_MOE_COMBINE=1         MoE decode: the experts' weighted sum in its own launch, not formed
                                  by the down GEMV
   OUZEL_NO_FUSED_ROUTER=1        MoE decode: the router GEMV and the routing as two launches
+  OUZEL_MOE_GROUPED=1            MoE prefill of IQ2_XXS_R8 experts: one dot per 32-element group on
+                                 unscaled values (gguf._iq2xxs_r8_group; untimed)
   OUZEL_PDL=1                    programmatic dependent launch (sm_90+): a Triton kernel starts while
                                  the one before it finishes (kernels/triton/pdl.py; off until timed)
   OUZEL_EXACT_GEMV=1             decode GEMVs multiply fp32 activations (default: Q4_K rounds x to
@@ -340,6 +342,9 @@ for _name in ("IQ2_XXS", "Q2_K", "Q6_K"):  # the regrouped layouts: same bytes, 
     MOE_GEMM_CONFIGS[_name + "_R8"] = MOE_GEMM_CONFIGS[_name]
 MOE_GEMM_CONFIGS["Q6_K_R3"] = MOE_GEMM_CONFIGS["Q6_K"]  # same values, 10 bytes of padding per 3 blocks (untimed)
 MOE_GEMM_DEFAULT = dict(bn=64, num_warps=4)
+# IQ2_XXS_R8 (ds4's gate/up) with per-group dots on unscaled values: ~5 instructions per weight in the
+# sm_90 SASS of the loop against ~10 for the decoder above; untimed, so behind OUZEL_MOE_GROUPED=1
+MOE_GEMM_GROUPED = {"IQ2_XXS_R8": dict(bm=32, bn=128, num_warps=4, stages=1, quads=True, grouped=True)}
 
 
 def moe_gemm(x: torch.Tensor, w, n_experts: int, pair_rows: torch.Tensor, counts) -> torch.Tensor | None:
@@ -351,7 +356,8 @@ def moe_gemm(x: torch.Tensor, w, n_experts: int, pair_rows: torch.Tensor, counts
         return None
     g, dot = _gguf(), prefill_dtype(x.dtype)
     mean = len(pair_rows) / n_experts  # counts may live on the device: no host read for the tile size
-    cfg = dict(MOE_GEMM_CONFIGS.get(w.bt.name, MOE_GEMM_DEFAULT))
+    configs = MOE_GEMM_GROUPED if os.environ.get("OUZEL_MOE_GROUPED") == "1" else {}
+    cfg = dict(configs.get(w.bt.name) or MOE_GEMM_CONFIGS.get(w.bt.name, MOE_GEMM_DEFAULT))
     bm = cfg.pop("bm", 16 if mean <= 24 else 32 if mean <= 48 else 64)
     bm = 64 if mean > 48 else bm  # long prefills: every tile decodes its expert's blocks again
     return g.qgemm_experts(x.contiguous(), w.raw, w.bt.name, (w.shape[0] // n_experts, w.shape[1]), pair_rows,

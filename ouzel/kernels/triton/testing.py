@@ -12,7 +12,7 @@ _F16_FIELDS = {"Q4_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,), "Q4_0": (0,), "Q2_K
 def random_blocks(name: str, n: int, k: int, gen: torch.Generator, device="cpu") -> torch.Tensor:
     """uint8 [n, row_bytes] of random blocks whose float16 scales are finite, positive and
     small (so values stay O(1))."""
-    if name in ("Q6_K_R8", "Q6_K_R3", "Q8_0_R8"):  # the GPU regroupings of Q6_K / Q8_0 blocks (quant/blocks.py)
+    if name in ("Q6_K_R8", "Q6_K_R3", "Q8_0_R8", "Q2_K_R8", "IQ2_XXS_R8"):  # the GPU regroupings (quant/blocks.py)
         from ...quant import blocks  # noqa: PLC0415
         return getattr(blocks, f"repack_{name.lower()}")(random_blocks(name[:-3], n, k, gen)).to(device)
     bt = block_type(name)
