@@ -7,6 +7,12 @@ Prints us per call and GB/s of K/V read (the bytes of the visible keys), eager a
 (the way the decode loop runs it), and a sweep of block_n / splits / num_warps.
 
     python3 bench/bench_decode_attention.py [--quick]
+    python3 bench/bench_decode_attention.py --step   # the decode step's attention as the models run it
+
+--step: fp32 q (the activations' dtype) on a float16 cache, the new token's k/v stored by the
+kernel, at Llama-3-8B's heads (32 / 8) and Qwen3-30B-A3B's (32 / 4), a tg128 context (600 keys in a
+1024 cache) and a 16k one: the three launches of before (`rope_qk`, the attention, `quantize_x`
+of its output for o_proj) against the one kernel doing all three (rope=, q8=), at 4 and 8 warps.
 """
 from __future__ import annotations
 
@@ -92,9 +98,44 @@ def case(C: int, length: int, bw: float, gen: torch.Generator, quick: bool) -> b
     return ok
 
 
+def step_case(H: int, Hkv: int, C: int, length: int, gen: torch.Generator) -> bool:
+    """The decode step's attention: separate rope / attention / int8 rounding vs fused, graph us."""
+    from ouzel.kernels.triton.fused import rope_qk
+    from ouzel.kernels.triton.q8act import quantize_x
+    copies = max(2, -(-256 * 2**20 // (2 * C * Hkv * D * 2)))
+    ks = [torch.randn(C, Hkv, D, generator=gen).to(DEV, torch.float16) for _ in range(copies)]
+    vs = [torch.randn(C, Hkv, D, generator=gen).to(DEV, torch.float16) for _ in range(copies)]
+    q = torch.randn(1, H, D, generator=gen).to(DEV)
+    nk, nv = torch.randn(1, Hkv, D, generator=gen).to(DEV), torch.randn(1, Hkv, D, generator=gen).to(DEV)
+    pos = torch.tensor([length - 1], device=DEV)
+    inv = (1.0 / 500000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D)).to(DEV)
+    norm = (torch.rand(D, generator=gen).to(DEV) + 0.5, torch.rand(D, generator=gen).to(DEV) + 0.5, 1e-6, False)
+    scale = D ** -0.5
+
+    def separate(i, warps=None):
+        qr, kr = rope_qk(q, nk, pos, inv, D, norm)
+        out = decode_attention(qr, ks[i], vs[i], pos, scale, new_kv=(kr, nv), num_warps=warps)
+        return out, quantize_x(out.reshape(1, H * D))
+
+    def fused(i, warps=None):
+        return decode_attention(q, ks[i], vs[i], pos, scale, new_kv=(nk, nv), rope=(inv, D, norm), q8=True,
+                                num_warps=warps)
+
+    a, b = separate(0), fused(0)
+    err = rel_err(b[0], a[0])
+    ok = err < 1e-5 and torch.equal(a[1][0], b[1][0])
+    print(f"{'ok  ' if ok else 'FAIL'} H={H} Hkv={Hkv} C={C} len={length}: fused vs separate rel err {err:.1e}")
+    for warps in (None, 4, 8):
+        t_sep = bench_us(lambda i: separate(i, warps), copies, True)
+        t_fused = bench_us(lambda i: fused(i, warps), copies, True)
+        print(f"  warps {warps or 'default':>7}: separate {t_sep:7.1f} us   fused {t_fused:7.1f} us", flush=True)
+    return ok
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="default config only, no sweep")
+    ap.add_argument("--step", action="store_true", help="the decode step's attention (fp32 q, f16 cache, fused)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs CUDA")
@@ -104,6 +145,11 @@ def main() -> int:
     print(f"copy bandwidth (read + write) {bw / 1e9:.0f} GB/s")
     gen = torch.Generator().manual_seed(0)
     ok = True
+    if args.step:
+        for H, Hkv in ((32, 8), (32, 4)):
+            for C, length in ((1024, 600), (16384, 16000)):
+                ok &= step_case(H, Hkv, C, length, gen)
+        return 0 if ok else 1
     for C, length in ((4096, 4096), (16384, 16384), (32768, 32768), (32768, 1024)):
         ok &= case(C, length, bw, gen, args.quick)
     return 0 if ok else 1

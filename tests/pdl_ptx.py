@@ -18,17 +18,20 @@ POINTERS = {"xq_ptr": "*i32", "dx_ptr": "*fp32", "sx_ptr": "*fp32", "w_ptr": "*i
             "signs_ptr": "*u8", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "len_ptr": "*i64",
             "tbl_ptr": "*i64", "o_ptr": "*fp32", "lse_ptr": "*fp32", "nk_ptr": "*bf16", "nv_ptr": "*bf16",
             "x_ptr": "*bf16", "r_ptr": "*bf16", "y_ptr": "*bf16", "h_ptr": "*bf16", "bias_ptr": "*fp32",
-            "tab_ptr": "*i64", "ids_ptr": "*i64", "qk_scale": "fp32", "eps": "fp32", "scaling": "fp32"}
+            "tab_ptr": "*i64", "ids_ptr": "*i64", "qk_scale": "fp32", "eps": "fp32", "scaling": "fp32",
+            "inv_ptr": "*fp32", "wq_ptr": "*fp32", "wk_ptr": "*fp32", "norm_eps": "fp32"}
 M1 = dict(BN=16, NB=2, SPLITS=4, SP=4, COMBINE=False, GP=1, USE_ASM=True)
+ATT = dict(D=128, DP=128, BG=16, BN=64, PAGE=0, SPLIT_DOT=True, MAX_ITERS=0, NEW_KV=True, ROT=128, UNIT_OFFSET=False)
 CASES = {  # name: (kernel, constexprs, whether the weights may be read before the wait)
     "q4k_m1 dense": (q8act._q4k_m1_kernel, dict(M1, HAS_IDX=False), True),
     "q4k_m1 moe": (q8act._q4k_m1_kernel, dict(M1, HAS_IDX=True), False),
     "q6k_r8_m1 dense": (q8act._q6k_r8_m1_kernel, dict(M1, HAS_IDX=False, G=8, GW=420), True),
     "iq2xxs_r8_m1 moe": (q8act._iq2xxs_r8_m1_kernel, dict(M1, HAS_IDX=True), False),
     "quant_x": (q8act._quant_x_kernel, dict(BLOCK=256), False),
-    "decode attention split": (attention._split_kernel, dict(D=128, DP=128, BG=16, BN=64, PAGE=0, SPLITS=8,
-                                                             ONE_PASS=False, SPLIT_DOT=False, MAX_ITERS=0,
-                                                             NEW_KV=True), False),
+    "decode attention split": (attention._split_kernel, dict(ATT, SPLITS=8, ONE_PASS=False, ROPE=False, NORM=False,
+                                                             Q8=False), False),
+    "decode attention, rope and q8": (attention._split_kernel, dict(ATT, SPLITS=1, ONE_PASS=True, ROPE=True,
+                                                                    NORM=True, Q8=True), False),
     "rms_norm q8": (fused._rms_norm_kernel, dict(BD=4096, UNIT_OFFSET=False, RESIDUAL=True, Q8=True), False),
     "route_linear": (router._route_linear_kernel, dict(SPLITS=64, CH=64, BR=64, BD=64, BE=128, BK=8, SCORE=0,
                                                        HAS_BIAS=False, RENORM=True, HASH=False), False),

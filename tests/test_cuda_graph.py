@@ -49,6 +49,26 @@ def test_graph_decode_equals_eager(arch, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3_moe"])
+def test_captured_decode_matches_cpu(arch, tmp_path, monkeypatch):
+    """The captured CUDA decode step, whose attention kernel applies the q/k norms and rope itself
+    (`DenseKV.attention(rope=...)`), against the CPU's step with its separate norms and rope; fp32
+    activations, KV and prefill, so the two compute the same function up to rounding."""
+    for key, value in (("OUZEL_KV_DTYPE", "f32"), ("OUZEL_CUDA_PREFILL_DTYPE", "f32"), ("OUZEL_EXACT_GEMV", "1")):
+        monkeypatch.setenv(key, value)
+    hf, path, model = _tiny(arch, tmp_path, 1024)
+    gpu = Sequence(model, 512, torch.device("cuda"))
+    cpu = Sequence(load(path, device="cpu", progress=False).model, 512, torch.device("cpu"))
+    assert gpu.graph is not None
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    ids = torch.randint(2, hf.config.vocab_size, (40,), generator=g).tolist()
+    a, b = gpu.prefill(ids[:20]), cpu.prefill(ids[:20])
+    for step, tok in enumerate(ids[20:]):
+        a, b = gpu.step(tok), cpu.step(tok)
+        rel = ((a.cpu() - b).norm() / b.norm()).item()
+        assert rel < 1e-4, f"{arch}: step {step} logits rel err {rel:.2e}"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3_moe"])
 def test_chunk_graph_prefill(arch, tmp_path):
     """Full prefill chunks replayed from one captured graph (ChunkGraph) against the eager chunks
     on the same GPU and against the CPU. 1100 tokens: two chunks of 512 replayed (the cache grows

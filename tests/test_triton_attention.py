@@ -118,6 +118,36 @@ def test_new_kv_is_stored_and_attended(lens, window, splits, q_dtype, cache_dtyp
     assert rel_err(out, ref) < {F32: 1e-5, torch.float16: 1e-4, BF16: 1e-2}[cache_dtype]
 
 
+@pytest.mark.parametrize("norm,rot,splits", [(True, 64, 4), (False, 64, 1), (True, 32, 1), (False, 32, 4)])
+def test_rope_and_int8_rows_in_the_kernel(norm, rot, splits, gen):
+    """rope: q and the new k come unrotated and the kernel rotates them (after the q/k norms),
+    as `fused.rope_qk` then the kernel on rotated inputs; the stored k row is the rotated one.
+    rot 32 of 64: partial rope. q8: the output's int8 rows equal `quantize_x` of the output."""
+    from ouzel.kernels.triton.fused import rope_qk
+    from ouzel.kernels.triton.q8act import quantize_x
+    H, Hkv, D = 8, 2, 64
+    q, k, v, lengths = make_case(gen, (50, 17, 1), H, Hkv, D, 64, F32, torch.float16)
+    B = q.shape[0]
+    pos = lengths - 1
+    nk = torch.randn(B, Hkv, D, generator=gen).to(DEV)
+    nv = torch.randn(B, Hkv, D, generator=gen).to(DEV)
+    inv = (1.0 / 10000 ** (torch.arange(0, rot, 2).float() / rot)).to(DEV)
+    w = (torch.rand(D, generator=gen) + 0.5).to(DEV), (torch.rand(D, generator=gen) + 0.5).to(DEV)
+    nrm = (w[0], w[1], 1e-6, False) if norm else None
+    qr = torch.empty_like(q)
+    kr = torch.empty_like(nk)
+    for b in range(B):  # rope_qk rotates the rows of one position
+        qr[b:b + 1], kr[b:b + 1] = rope_qk(q[b:b + 1], nk[b:b + 1], pos[b:b + 1], inv, rot, nrm)
+    k2, v2 = k.clone(), v.clone()
+    want = decode_attention(qr, k2, v2, pos, 0.125, block_n=16, splits=splits, new_kv=(kr, nv))
+    out, (xq, dx, sx) = decode_attention(q, k, v, pos, 0.125, block_n=16, splits=splits, new_kv=(nk, nv),
+                                         rope=(inv, rot, nrm), q8=True)
+    assert rel_err(out, want) < 1e-5
+    assert rel_err(k.float().nan_to_num(7.0), k2.float().nan_to_num(7.0)) < 1e-3  # the rotated k, stored
+    xq2, dx2, sx2 = quantize_x(out.reshape(B, H * D))
+    assert (xq.int() - xq2.int()).abs().max() <= 0 and torch.equal(dx, dx2) and rel_err(sx, sx2) < 1e-6
+
+
 def test_d_not_power_of_two(gen):
     q, k, v, lengths = make_case(gen, (30, 7), 4, 2, 80, 64, F32, F32)
     check(q, k, v, lengths, None, 1e-5)  # default block_n / splits

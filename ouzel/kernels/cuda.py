@@ -274,9 +274,11 @@ def qlinear(x: torch.Tensor, w, xq=None) -> torch.Tensor | None:
     return out.reshape(*x.shape[:-1], n)
 
 
-def decode_attention(q, k_cache, v_cache, lengths, window, scale, new_kv=None):
+def decode_attention(q, k_cache, v_cache, lengths, window, scale, new_kv=None, rope=None, q8: bool = False):
     """The Triton flash-decoding kernel (`kernels/triton/attention.py`), or None where it can't run.
-    new_kv = (k, v): the new token's rows, stored by the kernel; lengths are then the positions."""
+    new_kv = (k, v): the new token's rows, stored by the kernel; lengths are then the positions.
+    rope (`layers.rope.QKRope`, with new_kv): q and k unrotated, rotated by the kernel (None where
+    it can't). q8: returns (out, int8 rows of out or None)."""
     a = _attention()
     if a is None or k_cache.stride(-1) != 1:
         return None
@@ -284,7 +286,20 @@ def decode_attention(q, k_cache, v_cache, lengths, window, scale, new_kv=None):
         k, v = new_kv
         if k.dtype not in _DTYPES or v.dtype not in _DTYPES or k.stride(-1) != 1 or v.stride(-1) != 1:
             return None
-    return a.decode_attention(q, k_cache, v_cache, lengths, scale, window=window, new_kv=new_kv)
+    D = q.shape[-1]
+    rope_args = None
+    if rope is not None:
+        rope_args = rope.kernel_args(q.device) if new_kv is not None and q.stride(-1) == 1 else None
+        norm = rope_args[2] if rope_args is not None else None
+        if rope_args is None or (norm is not None and (norm[0].device != q.device or norm[0].dtype not in _DTYPES
+                                                       or norm[1].dtype not in _DTYPES)):
+            return None
+    kernel_q8 = q8 and D % 32 == 0 and D & (D - 1) == 0 and _q8() is not None
+    out = a.decode_attention(q, k_cache, v_cache, lengths, scale, window=window, new_kv=new_kv, rope=rope_args,
+                             q8=kernel_q8)
+    if q8 and not kernel_q8:
+        return out, None
+    return out
 
 
 def prefill_attention_supports(q: torch.Tensor, cache_dtype: torch.dtype) -> bool:

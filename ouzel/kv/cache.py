@@ -29,8 +29,10 @@ def default_kv_dtype(device: torch.device | str) -> torch.dtype:
 
 class KVState(Protocol):
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                  window: int | None, scale: float) -> torch.Tensor:
-        """Store k, v [T, Hkv, D] of the new tokens, attend q [T, H, D] over everything visible."""
+                  window: int | None, scale: float, rope=None, q8: bool = False):
+        """Store k, v [T, Hkv, D] of the new tokens, attend q [T, H, D] over everything visible.
+        rope (`layers.rope.QKRope`): q and k are not yet rotated (nor normed); apply it first.
+        q8: return (out, the int8 rows of out [T, H * D] for the next decode GEMV, or None)."""
         ...
 
     def commit(self, n: int) -> None: ...
@@ -94,27 +96,36 @@ class DenseKV:
         self._v[layer][self.length:end] = v
         return self._k[layer][:end], self._v[layer][:end]
 
-    def attention(self, layer, q, k, v, positions, window, scale):
+    def attention(self, layer, q, k, v, positions, window, scale, rope=None, q8=False):
         from ..layers.attention import attend, decode_attention
         if q.shape[0] == 1 and k.shape[0] == 1 and self.device.type == "cuda":
             self._room(layer, k, v)
             kc, vc = self._k[layer], self._v[layer]
             from ..kernels import cuda  # noqa: PLC0415
-            out = cuda.decode_attention(q, kc, vc, positions, window, scale, new_kv=(k, v))
-            if out is not None:  # the kernel also stores k, v at positions: one launch for both
+            out = cuda.decode_attention(q, kc, vc, positions, window, scale, new_kv=(k, v), rope=rope, q8=q8)
+            if out is not None:  # the kernel also stores k, v at positions (and rotates them): one launch
                 return out
-            if not cuda.kv_write(k, v, positions, kc, vc):  # one launch; else torch's four
-                kc.index_copy_(0, positions, k.to(self.dtype))
-                vc.index_copy_(0, positions, v.to(self.dtype))
-            return decode_attention(q, kc, vc, positions + 1, window, scale)
+            if rope is not None:
+                q, k = rope.apply(q, k, positions)
+            out = cuda.decode_attention(q, kc, vc, positions, window, scale, new_kv=(k, v))
+            if out is None:
+                if not cuda.kv_write(k, v, positions, kc, vc):  # one launch; else torch's four
+                    kc.index_copy_(0, positions, k.to(self.dtype))
+                    vc.index_copy_(0, positions, v.to(self.dtype))
+                out = decode_attention(q, kc, vc, positions + 1, window, scale)
+            return (out, None) if q8 else out
+        if rope is not None:
+            q, k = rope.apply(q, k, positions)
         if self.device.type == "cuda":
             out = self._chunk_attention(layer, q, k, v, positions, window, scale)
-            if out is not None:
-                return out
-            if torch.cuda.is_current_stream_capturing():  # the slices below would bake in today's length
+            if out is None and torch.cuda.is_current_stream_capturing():  # slices would bake in today's length
                 raise RuntimeError("DenseKV: this prefill chunk's attention needs host-side lengths")
-        k_all, v_all = self.update(layer, k, v)
-        return attend(q, k_all, v_all, positions, window, scale)
+        else:
+            out = None
+        if out is None:
+            k_all, v_all = self.update(layer, k, v)
+            out = attend(q, k_all, v_all, positions, window, scale)
+        return (out, None) if q8 else out
 
     def _chunk_attention(self, layer, q, k, v, positions, window, scale):
         """A prefill chunk on CUDA with the positions read on the device only (so a captured chunk

@@ -186,8 +186,14 @@ class BatchKV:
         self._decode = (rows, torch.tensor(table, dtype=torch.int32, device=dev),
                         torch.tensor([s.start + 1 for _, s in decode], dtype=torch.int32, device=dev))
 
-    def attention(self, layer, q, k, v, positions, window, scale):
+    def attention(self, layer, q, k, v, positions, window, scale, rope=None, q8=False):
         # q [T, H, D], k/v [T, Hkv, D] for the whole flattened batch
+        if rope is not None:
+            q, k = rope.apply(q, k, positions)
+        out = self._attention(layer, q, k, v, positions, window, scale)
+        return (out, None) if q8 else out
+
+    def _attention(self, layer, q, k, v, positions, window, scale):
         kpool, vpool = self.pool.k[layer], self.pool.v[layer]
         out = torch.empty_like(q)
         if self.paged:

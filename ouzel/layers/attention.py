@@ -9,7 +9,7 @@ from torch import nn
 from ..kv.cache import KVState
 from .linear import Linear, LinearGroup
 from .norm import RMSNorm
-from .rope import Rope
+from .rope import QKRope, Rope
 
 
 def causal_mask(positions: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
@@ -107,11 +107,13 @@ class Attention(nn.Module):
         k = k.view(T, self.n_kv_heads, self.head_dim)
         v = v.view(T, self.n_kv_heads, self.head_dim)
         norms = (self.q_norm, self.k_norm) if self.q_norm is not None else None
-        if out_rows is None:  # q and k share the positions: q/k norms and rope in one launch on CUDA
-            q, k = self.rope.apply_qk(q, k, positions, norms)
-        else:
-            if norms is not None:
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = self.rope(q, qpos), self.rope(k, positions)
+        if out_rows is None:  # q and k share the positions: the q/k norms and rope go with the attention
+            # (a CUDA decode step does them in its attention kernel, else one launch for both)
+            out, oq = kv.attention(self.layer, q, k, v, qpos, self.window, self.scale, rope=QKRope(self.rope, norms),
+                                   q8=True)
+            return self.o_proj(out.reshape(xo.shape[0], -1), oq)
+        if norms is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(q, qpos), self.rope(k, positions)
         out = kv.attention(self.layer, q, k, v, qpos, self.window, self.scale)
         return self.o_proj(out.reshape(xo.shape[0], -1))

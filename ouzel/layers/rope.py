@@ -84,3 +84,26 @@ class Rope:
         if norms is not None:
             q, k = norms[0](q), norms[1](k)
         return self(q, positions), self(k, positions)
+
+
+@dataclass(frozen=True)
+class QKRope:
+    """A rope, and the q/k norms before it, still to be applied to q and k at their positions: an
+    attention that can do it in its own kernel (DenseKV's CUDA decode step) does; any other calls
+    `apply` first."""
+    rope: Rope
+    norms: tuple | None = None  # (q_norm, k_norm) RMSNorms
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rope.apply_qk(q, k, positions, self.norms)
+
+    def kernel_args(self, device: torch.device) -> tuple | None:
+        """(inv_freq, rotated dims, (q weight, k weight, eps, unit_offset) or None) for the CUDA
+        kernels, or None where the norms differ in eps or kind (the kernel has one of each)."""
+        norm = None
+        if self.norms is not None:
+            qn, kn = self.norms
+            if qn.eps != kn.eps or qn.unit_offset != kn.unit_offset:
+                return None
+            norm = (qn.weight, kn.weight, qn.eps, qn.unit_offset)
+        return self.rope._inv_for(device), self.rope.spec.dim, norm

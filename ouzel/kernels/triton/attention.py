@@ -90,10 +90,11 @@ def _tile(q, qk_scale, k_head, v_head, s_kc, s_vc, tbl, key0, end, m_i, l_i, acc
 
 
 @triton.jit
-def _new_key(q, qk_scale, nk, nv, k_row, v_row, d, m_i, l_i, acc, write, D: tl.constexpr):
-    """The online-softmax step of the one new key: its k/v rows nk, nv [DP] rounded to the cache
-    dtype (as a read back from the cache would give), stored at k_row / v_row if `write`."""
-    kn = tl.load(nk + d, mask=d < D, other=0.0).to(k_row.dtype.element_ty)
+def _new_key(q, qk_scale, kn, nv, k_row, v_row, d, m_i, l_i, acc, write, D: tl.constexpr):
+    """The online-softmax step of the one new key: its k row kn [DP] (values) and v row at nv,
+    rounded to the cache dtype (as a read back from the cache would give), stored at k_row / v_row
+    if `write`."""
+    kn = kn.to(k_row.dtype.element_ty)
     vn = tl.load(nv + d, mask=d < D, other=0.0).to(v_row.dtype.element_ty)
     tl.store(k_row + d, kn, mask=(d < D) & write)
     tl.store(v_row + d, vn, mask=(d < D) & write)
@@ -105,18 +106,69 @@ def _new_key(q, qk_scale, nk, nv, k_row, v_row, d, m_i, l_i, acc, write, D: tl.c
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, tbl_ptr, o_ptr, lse_ptr, nk_ptr, nv_ptr, qk_scale, window, C, G,
+def _roped_rows(ptr, rows_ok, d, pos, inv_ptr, w_ptr, eps, D: tl.constexpr, ROT: tl.constexpr, NORM: tl.constexpr,
+                UNIT_OFFSET: tl.constexpr):
+    """Rows [R, DP] at ptr [R, 1] + d, fp32: RMS-normalised over D with weights w first (NORM; Qwen3's
+    and Gemma 3's q/k norms), then rotated at position pos over the first ROT dims (rotate-half:
+    dim i < ROT / 2 pairs with i + ROT / 2). `fused.rope_qk`'s arithmetic; each row's partner half
+    is a second load of the same row, not a shuffle."""
+    HALF: tl.constexpr = ROT // 2
+    in_rot = d < ROT
+    partner = tl.where(in_rot, tl.where(d < HALF, d + HALF, d - HALF), d)
+    mask = rows_ok & (d < D)[None, :]
+    x = tl.load(ptr + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(ptr + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        r = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+        w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
+        wp = tl.load(w_ptr + partner, mask=d < D, other=0.0).to(tl.float32)
+        if UNIT_OFFSET:
+            w, wp = 1.0 + w, 1.0 + wp
+        x, xp = x * r * w[None, :], xp * r * wp[None, :]
+    f = pos.to(tl.float32) * tl.load(inv_ptr + d % HALF, mask=in_rot, other=0.0)
+    sin = tl.where(d < HALF, -tl.sin(f), tl.sin(f))[None, :]
+    return tl.where(in_rot[None, :], x * tl.cos(f)[None, :] + xp * sin, x)
+
+
+@triton.jit
+def _q8_rows(o, rows_ok, heads, b, xq_ptr, dx_ptr, sx_ptr, HD, D: tl.constexpr, DP: tl.constexpr):
+    """The int8 rounding of output rows o [R, DP] (heads [R] of sequence b; a row of the output is
+    b's H * D = HD values) for the next GEMV, as `q8act.quantize_x` of the stored output: per 32
+    values the scale max|x| / 127, the int8 values, and scale * their sum (D % 32 == 0, DP == D)."""
+    R: tl.constexpr = o.shape[0]
+    x = tl.reshape(o, [R, DP // 32, 32])
+    amax = tl.max(tl.abs(x), axis=2)
+    inv = tl.where(amax > 0, 127.0 / tl.where(amax > 0, amax, 1.0), 0.0)
+    q = tl.minimum(tl.maximum(tl.floor(x * inv[:, :, None] + 0.5), -127.0), 127.0)
+    qd = tl.reshape(q.to(tl.int8), [R, DP])
+    at = b.to(tl.int64) * HD + heads[:, None] * D + tl.arange(0, DP)[None, :]
+    tl.store(xq_ptr + at, qd, mask=rows_ok)
+    blk = (b.to(tl.int64) * HD + heads[:, None] * D) // 32 + tl.arange(0, DP // 32)[None, :]
+    scale = amax / 127.0
+    tl.store(dx_ptr + blk, scale, mask=rows_ok)
+    tl.store(sx_ptr + blk, scale * tl.sum(q, axis=2), mask=rows_ok)
+
+
+@triton.jit
+def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, tbl_ptr, o_ptr, lse_ptr, nk_ptr, nv_ptr, inv_ptr, wq_ptr, wk_ptr,
+                  xq_ptr, dx_ptr, sx_ptr, qk_scale, norm_eps, window, C, G,
                   Hkv, s_qb, s_qh, s_kb, s_kc, s_kh, s_vb, s_vc, s_vh, s_tb, s_ob, s_oh, s_nkb, s_nkh, s_nvb, s_nvh,
                   D: tl.constexpr, DP: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
                   PAGE: tl.constexpr, SPLITS: tl.constexpr, ONE_PASS: tl.constexpr,
-                  SPLIT_DOT: tl.constexpr, MAX_ITERS: tl.constexpr, NEW_KV: tl.constexpr, PDL: tl.constexpr):
+                  SPLIT_DOT: tl.constexpr, MAX_ITERS: tl.constexpr, NEW_KV: tl.constexpr, ROPE: tl.constexpr,
+                  ROT: tl.constexpr, NORM: tl.constexpr, UNIT_OFFSET: tl.constexpr, Q8: tl.constexpr,
+                  PDL: tl.constexpr):
     """q [B, H, D]; BG heads of one kv head per program. PAGE == 0: k/v rows at b*s_kb + key*s_kc
     + hkv*s_kh. PAGE > 0 (a paged pool, s_kb = 0): the row of a key comes from the block table
     tbl_ptr + b*s_tb (see `_tile`); C is then the table's capacity in keys.
     ONE_PASS: o_ptr is the output [B, H, D]; else o_ptr [B*H, SPLITS, D] fp32 and lse [B*H, SPLITS].
     NEW_KV (PAGE == 0): len_ptr holds positions, length = position + 1, and the key at the position
     is the new token's, read from nk/nv [B, Hkv, D]; the split holding it uses it from there and
-    its first head block stores it into the caches (no other program reads that row)."""
+    its first head block stores it into the caches (no other program reads that row).
+    ROPE (with NEW_KV): q and the new k come unrotated; each program rotates its q rows at the
+    position (after the q/k norms with NORM), and the split holding the new key rotates that key
+    before it attends and stores it (`_roped_rows`): no launch of their own.
+    Q8 (with ONE_PASS): also the output's int8 rows for the next GEMV (`_q8_rows`)."""
     wait_for_inputs(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -125,7 +177,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, tbl_ptr, o_ptr, lse_ptr, nk_ptr,
     hkv = (pid // n_gblk) % Hkv
     b = pid // (n_gblk * Hkv)
 
-    length = tl.load(len_ptr + b).to(tl.int32) + (1 if NEW_KV else 0)
+    pos = tl.load(len_ptr + b).to(tl.int32)  # with NEW_KV the new token's position
+    length = pos + (1 if NEW_KV else 0)
     length = tl.minimum(tl.maximum(length, 0), C)  # clamp: never read past C
     lo = tl.maximum(length - window, 0)
     chunk = tl.cdiv(tl.cdiv(length - lo, SPLITS), BN) * BN
@@ -136,8 +189,12 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, tbl_ptr, o_ptr, lse_ptr, nk_ptr,
     heads = hkv * G + g
     d = tl.arange(0, DP)
     gd_mask = (g < G)[:, None] & (d < D)[None, :]
-    q = tl.load(q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=gd_mask, other=0.0)
-    q = q.to(tl.float32)
+    if ROPE:
+        q = _roped_rows(q_ptr + b * s_qb + heads[:, None] * s_qh, (g < G)[:, None], d, pos, inv_ptr, wq_ptr,
+                        norm_eps, D, ROT, NORM, UNIT_OFFSET)
+    else:
+        q = tl.load(q_ptr + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=gd_mask, other=0.0)
+        q = q.to(tl.float32)
     k_head = k_ptr + b.to(tl.int64) * s_kb + hkv * s_kh
     v_head = v_ptr + b.to(tl.int64) * s_vb + hkv * s_vh
     tbl = tbl_ptr + b.to(tl.int64) * s_tb
@@ -159,13 +216,21 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, tbl_ptr, o_ptr, lse_ptr, nk_ptr,
         if (start <= last) & (last < end):
             nk = nk_ptr + b.to(tl.int64) * s_nkb + hkv * s_nkh
             nv = nv_ptr + b.to(tl.int64) * s_nvb + hkv * s_nvh
-            m_i, l_i, acc = _new_key(q, qk_scale, nk, nv, k_head + last.to(tl.int64) * s_kc,
+            if ROPE:
+                kn = tl.reshape(_roped_rows(nk + tl.zeros([1, 1], tl.int32), tl.full([1, 1], True, tl.int1), d, pos,
+                                            inv_ptr, wk_ptr, norm_eps, D, ROT, NORM, UNIT_OFFSET), [DP])
+            else:
+                kn = tl.load(nk + d, mask=d < D, other=0.0)
+            m_i, l_i, acc = _new_key(q, qk_scale, kn, nv, k_head + last.to(tl.int64) * s_kc,
                                      v_head + last.to(tl.int64) * s_vc, d, m_i, l_i, acc, gb == 0, D)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]  # an empty range gives o = 0
     if ONE_PASS:
-        tl.store(o_ptr + b * s_ob + heads[:, None] * s_oh + d[None, :], o.to(o_ptr.dtype.element_ty), mask=gd_mask)
+        o = o.to(o_ptr.dtype.element_ty)
+        tl.store(o_ptr + b * s_ob + heads[:, None] * s_oh + d[None, :], o, mask=gd_mask)
+        if Q8:
+            _q8_rows(o.to(tl.float32), (g < G)[:, None], heads, b, xq_ptr, dx_ptr, sx_ptr, Hkv * G * D, D, DP)
     else:
         row = b * (Hkv * G) + heads  # b * H + h
         tl.store(o_ptr + (row[:, None] * SPLITS + split) * D + d[None, :], o, mask=gd_mask)
@@ -174,8 +239,9 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, tbl_ptr, o_ptr, lse_ptr, nk_ptr,
 
 
 @triton.jit
-def _combine_kernel(o_part_ptr, lse_ptr, out_ptr, H, s_ob, s_oh,
-                    D: tl.constexpr, DP: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr):
+def _combine_kernel(o_part_ptr, lse_ptr, out_ptr, xq_ptr, dx_ptr, sx_ptr, H, s_ob, s_oh,
+                    D: tl.constexpr, DP: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr, Q8: tl.constexpr,
+                    PDL: tl.constexpr):
     """out[b, h] = sum_s w_s o_s / sum_s w_s, w_s = 2**(lse_s - max lse); 0 if every split is empty."""
     wait_for_inputs(PDL)
     row = tl.program_id(0)
@@ -190,7 +256,11 @@ def _combine_kernel(o_part_ptr, lse_ptr, out_ptr, H, s_ob, s_oh,
     out = tl.sum(w[:, None] * o, axis=0) / tl.where(tot > 0, tot, 1.0)
     b = row // H
     h = row % H
-    tl.store(out_ptr + b * s_ob + h * s_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+    out = out.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + b * s_ob + h * s_oh + d, out, mask=d < D)
+    if Q8:  # the next GEMV's int8 rows of this head (`_q8_rows`)
+        _q8_rows(out.to(tl.float32)[None, :], tl.full([1, 1], True, tl.int1), tl.zeros([1], tl.int32) + h, b, xq_ptr,
+                 dx_ptr, sx_ptr, H * D, D, DP)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -226,8 +296,9 @@ def _kv_view(cache: torch.Tensor, B: int) -> tuple[torch.Tensor, int]:
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
                      scale: float, window: int | None = None, out: torch.Tensor | None = None,
-                     block_n: int | None = None, splits: int | None = None, *, num_warps: int = 4,
-                     num_stages: int = 3, new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                     block_n: int | None = None, splits: int | None = None, *, num_warps: int | None = None,
+                     num_stages: int = 3, new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     rope: tuple | None = None, q8: bool = False):
     """out [B, H, D] = softmax(q k^T * scale) v over keys [max(0, len - window), len) of each sequence.
 
     q [B, H, D]; k_cache/v_cache [B, C, Hkv, D] (or [C, Hkv, D] if B == 1), last dim contiguous,
@@ -237,7 +308,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     new_kv = (k, v) [B, Hkv, D]: the new token's rows, not yet in the caches; `lengths` then holds
     the positions (length = position + 1). The kernel stores them at the position (in the
-    caches' dtype) and attends them from there: the caches' write costs no launch of its own."""
+    caches' dtype) and attends them from there: the caches' write costs no launch of its own.
+
+    rope = (inv_freq [rot_dim / 2] fp32, rot_dim, norm) with new_kv: q and the new k are not yet
+    rotated; the kernel applies `fused.rope_qk(q, k, positions, inv_freq, rot_dim, norm)` itself
+    (norm = (q weight [D], k weight [D], eps, unit_offset) or None), one launch less.
+    q8 (D % 32 == 0, D a power of two): returns (out, (xq, dx, sx)), the output's int8 rows as
+    `q8act.quantize_x(out.reshape(B, H * D))` makes them, written by the kernel that writes out."""
     B = q.shape[0]
     k4, s_kb = _kv_view(k_cache, B)
     v4, s_vb = _kv_view(v_cache, B)
@@ -247,14 +324,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         if nk.shape != (B, *k4.shape[2:]) or nv.shape != nk.shape or nk.stride(-1) != 1 or nv.stride(-1) != 1:
             raise ValueError(f"decode_attention: new k/v {tuple(nk.shape)}, {tuple(nv.shape)} are not "
                              f"[B={B}, Hkv, D] with contiguous rows")
+    if rope is not None and new_kv is None:
+        raise ValueError("decode_attention: rope needs new_kv (the new key is rotated with q)")
+    if q8 and (q.shape[-1] % 32 or q.shape[-1] & (q.shape[-1] - 1)):
+        raise ValueError(f"decode_attention: q8 needs D a power of two >= 32, got {q.shape[-1]}")
     return _launch(q, k4, v4, (s_kb, s_vb), k4.shape[1], lengths, None, 0, scale, window, out, block_n,
-                   splits, num_warps, num_stages, "decode_attention", new_kv)
+                   splits, num_warps, num_stages, "decode_attention", new_kv, rope, q8)
 
 
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                            block_table: torch.Tensor, lengths: torch.Tensor, block_size: int, scale: float,
                            window: int | None = None, out: torch.Tensor | None = None,
-                           block_n: int | None = None, splits: int | None = None, *, num_warps: int = 4,
+                           block_n: int | None = None, splits: int | None = None, *, num_warps: int | None = None,
                            num_stages: int = 3) -> torch.Tensor:
     """`decode_attention` over a paged pool: key t of sequence b sits at pool row
     block_table[b, t // block_size] * block_size + t % block_size.
@@ -305,7 +386,7 @@ def _q_and_out(q: torch.Tensor, out: torch.Tensor | None, window: int | None, na
 
 
 def _launch(q, k4, v4, batch_strides, C, lengths, table, page, scale, window, out, block_n, splits,
-            num_warps, num_stages, name, new_kv):
+            num_warps, num_stages, name, new_kv, rope=None, q8=False):
     """Shared by both entry points: k4/v4 [B or 1, C or slots, Hkv, D] checked by `_check_kv`;
     table None (contiguous caches) or the block table of a paged pool with `page` keys a block."""
     B, H, D = q.shape
@@ -330,27 +411,42 @@ def _launch(q, k4, v4, batch_strides, C, lengths, table, page, scale, window, ou
     max_iters = 0 if q.device.type == "cuda" else max(1, triton.cdiv(triton.cdiv(C, splits), block_n))
     # fp32 q on a 16-bit cache: q and P go through the dots as hi + lo pieces (fp32-level accuracy)
     split_dot = q.dtype == torch.float32 and k4.dtype != torch.float32
+    if num_warps is None:  # the split dots on 4 warps took 255 registers and spilled (sm_90 ptxas; 8: ~235, none)
+        num_warps = 8 if split_dot else 4
+    inv, rot, norm = rope if rope is not None else (q, D, None)  # q: an unread stand-in
+    if rope is not None and (rot % 2 or not 0 < rot <= D or inv.shape != (rot // 2,) or inv.dtype != torch.float32):
+        raise ValueError(f"{name}: rope over {rot} of {D} dims with inv_freq {inv.dtype} {tuple(inv.shape)}")
+    wq, wk, eps, unit = norm if norm is not None else (q, q, 0.0, False)
     meta = dict(D=D, DP=DP, BG=BG, BN=block_n, PAGE=page, SPLITS=splits, SPLIT_DOT=split_dot,
-                MAX_ITERS=max_iters, NEW_KV=new_kv is not None, num_warps=num_warps, num_stages=num_stages,
+                MAX_ITERS=max_iters, NEW_KV=new_kv is not None, ROPE=rope is not None, ROT=rot,
+                NORM=norm is not None, UNIT_OFFSET=bool(unit), Q8=q8, num_warps=num_warps, num_stages=num_stages,
                 **pdl.launch(q.device))
+    if q8:
+        xq = torch.empty((B, H * D), dtype=torch.int8, device=q.device)
+        dx = torch.empty((B, H * D // 32), dtype=torch.float32, device=q.device)
+        sx = torch.empty_like(dx)
+    else:
+        xq = dx = sx = lengths  # unread stand-ins
+    extra = (inv, wq, wk, xq, dx, sx)
     nk, nv = new_kv if new_kv is not None else (q, q)  # unread stand-ins without new rows
     new = (nk, nv)
     s_kb, s_vb = batch_strides
     tbl, s_tb = (lengths, 0) if table is None else (table, table.stride(0))  # lengths: an unread stand-in
     strides = (q.stride(0), q.stride(1), s_kb, k4.stride(1), k4.stride(2), s_vb, v4.stride(1), v4.stride(2), s_tb)
     new_strides = (nk.stride(0), nk.stride(1), nv.stride(0), nv.stride(1))
+    done = (out, (xq, dx, sx)) if q8 else out
     if splits == 1:
-        _split_kernel[(progs, 1)](q, k4, v4, lengths, tbl, out, out, *new, qk_scale, win, C, G, Hkv, *strides,
-                                  out.stride(0), out.stride(1), *new_strides, ONE_PASS=True, **meta)
-        return out
+        _split_kernel[(progs, 1)](q, k4, v4, lengths, tbl, out, out, *new, *extra, qk_scale, float(eps), win, C, G,
+                                  Hkv, *strides, out.stride(0), out.stride(1), *new_strides, ONE_PASS=True, **meta)
+        return done
     o_part = torch.empty((B * H, splits, D), dtype=torch.float32, device=q.device)
     lse = torch.empty((B * H, splits), dtype=torch.float32, device=q.device)
-    _split_kernel[(progs, splits)](q, k4, v4, lengths, tbl, o_part, lse, *new, qk_scale, win, C, G, Hkv, *strides,
-                                   0, 0, *new_strides, ONE_PASS=False, **meta)
-    _combine_kernel[(B * H,)](o_part, lse, out, H, out.stride(0), out.stride(1),
-                              D=D, DP=DP, SPLITS=splits, SP=triton.next_power_of_2(splits), num_warps=4,
+    _split_kernel[(progs, splits)](q, k4, v4, lengths, tbl, o_part, lse, *new, *extra, qk_scale, float(eps), win, C,
+                                   G, Hkv, *strides, 0, 0, *new_strides, ONE_PASS=False, **dict(meta, Q8=False))
+    _combine_kernel[(B * H,)](o_part, lse, out, xq, dx, sx, H, out.stride(0), out.stride(1),
+                              D=D, DP=DP, SPLITS=splits, SP=triton.next_power_of_2(splits), Q8=q8, num_warps=4,
                               **pdl.launch(q.device))
-    return out
+    return done
 
 
 @triton.jit
