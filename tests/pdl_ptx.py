@@ -19,7 +19,8 @@ POINTERS = {"xq_ptr": "*i32", "dx_ptr": "*fp32", "sx_ptr": "*fp32", "w_ptr": "*i
             "tbl_ptr": "*i64", "o_ptr": "*fp32", "lse_ptr": "*fp32", "nk_ptr": "*bf16", "nv_ptr": "*bf16",
             "x_ptr": "*bf16", "r_ptr": "*bf16", "y_ptr": "*bf16", "h_ptr": "*bf16", "bias_ptr": "*fp32",
             "tab_ptr": "*i64", "ids_ptr": "*i64", "qk_scale": "fp32", "eps": "fp32", "scaling": "fp32",
-            "inv_ptr": "*fp32", "wq_ptr": "*fp32", "wk_ptr": "*fp32", "norm_eps": "fp32"}
+            "inv_ptr": "*fp32", "wq_ptr": "*fp32", "wk_ptr": "*fp32", "norm_eps": "fp32", "wa_ptr": "*i32",
+            "wb_ptr": "*i32", "part_a": "*fp32", "part_b": "*fp32"}
 M1 = dict(BN=16, NB=2, SPLITS=4, SP=4, COMBINE=False, GP=1, USE_ASM=True)
 ATT = dict(D=128, DP=128, BG=16, BN=64, PAGE=0, SPLIT_DOT=True, MAX_ITERS=0, NEW_KV=True, ROT=128, UNIT_OFFSET=False)
 CASES = {  # name: (kernel, constexprs, whether the weights may be read before the wait)
@@ -27,6 +28,8 @@ CASES = {  # name: (kernel, constexprs, whether the weights may be read before t
     "q4k_m1 moe": (q8act._q4k_m1_kernel, dict(M1, HAS_IDX=True), False),
     "q6k_r8_m1 dense": (q8act._q6k_r8_m1_kernel, dict(M1, HAS_IDX=False, G=8, GW=420), True),
     "iq2xxs_r8_m1 moe": (q8act._iq2xxs_r8_m1_kernel, dict(M1, HAS_IDX=True), False),
+    "q4k + q6k_r8 pair": (q8act._q4k_q6k_m1_kernel, dict(BN_A=16, NB_A=2, SPLITS_A=2, SP_A=2, BN_B=16, NB_B=2,
+                                                         SPLITS_B=2, SP_B=2, G=8, GW=420, USE_ASM=True), True),
     "quant_x": (q8act._quant_x_kernel, dict(BLOCK=256), False),
     "decode attention split": (attention._split_kernel, dict(ATT, SPLITS=8, ONE_PASS=False, ROPE=False, NORM=False,
                                                              Q8=False), False),
@@ -36,6 +39,7 @@ CASES = {  # name: (kernel, constexprs, whether the weights may be read before t
     "route_linear": (router._route_linear_kernel, dict(SPLITS=64, CH=64, BR=64, BD=64, BE=128, BK=8, SCORE=0,
                                                        HAS_BIAS=False, RENORM=True, HASH=False), False),
 }
+PATHS = {"q4k + q6k_r8 pair": 2}  # kernels whose programs take one of several bodies, each with its own wait
 
 
 def facts(ptx: str) -> dict:
@@ -54,7 +58,7 @@ def main() -> None:
         sig.update({k: "constexpr" for k in consts})
         k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=4, launch_pdl=True))
-        out[name] = dict(facts(k.asm["ptx"]), weights_first=weights_first)
+        out[name] = dict(facts(k.asm["ptx"]), weights_first=weights_first, paths=PATHS.get(name, 1))
     json.dump(out, sys.stdout)
 
 

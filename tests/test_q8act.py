@@ -124,3 +124,24 @@ def test_one_row_split_k_finishes_in_kernel(name, moe, gen):
             mixed = Q8.qgemv_q8(x, raw, name, (n, k), bn=8, u=1, split=split, **one, **kw, combine=wts)
             assert mixed.shape == (1, n) and rel_err(mixed[0], (wts[:, None] * whole).sum(0)) < 1e-6
     assert int(split_counters(x.device, 1).abs().sum()) == 0
+
+
+@pytest.mark.parametrize("name_b,k", [("Q6_K_R8", 2048), ("Q6_K_R3", 1536)])
+@pytest.mark.parametrize("ca,cb", [(dict(bn=8, u=1), dict(bn=8, u=1)),
+                                   (dict(bn=16, u=1, split=2), dict(bn=4, u=1, split=2)),
+                                   (dict(bn=4, u=1, split=2), dict(bn=8, u=2))])
+def test_q4k_and_q6k_in_one_launch(name_b, k, ca, cb, gen):
+    """q and k (Q4_K) with v (Q6_K regrouped) in one launch, each with its own tiles and K split:
+    the two GEMVs' rows side by side, as exact as each alone (integer dots on the same int8 x)."""
+    na, nb = 37, 21  # partial tiles in both
+    raw_a = random_blocks("Q4_K", na, k, gen, DEV)
+    raw_b = random_blocks(name_b, nb, k, gen, DEV)
+    x = torch.randn(1, k, generator=gen).to(DEV)
+    xq = Q8.quantize_x(x)
+    split_counters(torch.device(DEV), 1)  # the counters exist, armed (all zero)
+    out = Q8.qgemv_q8_pair(x, (raw_a, (na, k), ca), (raw_b, name_b, (nb, k), cb), xq=xq)
+    assert out.shape == (1, na + nb)
+    xd = Q8.dequantized_x(xq[0], xq[1])
+    assert rel_err(out[:, :na], reference_linear(xd, raw_a, "Q4_K")) < 1e-5
+    assert rel_err(out[:, na:], reference_linear(xd, raw_b, name_b)) < 1e-5
+    assert not split_counters(torch.device(DEV), 1)[:64].any()  # every finisher re-armed its counter

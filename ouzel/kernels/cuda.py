@@ -15,6 +15,9 @@ in kv/cache.py and OUZEL_NO_CUDA_GRAPH in engine/graphs.py):
   OUZEL_NO_FUSED_ROUTER=1        MoE decode: the router GEMV and the routing as two launches
   OUZEL_MOE_GROUPED=1            MoE prefill of IQ2_XXS_R8 experts: one dot per 32-element group on
                                  unscaled values (gguf._iq2xxs_r8_group; untimed)
+  OUZEL_NO_ATTENTION_FUSION=1    decode: rope (and q/k norms) and o_proj's int8 rounding in launches of
+                                 their own, not in the attention kernel
+  OUZEL_NO_PAIR_GEMV=1           decode: a layer's Q4_K q/k and Q6_K v as two GEMV launches, not one
   OUZEL_PDL=1                    programmatic dependent launch (sm_90+): a Triton kernel starts while
                                  the one before it finishes (kernels/triton/pdl.py; off until timed)
   OUZEL_EXACT_GEMV=1             decode GEMVs multiply fp32 activations (default: Q4_K rounds x to
@@ -288,6 +291,11 @@ def decode_attention(q, k_cache, v_cache, lengths, window, scale, new_kv=None, r
             return None
     D = q.shape[-1]
     rope_args = None
+    if (rope is not None or q8) and os.environ.get("OUZEL_NO_ATTENTION_FUSION"):
+        if rope is not None:
+            return None
+        out = a.decode_attention(q, k_cache, v_cache, lengths, scale, window=window, new_kv=new_kv)
+        return out, None
     if rope is not None:
         rope_args = rope.kernel_args(q.device) if new_kv is not None and q.stride(-1) == 1 else None
         norm = rope_args[2] if rope_args is not None else None
@@ -377,6 +385,21 @@ def moe_gemm(x: torch.Tensor, w, n_experts: int, pair_rows: torch.Tensor, counts
     bm = 64 if mean > 48 else bm  # long prefills: every tile decodes its expert's blocks again
     return g.qgemm_experts(x.contiguous(), w.raw, w.bt.name, (w.shape[0] // n_experts, w.shape[1]), pair_rows,
                            g.moe_tiles(counts, bm, x.device, len(pair_rows)), bm=bm, dot_dtype=dot, **cfg)
+
+
+def qgemv_pair(x: torch.Tensor, wa, wb, xq=None) -> torch.Tensor | None:
+    """[x @ wa.T | x @ wb.T] for one CUDA row x in one launch (`q8act.qgemv_q8_pair`: wa Q4_K, wb
+    Q6_K_R8 / Q6_K_R3, as Q4_K_M's q/k and v), or None where that kernel doesn't apply."""
+    q8 = _q8()
+    if (q8 is None or os.environ.get("OUZEL_NO_PAIR_GEMV") or x.dim() != 2 or x.shape[0] != 1
+            or x.dtype not in _DTYPES or wa.bt.name != "Q4_K" or wb.bt.name not in ("Q6_K_R8", "Q6_K_R3")
+            or wa.shape[1] != wb.shape[1] or x.shape[1] != wa.shape[1] or not (gemv_supports(wa) and gemv_supports(wb))
+            or wa.raw.stride(0) % 16 or wb.raw.stride(0) % 16 or wa.raw.data_ptr() % 16 or wb.raw.data_ptr() % 16):
+        return None
+    x = x.contiguous()
+    ca = _gemv_config(q8.qgemv_q8, Q8_TYPE_CONFIGS["Q4_K"], x, wa.raw, "Q4_K", wa.shape)
+    cb = _gemv_config(q8.qgemv_q8, Q8_TYPE_CONFIGS[wb.bt.name], x, wb.raw, wb.bt.name, wb.shape)
+    return q8.qgemv_q8_pair(x, (wa.raw, wa.shape, ca), (wb.raw, wb.bt.name, wb.shape, cb), xq=xq)
 
 
 def paged_decode_attention(q, k_pool, v_pool, block_table, lengths, block_size: int, window, scale, out=None):

@@ -63,6 +63,15 @@ def linear(x: torch.Tensor, w: Weight, xq=None) -> torch.Tensor:
     return linear_reference(x, w)
 
 
+def linear_pair(x: torch.Tensor, wa: Weight, wb: Weight, xq=None) -> torch.Tensor | None:
+    """[x @ wa.T | x @ wb.T] in one launch where a kernel reads the pair (one CUDA row; Q4_K_M's
+    q/k with its Q6_K v), else None: the caller runs the two products."""
+    if isinstance(wa, QTensor) and isinstance(wb, QTensor) and wa.raw.is_cuda and wb.raw.is_cuda and x.is_cuda:
+        from .cuda import qgemv_pair  # noqa: PLC0415
+        return qgemv_pair(x, wa, wb, xq)
+    return None
+
+
 def embedding(ids: torch.Tensor, w: Weight) -> torch.Tensor:
     """Rows of w for the given ids, float32 [len(ids), dim]; dequantizes only those rows."""
     if not isinstance(w, QTensor):

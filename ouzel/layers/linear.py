@@ -52,6 +52,7 @@ class LinearGroup:
     def __init__(self, linears: list[Linear]):
         self.linears = linears
         self.groups: list[tuple[list[int], QTensor]] | None = None
+        self.pair: tuple[list[int], QTensor, int] | None = None  # (a fused group, the one Linear left out)
 
     def fuse(self) -> None:
         by_type: dict[str, list[int]] = {}
@@ -72,6 +73,11 @@ class LinearGroup:
                 row += w.shape[0]
             groups.append((members, fused))
         self.groups = groups or None
+        # one fused group and one Linear of another type (Q4_K_M's q/k and its Q6_K v): a decode
+        # step may run both in one launch (`ops.linear_pair`)
+        left = [i for i in range(len(self.linears)) if not any(i in m for m, _ in groups)]
+        if len(groups) == 1 and len(left) == 1 and isinstance(self.linears[left[0]].weight, QTensor):
+            self.pair = (groups[0][0], groups[0][1], left[0])
 
     def joint(self, x: torch.Tensor, xq=None) -> torch.Tensor | None:
         """The fused output [..., sum of out_features] (members in order), if every linear is in
@@ -85,6 +91,14 @@ class LinearGroup:
     def __call__(self, x: torch.Tensor, xq=None) -> list[torch.Tensor]:
         if self.groups is None:
             return [lin(x, xq) for lin in self.linears]
+        if self.pair is not None and x.dim() == 2 and x.shape[0] == 1 and all(lin.bias is None for lin in self.linears):
+            members, w, other = self.pair
+            y = ops.linear_pair(x, w, self.linears[other].weight, xq)
+            if y is not None:
+                ys = y.split([w.shape[0], self.linears[other].out_features], dim=-1)
+                out = dict(zip(members, ys[0].split([self.linears[i].out_features for i in members], dim=-1)))
+                out[other] = ys[1]
+                return [out[i] for i in range(len(self.linears))]
         out: list[torch.Tensor | None] = [None] * len(self.linears)
         for members, w in self.groups:
             ys = ops.linear(x, w, xq).split([self.linears[i].out_features for i in members], dim=-1)

@@ -234,9 +234,9 @@ def _q4k_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, wb_ptr, out_ptr, idx_ptr, N, bloc
 
 
 @triton.jit
-def _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, split, g, stride_os, stride_og,
-              SPLITS: tl.constexpr, SP: tl.constexpr, COMBINE: tl.constexpr, GP: tl.constexpr):
-    """The one-row kernels' result for rows of tile (program 0, group g): the output itself
+def _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, tile, split, g, n_tiles, n_groups, stride_os,
+              stride_og, SPLITS: tl.constexpr, SP: tl.constexpr, COMBINE: tl.constexpr, GP: tl.constexpr):
+    """The one-row kernels' result for rows of row tile `tile` (of n_tiles) and group g (of n_groups): the output itself
     without a K split. With one, this split's fp32 partial; the last split of the tile to finish
     (a counter per tile) adds the partials (one load of all SPLITS, a fixed reduction order: the
     same sum whatever the arrival order) into the output and sets the counter back to zero: no
@@ -249,16 +249,16 @@ def _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, split, g, strid
     else:
         tl.store(part_ptr + split * stride_os + g * stride_og + rows, res, mask=rows < N)
         if COMBINE:
-            tile = tl.program_id(0)
-            expected = SPLITS * tl.num_programs(2)
+            counter = tile
+            expected = SPLITS * n_groups
         else:
-            tile = g * tl.num_programs(0) + tl.program_id(0)
+            counter = g * n_tiles + tile
             expected = SPLITS
-        if last_to_finish(cnt_ptr + tile, expected):
+        if last_to_finish(cnt_ptr + counter, expected):
             ok = (rows < N)[None, :]
             if COMBINE:
                 gg = tl.arange(0, GP)
-                g_ok = gg < tl.num_programs(2)
+                g_ok = gg < n_groups
                 y = tl.zeros([GP, rows.shape[0]], dtype=tl.float32)
                 for s in range(0, SPLITS):
                     y += tl.load(part_ptr + s * stride_os + gg[:, None] * stride_og + rows[None, :],
@@ -271,20 +271,21 @@ def _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, split, g, strid
                             mask=(sp < SPLITS)[:, None] & ok, other=0.0, cache_modifier=".cg")
                 tl.store(out_ptr + g * stride_og + rows, tl.sum(p, axis=0).to(out_ptr.dtype.element_ty),
                          mask=rows < N)
-            tl.store(cnt_ptr + tile, 0)
+            tl.store(cnt_ptr + counter, 0)
 
 
 @triton.jit
-def _m1_rows(idx_ptr, N, row_quads, expert_quads, BN: tl.constexpr, HAS_IDX: tl.constexpr, PDL: tl.constexpr):
-    """The one-row kernels' program (i, split, g): rows i*BN.., and their first words (row strides
+def _m1_rows(idx_ptr, N, row_quads, expert_quads, tile, g, BN: tl.constexpr, HAS_IDX: tl.constexpr,
+             PDL: tl.constexpr):
+    """The one-row kernels' (row tile, split, group g): rows tile*BN.., and their first words (row strides
     in 16-byte units, so Triton knows every row is 16-byte aligned; MoE: expert idx[g]'s rows).
     The experts come from the router: a MoE kernel waits for its inputs here (PDL, `pdl.py`)."""
     if HAS_IDX:
         wait_for_inputs(PDL)
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    rows = tile * BN + tl.arange(0, BN)
     wrow = tl.minimum(rows, N - 1).to(tl.int64) * row_quads * 4
     if HAS_IDX:
-        wrow += tl.load(idx_ptr + tl.program_id(2)).to(tl.int64) * expert_quads * 4
+        wrow += tl.load(idx_ptr + g).to(tl.int64) * expert_quads * 4
     return rows, wrow
 
 
@@ -301,13 +302,22 @@ def _q4k_m1_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mi
                    row_quads, expert_quads, K, x_div, stride_os, stride_og, BN: tl.constexpr, NB: tl.constexpr,
                    HAS_IDX: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr, COMBINE: tl.constexpr, GP:
                    tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr):
+    """`_q4k_m1` on program (row tile, split, group)."""
+    _q4k_m1(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0), tl.num_programs(2), xq_ptr,
+            dx_ptr, sx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr, idx_ptr, N, blocks_per_split, row_quads,
+            expert_quads, K, x_div, stride_os, stride_og, BN, NB, HAS_IDX, SPLITS, SP, COMBINE, GP, USE_ASM, PDL)
+
+
+@triton.jit
+def _q4k_m1(tile, split, g, n_tiles, n_groups, xq_ptr, dx_ptr, sx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr,
+            idx_ptr, N, blocks_per_split, row_quads, expert_quads, K, x_div, stride_os, stride_og, BN: tl.constexpr,
+            NB: tl.constexpr, HAS_IDX: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr, COMBINE: tl.constexpr,
+            GP: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr):
     """`_q4k_kernel` for one activation row (decode), every load of step i + 1 in flight while step i
     computes: the nibble words, the block headers as one 16-byte word load each (d | dmin, then
     the three words of 6-bit scales, decoded with shifts instead of byte loads), and x's words
     and scales. Products are scaled per word and summed once at the end."""
-    split = tl.program_id(1)
-    g = tl.program_id(2)
-    rows, wrow = _m1_rows(idx_ptr, N, row_quads, expert_quads, BN, HAS_IDX, PDL)
+    rows, wrow = _m1_rows(idx_ptr, N, row_quads, expert_quads, tile, g, BN, HAS_IDX, PDL)
     xrow = (g // x_div).to(tl.int64)
     b4 = tl.arange(0, NB)[None, :, None, None]
     j4 = tl.arange(0, 4)[None, None, :, None]
@@ -363,8 +373,8 @@ def _q4k_m1_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mi
         qw, hw, xl, xh, dl, dh, sl, sh = qw_n, hw_n, xl_n, xh_n, dl_n, dh_n, sl_n, sh_n
         blk, blk3 = nblk, nblk3
     res = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1) - tl.sum(tl.sum(accm, axis=2), axis=1)
-    _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, split, g, stride_os, stride_og, SPLITS, SP, COMBINE,
-              GP)
+    _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, tile, split, g, n_tiles, n_groups, stride_os,
+              stride_og, SPLITS, SP, COMBINE, GP)
 
 
 @triton.jit
@@ -384,6 +394,19 @@ def _q6k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr
                       row_quads, expert_quads, K, x_div, stride_os, stride_og, BN: tl.constexpr, NB: tl.constexpr,
                       HAS_IDX: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr, COMBINE: tl.constexpr, GP:
                       tl.constexpr, USE_ASM: tl.constexpr, G: tl.constexpr, GW: tl.constexpr, PDL: tl.constexpr):
+    """`_q6k_r8_m1` on program (row tile, split, group)."""
+    _q6k_r8_m1(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0), tl.num_programs(2), xq_ptr,
+               dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr, idx_ptr, N, blocks_per_split, row_quads,
+               expert_quads, K, x_div, stride_os, stride_og, BN, NB, HAS_IDX, SPLITS, SP, COMBINE, GP, USE_ASM, G, GW,
+               PDL)
+
+
+@triton.jit
+def _q6k_r8_m1(tile, split, g, n_tiles, n_groups, xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr,
+               idx_ptr, N, blocks_per_split, row_quads, expert_quads, K, x_div, stride_os, stride_og,
+               BN: tl.constexpr, NB: tl.constexpr, HAS_IDX: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr,
+               COMBINE: tl.constexpr, GP: tl.constexpr, USE_ASM: tl.constexpr, G: tl.constexpr, GW: tl.constexpr,
+               PDL: tl.constexpr):
     """One x row times Q6_K_R8 or Q6_K_R3 rows (quant/blocks.py: per group of G = 8 or 3 blocks, GW =
     420 or 160 words: their Q6_K bodies of 208 bytes (52 words), then their G f16 d, two to a word;
     R3 then 10 bytes of padding). Tile [BN rows, NB blocks, 2 halves h, 16 words u]: ql word u of
@@ -391,9 +414,7 @@ def _q6k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr
     bits are field u // 8 (resp. 2 + u // 8) of qh word u % 8. The 6-bit values are unsigned; q - 32
     is exact in the integer dot as dp4a(q, x) - dp4a(32, x). Every load of step i + 1 is in flight
     during step i."""
-    split = tl.program_id(1)
-    g = tl.program_id(2)
-    rows, wrow = _m1_rows(idx_ptr, N, row_quads, expert_quads, BN, HAS_IDX, PDL)
+    rows, wrow = _m1_rows(idx_ptr, N, row_quads, expert_quads, tile, g, BN, HAS_IDX, PDL)
     xrow = (g // x_div).to(tl.int64)
     b4 = tl.arange(0, NB)[None, :, None, None]
     h4 = tl.arange(0, 2)[None, None, :, None]
@@ -442,8 +463,8 @@ def _q6k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr
         ql, qh, sw, sw2, dw, xl, xh, dl, dh = ql_n, qh_n, sw_n, sw2_n, dw_n, xl_n, xh_n, dl_n, dh_n
         blk = nblk
     res = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
-    _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, split, g, stride_os, stride_og, SPLITS, SP, COMBINE,
-              GP)
+    _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, tile, split, g, n_tiles, n_groups, stride_os,
+              stride_og, SPLITS, SP, COMBINE, GP)
 
 
 @triton.jit
@@ -458,9 +479,10 @@ def _q8_0_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_pt
     axis comes first so that the compiler lays a warp's threads along K (coalesced); strides come
     in 16-byte units (row_vecs), which tells it the quads are 16-byte aligned. Every load of step
     i + 1 is in flight during step i."""
+    tile, n_tiles, n_groups = tl.program_id(0), tl.num_programs(0), tl.num_programs(2)
     split = tl.program_id(1)
     g = tl.program_id(2)
-    rows, wrow = _m1_rows(idx_ptr, N, row_vecs, expert_vecs, BN, HAS_IDX, PDL)
+    rows, wrow = _m1_rows(idx_ptr, N, row_vecs, expert_vecs, tile, g, BN, HAS_IDX, PDL)
     r4 = wrow[None, None, :, None]
     q4 = tl.arange(0, 16)[:, None, None, None]
     b4 = tl.arange(0, NB)[None, :, None, None]
@@ -492,8 +514,8 @@ def _q8_0_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_pt
         qw, dw, xw, dx = qw_n, dw_n, xw_n, dx_n
         blk = nblk
     res = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=1), axis=0)
-    _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, split, g, stride_os, stride_og, SPLITS, SP, COMBINE,
-              GP)
+    _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, tile, split, g, n_tiles, n_groups, stride_os,
+              stride_og, SPLITS, SP, COMBINE, GP)
 
 
 @triton.jit
@@ -530,9 +552,10 @@ def _q2k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr
     Every load is a 16-byte word per thread in one layout (x per row too, 0 * r: no conversion
     through shared memory in the loop; the quad axis first: a warp's threads along K), and every
     load of step i + 1 is in flight during step i."""
+    tile, n_tiles, n_groups = tl.program_id(0), tl.num_programs(0), tl.num_programs(2)
     split = tl.program_id(1)
     g = tl.program_id(2)
-    rows, wrow = _m1_rows(idx_ptr, N, row_quads, expert_quads, BN, HAS_IDX, PDL)
+    rows, wrow = _m1_rows(idx_ptr, N, row_quads, expert_quads, tile, g, BN, HAS_IDX, PDL)
     xrow = (g // x_div).to(tl.int64)
     a4 = tl.arange(0, 4)[:, None, None, None]
     b4 = tl.arange(0, NB)[None, :, None, None]
@@ -570,8 +593,8 @@ def _q2k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr
         qw, sw, hw, x0, x1, x2, x3, dxw = qw_n, sw_n, hw_n, x0_n, x1_n, x2_n, x3_n, dxw_n
         blk = nblk
     res = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=1), axis=0)
-    _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, split, g, stride_os, stride_og, SPLITS, SP, COMBINE,
-              GP)
+    _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, tile, split, g, n_tiles, n_groups, stride_os,
+              stride_og, SPLITS, SP, COMBINE, GP)
 
 
 @triton.jit
@@ -626,9 +649,10 @@ def _iq2xxs_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_
     NB blocks, BN rows, 4 words]: quad a holds groups 2a and 2a + 1, whose x words come in 4
     16-byte loads (per row too, 0 * r: one layout, no conversion in the loop, as in
     `_q2k_r8_m1_kernel`). Every load of step i + 1 but the table reads is in flight during step i."""
+    tile, n_tiles, n_groups = tl.program_id(0), tl.num_programs(0), tl.num_programs(2)
     split = tl.program_id(1)
     g = tl.program_id(2)
-    rows, wrow = _m1_rows(idx_ptr, N, row_quads, expert_quads, BN, HAS_IDX, PDL)
+    rows, wrow = _m1_rows(idx_ptr, N, row_quads, expert_quads, tile, g, BN, HAS_IDX, PDL)
     xrow = (g // x_div).to(tl.int64)
     a4 = tl.arange(0, 4)[:, None, None, None]
     b4 = tl.arange(0, NB)[None, :, None, None]
@@ -665,8 +689,63 @@ def _iq2xxs_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_
         qw, dw, x0, x1, x2, x3, dxw = qw_n, dw_n, x0_n, x1_n, x2_n, x3_n, dxw_n
         blk = nblk
     res = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=1), axis=0)
-    _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, split, g, stride_os, stride_og, SPLITS, SP, COMBINE,
-              GP)
+    _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, tile, split, g, n_tiles, n_groups, stride_os,
+              stride_og, SPLITS, SP, COMBINE, GP)
+
+
+@triton.jit
+def _q4k_q6k_m1_kernel(xq_ptr, dx_ptr, sx_ptr, wa_ptr, wb_ptr, out_ptr, part_a, part_b, cnt_ptr, N_A, N_B,
+                       bps_a, bps_b, quads_a, quads_b, K, stride_a, stride_b, TILES_A, TILES_B,
+                       BN_A: tl.constexpr, NB_A: tl.constexpr, SPLITS_A: tl.constexpr, SP_A: tl.constexpr,
+                       BN_B: tl.constexpr, NB_B: tl.constexpr, SPLITS_B: tl.constexpr, SP_B: tl.constexpr,
+                       G: tl.constexpr, GW: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr):
+    """One x row times a Q4_K matrix A [N_A, K] and a Q6_K_R8 / R3 matrix B [N_B, K] in one launch:
+    out[:N_A] = A x, out[N_A:] = B x. Q4_K_M gives a layer's q and k Q4_K and its v Q6_K in half
+    the layers, which then took a launch of their own (a 1024-row v: 5.4 us beside 9.1 for q and
+    k on an H100). The first TILES_A * SPLITS_A programs run `_q4k_m1` (program p: row tile
+    p % TILES_A, split p // TILES_A), the rest `_q6k_r8_m1`, each with its own tiles, K split,
+    partials and counters (B's after A's TILES_A)."""
+    pid = tl.program_id(0)
+    g = pid * 0  # the one group (a tensor: the bodies index with it)
+    if pid < TILES_A * SPLITS_A:
+        _q4k_m1(pid % TILES_A, pid // TILES_A, g, TILES_A, 1, xq_ptr, dx_ptr, sx_ptr, wa_ptr, out_ptr, part_a, cnt_ptr,
+                dx_ptr, dx_ptr, N_A, bps_a, quads_a, 0, K, 1, stride_a, 0, BN_A, NB_A, False, SPLITS_A, SP_A, False, 1,
+                USE_ASM, PDL)
+    else:
+        p = pid - TILES_A * SPLITS_A
+        _q6k_r8_m1(p % TILES_B, p // TILES_B, g, TILES_B, 1, xq_ptr, dx_ptr, wb_ptr, out_ptr + N_A, part_b,
+                   cnt_ptr + TILES_A, dx_ptr, dx_ptr, N_B, bps_b, quads_b, 0, K, 1, stride_b, 0, BN_B, NB_B, False,
+                   SPLITS_B, SP_B, False, 1, USE_ASM, G, GW, PDL)
+
+
+def qgemv_q8_pair(x: torch.Tensor, a: tuple, b: tuple, xq=None) -> torch.Tensor:
+    """[x @ A.T | x @ B.T] for one x row [1, K] in one launch (`_q4k_q6k_m1_kernel`); a = (raw, shape,
+    config) of a Q4_K matrix, b = (raw, type name, shape, config) of a Q6_K_R8 / Q6_K_R3 one, each
+    config a `qgemv_q8` one (bn, u, split, target, num_warps; A's num_warps serves both)."""
+    (raw_a, (na, k), ca), (raw_b, name_b, (nb, kb), cb) = a, b
+    if name_b not in _Q6K_GROUPS or kb != k or x.shape != (1, k) or k % 256:
+        raise ValueError(f"qgemv_q8_pair: Q4_K {(na, k)} with {name_b} {(nb, kb)} for x {tuple(x.shape)}")
+    for raw in (raw_a, raw_b):
+        if raw.dtype != torch.uint8 or raw.stride(1) != 1 or raw.stride(0) % 16 or raw.data_ptr() % 16:
+            raise ValueError(f"qgemv_q8_pair: unsupported layout {tuple(raw.shape)}")
+    xq, dx, sx = xq if xq is not None else quantize_x(x)
+    out = torch.empty((1, na + nb), dtype=x.dtype, device=x.device)
+    segs = []
+    for n, cfg in ((na, ca), (nb, cb)):
+        bn = cfg.get("bn", 8)
+        u, split, _, dst = plan_gemv("qgemv_q8_pair", x, n, k // 256, 1, triton.cdiv(n, bn), cfg.get("u", 1),
+                                     cfg.get("split"), cfg.get("target", 264), out[:, :n])
+        segs.append((bn, u, split, triton.cdiv(n, bn), dst if split > 1 else out))
+    (bn_a, u_a, sp_a, t_a, dst_a), (bn_b, u_b, sp_b, t_b, dst_b) = segs
+    cnt = split_counters(x.device, t_a + t_b) if sp_a > 1 or sp_b > 1 else dx  # dx: unread
+    _q4k_q6k_m1_kernel[(t_a * sp_a + t_b * sp_b,)](
+        xq.view(torch.int32), dx, sx, raw_a.view(torch.int32), raw_b.view(torch.int32), out, dst_a, dst_b, cnt, na,
+        nb, k // 256 // sp_a, k // 256 // sp_b, raw_a.stride(0) // 16, raw_b.stride(0) // 16, k,
+        dst_a.stride(0) if sp_a > 1 else 0, dst_b.stride(0) if sp_b > 1 else 0, t_a, t_b, BN_A=bn_a, NB_A=u_a,
+        SPLITS_A=sp_a, SP_A=triton.next_power_of_2(sp_a), BN_B=bn_b, NB_B=u_b, SPLITS_B=sp_b,
+        SP_B=triton.next_power_of_2(sp_b), USE_ASM=x.is_cuda, num_warps=ca.get("num_warps", 4),
+        **_Q6K_GROUPS[name_b], **pdl.launch(x.device))
+    return out
 
 
 _TABLES: dict = {}
