@@ -5,7 +5,8 @@
 # the tests' whole output in $OUT/tests.log
 # (only 8 files come back from a call); CSVs and the writers' logs under /tmp/logs.
 #   TESTS="tests/test_x.py ..." RUNS=3 WALK=16k bash bench/gpu_all.sh   (TESTS_K: a pytest -k expression)
-# AB="VAR=1 ..." repeats each pp/tg bench with those variables set (an A/B of a switch in one call).
+# AB="VAR=1 ...;VAR2=1 ..." repeats each pp/tg bench once per ';'-separated set of variables (A/B of
+# switches in one call).
 # PRE="cmd" runs cmd while the models are written (after TESTS), its output in $OUT/pre.log.
 # PROFILE=N adds bench/profile_decode.py per model (the first N kernels of a decode step in order,
 # the host's profile of a prefill) into the model's log.
@@ -33,10 +34,13 @@ for MODEL in $MODELS; do
   echo "== $MODEL"
   timeout ${BENCH_S:-120} python3 -m ouzel bench -m $M --device cuda --pp 512 --tg 128 --runs ${RUNS:-3} \
     --csv "/tmp/logs/$MODEL.pp512.csv" 2>&1 | tee -a "$OUT/$MODEL.log" | grep -E "pp-tg|peak|floor ->"
-  if [[ ${AB:-} ]]; then  # the same pp/tg bench again with these environment switches (e.g. a fusion off)
-    echo "-- with $AB"
-    env $AB timeout ${BENCH_S:-120} python3 -m ouzel bench -m $M --device cuda --pp 512 --tg 128 --runs ${RUNS:-3} \
-      2>&1 | tee -a "$OUT/$MODEL.log" | grep -E "pp-tg|peak"
+  if [[ ${AB:-} ]]; then  # the same pp/tg bench again with each set of environment switches
+    IFS=';' read -ra VARIANTS <<< "$AB"
+    for V in "${VARIANTS[@]}"; do
+      echo "-- with $V" | tee -a "$OUT/$MODEL.log"
+      env $V timeout ${BENCH_S:-120} python3 -m ouzel bench -m $M --device cuda --pp 512 --tg 128 \
+        --runs ${RUNS:-3} 2>&1 | tee -a "$OUT/$MODEL.log" | grep -E "pp-tg|peak"
+    done
   fi
   if [[ ${WALK:-} ]]; then
     timeout ${WALK_S:-60} python3 -m ouzel bench -m $M --device cuda --frontiers $WALK --tg 64 \
