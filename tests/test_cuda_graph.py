@@ -262,3 +262,24 @@ def test_pdl_decode_equals_serial(arch, tmp_path, monkeypatch):
     assert torch.isfinite(serial).all()
     bad = [i for i in range(len(serial)) if not torch.equal(serial[i], early[i])]
     assert not bad, f"{arch}: logits differ with PDL at {'prefill and ' if 0 in bad else ''}steps {bad}"
+
+
+def test_greedy_a_token_ahead_on_cuda(tmp_path):
+    """generate_ids' greedy loop on CUDA feeds each captured step its token from the device, a
+    token ahead of the read-back (`_greedy_ahead`): the tokens of stepping with a host argmax, and
+    the same sequence state afterwards (the step queued past the end taken back)."""
+    from ouzel.engine.generate import generate_ids
+    from ouzel.engine.sampler import SamplingParams
+    hf, _, model = _tiny("llama", tmp_path, 1024)
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    prompt = torch.randint(2, hf.config.vocab_size, (30,), generator=g).tolist()
+    plain = Sequence(model, 512, dev)
+    logits, want = plain.prefill(prompt), []
+    for _ in range(40):
+        want.append(int(logits.argmax()))
+        logits = plain.step(want[-1])
+    ahead = Sequence(model, 512, dev)
+    got = list(generate_ids(ahead, prompt, SamplingParams(temperature=0, max_tokens=40), set()))
+    assert got == want
+    assert ahead.tokens == prompt + want[:-1] and ahead.kv.length == len(prompt) + 39

@@ -78,3 +78,46 @@ def test_max_tokens_and_eos():
     ids = llm.tokenize("Hi")
     assert len(llm.generate_ids(ids, max_tokens=5, temperature=0, ignore_eos=True)) == 5
     assert llm.generate_ids(ids, max_tokens=0, temperature=0) == []
+
+
+def _plain_and_ahead(tmp_path, max_tokens: int, eog: set, ctx: int, stop_after: int | None = None):
+    """Greedy tokens and the sequence's state after generate_ids' plain loop and after the loop that
+    feeds each step from the device a token ahead (`_greedy_ahead`), on one tiny model."""
+    import tiny_models as tm
+
+    from ouzel.engine.generate import Sequence, _greedy_ahead, generate_ids
+    from ouzel.engine.sampler import SamplingParams
+    from ouzel.loader import load
+    hf = tm.build_hf_model("llama", seed=3)
+    model = load(tm.write_gguf(hf, "llama", tmp_path / "m.gguf"), device="cpu", progress=False).model
+    prompt = [5, 9, 13, 2, 7]
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    out = []
+    for ahead in (False, True):
+        seq = Sequence(model, ctx, torch.device("cpu"))
+        gen = _greedy_ahead(seq, seq.prefill(prompt), params, eog) if ahead else generate_ids(seq, prompt, params, eog)
+        toks = []
+        for t in gen:
+            toks.append(t)
+            if stop_after is not None and len(toks) == stop_after:
+                break
+        gen.close()
+        out.append((toks, list(seq.tokens), seq.kv.length))
+    return out
+
+
+@pytest.mark.parametrize("max_tokens,stop_after,ctx", [(12, None, 64), (1, None, 64), (12, 4, 64), (40, None, 20)])
+def test_greedy_a_token_ahead_equals_the_plain_loop(tmp_path, max_tokens, stop_after, ctx):
+    """Same tokens and, at the end, the same tokens and KV length in the sequence (the step queued
+    past the end taken back): after max_tokens, a caller that stops early, a full context."""
+    plain, ahead = _plain_and_ahead(tmp_path, max_tokens, set(), ctx, stop_after)
+    assert plain == ahead
+    assert len(plain[0]) == (stop_after or min(max_tokens, ctx - 5 + 1))  # 5 prompt tokens
+
+
+def test_greedy_a_token_ahead_stops_on_eos(tmp_path):
+    plain, _ = _plain_and_ahead(tmp_path, 12, set(), 64)
+    eos = plain[0][5]  # the sixth greedy token acts as the end of text
+    first = plain[0].index(eos)
+    plain, ahead = _plain_and_ahead(tmp_path, 12, {eos}, 64)
+    assert plain == ahead and len(ahead[0]) == first and len(ahead[1]) == 5 + first

@@ -87,6 +87,26 @@ class Sequence:
             return logits[0].to(torch.float32, copy=True)  # the graph's output buffer is overwritten by the next step
         return self.model.logits(self._forward([token]))[0].float()
 
+    @torch.inference_mode()
+    def feed(self, token: torch.Tensor, value: int | None = None) -> torch.Tensor:
+        """`step` for a token held on the device ([1] long, e.g. the previous step's argmax), which
+        nothing reads back: the host queues the step and goes on. Returns the greedy next token on
+        the device ([1] long). `tokens` gets `value`, or -1 until `settle` fills it in."""
+        if len(self.tokens) >= self.max_tokens:
+            raise OuzelError(f"context full ({self.max_tokens} tokens)")
+        if self.graph is not None and not self.graph.failed:
+            logits = self.graph(token, self.kv.length)
+        else:
+            pos = torch.arange(self.kv.length, self.kv.length + 1, device=self.device)
+            logits = self.model.logits(self.model(token.to(self.device), pos, self.kv))
+        self.kv.commit(1)
+        self.tokens.append(-1 if value is None else value)
+        return torch.argmax(logits[-1]).view(1)
+
+    def settle(self, start: int, values: list[int]) -> None:
+        """Fill in the fed tokens' values from position `start` (read back after `feed`)."""
+        self.tokens[start:start + len(values)] = values
+
 
 @dataclass
 class Finish:
@@ -99,6 +119,9 @@ def generate_ids(seq: Sequence, prompt: list[int], params: SamplingParams, eog: 
     """Yield sampled token ids; ends on EOS/EOT (not yielded), max_tokens, or a full context."""
     sampler = Sampler(params, seq.device)
     logits = seq.prefill(prompt, progress)
+    if params.temperature == 0 and seq.device.type == "cuda" and params.max_tokens > 0:
+        yield from _greedy_ahead(seq, logits, params, eog)
+        return
     for i in range(params.max_tokens):
         tok = sampler(logits)
         if tok in eog and not params.ignore_eos:
@@ -107,6 +130,69 @@ def generate_ids(seq: Sequence, prompt: list[int], params: SamplingParams, eog: 
         if i + 1 == params.max_tokens or len(seq.tokens) >= seq.max_tokens:
             return
         logits = seq.step(tok)
+
+
+class _Reader:
+    """Device tokens read back without waiting for the steps queued after them: a copy into pinned
+    host memory and an event per token, from a ring of 4 (at most 2 are in flight) on CUDA; a plain
+    read elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.ring = [(torch.empty(1, dtype=torch.long, pin_memory=True), torch.cuda.Event()) for _ in range(4)]
+            self.next = 0
+
+    def start(self, token: torch.Tensor):
+        if not self.cuda:
+            return token
+        buf, event = self.ring[self.next]
+        self.next = (self.next + 1) % len(self.ring)
+        buf.copy_(token, non_blocking=True)
+        event.record()
+        return buf, event
+
+    def finish(self, handle) -> int:
+        if not self.cuda:
+            return int(handle)
+        buf, event = handle
+        event.synchronize()
+        return int(buf[0])
+
+
+def _greedy_ahead(seq: Sequence, logits: torch.Tensor, params: SamplingParams, eog: set[int]) -> Iterator[int]:
+    """generate_ids' greedy loop with the GPU a token ahead of the host: the step that feeds token
+    i is queued, from the device, before token i is read back, so the host's work on a token
+    (the sync, detokenizing, the caller's) overlaps the next step instead of leaving the GPU idle
+    between steps. The step fed past the end is taken back: on exit the state is what the plain
+    loop leaves (the prompt, then every yielded token but the last)."""
+    reader = _Reader(seq.device)
+    start = len(seq.tokens)  # where the generated tokens go
+    cur = torch.argmax(logits).view(1)  # token 0, on the device
+    handle = reader.start(cur)
+    read = 0  # tokens read back (and yielded or ended on)
+    try:
+        while True:
+            i = read  # token i is cur; its value is on its way to the host
+            fed = i + 1 < params.max_tokens and len(seq.tokens) < seq.max_tokens
+            if fed:  # queue the step after token i before waiting for it
+                nxt = seq.feed(cur)
+                nxt_handle = reader.start(nxt)
+            tok = reader.finish(handle)
+            read += 1
+            if fed:
+                seq.settle(start + i, [tok])
+            if tok in eog and not params.ignore_eos:
+                return
+            yield tok
+            if not fed:
+                return
+            cur, handle = nxt, nxt_handle
+    finally:
+        keep = start + max(0, read - 1)  # the plain loop feeds every yielded token but the last
+        if len(seq.tokens) > keep:
+            seq.kv.trim(keep)
+            seq.tokens = seq.tokens[:min(keep, seq.kv.length)]
 
 
 class StopMatcher:

@@ -90,9 +90,13 @@ class DecodeGraph(_Captured):
     def _run(self) -> torch.Tensor:
         return self.model.logits(self.model(self.ids, self.pos, self.kv))
 
-    def __call__(self, token: int, position: int) -> torch.Tensor:
-        """Logits [1, V] after `token` at `position` (its k/v are written at that position)."""
-        self.ids.fill_(token)
+    def __call__(self, token: int | torch.Tensor, position: int) -> torch.Tensor:
+        """Logits [1, V] after `token` at `position` (its k/v are written at that position). A
+        token given as a device tensor [1] is copied on the device: nothing waits for it."""
+        if isinstance(token, torch.Tensor):
+            self.ids.copy_(token)
+        else:
+            self.ids.fill_(token)
         self.pos.fill_(position)
         return self._replay(position)
 
