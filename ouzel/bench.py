@@ -149,18 +149,19 @@ class Bench:
     def _decode(self, logits: torch.Tensor) -> tuple[int, float]:
         """Greedy, EOS ignored; returns (tokens, seconds). The loop greedy generation runs: on CUDA
         each step fed its token from the device, a token ahead of the host's read-back
-        (`generate._greedy_ahead`); on a CPU argmax().item() per step. The first step is not
+        (`generate._decode_ahead`); on a CPU argmax().item() per step. The first step is not
         timed: after a prefill to a new depth it may capture a CUDA graph or compile a kernel for
         the state's new size (DeepSeek V4's indexer at 16k: 4 s, once)."""
         logits = self.seq.step(int(logits.argmax().item()))
         n = min(self.tg, self.seq.max_tokens - len(self.seq.tokens))
         _sync(self.device)
         t0 = time.perf_counter()
-        if self.device.type == "cuda":
-            from .engine.generate import _greedy_ahead
+        from .engine.generate import ahead_enabled
+        if ahead_enabled(self.device):
+            from .engine.generate import _decode_ahead
             from .engine.sampler import SamplingParams
             params = SamplingParams(temperature=0, max_tokens=n + 1, ignore_eos=True)  # token 0 needs no step
-            for _ in _greedy_ahead(self.seq, logits, params, set()):
+            for _ in _decode_ahead(self.seq, logits, params, set()):
                 pass
         else:
             for _ in range(n):

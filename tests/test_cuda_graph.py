@@ -266,7 +266,7 @@ def test_pdl_decode_equals_serial(arch, tmp_path, monkeypatch):
 
 def test_greedy_a_token_ahead_on_cuda(tmp_path):
     """generate_ids' greedy loop on CUDA feeds each captured step its token from the device, a
-    token ahead of the read-back (`_greedy_ahead`): the tokens of stepping with a host argmax, and
+    token ahead of the read-back (`_decode_ahead`): the tokens of stepping with a host argmax, and
     the same sequence state afterwards (the step queued past the end taken back)."""
     from ouzel.engine.generate import generate_ids
     from ouzel.engine.sampler import SamplingParams

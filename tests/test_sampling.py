@@ -30,6 +30,16 @@ def test_seed_reproducible_and_different_seeds_differ():
     assert draw(1) == draw(1)
 
 
+def test_draws_follow_the_softmax():
+    """The Gumbel-max draw picks each candidate with its softmax(logit / T) probability."""
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    s = Sampler(SamplingParams(temperature=2.0, top_k=0, top_p=1.0, min_p=0, seed=4))
+    n = 20000
+    counts = torch.bincount(torch.tensor([s(logits) for _ in range(n)]), minlength=4).float() / n
+    want = torch.softmax(logits / 2.0, -1)
+    assert (counts - want).abs().max() < 0.015
+
+
 def test_top_p_and_min_p_restrict_the_support():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     top_p = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=0.7, min_p=0, seed=0))
@@ -80,22 +90,23 @@ def test_max_tokens_and_eos():
     assert llm.generate_ids(ids, max_tokens=0, temperature=0) == []
 
 
-def _plain_and_ahead(tmp_path, max_tokens: int, eog: set, ctx: int, stop_after: int | None = None):
+def _plain_and_ahead(tmp_path, max_tokens: int, eog: set, ctx: int, stop_after: int | None = None,
+                     temperature: float = 0.0):
     """Greedy tokens and the sequence's state after generate_ids' plain loop and after the loop that
-    feeds each step from the device a token ahead (`_greedy_ahead`), on one tiny model."""
+    feeds each step from the device a token ahead (`_decode_ahead`), on one tiny model."""
     import tiny_models as tm
 
-    from ouzel.engine.generate import Sequence, _greedy_ahead, generate_ids
+    from ouzel.engine.generate import Sequence, _decode_ahead, generate_ids
     from ouzel.engine.sampler import SamplingParams
     from ouzel.loader import load
     hf = tm.build_hf_model("llama", seed=3)
     model = load(tm.write_gguf(hf, "llama", tmp_path / "m.gguf"), device="cpu", progress=False).model
     prompt = [5, 9, 13, 2, 7]
-    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=11)
     out = []
     for ahead in (False, True):
         seq = Sequence(model, ctx, torch.device("cpu"))
-        gen = _greedy_ahead(seq, seq.prefill(prompt), params, eog) if ahead else generate_ids(seq, prompt, params, eog)
+        gen = _decode_ahead(seq, seq.prefill(prompt), params, eog) if ahead else generate_ids(seq, prompt, params, eog)
         toks = []
         for t in gen:
             toks.append(t)
@@ -113,6 +124,13 @@ def test_greedy_a_token_ahead_equals_the_plain_loop(tmp_path, max_tokens, stop_a
     plain, ahead = _plain_and_ahead(tmp_path, max_tokens, set(), ctx, stop_after)
     assert plain == ahead
     assert len(plain[0]) == (stop_after or min(max_tokens, ctx - 5 + 1))  # 5 prompt tokens
+
+
+def test_sampling_a_token_ahead_draws_the_plain_loops_tokens(tmp_path):
+    """Sampled decoding (temperature 1, seeded) a token ahead: each draw on the device, in the
+    plain loop's order, so the same tokens."""
+    plain, ahead = _plain_and_ahead(tmp_path, 24, set(), 64, temperature=1.0)
+    assert plain == ahead and len(set(plain[0])) > 3  # a draw, not the argmax every time
 
 
 def test_greedy_a_token_ahead_stops_on_eos(tmp_path):

@@ -1,6 +1,7 @@
 """One sequence's generation: prefill (reusing the common prefix), decode, stop handling."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -88,10 +89,11 @@ class Sequence:
         return self.model.logits(self._forward([token]))[0].float()
 
     @torch.inference_mode()
-    def feed(self, token: torch.Tensor, value: int | None = None) -> torch.Tensor:
-        """`step` for a token held on the device ([1] long, e.g. the previous step's argmax), which
-        nothing reads back: the host queues the step and goes on. Returns the greedy next token on
-        the device ([1] long). `tokens` gets `value`, or -1 until `settle` fills it in."""
+    def feed(self, token: torch.Tensor, pick=None, value: int | None = None) -> torch.Tensor:
+        """`step` for a token held on the device ([1] long, e.g. the previous step's pick), which
+        nothing reads back: the host queues the step and goes on. Returns the next token on the
+        device ([1] long): pick(logits) (`Sampler.pick`), greedy by default. `tokens` gets `value`,
+        or -1 until `settle` fills it in."""
         if len(self.tokens) >= self.max_tokens:
             raise OuzelError(f"context full ({self.max_tokens} tokens)")
         if self.graph is not None and not self.graph.failed:
@@ -101,7 +103,7 @@ class Sequence:
             logits = self.model.logits(self.model(token.to(self.device), pos, self.kv))
         self.kv.commit(1)
         self.tokens.append(-1 if value is None else value)
-        return torch.argmax(logits[-1]).view(1)
+        return pick(logits[-1]) if pick is not None else torch.argmax(logits[-1]).view(1)
 
     def settle(self, start: int, values: list[int]) -> None:
         """Fill in the fed tokens' values from position `start` (read back after `feed`)."""
@@ -119,8 +121,8 @@ def generate_ids(seq: Sequence, prompt: list[int], params: SamplingParams, eog: 
     """Yield sampled token ids; ends on EOS/EOT (not yielded), max_tokens, or a full context."""
     sampler = Sampler(params, seq.device)
     logits = seq.prefill(prompt, progress)
-    if params.temperature == 0 and seq.device.type == "cuda" and params.max_tokens > 0:
-        yield from _greedy_ahead(seq, logits, params, eog)
+    if ahead_enabled(seq.device) and params.max_tokens > 0:
+        yield from _decode_ahead(seq, logits, params, eog, sampler)
         return
     for i in range(params.max_tokens):
         tok = sampler(logits)
@@ -130,6 +132,12 @@ def generate_ids(seq: Sequence, prompt: list[int], params: SamplingParams, eog: 
         if i + 1 == params.max_tokens or len(seq.tokens) >= seq.max_tokens:
             return
         logits = seq.step(tok)
+
+
+def ahead_enabled(device: torch.device) -> bool:
+    """Whether decoding runs a token ahead of the host (`_decode_ahead`): on CUDA, unless
+    OUZEL_SYNC_DECODE=1 (every step waits for its token to be read, for A/B runs)."""
+    return device.type == "cuda" and not os.environ.get("OUZEL_SYNC_DECODE")
 
 
 class _Reader:
@@ -160,15 +168,18 @@ class _Reader:
         return int(buf[0])
 
 
-def _greedy_ahead(seq: Sequence, logits: torch.Tensor, params: SamplingParams, eog: set[int]) -> Iterator[int]:
-    """generate_ids' greedy loop with the GPU a token ahead of the host: the step that feeds token
-    i is queued, from the device, before token i is read back, so the host's work on a token
-    (the sync, detokenizing, the caller's) overlaps the next step instead of leaving the GPU idle
-    between steps. The step fed past the end is taken back: on exit the state is what the plain
-    loop leaves (the prompt, then every yielded token but the last)."""
+def _decode_ahead(seq: Sequence, logits: torch.Tensor, params: SamplingParams, eog: set[int],
+                  sampler: Sampler | None = None) -> Iterator[int]:
+    """generate_ids' loop with the GPU a token ahead of the host: each token is drawn on the device
+    (`Sampler.pick`, no sync) and the step that feeds token i is queued, from the device, before
+    token i is read back, so the host's work on a token (the sync, detokenizing, the caller's)
+    overlaps the next step instead of leaving the GPU idle between steps. The tokens are the plain
+    loop's (same draws in the same order); the step fed past the end is taken back: on exit the
+    state is what the plain loop leaves (the prompt, then every yielded token but the last)."""
+    sampler = sampler or Sampler(params, seq.device)
     reader = _Reader(seq.device)
     start = len(seq.tokens)  # where the generated tokens go
-    cur = torch.argmax(logits).view(1)  # token 0, on the device
+    cur = sampler.pick(logits)  # token 0, on the device
     handle = reader.start(cur)
     read = 0  # tokens read back (and yielded or ended on)
     try:
@@ -176,7 +187,7 @@ def _greedy_ahead(seq: Sequence, logits: torch.Tensor, params: SamplingParams, e
             i = read  # token i is cur; its value is on its way to the host
             fed = i + 1 < params.max_tokens and len(seq.tokens) < seq.max_tokens
             if fed:  # queue the step after token i before waiting for it
-                nxt = seq.feed(cur)
+                nxt = seq.feed(cur, sampler.pick)
                 nxt_handle = reader.start(nxt)
             tok = reader.finish(handle)
             read += 1

@@ -45,9 +45,17 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits: [V] float32 -> the next token id."""
+        return int(self.pick(logits)[0])
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next token id as a [1] long tensor on logits' device, with nothing read back to the
+        host (no sync): fixed shapes throughout, the filtered candidates masked rather than
+        gathered, and the draw a Gumbel-max (argmax of logit / T + Gumbel noise), which picks
+        each candidate with its softmax(logit / T) probability."""
         p = self.params
+        logits = logits.reshape(-1)
         if p.temperature == 0:
-            return int(torch.argmax(logits))
+            return torch.argmax(logits).view(1)
         logits = logits.float()
         if 0 < p.top_k < logits.shape[-1]:
             values, ids = torch.topk(logits, p.top_k)
@@ -61,7 +69,7 @@ class Sampler:
         if p.min_p > 0:
             keep &= probs >= p.min_p * probs[0]
         keep[0] = True
-        values, ids = values[keep], ids[keep]
-        probs = torch.softmax(values / p.temperature, -1)
-        choice = torch.multinomial(probs, 1, generator=self.generator)
-        return int(ids[choice])
+        u = torch.rand(values.shape, generator=self.generator, device=values.device)
+        gumbel = -torch.log(-torch.log(u))  # u in [0, 1): -inf at 0 (never drawn), finite above
+        choice = torch.argmax(torch.where(keep, values / p.temperature + gumbel, float("-inf")))
+        return ids.gather(0, choice.view(1))
