@@ -183,6 +183,85 @@ def test_attention_step_split(p, mode, splits, block_out, q_dtype, cache_dtype, 
                 block_out=block_out, programs=64, splits=splits)
 
 
+@pytest.mark.parametrize("kept,T", [(0, 13), (5, 9), (8, 20)])  # a fresh chunk; kept rows shorter / as long as the window
+@pytest.mark.parametrize("mode", ["window", "hca", "csa"])
+@pytest.mark.parametrize("q_dtype,cache_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16)])
+def test_attention_chunk(kept, T, mode, q_dtype, cache_dtype):
+    """A prefill chunk's attention (T queries at consecutive positions after `kept` cached keys)
+    against `V4Attention._attend` on the torch path's mask: each query over the keys of its window,
+    then every complete compressed row (HCA) or its own picks (CSA, -1 where none). Compressed rows
+    no query may read hold NaN in the kernel's copy (a NaN read fails the check)."""
+    from types import SimpleNamespace
+
+    from ouzel.kernels.triton.testing import rel_err
+    from ouzel.layers.compressed_attention import V4Attention, complete
+
+    g = torch.Generator().manual_seed(kept * 100 + T)
+    H, D, window, n, ratio, k = 20, 48, 8, 9, 4, 3
+    first = 30  # the position of the chunk's first query
+    positions = torch.arange(first, first + T)
+    key_pos = torch.arange(first - kept, first + T)
+    keys = torch.randn(kept + T, D, generator=g).to(DEV, cache_dtype)
+    rows = torch.randn(n, D, generator=g).to(DEV, cache_dtype)
+    q = torch.randn(T, H, D, generator=g).to(DEV, q_dtype)
+    sinks = torch.randn(H, generator=g).to(DEV)
+    attn = SimpleNamespace(sinks=sinks, scale=D ** -0.5)
+    mask = (key_pos[None, :] <= positions[:, None]) & (key_pos[None, :] > positions[:, None] - window)
+    all_keys, picked, top = keys, None, None
+    if mode == "hca":
+        all_keys = torch.cat([keys, rows])
+        mask = torch.cat([mask, complete(rows, positions, ratio)], dim=1)
+    elif mode == "csa":
+        ready = (positions + 1) // ratio
+        top = torch.stack([torch.cat([torch.randperm(int(min(r, n)), generator=g)[:k],
+                                      torch.full((k,), -1)])[:k] for r in ready])
+        picked = (rows.to(q_dtype), top.to(DEV))
+    want = V4Attention._attend(attn, q, all_keys.to(q_dtype), mask.to(DEV), picked)
+    assert torch.isfinite(want).all()
+    rows_nan = rows.clone()
+    if mode == "hca":
+        rows_nan[int((positions[-1] + 1) // ratio):] = float("nan")
+    elif mode == "csa":
+        unread = torch.ones(n, dtype=torch.bool)
+        unread[top[top >= 0]] = False
+        rows_nan[unread.to(DEV)] = float("nan")
+    got = v4.attention_chunk(q, keys, positions.to(DEV), window, sinks, attn.scale,
+                             None if mode == "window" else rows_nan, ratio, None if top is None else top.to(DEV),
+                             block_n=16, block_d=32, block_out=32 if kept == 5 else 64)
+    tol = 1e-5 if cache_dtype == torch.float32 else 1e-4
+    assert got.dtype == q_dtype and rel_err(got, want) < tol, rel_err(got, want)
+
+
+@torch.inference_mode()
+def test_prefill_with_kernels_equals_torch(tmp_path, monkeypatch):
+    """The tiny V4's prefill (two chunks: 21 tokens, then 19 after them) with the V4 kernels, the
+    chunk attention among them (the interpreter on a CPU), against the torch code."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    pytest.importorskip("transformers")
+    import deepseek4_gguf as d4
+    from tiny_deepseek_v4 import build_v4
+
+    import ouzel
+    try:
+        hf = build_v4()
+    except ImportError as e:
+        pytest.skip(f"transformers has no DeepSeek V4: {e}")
+    model = ouzel.load(d4.write(hf, tmp_path / "tiny-q8.gguf", "Q8_0"), device=DEV, progress=False).model
+    ids = torch.randint(2, hf.config.vocab_size, (40,), generator=torch.Generator().manual_seed(6)).to(DEV)
+    out = []
+    for kernels in (False, True):
+        monkeypatch.setattr(hcm, "TRITON_ON_CPU", kernels)
+        kv = model.new_kv(1024, DEV)
+        kv.fixed_step = False
+        logits = []
+        for a, b in ((0, 21), (21, 40)):
+            logits.append(model.logits(model(ids[a:b], torch.arange(a, b, device=DEV), kv)))
+            kv.commit(b - a)
+        out.append(torch.cat(logits))
+    monkeypatch.setattr(hcm, "TRITON_ON_CPU", False)
+    assert float((out[1] - out[0]).abs().max() / out[0].abs().max()) < 1e-4
+
+
 @torch.inference_mode()
 def test_fixed_step_with_kernels_equals_eager(tmp_path, monkeypatch):
     """The tiny V4 (CSA ratio 4 with top-k 3, HCA 16): the fixed step through every V4 kernel

@@ -18,6 +18,8 @@ in kv/cache.py and OUZEL_NO_CUDA_GRAPH in engine/graphs.py):
   OUZEL_NO_ATTENTION_FUSION=1    decode: rope (and q/k norms) and o_proj's int8 rounding in launches of
                                  their own, not in the attention kernel
   OUZEL_NO_PAIR_GEMV=1           decode: a layer's Q4_K q/k and Q6_K v as two GEMV launches, not one
+  OUZEL_NO_V4_CHUNK_ATTENTION=1  DeepSeek V4 prefill: the torch attention (scores of every query against
+                                 every key of the chunk) instead of the Triton kernel
   OUZEL_PDL=1                    programmatic dependent launch (sm_90+): a Triton kernel starts while
                                  the one before it finishes (kernels/triton/pdl.py; off until timed)
   OUZEL_EXACT_GEMV=1             decode GEMVs multiply fp32 activations (default: Q4_K rounds x to
@@ -499,6 +501,17 @@ def v4_index_scores(q, w, rows, positions, ratio: int, scale: float):
     if v is None or q.dim() != 2 or D & (D - 1) or not 16 <= D <= 256 or not rows.is_contiguous():
         return None
     return v.index_scores(q, w, rows, positions, ratio, scale)
+
+
+def v4_attention_chunk(q, keys, positions, window: int, sinks, scale: float, rows=None, ratio: int = 0, top=None):
+    """`v4.attention_chunk` (a prefill chunk's window + compressed-row attention with sinks, each
+    query reading only its own keys), or None (OUZEL_NO_V4_CHUNK_ATTENTION=1: the torch code)."""
+    v = _v4(q, keys, sinks, *(t for t in (rows,) if t is not None))
+    if (v is None or os.environ.get("OUZEL_NO_V4_CHUNK_ATTENTION") or q.shape[-1] > 1024
+            or (rows is not None and rows.dtype != keys.dtype)
+            or (top is not None and (top.dtype not in (torch.int32, torch.int64) or top.device != q.device))):
+        return None
+    return v.attention_chunk(q, keys, positions, window, sinks.float(), scale, rows, ratio, top)
 
 
 def v4_attention_step(q, ring, positions, window: int, sinks, scale: float, rows=None, ratio: int = 0, top=None):

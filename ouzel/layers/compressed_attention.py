@@ -301,6 +301,11 @@ class V4Attention(nn.Module):
             if out is not None:
                 return out
             key_pos = kv.ring_positions(self.layer, positions)
+        elif fused_kernels(q):  # a prefill chunk: each query over its own keys only, in one launch
+            out = _cuda.v4_attention_chunk(q, keys, positions, self.window, dense(self.sinks), self.scale, crows,
+                                           getattr(self.compressor, "ratio", 0), top)
+            if out is not None:
+                return out
         mask = ((key_pos[None, :] <= positions[:, None]) & (key_pos[None, :] > positions[:, None] - self.window)
                 & (key_pos[None, :] >= 0))  # the fixed step's ring: negative = never written
         picked = None

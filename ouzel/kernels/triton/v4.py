@@ -17,6 +17,9 @@ References (the torch code they replace, the oracle in tests/test_triton_v4.py):
   kernel, scores, softmax with the per-head sinks, weighted sum), flash-decoding: program per
   (16 heads, split of the keys), a second launch merging the splits' partials with the sinks.
   The output's inverse rope stays `rms_rope` (sign -1).
+- `attention_chunk`: the same attention for a prefill chunk (`V4Attention._attend` over the torch
+  path's mask): program per (query, 16 heads, 256 output channels), each query over its window's
+  keys and its compressed rows or picks only (the torch code scores every key of the chunk).
 - `index_scores`: `Indexer.select`'s scores for one query: sum_h w_h relu(q_h . row) * scale
   per compressed row, -inf for rows the query may not read yet (index >= (p + 1) // ratio);
   program per block of rows, the heads in blocks of 16 on the tensor cores. The top-k stays torch.
@@ -416,6 +419,58 @@ def _attention_step_kernel(q_ptr, ring_ptr, rows_ptr, top_ptr, sink_ptr, pos_ptr
 
 
 @triton.jit
+def _attention_chunk_kernel(q_ptr, keys_ptr, rows_ptr, top_ptr, sink_ptr, pos_ptr, out_ptr, H, n_keys, T, n_rows,
+                            n_top, window, ratio, qk_scale, D: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
+                            BD: tl.constexpr, BDO: tl.constexpr, MODE: tl.constexpr, WIN_TILES: tl.constexpr,
+                            ROW_TILES: tl.constexpr, DEVICE_BOUND: tl.constexpr, F32_DOT: tl.constexpr,
+                            PDL: tl.constexpr):
+    """Program per (query t of a prefill chunk, block of BH heads, block of BDO output channels): the
+    query's window keys, a contiguous range of keys [n_keys, D] (positions in order, the chunk's T
+    rows last), then MODE 1: the compressed rows [n_rows, D] it has seen complete (a prefix), 2:
+    its picks top[t, :n_top] (-1: none); the head's sink in the denominator. `_attend_tile` steps,
+    as the decode step's kernel: scores over all D channels, P @ V for this program's channels."""
+    wait_for_inputs(PDL)
+    t = tl.program_id(0)
+    h = tl.program_id(1) * BH + tl.arange(0, BH)
+    d0 = tl.program_id(2) * BDO
+    pos = tl.load(pos_ptr + t).to(tl.int32)
+    first = tl.load(pos_ptr).to(tl.int32) - (n_keys - T)  # the position of keys[0]
+    hi = pos - first + 1  # the query's keys: [lo, hi), its own row last
+    lo = tl.maximum(hi - window, 0)
+    qt = q_ptr + t.to(tl.int64) * H * D
+    m_i = tl.full([BH], float("-inf"), tl.float32)
+    l_i = tl.zeros([BH], tl.float32)
+    acc = tl.zeros([BH, BDO], tl.float32)
+    n_win = tl.cdiv(hi - lo, BN) if DEVICE_BOUND else WIN_TILES
+    for i in range(0, n_win):
+        k = lo + i * BN + tl.arange(0, BN)
+        m_i, l_i, acc = _attend_tile(qt, h, qk_scale, keys_ptr, k, k < hi, m_i, l_i, acc, d0, H, D, BH, BN, BD, BDO,
+                                     F32_DOT)
+    if MODE == 1:
+        ready = tl.minimum((pos + 1) // ratio, n_rows)  # rows whose window the query has seen to its end
+        n_row_tiles = tl.cdiv(ready, BN) if DEVICE_BOUND else ROW_TILES
+        for i in range(0, n_row_tiles):
+            k = i * BN + tl.arange(0, BN)
+            m_i, l_i, acc = _attend_tile(qt, h, qk_scale, rows_ptr, k, k < ready, m_i, l_i, acc, d0, H, D, BH, BN, BD,
+                                         BDO, F32_DOT)
+    if MODE == 2:
+        for i in range(0, ROW_TILES):
+            j = i * BN + tl.arange(0, BN)
+            idx = tl.load(top_ptr + t.to(tl.int64) * n_top + j, mask=j < n_top, other=-1)
+            pick = (idx >= 0) & (idx < n_rows)
+            m_i, l_i, acc = _attend_tile(qt, h, qk_scale, rows_ptr, tl.where(pick, idx, 0), pick, m_i, l_i, acc, d0,
+                                         H, D, BH, BN, BD, BDO, F32_DOT)
+    do = d0 + tl.arange(0, BDO)
+    mh = h < H
+    sink = tl.load(sink_ptr + h, mask=mh, other=0.0).to(q_ptr.dtype.element_ty).to(tl.float32) * 1.4426950408889634
+    m_f = tl.maximum(m_i, sink)
+    alpha = tl.exp2(m_i - m_f)
+    o = acc * (alpha / (l_i * alpha + tl.exp2(sink - m_f)))[:, None]
+    tl.store(out_ptr + (t.to(tl.int64) * H + h[:, None]) * D + do[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=mh[:, None] & (do < D)[None, :])
+
+
+@triton.jit
 def _attention_combine_kernel(part_ptr, ml_ptr, sink_ptr, out_ptr, H, splits, D: tl.constexpr, BS: tl.constexpr,
                               BDC: tl.constexpr, PDL: tl.constexpr):
     """Program per (head, BDC output channels): the splits' partials merged, the head's sink in
@@ -497,6 +552,44 @@ def attention_step(q: torch.Tensor, ring: torch.Tensor, positions: torch.Tensor,
         BDC = min(triton.next_power_of_2(D), max(16, 4096 // BS))
         _attention_combine_kernel[(H, triton.cdiv(D, BDC))](part, ml, sinks, out, H, splits, D=D, BS=BS, BDC=BDC,
                                                             num_warps=4, **pdl.launch(q.device))
+    return out
+
+
+def attention_chunk(q: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, window: int, sinks: torch.Tensor,
+                    scale: float, rows: torch.Tensor | None = None, ratio: int = 0, top: torch.Tensor | None = None,
+                    block_n: int = 16, block_d: int = 64, block_out: int = 256, num_warps: int = 8,
+                    num_stages: int = 2) -> torch.Tensor:
+    """A prefill chunk's attention (`V4Attention._sequence` / `_attend` for T > 1 on a state that is
+    not the fixed step): q [T, H, D] at consecutive positions [T] over the K=V keys [S, D] in
+    position order, the chunk's T rows last (what `CompressedKV.window` returns): each query reads
+    the keys of the last `window` positions up to its own; plus the compressed rows [n, D], with
+    top None every complete one (index < (p + 1) // ratio), else its picks top [T, k] (-1: none);
+    each head's sink [H] (fp32) joins the softmax. Returns [T, H, D] in q's dtype. The torch code
+    scored every query against all S keys and materialized fp32 scores [T, H, S] (3.3 ms of ds4's
+    512-token prefill on an H100); here each program reads only its query's keys. Programs: T x
+    (H / 16) x (D / block_out). Compiled for sm_90 (ptxas; untimed), D 512, fp32 q on a 16-bit
+    cache, 8 warps: block_out 256 no spills in all three modes; 512 spilled 16 bytes (window,
+    complete rows) to 312 (picks)."""
+    T, H, D = q.shape
+    if keys.shape[1] != D or sinks.shape != (H,) or positions.shape != (T,) or keys.shape[0] < T or (
+            rows is not None and rows.shape[1] != D) or (top is not None and top.shape[0] != T):
+        raise ValueError(f"attention_chunk: q {tuple(q.shape)}, keys {tuple(keys.shape)}, sinks {tuple(sinks.shape)}")
+    mode = 0 if rows is None else 1 if top is None else 2
+    if mode == 1 and ratio < 1:
+        raise ValueError(f"attention_chunk: ratio {ratio}")
+    rows = keys if rows is None else rows
+    top = positions if top is None else top.contiguous()
+    n_top = top.shape[-1] if mode == 2 else 0
+    BH, BD, BDO = 16, min(block_d, triton.next_power_of_2(D)), min(block_out, triton.next_power_of_2(D))
+    row_tiles = triton.cdiv(rows.shape[0] if mode == 1 else n_top, block_n) if mode else 0
+    out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    interpret = q.device.type != "cuda"
+    _attention_chunk_kernel[(T, triton.cdiv(H, BH), triton.cdiv(D, BDO))](
+        q.contiguous(), keys.contiguous(), rows.contiguous(), top, sinks, positions, out, H, keys.shape[0], T,
+        rows.shape[0], n_top, int(window), max(int(ratio), 1), float(scale) * 1.4426950408889634, D=D, BH=BH,
+        BN=block_n, BD=BD, BDO=BDO, MODE=mode, WIN_TILES=triton.cdiv(min(window, keys.shape[0]), block_n) + 1,
+        ROW_TILES=row_tiles, DEVICE_BOUND=not interpret, F32_DOT=interpret, num_warps=num_warps,
+        num_stages=num_stages, **pdl.launch(q.device))
     return out
 
 
