@@ -145,3 +145,23 @@ def test_q4k_and_q6k_in_one_launch(name_b, k, ca, cb, gen):
     assert rel_err(out[:, :na], reference_linear(xd, raw_a, "Q4_K")) < 1e-5
     assert rel_err(out[:, na:], reference_linear(xd, raw_b, name_b)) < 1e-5
     assert not split_counters(torch.device(DEV), 1)[:64].any()  # every finisher re-armed its counter
+
+
+@pytest.mark.parametrize("cfg", [dict(bn=32, u=1), dict(bn=32, u=2, split=2), dict(bn=64, u=1, split=4)])
+@pytest.mark.parametrize("limit", [None, 0.5])
+@pytest.mark.parametrize("experts", [False, True])
+def test_gate_up_gemv_forms_the_swiglu_rows(cfg, limit, experts, gen):
+    """A Q4_K gate/up GEMV (rows [gate; up]) that also forms silu(gate) * up's int8 rows for the down
+    projection (the second of each feature tile's two programs): the GEMV's output as without it,
+    and rows equal to `quantize_swiglu` of that output; dense and MoE (3 pairs of one token)."""
+    half, k, E = 128, 1024, 4
+    n = 2 * half
+    raw = random_blocks("Q4_K", (E if experts else 1) * n, k, gen, DEV)
+    x = torch.randn(1, k, generator=gen).to(DEV)
+    moe = dict(idx=torch.tensor([2, 0, 3], device=DEV), x_div=3) if experts else {}
+    plain = Q8.qgemv_q8(x, raw, "Q4_K", (n, k), m1=True, **moe, **cfg)
+    out, (sq, sdx, ssx) = Q8.qgemv_q8(x, raw, "Q4_K", (n, k), m1=True, swiglu=True, limit=limit, **moe, **cfg)
+    assert torch.equal(out, plain)
+    wq, wdx, wsx = Q8.quantize_swiglu(out, limit)
+    assert torch.equal(sq, wq) and torch.equal(sdx, wdx) and torch.equal(ssx, wsx)
+    assert not split_counters(torch.device(DEV), 1)[:256].any()  # every counter re-armed

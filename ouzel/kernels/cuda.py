@@ -20,6 +20,8 @@ in kv/cache.py and OUZEL_NO_CUDA_GRAPH in engine/graphs.py):
   OUZEL_NO_PAIR_GEMV=1           decode: a layer's Q4_K q/k and Q6_K v as two GEMV launches, not one
   OUZEL_NO_V4_CHUNK_ATTENTION=1  DeepSeek V4 prefill: the torch attention (scores of every query against
                                  every key of the chunk) instead of the Triton kernel
+  OUZEL_NO_SWIGLU_FUSION=1       decode: silu(gate) * up's int8 rounding in a launch of its own, not
+                                 formed by the gate/up GEMV
   OUZEL_PDL=1                    programmatic dependent launch (sm_90+): a Triton kernel starts while
                                  the one before it finishes (kernels/triton/pdl.py; off until timed)
   OUZEL_EXACT_GEMV=1             decode GEMVs multiply fp32 activations (default: Q4_K rounds x to
@@ -118,10 +120,11 @@ def _gemv(x2, raw, bt_name: str, shape, xq=None, **moe) -> torch.Tensor:
     return fn(x2, raw, bt_name, shape, **_gemv_config(fn, configs, x2, raw, bt_name, shape, **moe), **moe, **extra)
 
 
-def _gemv_config(fn, configs, x2, raw, bt_name: str, shape, **moe) -> dict:
+def _gemv_config(fn, configs, x2, raw, bt_name: str, shape, tag: str = "", **moe) -> dict:
     """The fastest of a few configs for this shape, timed on first use (must not run while a
-    CUDA graph is being captured: the first call of every shape happens in an eager warm-up)."""
-    key = (fn.__name__, bt_name, *shape, x2.shape[0], x2.dtype, raw.shape[0], len(moe["idx"]) if moe else 0,
+    CUDA graph is being captured: the first call of every shape happens in an eager warm-up).
+    tag: a variant of the kernel with its own configs (its own entry)."""
+    key = (fn.__name__, tag, bt_name, *shape, x2.shape[0], x2.dtype, raw.shape[0], len(moe["idx"]) if moe else 0,
            moe.get("combine") is not None)
     cfg = _TUNED.get(key)
     if cfg is None:
@@ -147,18 +150,37 @@ def qgemv_experts(x: torch.Tensor, w, n_experts: int, idx: torch.Tensor, x_div: 
                  x_div=x_div)
 
 
-def swiglu_linear(gu: torch.Tensor, w, limit: float | None = None) -> torch.Tensor | None:
+def gate_up_swiglu(x: torch.Tensor, w, xq=None, limit: float | None = None, n_experts: int = 1, **moe):
+    """A Q4_K gate/up GEMV (w's rows [gate; up], or each expert's with n_experts and the MoE
+    form's idx / x_div) for one x row that also forms silu(gate) * up's int8 rows for the down
+    projection (`q8act.qgemv_q8(swiglu=True)`: no launch of their own): (gate/up output, rows), or
+    None where it doesn't apply (OUZEL_NO_SWIGLU_FUSION=1: never)."""
+    q8 = _q8()
+    if (q8 is None or os.environ.get("OUZEL_NO_SWIGLU_FUSION") or w.bt.name != "Q4_K" or not gemv_supports(w)
+            or x.dtype not in _DTYPES or x.dim() != 2 or (not moe and x.shape[0] != 1) or x.shape[1] != w.shape[1]):
+        return None
+    shape = (w.shape[0] // n_experts, w.shape[1])
+    half = shape[0] // 2
+    configs = tuple(c for c in Q8_CONFIGS if c.get("m1") and c.get("bn", 8) % 32 == 0 and half % c["bn"] == 0)
+    if shape[0] % 2 or not configs:
+        return None
+    x = x.contiguous()
+    cfg = _gemv_config(q8.qgemv_q8, configs, x, w.raw, "Q4_K", shape, tag="swiglu", **moe)
+    return q8.qgemv_q8(x, w.raw, "Q4_K", shape, xq=xq, swiglu=True, limit=limit, **cfg, **moe)
+
+
+def swiglu_linear(gu: torch.Tensor, w, limit: float | None = None, rows=None) -> torch.Tensor | None:
     """down(silu(gate) * up) for one row, gu = [gate | up] [1, 2K] and w the down projection's
     QTensor [N, K]: the activation (limit: `moe.swiglu`'s clamp) and the int8 rounding of its
-    result in one launch, then the int8 GEMV. None where no kernel fits (the caller runs the
-    reference)."""
+    result in one launch, then the int8 GEMV. rows: that rounding, made already (`gate_up_swiglu`).
+    None where no kernel fits (the caller runs the reference)."""
     q8 = _q8()
     if (q8 is None or gu.dim() != 2 or gu.shape[0] != 1 or gu.dtype not in _DTYPES or gu.stride(1) != 1
             or not gemv_supports(w) or not q8.supports(w.bt.name, 1) or gu.shape[1] != 2 * w.shape[1]
             or gu.device != w.device):
         return None
     k = w.shape[1]
-    return _gemv(gu[:, :k], w.raw, w.bt.name, w.shape, xq=q8.quantize_swiglu(gu, limit))
+    return _gemv(gu[:, :k], w.raw, w.bt.name, w.shape, xq=rows if rows is not None else q8.quantize_swiglu(gu, limit))
 
 
 def quantize_rows(x: torch.Tensor):
@@ -170,11 +192,12 @@ def quantize_rows(x: torch.Tensor):
 
 
 def swiglu_experts(h: torch.Tensor, w, n_experts: int, idx: torch.Tensor, limit: float | None,
-                   combine: torch.Tensor | None = None) -> torch.Tensor | None:
+                   combine: torch.Tensor | None = None, rows=None) -> torch.Tensor | None:
     """MoE decode: out [G, n] row g = swiglu(h[g]) @ W_e.T (e = idx[g]), h [G, 2K] the pairs'
     gate/up outputs, w the down stack [E * n, K]; the activation and its int8 rounding in one
     launch. combine [G] (one token's routing weights): out [1, n] = their weighted sum of the
-    rows, formed by the GEMV itself. None where no kernel fits."""
+    rows, formed by the GEMV itself. rows: the activation's int8 rounding, made already
+    (`gate_up_swiglu`). None where no kernel fits."""
     q8 = _q8()
     k = w.shape[1]
     if (q8 is None or h.dim() != 2 or h.dtype not in _DTYPES or h.stride(1) != 1 or not gemv_supports(w)
@@ -183,8 +206,8 @@ def swiglu_experts(h: torch.Tensor, w, n_experts: int, idx: torch.Tensor, limit:
     if combine is not None and os.environ.get("OUZEL_NO_MOE_COMBINE"):
         return None
     extra = {} if combine is None else dict(combine=combine.reshape(-1).float().contiguous())
-    return _gemv(h[:, :k], w.raw, w.bt.name, (w.shape[0] // n_experts, k), xq=q8.quantize_swiglu(h, limit),
-                 idx=idx, x_div=1, **extra)
+    xq = rows if rows is not None else q8.quantize_swiglu(h, limit)
+    return _gemv(h[:, :k], w.raw, w.bt.name, (w.shape[0] // n_experts, k), xq=xq, idx=idx, x_div=1, **extra)
 
 
 def ring_write(x: torch.Tensor, positions: torch.Tensor, ring: torch.Tensor) -> bool:

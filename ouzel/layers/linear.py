@@ -79,14 +79,20 @@ class LinearGroup:
         if len(groups) == 1 and len(left) == 1 and isinstance(self.linears[left[0]].weight, QTensor):
             self.pair = (groups[0][0], groups[0][1], left[0])
 
-    def joint(self, x: torch.Tensor, xq=None) -> torch.Tensor | None:
-        """The fused output [..., sum of out_features] (members in order), if every linear is in
-        one fused group; else None."""
+    def joint_weight(self) -> QTensor | None:
+        """The fused weight of every member (rows in member order) if all are in one fused group
+        without biases; else None."""
         if self.groups is None or len(self.groups) != 1 or self.groups[0][0] != list(range(len(self.linears))):
             return None
         if any(lin.bias is not None for lin in self.linears):
             return None
-        return ops.linear(x, self.groups[0][1], xq)
+        return self.groups[0][1]
+
+    def joint(self, x: torch.Tensor, xq=None) -> torch.Tensor | None:
+        """The fused output [..., sum of out_features] (members in order), if every linear is in
+        one fused group; else None."""
+        w = self.joint_weight()
+        return None if w is None else ops.linear(x, w, xq)
 
     def __call__(self, x: torch.Tensor, xq=None) -> list[torch.Tensor]:
         if self.groups is None:

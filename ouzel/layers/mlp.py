@@ -30,9 +30,12 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor, xq=None) -> torch.Tensor:
         """xq: x's int8 rows for the decode GEMVs (`RMSNorm.prepare`), or None."""
         if x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and self.act is F.silu and self.down_proj.bias is None:
-            # decode: silu(gate) * up and the int8 rounding of the down projection's input in one launch
-            gu = self.gate_up.joint(x, xq)
-            y = None if gu is None else _cuda.swiglu_linear(gu, self.down_proj.weight)
+            # decode: silu(gate) * up's int8 rounding for the down projection formed by the gate/up
+            # GEMV itself (Q4_K), else in one launch of its own
+            w = self.gate_up.joint_weight()
+            fused = _cuda.gate_up_swiglu(x, w, xq) if w is not None else None
+            gu, rows = fused if fused is not None else (self.gate_up.joint(x, xq), None)
+            y = None if gu is None else _cuda.swiglu_linear(gu, self.down_proj.weight, rows=rows)
             if y is not None:
                 return y
             if gu is not None:  # no fused down projection: the joint GEMV's halves, not two more GEMVs

@@ -228,18 +228,27 @@ class RoutedExperts(nn.Module):
             return None
         T, K = idx.shape
         flat = idx.reshape(-1)
+        act_rows = []  # silu(gate) * up's int8 rows, where the gate/up GEMV formed them
+
         def matmul(inp, w, first):
+            if first and inp.is_cuda and len(gu.stacked) == 1:
+                out = _cuda.gate_up_swiglu(inp, w, xq, self.limit, n_experts=self.n_experts, idx=flat, x_div=K)
+                if out is not None:
+                    act_rows.append(out[1])
+                    return out[0]
             return ops.linear_experts(inp, w, self.n_experts, flat, K if first else 1, xq if first else None)
 
         combined = []
 
         def down_fast(h):  # one token: the down GEMV also forms the weighted sum of its K rows
+            rows = act_rows[0] if act_rows else None
             if T == 1:
-                out = _cuda.swiglu_experts(h, down.stacked[0], self.n_experts, flat, self.limit, combine=weights)
+                out = _cuda.swiglu_experts(h, down.stacked[0], self.n_experts, flat, self.limit, combine=weights,
+                                           rows=rows)
                 if out is not None:
                     combined.append(True)
                     return out
-            return _cuda.swiglu_experts(h, down.stacked[0], self.n_experts, flat, self.limit)
+            return _cuda.swiglu_experts(h, down.stacked[0], self.n_experts, flat, self.limit, rows=rows)
 
         y = self._through(x, gu, down, matmul, down_fast)
         if y is None:

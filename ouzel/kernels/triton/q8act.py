@@ -244,6 +244,7 @@ def _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, tile, split, g,
     llama8b layer. COMBINE (MoE decode, one token): the G groups are its (expert, weight mix_ptr[g])
     pairs and the output is the one row sum_g w[g] * y_g: the last program of the tile over all
     splits and groups forms it (the separate weighted sum of the pairs' rows took 1.6 us)."""
+    final = tl.full([], True, tl.int1)  # whether this program stored its tile's output
     if SPLITS == 1 and not COMBINE:
         tl.store(out_ptr + g * stride_og + rows, res.to(out_ptr.dtype.element_ty), mask=rows < N)
     else:
@@ -254,7 +255,8 @@ def _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, tile, split, g,
         else:
             counter = g * n_tiles + tile
             expected = SPLITS
-        if last_to_finish(cnt_ptr + counter, expected):
+        final = last_to_finish(cnt_ptr + counter, expected)
+        if final:
             ok = (rows < N)[None, :]
             if COMBINE:
                 gg = tl.arange(0, GP)
@@ -272,6 +274,29 @@ def _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, tile, split, g,
                 tl.store(out_ptr + g * stride_og + rows, tl.sum(p, axis=0).to(out_ptr.dtype.element_ty),
                          mask=rows < N)
             tl.store(cnt_ptr + counter, 0)
+    return final
+
+
+@triton.jit
+def _swiglu_pair(out_ptr, g, stride_og, tile, half_tiles, sq_ptr, sdx_ptr, ssx_ptr, pair_ptr, limit, BN: tl.constexpr,
+                 LIMIT: tl.constexpr):
+    """After a gate/up GEMV's program stored its output rows (gu = [gate | up], half_tiles row
+    tiles each): the second of a feature tile's two programs (gate rows f*BN.., up rows half +
+    f*BN..; a counter per feature tile and group, re-armed) forms silu(gate) * up of those BN
+    features and their int8 rounding for the down projection (`_quant_swiglu_kernel`'s arithmetic
+    on the stored gu, BN % 32 == 0): the separate launch of that rounding took 1.5-1.8 us a layer."""
+    f = tile % half_tiles
+    half = half_tiles * BN
+    if last_to_finish(pair_ptr + g * half_tiles + f, 2):
+        offs = f * BN + tl.arange(0, BN)
+        row = out_ptr + g * stride_og
+        gate = tl.load(row + offs, cache_modifier=".cg").to(tl.float32)
+        up = tl.load(row + half + offs, cache_modifier=".cg").to(tl.float32)
+        if LIMIT:
+            gate = tl.minimum(gate, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
+        _round_store(gate / (1.0 + tl.exp(-gate)) * up, sq_ptr, sdx_ptr, ssx_ptr, g, f, half, BN)
+        tl.store(pair_ptr + g * half_tiles + f, 0)
 
 
 @triton.jit
@@ -299,13 +324,20 @@ def _weights_loaded(PDL: tl.constexpr, HAS_IDX: tl.constexpr):
 
 @triton.jit
 def _q4k_m1_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr, idx_ptr, N, blocks_per_split,
-                   row_quads, expert_quads, K, x_div, stride_os, stride_og, BN: tl.constexpr, NB: tl.constexpr,
-                   HAS_IDX: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr, COMBINE: tl.constexpr, GP:
-                   tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr):
-    """`_q4k_m1` on program (row tile, split, group)."""
-    _q4k_m1(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0), tl.num_programs(2), xq_ptr,
-            dx_ptr, sx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr, idx_ptr, N, blocks_per_split, row_quads,
-            expert_quads, K, x_div, stride_os, stride_og, BN, NB, HAS_IDX, SPLITS, SP, COMBINE, GP, USE_ASM, PDL)
+                   row_quads, expert_quads, K, x_div, stride_os, stride_og, sq_ptr, sdx_ptr, ssx_ptr, pair_ptr, limit,
+                   BN: tl.constexpr, NB: tl.constexpr, HAS_IDX: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr,
+                   COMBINE: tl.constexpr, GP: tl.constexpr, USE_ASM: tl.constexpr, SWIGLU: tl.constexpr,
+                   LIMIT: tl.constexpr, PDL: tl.constexpr):
+    """`_q4k_m1` on program (row tile, split, group); SWIGLU: `_swiglu_pair` after the output."""
+    tile, g = tl.program_id(0), tl.program_id(2)
+    final = _q4k_m1(tile, tl.program_id(1), g, tl.num_programs(0), tl.num_programs(2), xq_ptr, dx_ptr, sx_ptr,
+                    w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr, idx_ptr, N, blocks_per_split, row_quads,
+                    expert_quads, K, x_div, stride_os, stride_og, BN, NB, HAS_IDX, SPLITS, SP, COMBINE, GP, USE_ASM,
+                    PDL)
+    if SWIGLU:
+        if final:
+            _swiglu_pair(out_ptr, g, stride_og, tile, tl.num_programs(0) // 2, sq_ptr, sdx_ptr, ssx_ptr, pair_ptr,
+                         limit, BN, LIMIT)
 
 
 @triton.jit
@@ -373,7 +405,7 @@ def _q4k_m1(tile, split, g, n_tiles, n_groups, xq_ptr, dx_ptr, sx_ptr, w_ptr, ou
         qw, hw, xl, xh, dl, dh, sl, sh = qw_n, hw_n, xl_n, xh_n, dl_n, dh_n, sl_n, sh_n
         blk, blk3 = nblk, nblk3
     res = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1) - tl.sum(tl.sum(accm, axis=2), axis=1)
-    _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, tile, split, g, n_tiles, n_groups, stride_os,
+    return _m1_store(res, rows, N, out_ptr, part_ptr, cnt_ptr, mix_ptr, tile, split, g, n_tiles, n_groups, stride_os,
               stride_og, SPLITS, SP, COMBINE, GP)
 
 
@@ -776,13 +808,17 @@ def supports(bt_name: str, m: int) -> bool:
 def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch.Tensor | None = None,
              bn: int = 8, u: int = 1, split: int | None = None, num_warps: int = 4, target: int = 264,
              prefetch: bool = True, idx: torch.Tensor | None = None, x_div: int = 1, xq=None,
-             m1: bool = False, combine: torch.Tensor | None = None) -> torch.Tensor:
+             m1: bool = False, combine: torch.Tensor | None = None, swiglu: bool = False,
+             limit: float | None = None):
     """out [M, N] = x [M, K] @ W.T with x rounded to int8 per 32 (see the module doc); M <= 16.
     MoE form as `gguf.qgemv`: idx [G] experts of raw [E * N, row_bytes], out [G, N], x row g // x_div.
     xq: a `quantize_x(x)` result to reuse (several matrices reading the same x). m1: one x row
     through `_q4k_m1_kernel` (the decode step's form); the `ONE_ROW` types have only that form.
     combine [G] fp32 (one-row MoE form, one token's G expert pairs): out [1, N] = sum_g combine[g] *
-    (row g), the routing weights' sum formed by the kernel."""
+    (row g), the routing weights' sum formed by the kernel.
+    swiglu (Q4_K, one x row, a gate/up matrix [gate; up], bn % 32 == 0 dividing N / 2): returns
+    (out, the int8 rows of silu(gate) * up for the down projection: `quantize_swiglu(out, limit)`),
+    formed by the kernel (`_swiglu_pair`)."""
     n, k = shape
     moe = idx is not None
     m = 1 if moe else x.shape[0]
@@ -817,6 +853,20 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch
                   GP=triton.next_power_of_2(groups))
     cnt = split_counters(x.device, grid[0] * groups) if split > 1 or combine is not None else dx  # dx: unread
     w_arg = combine if combine is not None else dx
+    sw = dict(SWIGLU=False, LIMIT=False)
+    sw_args = (dx, dx, dx, dx, 0.0)  # unread stand-ins
+    if swiglu:
+        half = n // 2
+        if bt_name != "Q4_K" or not (m1 and m == 1) or combine is not None or n % 2 or bn % 32 or half % bn:
+            raise ValueError(f"qgemv_q8: swiglu needs the Q4_K one-row form and bn % 32 == 0 dividing N / 2 "
+                             f"({bt_name}, N {n}, bn {bn})")
+        sq = torch.empty((groups, half), dtype=torch.int8, device=x.device)
+        sdx = torch.empty((groups, half // QBLOCK), dtype=torch.float32, device=x.device)
+        ssx = torch.empty_like(sdx)
+        counters = split_counters(x.device, grid[0] * groups + half // bn * groups)  # the split's, then the pairs'
+        cnt, pairs = counters, counters[grid[0] * groups:]
+        sw = dict(SWIGLU=True, LIMIT=bool(limit))
+        sw_args = (sq, sdx, ssx, pairs, float(limit or 0.0))
     if bt_name in ONE_ROW:
         tables = _iq2_tables(raw.device) if bt_name == "IQ2_XXS_R8" else ()
         ONE_ROW[bt_name][grid](xq.view(torch.int32), dx, raw.view(torch.int32), out, dst, cnt, w_arg, idx_arg, n,
@@ -827,9 +877,9 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch
     if m1 and m == 1:
         _q4k_m1_kernel[grid](xq.view(torch.int32), dx, sx, raw.view(torch.int32), out, dst, cnt, w_arg, idx_arg, n,
                              n_blocks // split, raw.stride(0) // 16, n * raw.stride(0) // 16, k, x_div, strides[2],
-                             strides[3], BN=bn, NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps, **finish,
-                             **pdl.launch(x.device))
-        return out
+                             strides[3], *sw_args, BN=bn, NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps,
+                             **finish, **sw, **pdl.launch(x.device))
+        return (out, sw_args[:3]) if swiglu else out
     _q4k_kernel[grid](xq.view(torch.int32), dx, sx, raw.view(torch.int32), raw, dst, idx_arg, n, n_blocks // split,
                       raw.stride(0) // 4, n * raw.stride(0) // 4, *strides, PREFETCH=prefetch, **common)
     return finish_gemv(dst, out)
