@@ -232,10 +232,8 @@ def test_attention_chunk(kept, T, mode, q_dtype, cache_dtype):
     assert got.dtype == q_dtype and rel_err(got, want) < tol, rel_err(got, want)
 
 
-@torch.inference_mode()
-def test_prefill_with_kernels_equals_torch(tmp_path, monkeypatch):
-    """The tiny V4's prefill (two chunks: 21 tokens, then 19 after them) with the V4 kernels, the
-    chunk attention among them (the interpreter on a CPU), against the torch code."""
+def _tiny_v4(tmp_path):
+    """The tiny V4 (CSA ratio 4 with top-k 3, HCA 16) as a Q8_0 GGUF loaded on DEV: (HF model, model)."""
     sys.path.insert(0, str(Path(__file__).parent))
     pytest.importorskip("transformers")
     import deepseek4_gguf as d4
@@ -246,7 +244,14 @@ def test_prefill_with_kernels_equals_torch(tmp_path, monkeypatch):
         hf = build_v4()
     except ImportError as e:
         pytest.skip(f"transformers has no DeepSeek V4: {e}")
-    model = ouzel.load(d4.write(hf, tmp_path / "tiny-q8.gguf", "Q8_0"), device=DEV, progress=False).model
+    return hf, ouzel.load(d4.write(hf, tmp_path / "tiny-q8.gguf", "Q8_0"), device=DEV, progress=False).model
+
+
+@torch.inference_mode()
+def test_prefill_with_kernels_equals_torch(tmp_path, monkeypatch):
+    """The tiny V4's prefill (two chunks: 21 tokens, then 19 after them) with the V4 kernels, the
+    chunk attention among them (the interpreter on a CPU), against the torch code."""
+    hf, model = _tiny_v4(tmp_path)
     ids = torch.randint(2, hf.config.vocab_size, (40,), generator=torch.Generator().manual_seed(6)).to(DEV)
     out = []
     for kernels in (False, True):
@@ -266,18 +271,8 @@ def test_prefill_with_kernels_equals_torch(tmp_path, monkeypatch):
 def test_fixed_step_with_kernels_equals_eager(tmp_path, monkeypatch):
     """The tiny V4 (CSA ratio 4 with top-k 3, HCA 16): the fixed step through every V4 kernel
     (the interpreter on a CPU) against the torch eager step, 40 tokens after a 21-token prefill."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    pytest.importorskip("transformers")
-    import deepseek4_gguf as d4
-    from tiny_deepseek_v4 import build_v4
-
-    import ouzel
     from ouzel.layers import moe
-    try:
-        hf = build_v4()
-    except ImportError as e:
-        pytest.skip(f"transformers has no DeepSeek V4: {e}")
-    model = ouzel.load(d4.write(hf, tmp_path / "tiny-q8.gguf", "Q8_0"), device=DEV, progress=False).model
+    hf, model = _tiny_v4(tmp_path)
     monkeypatch.setattr(moe, "PAIRWISE_ON_CPU", True)
     ids = torch.randint(2, hf.config.vocab_size, (61,), generator=torch.Generator().manual_seed(5)).to(DEV)
     states = []
