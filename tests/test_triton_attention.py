@@ -47,14 +47,20 @@ def make_case(gen, lens, H, Hkv, D, C, q_dtype, cache_dtype, window=None, batche
     return q, k, v, torch.tensor(lens, dtype=torch.int32, device=DEV)
 
 
-def check(q, k, v, lengths, window, tol, **kw):
+def _against(kernel, reference, q, k, v, where, window, tol, **kw):
+    """kernel(...) writing into an all-NaN out against reference(...): rel err < tol (inf, so a
+    failure, if a NaN row was read or an output row left unwritten)."""
     scale = q.shape[-1] ** -0.5
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=DEV)
-    assert decode_attention(q, k, v, lengths, scale, window=window, out=out, **kw) is out
-    ref = decode_attention_reference(q, k, v, lengths, scale, window=window)
+    assert kernel(q, k, v, where, scale, window=window, out=out, **kw) is out
+    ref = reference(q, k, v, where, scale, window=window)
     assert torch.isfinite(ref).all()
-    err = rel_err(out, ref)  # inf if any NaN survived
+    err = rel_err(out, ref)
     assert err < tol, f"rel err {err:.2e}"
+
+
+def check(q, k, v, lengths, window, tol, **kw):
+    _against(decode_attention, decode_attention_reference, q, k, v, lengths, window, tol, **kw)
 
 
 @pytest.mark.parametrize("lens", [(200,), (256,), (1, 17, 256)])
@@ -164,6 +170,18 @@ def test_rejects_bad_shapes():
         decode_attention(q, k[:, :, :2], k[:, :, :2], lengths.float(), 1.0)
 
 
+def _captured(kernel, q, k, v, where):
+    """kernel(q, k, v, where, scale 0.088, out=out) run once (compiled outside the capture), then
+    captured in a CUDA graph: (graph, out)."""
+    out = torch.empty_like(q)
+    kernel(q, k, v, where, 0.088, out=out)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kernel(q, k, v, where, 0.088, out=out)
+    return graph, out
+
+
 @pytest.mark.skipif(INTERPRET, reason="CUDA graphs need CUDA")
 def test_cuda_graph_replay_with_new_lengths(gen):
     """Lengths are read on the device: one captured graph serves every length."""
@@ -171,12 +189,7 @@ def test_cuda_graph_replay_with_new_lengths(gen):
     q, k, v, lengths = make_case(gen, lens0, 32, 8, 128, 4096, BF16, BF16)
     k = torch.nan_to_num(k)  # later replays use longer lengths than the NaN layout above
     v = torch.nan_to_num(v)
-    out = torch.empty_like(q)
-    decode_attention(q, k, v, lengths, 0.088, out=out)  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        decode_attention(q, k, v, lengths, 0.088, out=out)
+    graph, out = _captured(decode_attention, q, k, v, lengths)
     for lens in ((300, 4096), (1, 17), (4000, 64), (4096, 4096)):
         lengths.copy_(torch.tensor(lens, dtype=torch.int32))
         out.fill_(float("nan"))
@@ -270,13 +283,7 @@ def make_prefill(gen, start, T, H, Hkv, D, C, q_dtype, cache_dtype, window=None)
 
 
 def check_prefill(q, k, v, pos, window, tol, **kw):
-    scale = q.shape[-1] ** -0.5
-    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=DEV)
-    assert prefill_attention(q, k, v, pos, scale, window=window, out=out, **kw) is out
-    ref = prefill_attention_reference(q, k, v, pos, scale, window=window)
-    assert torch.isfinite(ref).all()
-    err = rel_err(out, ref)  # inf if a NaN row was read or an output row left unwritten
-    assert err < tol, f"rel err {err:.2e}"
+    _against(prefill_attention, prefill_attention_reference, q, k, v, pos, window, tol, **kw)
 
 
 @pytest.mark.parametrize("start,T", [(0, 40), (100, 37), (139, 1)])  # fresh, a chunk at depth, one row
@@ -315,12 +322,7 @@ def test_prefill_graph_replays_at_any_depth(gen):
     (a cache of 8192: the tiles for depth)."""
     q, k, v, pos = make_prefill(gen, 0, 512, 32, 8, 128, 8192, F32, F16)
     k, v = torch.nan_to_num(k), torch.nan_to_num(v)
-    out = torch.empty_like(q)
-    prefill_attention(q, k, v, pos, 0.088, out=out)  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        prefill_attention(q, k, v, pos, 0.088, out=out)
+    graph, out = _captured(prefill_attention, q, k, v, pos)
     for start in (0, 1000, 7680):
         pos.copy_(torch.arange(start, start + 512, device=DEV))
         out.fill_(float("nan"))
