@@ -152,8 +152,11 @@ class Scheduler:
                 sample.append(run)
         if rows:
             logits = self.model.logits(hidden[rows]).float()
+            # every request's draw on the device, then one read-back for the batch (not one per request)
+            draws = [run.sampler.pick(logits[i]) for i, run in enumerate(sample) if run.req.params.max_tokens]
+            toks = iter(torch.cat(draws).tolist() if draws else [])
             for i, run in enumerate(sample):
-                self._sampled(run, logits[i])
+                self._sampled(run, logits[i], next(toks) if run.req.params.max_tokens else None)
         dt = time.perf_counter() - t0
         n_decode = sum(1 for run, n in plan if n == 1 and run.generated > 0)
         m = self.metrics
@@ -289,14 +292,14 @@ class Scheduler:
         with self._cv:
             self.waiting.appendleft(run.req)
 
-    def _sampled(self, run: Running, logits: torch.Tensor) -> None:
+    def _sampled(self, run: Running, logits: torch.Tensor, tok: int | None) -> None:
+        """Handle run's next token `tok`, drawn from its logits (None: a prefill-only request)."""
         now = time.perf_counter()
         if run.first_token_at is None:
             run.first_token_at = now
             run.usage.prefill_s = now - run.req.arrival
         if run.req.params.max_tokens == 0:  # prefill only (e.g. to warm the prefix cache)
             return self._finish(run, "length")
-        tok = run.sampler(logits)
         if tok in self.eog and not run.req.params.ignore_eos:
             return self._finish(run, "stop")
         run.generated += 1
