@@ -5,6 +5,7 @@
 # the tests' whole output in $OUT/tests.log
 # (only 8 files come back from a call); CSVs and the writers' logs under /tmp/logs.
 #   TESTS="tests/test_x.py ..." RUNS=3 WALK=16k bash bench/gpu_all.sh   (TESTS_K: a pytest -k expression)
+# MODELS="" runs only TESTS and PRE (unset: all three models).
 # AB="VAR=1 ...;VAR2=1 ..." repeats each pp/tg bench once per ';'-separated set of variables (A/B of
 # switches in one call).
 # PRE="cmd" runs cmd while the models are written (after TESTS), its output in $OUT/pre.log.
@@ -12,7 +13,7 @@
 # the host's profile of a prefill) into the model's log.
 set -uo pipefail
 source bench/device_env.sh
-MODELS=${MODELS:-"llama8b-q4km qwen3moe-30b-a3b-q4km ds4flash-l8-q2"}
+MODELS=${MODELS-"llama8b-q4km qwen3moe-30b-a3b-q4km ds4flash-l8-q2"}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 t0=$(date +%s)
 mkdir -p /tmp/logs
