@@ -105,9 +105,9 @@ class DenseKV:
             out = cuda.decode_attention(q, kc, vc, positions, window, scale, new_kv=(k, v), rope=rope, q8=q8)
             if out is not None:  # the kernel also stores k, v at positions (and rotates them): one launch
                 return out
-            if rope is not None:
+            if rope is not None:  # no kernel took the rope: rotate first, then the kernel on rotated q, k
                 q, k = rope.apply(q, k, positions)
-            out = cuda.decode_attention(q, kc, vc, positions, window, scale, new_kv=(k, v))
+                out = cuda.decode_attention(q, kc, vc, positions, window, scale, new_kv=(k, v))
             if out is None:
                 if not cuda.kv_write(k, v, positions, kc, vc):  # one launch; else torch's four
                     kc.index_copy_(0, positions, k.to(self.dtype))

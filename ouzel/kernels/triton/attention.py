@@ -42,6 +42,7 @@ import triton.language as tl
 
 from . import pdl
 from .pdl import wait_for_inputs
+from .q8act import round32
 
 MAX_SPLITS = 64
 _LOG2E = math.log2(math.e)
@@ -134,19 +135,15 @@ def _roped_rows(ptr, rows_ok, d, pos, inv_ptr, w_ptr, eps, D: tl.constexpr, ROT:
 def _q8_rows(o, rows_ok, heads, b, xq_ptr, dx_ptr, sx_ptr, HD, D: tl.constexpr, DP: tl.constexpr):
     """The int8 rounding of output rows o [R, DP] (heads [R] of sequence b; a row of the output is
     b's H * D = HD values) for the next GEMV, as `q8act.quantize_x` of the stored output: per 32
-    values the scale max|x| / 127, the int8 values, and scale * their sum (D % 32 == 0, DP == D)."""
+    values the scale max|x| / 127, the int8 values, and scale * their sum (`q8act.round32`; D % 32
+    == 0, DP == D)."""
     R: tl.constexpr = o.shape[0]
-    x = tl.reshape(o, [R, DP // 32, 32])
-    amax = tl.max(tl.abs(x), axis=2)
-    inv = tl.where(amax > 0, 127.0 / tl.where(amax > 0, amax, 1.0), 0.0)
-    q = tl.minimum(tl.maximum(tl.floor(x * inv[:, :, None] + 0.5), -127.0), 127.0)
-    qd = tl.reshape(q.to(tl.int8), [R, DP])
+    q, d, s = round32(tl.reshape(o, [R * (DP // 32), 32]))
     at = b.to(tl.int64) * HD + heads[:, None] * D + tl.arange(0, DP)[None, :]
-    tl.store(xq_ptr + at, qd, mask=rows_ok)
+    tl.store(xq_ptr + at, tl.reshape(q, [R, DP]), mask=rows_ok)
     blk = (b.to(tl.int64) * HD + heads[:, None] * D) // 32 + tl.arange(0, DP // 32)[None, :]
-    scale = amax / 127.0
-    tl.store(dx_ptr + blk, scale, mask=rows_ok)
-    tl.store(sx_ptr + blk, scale * tl.sum(q, axis=2), mask=rows_ok)
+    tl.store(dx_ptr + blk, tl.reshape(d, [R, DP // 32]), mask=rows_ok)
+    tl.store(sx_ptr + blk, tl.reshape(s, [R, DP // 32]), mask=rows_ok)
 
 
 @triton.jit

@@ -49,19 +49,25 @@ QBLOCK = 32  # activation values per int8 scale
 
 
 @triton.jit
-def _round_store(x, xq_ptr, dx_ptr, sx_ptr, m, b, K, BLOCK: tl.constexpr):
-    """Values b*BLOCK .. of row m (x, fp32 [BLOCK]) -> int8, and per 32 the scale and dx * sum."""
-    offs = b * BLOCK + tl.arange(0, BLOCK)
-    xr = tl.reshape(x, [BLOCK // 32, 32])
+def round32(xr):
+    """The int8 rounding of blocks of 32 values xr (fp32 [N, 32]): (int8 [N, 32], the scale max|x| / 127
+    [N], scale * sum of the int8 values [N]). Every producer of int8 rows rounds through it."""
     amax = tl.max(tl.abs(xr), axis=1)
     d = amax / 127.0
     inv = tl.where(amax > 0, 127.0 / tl.where(amax > 0, amax, 1.0), 0.0)
-    q = tl.floor(xr * inv[:, None] + 0.5)
-    q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int8)
+    q = tl.minimum(tl.maximum(tl.floor(xr * inv[:, None] + 0.5), -127.0), 127.0)
+    return q.to(tl.int8), d, d * tl.sum(q, axis=1)
+
+
+@triton.jit
+def _round_store(x, xq_ptr, dx_ptr, sx_ptr, m, b, K, BLOCK: tl.constexpr):
+    """Values b*BLOCK .. of row m (x, fp32 [BLOCK]) -> int8, and per 32 the scale and dx * sum."""
+    offs = b * BLOCK + tl.arange(0, BLOCK)
+    q, d, s = round32(tl.reshape(x, [BLOCK // 32, 32]))
     tl.store(xq_ptr + m * K + offs, tl.reshape(q, [BLOCK]), mask=offs < K)
     sub = b * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
     tl.store(dx_ptr + m * (K // 32) + sub, d, mask=sub < K // 32)
-    tl.store(sx_ptr + m * (K // 32) + sub, d * tl.sum(q.to(tl.float32), axis=1), mask=sub < K // 32)
+    tl.store(sx_ptr + m * (K // 32) + sub, s, mask=sub < K // 32)
 
 
 @triton.jit
