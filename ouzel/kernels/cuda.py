@@ -114,6 +114,8 @@ def _gemv(x2, raw, bt_name: str, shape, xq=None, **moe) -> torch.Tensor:
     q8 = _q8()
     if q8 is not None and q8.supports(bt_name, 1 if moe else x2.shape[0]):
         fn, configs = q8.qgemv_q8, Q8_TYPE_CONFIGS[bt_name]
+        if moe.get("combine") is not None:  # the weighted sum is formed by the one-row kernels only
+            configs = tuple(c for c in configs if c.get("m1") or bt_name in q8.ONE_ROW)
         extra = dict(xq=xq) if xq is not None else {}
     else:
         fn, configs, extra = _gguf().qgemv, GEMV_CONFIGS, {}
