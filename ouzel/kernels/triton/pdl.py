@@ -41,10 +41,10 @@ _ENABLED: dict = {}
 
 
 def enabled(device: torch.device) -> bool:
-    """PDL for kernels on `device`: CUDA of compute capability >= 9, OUZEL_PDL=1, not the interpreter."""
+    """PDL for kernels on `device`: CUDA of compute capability >= 9, not OUZEL_PDL=0, not the interpreter."""
     key = (device.type, device.index)
     if key not in _ENABLED:
-        _ENABLED[key] = (device.type == "cuda" and os.environ.get("OUZEL_PDL") == "1"
+        _ENABLED[key] = (device.type == "cuda" and os.environ.get("OUZEL_PDL", "1") != "0"
                          and os.environ.get("TRITON_INTERPRET") != "1"
                          and torch.cuda.get_device_capability(device)[0] >= 9)
     return _ENABLED[key]
