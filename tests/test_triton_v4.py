@@ -210,7 +210,7 @@ def test_attention_chunk(kept, T, mode, q_dtype, cache_dtype):
     all_keys, picked, top = keys, None, None
     if mode == "hca":
         all_keys = torch.cat([keys, rows])
-        mask = torch.cat([mask, complete(rows, positions, ratio)], dim=1)
+        mask = torch.cat([mask, complete(rows.cpu(), positions, ratio)], dim=1)
     elif mode == "csa":
         ready = (positions + 1) // ratio
         top = torch.stack([torch.cat([torch.randperm(int(min(r, n)), generator=g)[:k],
