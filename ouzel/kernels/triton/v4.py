@@ -454,7 +454,8 @@ def _attention_chunk_kernel(q_ptr, keys_ptr, rows_ptr, top_ptr, sink_ptr, pos_pt
             m_i, l_i, acc = _attend_tile(qt, h, qk_scale, rows_ptr, k, k < ready, m_i, l_i, acc, d0, H, D, BH, BN, BD,
                                          BDO, F32_DOT)
     if MODE == 2:
-        for i in range(0, ROW_TILES):
+        n_pick_tiles = tl.cdiv(n_top, BN) if DEVICE_BOUND else ROW_TILES
+        for i in range(0, n_pick_tiles):
             j = i * BN + tl.arange(0, BN)
             idx = tl.load(top_ptr + t.to(tl.int64) * n_top + j, mask=j < n_top, other=-1)
             pick = (idx >= 0) & (idx < n_rows)
@@ -581,15 +582,17 @@ def attention_chunk(q: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor
     top = positions if top is None else top.contiguous()
     n_top = top.shape[-1] if mode == 2 else 0
     BH, BD, BDO = 16, min(block_d, triton.next_power_of_2(D)), min(block_out, triton.next_power_of_2(D))
-    row_tiles = triton.cdiv(rows.shape[0] if mode == 1 else n_top, block_n) if mode else 0
     out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     interpret = q.device.type != "cuda"
+    # the interpreter's static trip counts; on the GPU the bounds come from the device (constexprs
+    # that follow the row counts would compile the kernel again at each new depth: tests/test_compiles.py)
+    win_tiles = triton.cdiv(min(window, keys.shape[0]), block_n) + 1 if interpret else 0
+    row_tiles = triton.cdiv(rows.shape[0] if mode == 1 else n_top, block_n) if mode and interpret else 0
     _attention_chunk_kernel[(T, triton.cdiv(H, BH), triton.cdiv(D, BDO))](
         q.contiguous(), keys.contiguous(), rows.contiguous(), top, sinks, positions, out, H, keys.shape[0], T,
         rows.shape[0], n_top, int(window), max(int(ratio), 1), float(scale) * 1.4426950408889634, D=D, BH=BH,
-        BN=block_n, BD=BD, BDO=BDO, MODE=mode, WIN_TILES=triton.cdiv(min(window, keys.shape[0]), block_n) + 1,
-        ROW_TILES=row_tiles, DEVICE_BOUND=not interpret, F32_DOT=interpret, num_warps=num_warps,
-        num_stages=num_stages, **pdl.launch(q.device))
+        BN=block_n, BD=BD, BDO=BDO, MODE=mode, WIN_TILES=win_tiles, ROW_TILES=row_tiles, DEVICE_BOUND=not interpret,
+        F32_DOT=interpret, num_warps=num_warps, num_stages=num_stages, **pdl.launch(q.device))
     return out
 
 
