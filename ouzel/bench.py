@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import OuzelError
+from .kernels.cuda import compiles
 
 DEFAULT_FRONTIERS = (2048, 4096, 8192, 16384, 32768)
 
@@ -58,6 +59,7 @@ class Row:
     decode_s: float
     decode_tps: float
     floor_fraction: float  # decode time floor (weight bytes / bandwidth) / measured time per token
+    compiles: int = 0  # Triton kernels compiled inside the timed prefill and decode (JIT warm-up)
 
 
 def _sync(device: torch.device) -> None:
@@ -138,11 +140,14 @@ class Bench:
         self.device, self.tg, self.bandwidth = device, tg, bandwidth
         self.seq = Sequence(model, max_tokens, device)
         self.weight_bytes = decode_weight_bytes(model)
+        self.jit = 0  # Triton compiles in the timed regions since the last row
 
     def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, int, float]:
         _sync(self.device)
         t0 = time.perf_counter()
-        logits = self.seq.prefill(ids)
+        with compiles() as c:
+            logits = self.seq.prefill(ids)
+        self.jit += c.n
         _sync(self.device)
         return logits, len(ids) - self.seq.reused, time.perf_counter() - t0
 
@@ -157,16 +162,18 @@ class Bench:
         _sync(self.device)
         t0 = time.perf_counter()
         from .engine.generate import ahead_enabled
-        if ahead_enabled(self.device):
-            from .engine.generate import _decode_ahead
-            from .engine.sampler import SamplingParams
-            params = SamplingParams(temperature=0, max_tokens=n + 1, ignore_eos=True)  # token 0 needs no step
-            for _ in _decode_ahead(self.seq, logits, params, set()):
-                pass
-        else:
-            for _ in range(n):
-                logits = self.seq.step(int(logits.argmax().item()))
-        _sync(self.device)
+        with compiles() as c:
+            if ahead_enabled(self.device):
+                from .engine.generate import _decode_ahead
+                from .engine.sampler import SamplingParams
+                params = SamplingParams(temperature=0, max_tokens=n + 1, ignore_eos=True)  # token 0 needs no step
+                for _ in _decode_ahead(self.seq, logits, params, set()):
+                    pass
+            else:
+                for _ in range(n):
+                    logits = self.seq.step(int(logits.argmax().item()))
+            _sync(self.device)
+        self.jit += c.n
         return n, time.perf_counter() - t0
 
     def _drop_to(self, n: int) -> None:
@@ -175,8 +182,9 @@ class Bench:
 
     def _row(self, mode, ctx, pn, ps, dn, ds) -> Row:
         floor = self.weight_bytes / self.bandwidth if self.bandwidth else 0.0
+        jit, self.jit = self.jit, 0
         return Row(mode, ctx, pn, ps, pn / ps if ps else 0.0, dn, ds, dn / ds if ds else 0.0,
-                   floor * dn / ds if ds else 0.0)
+                   floor * dn / ds if ds else 0.0, jit)
 
     def warmup(self, tokens: list[int]) -> None:
         """A full prefill chunk plus a partial one and a few steps first: kernel compilation, the
@@ -306,11 +314,11 @@ def run(args) -> int:
     if dropped:
         print(f"skipped frontiers beyond the context ({limit}): {', '.join(map(str, dropped))}")
     print(f"{'mode':>8} {'context':>8} {'prefill tok':>11} {'prefill t/s':>11} {'decode tok':>10} "
-          f"{'decode t/s':>10} {'of floor':>8}")
+          f"{'decode t/s':>10} {'of floor':>8} {'jit':>4}")
 
     def show(r: Row) -> None:
         print(f"{r.mode:>8} {r.context:>8} {r.prefill_tokens:>11} {r.prefill_tps:>11.1f} {r.decode_tokens:>10} "
-              f"{r.decode_tps:>10.2f} {r.floor_fraction:>8.1%}", flush=True)
+              f"{r.decode_tps:>10.2f} {r.floor_fraction:>8.1%} {r.compiles:>4}", flush=True)
 
     with torch.inference_mode():
         b.warmup(tokens)
@@ -319,7 +327,7 @@ def run(args) -> int:
             pick = lambda key: sorted(runs, key=key)[len(runs) // 2]  # noqa: E731
             p, d = pick(lambda r: r.prefill_tps), pick(lambda r: r.decode_tps)
             rows = [Row("pp-tg", p.context, p.prefill_tokens, p.prefill_s, p.prefill_tps, d.decode_tokens,
-                        d.decode_s, d.decode_tps, d.floor_fraction)]
+                        d.decode_s, d.decode_tps, d.floor_fraction, sum(r.compiles for r in runs))]
             show(rows[0])
         else:
             rows = b.frontiers(tokens, frontiers, on_row=show)

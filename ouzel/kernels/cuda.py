@@ -22,8 +22,9 @@ in kv/cache.py and OUZEL_NO_CUDA_GRAPH in engine/graphs.py):
                                  every key of the chunk) instead of the Triton kernel
   OUZEL_NO_SWIGLU_FUSION=1       decode: silu(gate) * up's int8 rounding in a launch of its own, not
                                  formed by the gate/up GEMV
-  OUZEL_PDL=1                    programmatic dependent launch (sm_90+): a Triton kernel starts while
-                                 the one before it finishes (kernels/triton/pdl.py; off until timed)
+  OUZEL_PDL=0                    no programmatic dependent launch (sm_90+: by default a Triton kernel
+                                 starts while the one before it finishes; kernels/triton/pdl.py)
+  OUZEL_LOG_COMPILES=1           log each Triton compile (kernel and constexprs) while `compiles()` counts
   OUZEL_EXACT_GEMV=1             decode GEMVs multiply fp32 activations (default: Q4_K rounds x to
                                  int8 per 32 values and uses integer dot products, as llama.cpp does)
 """
@@ -88,6 +89,38 @@ def _triton(name: str):
                 mod = None
         _MODS[name] = mod
     return _MODS[name]
+
+
+class compiles:
+    """Counts the Triton kernels compiled inside a `with` block (`n`; JIT cache misses, through
+    Triton's jit_cache_hook, any hook already set still called): a kernel specialized on a length
+    compiles again at each new size, seconds each. OUZEL_LOG_COMPILES=1 logs each one. Counts
+    nothing where Triton has no hook (the interpreter, no triton)."""
+
+    def __enter__(self):
+        self.n, self._knobs = 0, None
+        try:
+            from triton import knobs  # noqa: PLC0415
+        except ImportError:
+            return self
+        self._knobs, self._prev = knobs.runtime, knobs.runtime.jit_cache_hook
+        log = os.environ.get("OUZEL_LOG_COMPILES") == "1"
+
+        def hook(**kw):
+            self.n += 1
+            if log:
+                import logging  # noqa: PLC0415
+                logging.getLogger("ouzel.compiles").warning("compile %s %s", kw["fn"].name,
+                                                            dict(kw["compile"]["constants"]))
+            return self._prev(**kw) if self._prev else None
+
+        self._knobs.jit_cache_hook = hook
+        return self
+
+    def __exit__(self, *exc):
+        if self._knobs is not None:
+            self._knobs.jit_cache_hook = self._prev
+        return False
 
 
 def _gguf():
