@@ -418,7 +418,7 @@ def _attention_step_kernel(q_ptr, ring_ptr, rows_ptr, top_ptr, sink_ptr, pos_ptr
                  mask=mh[:, None] & (do < D)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_keys", "T", "n_rows", "n_top"])  # lengths: one compile for every depth
 def _attention_chunk_kernel(q_ptr, keys_ptr, rows_ptr, top_ptr, sink_ptr, pos_ptr, out_ptr, H, n_keys, T, n_rows,
                             n_top, window, ratio, qk_scale, D: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
                             BD: tl.constexpr, BDO: tl.constexpr, MODE: tl.constexpr, WIN_TILES: tl.constexpr,
