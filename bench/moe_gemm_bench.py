@@ -30,12 +30,9 @@ SHAPES = {
     "qwen3-down-q6k": ("Q6_K", 2048, 768, 128, 8),  # Q4_K_M gives ffn_down Q6_K in ~half the layers
     "qwen3-down-q4k": ("Q4_K", 2048, 768, 128, 8),
 }
-# (bm, bn, num_warps, stages, quads, grouped): the first is the old kernel's tile (per-element decode,
-# BM 64); grouped (IQ2_XXS_R8 only: per-group dots on unscaled values) is skipped for other types
-CONFIGS = [(64, 64, 4, 1, 0, 0), (16, 64, 4, 1, 0, 0), (16, 64, 4, 1, 1, 0), (16, 64, 8, 1, 1, 0),
-           (16, 128, 8, 1, 1, 0), (16, 64, 4, 2, 1, 0), (32, 64, 4, 1, 1, 0), (32, 128, 8, 1, 1, 0),
-           (64, 128, 8, 1, 1, 0), (16, 64, 4, 1, 1, 1), (16, 128, 4, 1, 1, 1), (32, 64, 4, 1, 1, 1),
-           (32, 128, 4, 1, 1, 1), (32, 128, 8, 1, 1, 1), (32, 128, 4, 2, 1, 1), (64, 128, 8, 1, 1, 1)]
+# (bm, bn, num_warps, stages, quads): the first is the old kernel's tile (per-element decode, BM 64)
+CONFIGS = [(64, 64, 4, 1, 0), (16, 64, 4, 1, 0), (16, 64, 4, 1, 1), (16, 64, 8, 1, 1), (16, 128, 8, 1, 1),
+           (16, 64, 4, 2, 1), (32, 64, 4, 1, 1), (32, 128, 8, 1, 1), (64, 128, 8, 1, 1)]
 _F16_FIELDS = {"Q4_K": (0, 2), "Q6_K": (208,), "Q8_0": (0,), "Q4_0": (0,), "Q2_K": (80, 82), "IQ2_XXS": (0,)}
 
 
@@ -100,30 +97,28 @@ def run_shape(label, tokens, configs, tol):
     print(f"\n{label}: {name} [{E} x {n} x {k}], {tokens} tokens x top-{K} = {P} pairs, "
           f"{sum(c > 0 for c in counts)} experts used, rows/expert mean {P / E:.1f} max {max(counts)}, "
           f"{gbytes:.2f} GB of blocks")
-    print(f"{'bm':>4} {'bn':>4} {'warps':>5} {'stages':>6} {'quads':>5} {'grp':>3} {'us':>9} {'GB/s':>7} "
+    print(f"{'bm':>4} {'bn':>4} {'warps':>5} {'stages':>6} {'quads':>5} {'us':>9} {'GB/s':>7} "
           f"{'TFLOP/s':>8} {'rel err':>9}")
     best = None
-    for bm, bn, warps, stages, quads, grouped in configs:
-        if grouped and name != "IQ2_XXS_R8":
-            continue
+    for bm, bn, warps, stages, quads in configs:
         tiles = G.moe_tiles(counts, bm, "cuda")
         out = torch.empty((P, n), device="cuda", dtype=torch.bfloat16)
         fn = lambda: G.qgemm_experts(x, raw, name, (n, k), pair_rows, tiles, out=out, bm=bm, bn=bn,  # noqa: E731
-                                     num_warps=warps, stages=stages, quads=bool(quads), grouped=bool(grouped))
+                                     num_warps=warps, stages=stages, quads=bool(quads))
         try:
             out.fill_(float("nan"))
             fn()
             err = rel_err(out, ref)
             us = do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
         except Exception as ex:  # noqa: BLE001 (a config that does not compile, e.g. out of shared memory)
-            print(f"{bm:>4} {bn:>4} {warps:>5} {stages:>6} {quads:>5} {grouped:>3}  failed: {type(ex).__name__}: "
+            print(f"{bm:>4} {bn:>4} {warps:>5} {stages:>6} {quads:>5}  failed: {type(ex).__name__}: "
                   f"{str(ex)[:80]}")
             continue
         ok = err < tol
-        print(f"{bm:>4} {bn:>4} {warps:>5} {stages:>6} {quads:>5} {grouped:>3} {us:>9.1f} {gbytes / us * 1e6:>7.0f} "
+        print(f"{bm:>4} {bn:>4} {warps:>5} {stages:>6} {quads:>5} {us:>9.1f} {gbytes / us * 1e6:>7.0f} "
               f"{flops / us / 1e6:>8.1f} {err:>9.2e}{'' if ok else '  FAIL'}")
         if ok and (best is None or us < best[0]):
-            best = (us, dict(bm=bm, bn=bn, num_warps=warps, stages=stages, quads=bool(quads), grouped=bool(grouped)))
+            best = (us, dict(bm=bm, bn=bn, num_warps=warps, stages=stages, quads=bool(quads)))
     del raw
     torch.cuda.empty_cache()
     return best
@@ -133,7 +128,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names of SHAPES")
-    ap.add_argument("--configs", nargs="*", help="bm,bn,warps,stages,quads,grouped (default: CONFIGS)")
+    ap.add_argument("--configs", nargs="*", help="bm,bn,warps,stages,quads (default: CONFIGS)")
     ap.add_argument("--tol", type=float, default=2e-2, help="max relative error (bf16 operands)")
     args = ap.parse_args()
     configs = [tuple(int(v) for v in c.split(",")) for c in args.configs] if args.configs else CONFIGS

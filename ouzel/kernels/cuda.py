@@ -13,8 +13,6 @@ in kv/cache.py and OUZEL_NO_CUDA_GRAPH in engine/graphs.py):
   OUZEL_NO_MOE_COMBINE=1         MoE decode: the experts' weighted sum in its own launch, not formed
                                  by the down GEMV
   OUZEL_NO_FUSED_ROUTER=1        MoE decode: the router GEMV and the routing as two launches
-  OUZEL_MOE_GROUPED=1            MoE prefill of IQ2_XXS_R8 experts: one dot per 32-element group on
-                                 unscaled values (gguf._iq2xxs_r8_group; untimed)
   OUZEL_NO_ATTENTION_FUSION=1    decode: rope (and q/k norms) and o_proj's int8 rounding in launches of
                                  their own, not in the attention kernel
   OUZEL_NO_PAIR_GEMV=1           decode: a layer's Q4_K q/k and Q6_K v as two GEMV launches, not one
@@ -423,11 +421,10 @@ MOE_GEMM_CONFIGS = {  # H100, 512-token prefill, bench/moe_gemm_bench.py (bench/
     "Q6_K": dict(bm=64, bn=128, num_warps=8, stages=1, quads=True)}  # qwen3 down: 0.31 ms
 for _name in ("IQ2_XXS", "Q2_K", "Q6_K"):  # the regrouped layouts: same bytes, same tiles (untimed)
     MOE_GEMM_CONFIGS[_name + "_R8"] = MOE_GEMM_CONFIGS[_name]
+# IQ2_XXS_R8 at ds4's gate/up shape (512 tokens): bm 16 3.50 ms, bm 32 3.68 (H100, session 9's moe_gemm_bench)
+MOE_GEMM_CONFIGS["IQ2_XXS_R8"] = dict(MOE_GEMM_CONFIGS["IQ2_XXS"], bm=16)
 MOE_GEMM_CONFIGS["Q6_K_R3"] = MOE_GEMM_CONFIGS["Q6_K"]  # same values, 10 bytes of padding per 3 blocks (untimed)
 MOE_GEMM_DEFAULT = dict(bn=64, num_warps=4)
-# IQ2_XXS_R8 (ds4's gate/up) with per-group dots on unscaled values: ~5 instructions per weight in the
-# sm_90 SASS of the loop against ~10 for the decoder above; untimed, so behind OUZEL_MOE_GROUPED=1
-MOE_GEMM_GROUPED = {"IQ2_XXS_R8": dict(bm=32, bn=128, num_warps=4, stages=1, quads=True, grouped=True)}
 
 
 def moe_gemm(x: torch.Tensor, w, n_experts: int, pair_rows: torch.Tensor, counts) -> torch.Tensor | None:
@@ -439,8 +436,7 @@ def moe_gemm(x: torch.Tensor, w, n_experts: int, pair_rows: torch.Tensor, counts
         return None
     g, dot = _gguf(), prefill_dtype(x.dtype)
     mean = len(pair_rows) / n_experts  # counts may live on the device: no host read for the tile size
-    configs = MOE_GEMM_GROUPED if os.environ.get("OUZEL_MOE_GROUPED") == "1" else {}
-    cfg = dict(configs.get(w.bt.name) or MOE_GEMM_CONFIGS.get(w.bt.name, MOE_GEMM_DEFAULT))
+    cfg = dict(MOE_GEMM_CONFIGS.get(w.bt.name, MOE_GEMM_DEFAULT))
     bm = cfg.pop("bm", 16 if mean <= 24 else 32 if mean <= 48 else 64)
     bm = 64 if mean > 48 else bm  # long prefills: every tile decodes its expert's blocks again
     return g.qgemm_experts(x.contiguous(), w.raw, w.bt.name, (w.shape[0] // n_experts, w.shape[1]), pair_rows,

@@ -331,39 +331,18 @@ def _quads(row_ptr, kb, TYPE: tl.constexpr, grid_ptr, signs_ptr):
 
 
 @triton.jit
-def _iq2xxs_r8_group(body, s: tl.constexpr, grid_ptr, mask_ptr):
-    """Group s (32 elements) of one IQ2_XXS_R8 block per row, `body` [BN] int32 pointers to the rows'
-    block bodies: (grid * sign as bf16 [BN, 32], the group's 2 s4 + 1 as fp32 [BN]), the value being
-    d * (2 s4 + 1) / 8 * grid * sign. No float arithmetic per element: grid_ptr holds each grid row's
-    8 magnitudes as bf16 bit pairs (int32 [256, 4], `_grid_bf16`), mask_ptr each 7-bit sign index's
-    8 sign bits in the same places (int32 [128, 4]); one 16-byte load of each and an XOR give 8
-    signed bf16 values."""
-    qs = tl.load(body + 2 * s)  # the 4 grid indices, a byte each
-    aux = tl.load(body + 2 * s + 1)  # 4 x 7 bits of sign index, then the 4-bit scale s4
-    p = tl.arange(0, 4)[None, :, None]
-    w = tl.arange(0, 4)[None, None, :]
-    row = (qs[:, None, None] >> (8 * p)) & 255
-    sgn = (aux[:, None, None] >> (7 * p)) & 127
-    v = tl.load(grid_ptr + row * 4 + w) ^ tl.load(mask_ptr + sgn * 4 + w)  # [BN, 4, 4]: elements 8p + 2w, + 1
-    lo = (v & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    hi = ((v >> 16) & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return tl.reshape(tl.join(lo, hi), [v.shape[0], 32]), (2 * ((aux >> 28) & 15) + 1).to(tl.float32)
-
-
-@triton.jit
 def _moe_gemm_kernel(x_ptr, w_ptr, out_ptr, grid_ptr, signs_ptr, pair_row_ptr, tile_expert_ptr, tile_start_ptr,
                      tile_end_ptr, N, K, row_bytes, expert_bytes, stride_xm, stride_om,
                      TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, QUADS: tl.constexpr, STAGES: tl.constexpr,
-                     GROUPED: tl.constexpr, PDL: tl.constexpr):
+                     PDL: tl.constexpr):
     """Program (t, j): (token, expert) pairs tile_start[t] .. tile_end[t] (all of one expert e =
     tile_expert[t], at most BM) times output rows j*BN.. of W_e: out[pair] = x[pair_row[pair]] . W_e.T.
     Each 256-step of W_e's blocks is decoded in registers and fed to tl.dot: the experts' weights
     are never written out dense. The decoded tile is the MMA's M side (out.T = W_e . x.T) so that
     a tile of few pairs (BM = 16) still fills the tensor-core instruction; QUADS picks `_quads`.
-    GROUPED (IQ2_XXS_R8): one K = 32 dot per 32-element group on unscaled signed grid values, the
-    group's scale applied to the dot's [BN, BM] result (`_iq2xxs_r8_group`): ~3 instructions per
-    weight instead of the decoders' ~14 (sm_90 SASS of the loop)."""
+    (A K = 32 dot per IQ2_XXS group on unscaled grid values, fewer instructions per weight in the
+    SASS, was 10% slower on the H100: bench/NOTES.md, session 9.)"""
     wait_for_inputs(PDL)
     t = tl.program_id(0)
     j = tl.program_id(1)
@@ -379,27 +358,14 @@ def _moe_gemm_kernel(x_ptr, w_ptr, out_ptr, grid_ptr, signs_ptr, pair_row_ptr, t
     wrow = w_ptr + e * expert_bytes + tl.minimum(cols, N - 1).to(tl.int64) * row_bytes
     kk = tl.arange(0, 256)
     acc = tl.zeros([BN, BM], dtype=tl.float32)
-    if GROUPED:
-        k32 = tl.arange(0, 32)
-        for kb in tl.range(0, K // 256, num_stages=STAGES):
-            grp = wrow + (kb // 8) * 528  # the rows' groups of 8 blocks: 8 bodies of 64 B, then 8 f16 d
-            body = (grp + (kb % 8) * 64).to(tl.pointer_type(tl.int32))
-            d = _f16_at(grp + 512 + (kb % 8) * 2) * 0.125
-            for s in tl.static_range(8):
-                q, s4 = _iq2xxs_r8_group(body, s, grid_ptr, signs_ptr)
-                xk = tl.load(x_ptr + xrow[None, :] * stride_xm + kb * 256 + s * 32 + k32[:, None], mask=rmask[None, :],
-                             other=0.0)
-                part = tl.dot(q.to(DOT_DTYPE), xk.to(DOT_DTYPE), input_precision=PRECISION, out_dtype=tl.float32)
-                acc += part * (d * s4)[:, None]
-    else:
-        for kb in tl.range(0, K // 256, num_stages=STAGES):
-            if QUADS:
-                w = _quads(wrow, kb, TYPE, grid_ptr, signs_ptr)
-            else:
-                qf, scale, offset = _decode(wrow[:, None, None], kb, grid_ptr, signs_ptr, TYPE, S, L)
-                w = tl.reshape(scale * qf - offset, [BN, 256])
-            xk = tl.load(x_ptr + xrow[None, :] * stride_xm + kb * 256 + kk[:, None], mask=rmask[None, :], other=0.0)
-            acc += tl.dot(w.to(DOT_DTYPE), xk.to(DOT_DTYPE), input_precision=PRECISION, out_dtype=tl.float32)
+    for kb in tl.range(0, K // 256, num_stages=STAGES):
+        if QUADS:
+            w = _quads(wrow, kb, TYPE, grid_ptr, signs_ptr)
+        else:
+            qf, scale, offset = _decode(wrow[:, None, None], kb, grid_ptr, signs_ptr, TYPE, S, L)
+            w = tl.reshape(scale * qf - offset, [BN, 256])
+        xk = tl.load(x_ptr + xrow[None, :] * stride_xm + kb * 256 + kk[:, None], mask=rmask[None, :], other=0.0)
+        acc += tl.dot(w.to(DOT_DTYPE), xk.to(DOT_DTYPE), input_precision=PRECISION, out_dtype=tl.float32)
     tl.store(out_ptr + rows.to(tl.int64)[None, :] * stride_om + cols[:, None], acc.to(out_ptr.dtype.element_ty),
              mask=rmask[None, :] & (cols < N)[:, None])
 
@@ -481,12 +447,11 @@ QUADS_TYPES = ("Q4_K", "Q6_K", "Q2_K", "IQ2_XXS", "Q6_K_R8", "Q6_K_R3", "Q2_K_R8
 
 def qgemm_experts(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, pair_rows: torch.Tensor, tiles,
                   out: torch.Tensor | None = None, bm: int = 16, bn: int = 64, num_warps: int = 4,
-                  stages: int = 1, quads: bool = True, dot_dtype=None, grouped: bool = False) -> torch.Tensor:
+                  stages: int = 1, quads: bool = True, dot_dtype=None) -> torch.Tensor:
     """MoE prefill: out [P, n] row p = x[pair_rows[p]] @ W_e.T for pairs p sorted by expert, `tiles`
     from `moe_tiles(counts, bm)`; raw holds E experts' blocks [E * n, row_bytes]. Matmul operands in
     dot_dtype (default bf16 on CUDA, fp32 in the CPU interpreter), fp32 accumulation; x is cast to
-    it once here rather than per tile. quads: the byte-once decoder where it reads the type.
-    grouped: IQ2_XXS_R8's per-group dots on unscaled values (`_iq2xxs_r8_group`; other types ignore it)."""
+    it once here rather than per tile. quads: the byte-once decoder where it reads the type."""
     tid, S, L, n, k = _check(raw, bt_name, shape)
     if x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
         raise ValueError(f"qgemm_experts: x {tuple(x.shape)} for weight {shape}")
@@ -496,10 +461,7 @@ def qgemm_experts(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, pair_
     dot = dot_dtype or (torch.bfloat16 if x.is_cuda else torch.float32)
     quads = quads and bt_name in QUADS_TYPES and raw.data_ptr() % 4 == 0  # Q2_K, Q4_K: 32-bit word loads
     grid, signs = _tables(raw.device)
-    grouped = grouped and bt_name == "IQ2_XXS_R8" and raw.data_ptr() % 4 == 0  # int32 body loads
-    if grouped:
-        grid, signs = _grid_bf16(raw.device)
-    elif quads and bt_name.startswith("IQ2_XXS"):
+    if quads and bt_name.startswith("IQ2_XXS"):
         grid = _grid_words(raw.device)
     tile_expert, tile_start, tile_end = tiles
     _moe_gemm_kernel[(len(tile_expert), triton.cdiv(n, bn))](
@@ -507,7 +469,7 @@ def qgemm_experts(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, pair_
         n * raw.stride(0), x.stride(0), out.stride(0), TYPE=tid, S=S, L=L, BM=bm, BN=bn,
         DOT_DTYPE=tl.bfloat16 if dot == torch.bfloat16 else (tl.float16 if dot == torch.float16 else tl.float32),
         PRECISION="ieee" if dot == torch.float32 else "tf32",  # fp32 operands: exact fp32, not TF32
-        QUADS=quads, STAGES=stages, GROUPED=grouped, num_warps=num_warps, **pdl.launch(x.device))
+        QUADS=quads, STAGES=stages, num_warps=num_warps, **pdl.launch(x.device))
     return out
 
 
@@ -520,21 +482,6 @@ def _grid_words(device) -> torch.Tensor:
         g = _tables(device)[0].view(256, 2, 4).to(torch.int32)
         _WORDS[device] = (g << torch.tensor([0, 8, 16, 24], device=device)).sum(-1, dtype=torch.int32).reshape(-1)
     return _WORDS[device]
-
-
-def _grid_bf16(device) -> tuple[torch.Tensor, torch.Tensor]:
-    """IQ2_XXS's grid as bf16 bit pairs, int32 [256 * 4] (row r's magnitudes 2w, 2w + 1 in the low
-    and high half of word 4r + w), and its 128 sign patterns as masks in the same places (int32
-    [128 * 4]: bit 15 / 31 set where element 2w / 2w + 1 is negative), for `_iq2xxs_r8_group`."""
-    key = ("bf16", device)
-    if key not in _WORDS:
-        from ...quant.blocks import _IQ2_XXS_GRID, _IQ2_XXS_SIGNS  # noqa: PLC0415
-        halves = _IQ2_XXS_GRID.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF  # [256, 8]
-        grid = halves[:, 0::2] | (halves[:, 1::2] << 16)
-        bits = (_IQ2_XXS_SIGNS[:, None] >> torch.arange(8)) & 1  # [128, 8]
-        masks = (bits[:, 0::2] << 15) | (bits[:, 1::2] << 31)
-        _WORDS[key] = (grid.to(torch.int32).reshape(-1).to(device), masks.to(torch.int32).reshape(-1).to(device))
-    return _WORDS[key]
 
 
 def _check(raw: torch.Tensor, bt_name: str, shape) -> tuple[int, int, int, int, int]:
