@@ -421,8 +421,8 @@ MOE_GEMM_CONFIGS = {  # H100, 512-token prefill, bench/moe_gemm_bench.py (bench/
     "Q6_K": dict(bm=64, bn=128, num_warps=8, stages=1, quads=True)}  # qwen3 down: 0.31 ms
 for _name in ("IQ2_XXS", "Q2_K", "Q6_K"):  # the regrouped layouts: same bytes, same tiles (untimed)
     MOE_GEMM_CONFIGS[_name + "_R8"] = MOE_GEMM_CONFIGS[_name]
-# IQ2_XXS_R8 at ds4's gate/up shape (512 tokens): bm 16 3.50 ms, bm 32 3.68 (H100, session 9's moe_gemm_bench)
-MOE_GEMM_CONFIGS["IQ2_XXS_R8"] = dict(MOE_GEMM_CONFIGS["IQ2_XXS"], bm=16)
+# (IQ2_XXS_R8 at bm 16: 3.50 ms against 3.68 at bm 32 in moe_gemm_bench, but ds4 pp512 7239 against
+# 7852-7981 end to end; H100, session 9)
 MOE_GEMM_CONFIGS["Q6_K_R3"] = MOE_GEMM_CONFIGS["Q6_K"]  # same values, 10 bytes of padding per 3 blocks (untimed)
 MOE_GEMM_DEFAULT = dict(bn=64, num_warps=4)
 
