@@ -396,7 +396,11 @@ def _launch(q, k4, v4, batch_strides, C, lengths, table, page, scale, window, ou
     DP = max(16, triton.next_power_of_2(D))  # D need not be a power of two: masked to DP
     BG = min(64, max(16, triton.next_power_of_2(G)))  # tl.dot needs >= 16 rows
     progs = B * Hkv * triton.cdiv(G, BG)
-    block_n = block_n or _block_n_for(DP, k4.dtype)
+    # fp32 q on a 16-bit cache (the models' decode): q and P go through the dots as hi + lo pieces
+    split_dot = q.dtype == torch.float32 and k4.dtype != torch.float32
+    # there 32 keys a tile on 4 warps (~200 registers at D = 128) beat 64 keys on 8 (H100,
+    # bench_decode_attention.py --step: 29.2 vs 31.1 us at 16k, 8.5 vs 8.9 at 600 keys, Llama-3's heads)
+    block_n = block_n or (min(32, _block_n_for(DP, k4.dtype)) if split_dot else _block_n_for(DP, k4.dtype))
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"{name}: block_n must be a power of two >= 16, got {block_n}")
     if splits is None:
@@ -406,10 +410,8 @@ def _launch(q, k4, v4, batch_strides, C, lengths, table, page, scale, window, ou
     win = C + 1 if window is None else min(window, C + 1)  # int32-safe "all keys"
     qk_scale = float(scale) * _LOG2E
     max_iters = 0 if q.device.type == "cuda" else max(1, triton.cdiv(triton.cdiv(C, splits), block_n))
-    # fp32 q on a 16-bit cache: q and P go through the dots as hi + lo pieces (fp32-level accuracy)
-    split_dot = q.dtype == torch.float32 and k4.dtype != torch.float32
-    if num_warps is None:  # the split dots on 4 warps took 255 registers and spilled (sm_90 ptxas; 8: ~235, none)
-        num_warps = 8 if split_dot else 4
+    if num_warps is None:  # the split dots on 64-key tiles: 255 registers and spills on 4 warps (sm_90 ptxas)
+        num_warps = 8 if split_dot and block_n * DP > 32 * 128 else 4
     inv, rot, norm = rope if rope is not None else (q, D, None)  # q: an unread stand-in
     if rope is not None and (rot % 2 or not 0 < rot <= D or inv.shape != (rot // 2,) or inv.dtype != torch.float32):
         raise ValueError(f"{name}: rope over {rot} of {D} dims with inv_freq {inv.dtype} {tuple(inv.shape)}")
