@@ -4,7 +4,9 @@ Frontier walk (ds4-bench's method): one sequence reads a fixed long text; at eac
 (2k, 4k, 8k, ...) it has prefilled only the new interval since the previous frontier (timed), then
 decodes `tg` greedy tokens (EOS ignored, timed) and drops them again. Decode speed is also put
 against its floor: the bytes of weights one token reads (routed experts: only the top-k of E)
-divided by the device's copy bandwidth, measured here on a large tensor.
+divided by the device's copy bandwidth, measured here on a large tensor. The `jit` column counts
+the Triton kernels compiled inside a row's timed work (a fresh machine compiles each kernel once,
+then Triton keeps it on disk): a row with compiles timed some of that compiling.
 """
 from __future__ import annotations
 
