@@ -63,3 +63,28 @@ def test_frontiers_beyond_context_are_refused_clearly():
     r = ouzel("bench", "-m", "smollm2-135m", "--frontiers", "4k", "--ctx", "256")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "context" in r.stderr
+
+
+def test_compile_counter_chains_and_restores_the_hook(monkeypatch):
+    """`cuda.compiles` (the bench's jit column) counts through Triton's JIT hook: a hook set before
+    it is still called inside and is back in place after, exception or not."""
+    knobs = pytest.importorskip("triton").knobs
+    from ouzel.kernels.cuda import compiles
+    monkeypatch.delenv("OUZEL_LOG_COMPILES", raising=False)
+    seen = []
+
+    def before(**kw):
+        seen.append(kw["key"])
+
+    old = knobs.runtime.jit_cache_hook
+    knobs.runtime.jit_cache_hook = before
+    try:
+        with pytest.raises(RuntimeError):
+            with compiles() as c:
+                assert knobs.runtime.jit_cache_hook is not before
+                knobs.runtime.jit_cache_hook(key="k1", fn=None, compile={})  # what Triton calls on a cache miss
+                raise RuntimeError("a failure inside the counted block")
+        assert c.n == 1 and seen == ["k1"]
+        assert knobs.runtime.jit_cache_hook is before
+    finally:
+        knobs.runtime.jit_cache_hook = old
