@@ -68,7 +68,9 @@ def test_frontiers_beyond_context_are_refused_clearly():
 def test_compile_counter_chains_and_restores_the_hook(monkeypatch):
     """`cuda.compiles` (the bench's jit column) counts through Triton's JIT hook: a hook set before
     it is still called inside and is back in place after, exception or not."""
-    knobs = pytest.importorskip("triton").knobs
+    knobs = getattr(pytest.importorskip("triton"), "knobs", None)
+    if knobs is None:
+        pytest.skip("this Triton has no JIT hooks (triton.knobs)")
     from ouzel.kernels.cuda import compiles
     monkeypatch.delenv("OUZEL_LOG_COMPILES", raising=False)
     seen = []
