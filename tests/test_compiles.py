@@ -11,23 +11,17 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
-import tiny_models as tm  # noqa: E402
+from cuda_tiny import tiny, tiny_v4  # noqa: E402
 
 from ouzel.engine.generate import PREFILL_CHUNK, Sequence  # noqa: E402
 from ouzel.kernels.cuda import compiles  # noqa: E402
-from ouzel.loader import load  # noqa: E402
 
 
 def _model(arch: str, tmp_path):
-    if arch == "deepseek_v4":
-        import deepseek4_gguf as d4
-        from tiny_deepseek_v4 import build_v4
-        # HCA ratio 16: 32 more compressed rows a chunk; CSA ratio 4 beyond its top-k from the first chunk
-        hf = build_v4(seed=3, hidden_size=256, moe_intermediate_size=256, max_position_embeddings=4096)
-        return load(d4.write(hf, tmp_path / "v4.gguf", "Q8_0"), device="cuda", progress=False).model
-    extra = dict(moe_intermediate_size=256) if arch == "qwen3_moe" else {}
-    hf = tm.build_hf_model(arch, max_position_embeddings=4096, hidden_size=256, intermediate_size=512, **extra)
-    return load(tm.write_gguf(hf, arch, tmp_path / f"{arch}.gguf", "Q8_0"), device="cuda", progress=False).model
+    if arch == "deepseek_v4":  # HCA ratio 16: 32 more compressed rows a chunk; CSA past its top-k early
+        rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 16}
+        return tiny_v4(tmp_path, compress_rates=rates, max_position_embeddings=4096)[1]
+    return tiny(arch, tmp_path, 4096)[2]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3_moe", "deepseek_v4"])

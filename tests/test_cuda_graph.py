@@ -12,20 +12,10 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
-import tiny_models as tm  # noqa: E402
+from cuda_tiny import tiny as _tiny, tiny_v4  # noqa: E402
 
 from ouzel.engine.generate import Sequence  # noqa: E402
 from ouzel.loader import load  # noqa: E402
-
-SIZES = dict(hidden_size=256, intermediate_size=512)
-
-
-def _tiny(arch: str, tmp_path, max_positions: int):
-    """A tiny model of arch at kernel-sized dims: (its HF model, its Q8_0 GGUF, the model loaded on CUDA)."""
-    extra = dict(moe_intermediate_size=256) if arch == "qwen3_moe" else {}
-    hf = tm.build_hf_model(arch, max_position_embeddings=max_positions, **SIZES, **extra)
-    path = tm.write_gguf(hf, arch, tmp_path / f"{arch}.gguf", "Q8_0")
-    return hf, path, load(path, device="cuda", progress=False).model
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3_moe"])
@@ -116,15 +106,9 @@ def test_graph_decode_deepseek_v4(exact, tmp_path, monkeypatch):
     comparison runs with `exact` (OUZEL_EXACT_GEMV=1: fp32 activations) only."""
     if exact:
         monkeypatch.setenv("OUZEL_EXACT_GEMV", "1")
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).parent))
-    import deepseek4_gguf as d4
-    from tiny_deepseek_v4 import build_v4, rel_l2
+    from tiny_deepseek_v4 import rel_l2
 
-    rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
-    hf = build_v4(seed=3, hidden_size=256, moe_intermediate_size=256, compress_rates=rates)
-    model = load(d4.write(hf, tmp_path / "v4-q8.gguf", "Q8_0"), device="cuda", progress=False).model
+    hf, model = tiny_v4(tmp_path)
     dev = torch.device("cuda")
     graph, fixed, eager = (Sequence(model, 512, dev) for _ in range(3))
     assert graph.graph is not None, "deepseek_v4: decode graphs not enabled"
@@ -167,9 +151,6 @@ def test_deepseek_v4_cuda_matches_cpu(exact, tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     if exact:
         monkeypatch.setenv("OUZEL_EXACT_GEMV", "1")
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).parent))
     import deepseek4_gguf as d4
     from tiny_deepseek_v4 import build_v4, rel_l2
 
@@ -232,14 +213,7 @@ def test_pdl_decode_equals_serial(arch, tmp_path, monkeypatch):
         pytest.skip("PDL needs sm_90")
     from ouzel.kernels.triton import pdl
     if arch == "deepseek_v4":
-        import sys
-        from pathlib import Path
-        sys.path.insert(0, str(Path(__file__).parent))
-        import deepseek4_gguf as d4
-        from tiny_deepseek_v4 import build_v4
-        rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
-        hf = build_v4(seed=3, hidden_size=256, moe_intermediate_size=256, compress_rates=rates)
-        model = load(d4.write(hf, tmp_path / "v4-q8.gguf", "Q8_0"), device="cuda", progress=False).model
+        hf, model = tiny_v4(tmp_path)
     else:
         hf, _, model = _tiny(arch, tmp_path, 2048)
     dev = torch.device("cuda")

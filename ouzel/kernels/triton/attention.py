@@ -264,11 +264,14 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
-def _block_n_for(DP: int, dtype: torch.dtype) -> int:
+def _block_n_for(DP: int, dtype: torch.dtype, split_dot: bool = False) -> int:
     """Keys per tile: 16 KB K tiles for 16-bit caches (64 keys at D = 128); fp32 caches take the
-    non-tensor-core dot, which spilled registers past 16 keys at D = 128 (sm_90, 4 warps)."""
+    non-tensor-core dot, which spilled registers past 16 keys at D = 128 (sm_90, 4 warps).
+    split_dot (fp32 q on a 16-bit cache, the models' decode): at most 32, which on 4 warps (~200
+    registers at D = 128) beat 64 on 8 (H100, bench_decode_attention.py --step: 29.2 vs 31.1 us at
+    16k, 8.5 vs 8.9 at 600 keys, Llama-3's heads)."""
     per_tile = 2048 if dtype == torch.float32 else 8192
-    return min(64, max(16, per_tile // DP))
+    return min(32 if split_dot else 64, max(16, per_tile // DP))
 
 
 def _splits_for(progs: int, capacity: int, block_n: int, sms: int) -> int:
@@ -398,9 +401,7 @@ def _launch(q, k4, v4, batch_strides, C, lengths, table, page, scale, window, ou
     progs = B * Hkv * triton.cdiv(G, BG)
     # fp32 q on a 16-bit cache (the models' decode): q and P go through the dots as hi + lo pieces
     split_dot = q.dtype == torch.float32 and k4.dtype != torch.float32
-    # there 32 keys a tile on 4 warps (~200 registers at D = 128) beat 64 keys on 8 (H100,
-    # bench_decode_attention.py --step: 29.2 vs 31.1 us at 16k, 8.5 vs 8.9 at 600 keys, Llama-3's heads)
-    block_n = block_n or (min(32, _block_n_for(DP, k4.dtype)) if split_dot else _block_n_for(DP, k4.dtype))
+    block_n = block_n or _block_n_for(DP, k4.dtype, split_dot)
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"{name}: block_n must be a power of two >= 16, got {block_n}")
     if splits is None:
