@@ -44,7 +44,7 @@ for MODEL in $MODELS; do
     done
   fi
   if [[ ${WALK:-} ]]; then
-    timeout ${WALK_S:-60} python3 -m ouzel bench -m $M --device cuda --frontiers $WALK --tg 64 \
+    env ${WALK_ENV:-} timeout ${WALK_S:-60} python3 -m ouzel bench -m $M --device cuda --frontiers $WALK --tg 64 \
       --csv "/tmp/logs/$MODEL.walk.csv" 2>&1 | tee -a "$OUT/$MODEL.log" | grep -E "frontier|peak"
   fi
   if [[ ${PROFILE:-} ]]; then

@@ -334,7 +334,8 @@ def run(args) -> int:
         else:
             rows = b.frontiers(tokens, frontiers, on_row=show)
     if device.type == "cuda":
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated by torch "
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated by torch, "
+              f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved "
               f"(weights {loaded.nbytes / 2**30:.2f} GiB in the file)")
     if args.csv:
         write_csv(rows, args.csv, dev_name, str(loaded.path))

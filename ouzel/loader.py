@@ -32,10 +32,22 @@ class Loaded:
     nbytes: int
 
 
+def cuda_allocator_defaults() -> None:
+    """Expandable segments for torch's CUDA allocator unless the user configured it: a prefill whose
+    scratch grows with the context (DeepSeek V4's walk to 16k) left the default allocator holding
+    31.8 GiB of segments for 17.2 GiB of tensors; with expandable segments 18.9 GiB, at the same
+    speed (H100, bench/NOTES.md, session 10). Takes effect only before torch's first CUDA
+    allocation, which is when the allocator reads its settings."""
+    if any(v in os.environ for v in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")):
+        return
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     name = str(device or "auto")
     if name == "auto":
         if torch.cuda.is_available():
+            cuda_allocator_defaults()
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
@@ -46,6 +58,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise OuzelError(f"unknown device {name!r}; use cpu, cuda, mps or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise OuzelError("device 'cuda' is not available (no CUDA GPU or a CPU-only torch build)")
+    if dev.type == "cuda":
+        cuda_allocator_defaults()
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise OuzelError("device 'mps' is not available on this machine")
     if dev.type not in ("cpu", "cuda", "mps"):
