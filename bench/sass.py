@@ -25,16 +25,16 @@ TARGET = GPUTarget("cuda", 90, 32)
 
 
 def compile_moe(tid: int, bm: int = 32, bn: int = 64, warps: int = 4, stages: int = 1, quads: bool = True,
-                pdl: bool = False, maxnreg=None):
+                pdl: bool = False, maxnreg=None, halves: int = 1):
     ptr = lambda t: "*" + t  # noqa: E731
     sig = dict(x_ptr=ptr("bf16"), w_ptr=ptr("u8"), out_ptr=ptr("bf16"), grid_ptr=ptr("i32"), signs_ptr=ptr("i32"),
                pair_row_ptr=ptr("i32"), tile_expert_ptr=ptr("i32"), tile_start_ptr=ptr("i32"),
                tile_end_ptr=ptr("i32"), N="i32", K="i32", row_bytes="i32", expert_bytes="i32",
                stride_xm="i32", stride_om="i32", TYPE="constexpr", S="constexpr", L="constexpr", BM="constexpr",
                BN="constexpr", DOT_DTYPE="constexpr", PRECISION="constexpr", QUADS="constexpr",
-               STAGES="constexpr", PDL="constexpr")
+               STAGES="constexpr", PDL="constexpr", HALVES="constexpr")
     const = dict(TYPE=tid, S=8, L=32, BM=bm, BN=bn, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", QUADS=quads,
-                 STAGES=stages, PDL=pdl)
+                 STAGES=stages, PDL=pdl, HALVES=halves)
     # the launcher's divisibility-by-16 hints for pointers and the sizes that are multiples of 16
     attrs = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(sig) if sig[k].startswith("*")
              or k in ("N", "K", "row_bytes", "expert_bytes", "stride_xm", "stride_om")}

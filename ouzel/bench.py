@@ -290,6 +290,10 @@ def run(args) -> int:
     if args.tg < 1 or (args.pp is not None and args.pp < 1) or args.runs < 1:
         raise OuzelError("--tg, --pp and --runs must be positive")
     device = resolve_device(args.device)
+    bw = copy_bandwidth(device)
+    if device.type == "cuda":  # the probe's 2 GiB are not the model's: out of the cache and the peak
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     loaded = load_model(args.model, device, progress=sys.stderr.isatty())
     model_ctx = int(loaded.config.opt("max_position_embeddings", 4096))
     limit = min(args.ctx or model_ctx, model_ctx)
@@ -307,7 +311,6 @@ def run(args) -> int:
         raise OuzelError(f"the text has {len(tokens)} tokens; the walk needs {frontiers[-1]}")
 
     dev_name = device_name(device)
-    bw = copy_bandwidth(device)
     # the KV cache is sized for what the walk needs, not the model's full (maybe 1M) context
     b = Bench(loaded.model, device, frontiers[-1] + args.tg + 1, args.tg, bw)
     print(f"device: {dev_name}\nmodel:  {loaded.path} ({loaded.architecture}, {loaded.nbytes / 1e9:.2f} GB file)\n"

@@ -278,10 +278,16 @@ def test_moe_gemm_experts_regrouped(name, k, quads, gen):
     assert _moe_gemm_case(name, [5, 0, 1, 37, 9], 16, gen, k=k, bn=16, quads=quads) < 1e-5
 
 
-def test_moe_gemm_iq2xxs_r8(gen):
+@pytest.mark.parametrize("halves", [1, 2, 4])
+def test_moe_gemm_iq2xxs_r8(halves, gen):
     """DeepSeek V4's gate/up experts as the loader leaves them on CUDA (IQ2_XXS_R8, K = 2 x 2048),
-    through the `_quads` decoder."""
-    assert _moe_gemm_case("IQ2_XXS_R8", [5, 0, 1, 37, 9], 16, gen, k=4096, bn=16) < 1e-5
+    through the `_quads` decoder, each 256-step whole or in parts (halves: fewer registers)."""
+    assert _moe_gemm_case("IQ2_XXS_R8", [5, 0, 1, 37, 9], 16, gen, k=4096, bn=16, halves=halves) < 1e-5
+
+
+def test_moe_gemm_iq2xxs_in_halves(gen):
+    """The same split on GGUF's own IQ2_XXS layout (66-byte blocks)."""
+    assert _moe_gemm_case("IQ2_XXS", [5, 0, 1, 37, 9], 16, gen, bn=16, halves=2) < 1e-5
 
 
 # --- Q8_0_R8: Q8_0 regrouped for 16-byte loads on the GPU (quant/blocks.py) ---

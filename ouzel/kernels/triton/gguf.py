@@ -262,7 +262,7 @@ def _word_bytes(words):
 
 
 @triton.jit
-def _quads(row_ptr, kb, TYPE: tl.constexpr, grid_ptr, signs_ptr):
+def _quads(row_ptr, kb, TYPE: tl.constexpr, grid_ptr, signs_ptr, H: tl.constexpr = 0, HALVES: tl.constexpr = 1):
     """Decode of 256-element step kb for the MoE GEMM, each stored byte (or table word) loaded
     once and split into its values by shifts; row_ptr: [BN] byte pointers to each row. Returns
     float32 [BN, 256] in element order, computed as the reference does (Q2_K, Q4_K, Q6_K, IQ2_XXS)."""
@@ -315,7 +315,7 @@ def _quads(row_ptr, kb, TYPE: tl.constexpr, grid_ptr, signs_ptr):
         else:
             b = (row_ptr + (kb // 8) * 528 + 512 + (kb % 8) * 2)[:, None, None, None]
             body = (row_ptr + (kb // 8) * 528 + (kb % 8) * 64)[:, None, None, None]
-        s = tl.arange(0, 8)[None, :, None, None]
+        s = H * (8 // HALVES) + tl.arange(0, 8 // HALVES)[None, :, None, None]  # IQ2_XXS: part H of the step
         p = tl.arange(0, 4)[None, None, :, None]
         a16 = (body + 4 + s * 8).to(tl.pointer_type(tl.uint16))  # the u32 aux at 4 + s*8 is 2-byte aligned
         aux = tl.load(a16).to(tl.int32) | (tl.load(a16 + 1).to(tl.int32) << 16)  # [BN, 8, 1, 1]
@@ -327,7 +327,7 @@ def _quads(row_ptr, kb, TYPE: tl.constexpr, grid_ptr, signs_ptr):
         neg = ((sign[:, :, :, :, None, None] >> bit[None, None, None, :, :, :]) & 1) != 0
         scale = (_f16_at(b) * (0.5 + ((aux >> 28) & 15).to(tl.float32)) * 0.25)[:, :, :, :, None, None]
         w = tl.where(neg, -scale, scale) * v
-    return tl.reshape(w, [w.shape[0], 256])
+    return tl.reshape(w, [w.shape[0], 256 // HALVES])
 
 
 @triton.jit
@@ -335,7 +335,7 @@ def _moe_gemm_kernel(x_ptr, w_ptr, out_ptr, grid_ptr, signs_ptr, pair_row_ptr, t
                      tile_end_ptr, N, K, row_bytes, expert_bytes, stride_xm, stride_om,
                      TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, QUADS: tl.constexpr, STAGES: tl.constexpr,
-                     PDL: tl.constexpr):
+                     PDL: tl.constexpr, HALVES: tl.constexpr = 1):
     """Program (t, j): (token, expert) pairs tile_start[t] .. tile_end[t] (all of one expert e =
     tile_expert[t], at most BM) times output rows j*BN.. of W_e: out[pair] = x[pair_row[pair]] . W_e.T.
     Each 256-step of W_e's blocks is decoded in registers and fed to tl.dot: the experts' weights
@@ -359,13 +359,20 @@ def _moe_gemm_kernel(x_ptr, w_ptr, out_ptr, grid_ptr, signs_ptr, pair_row_ptr, t
     kk = tl.arange(0, 256)
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     for kb in tl.range(0, K // 256, num_stages=STAGES):
-        if QUADS:
-            w = _quads(wrow, kb, TYPE, grid_ptr, signs_ptr)
+        if QUADS and HALVES > 1:  # IQ2_XXS: the step in parts, fewer registers for the decoded tile
+            for h in tl.static_range(HALVES):
+                w = _quads(wrow, kb, TYPE, grid_ptr, signs_ptr, h, HALVES)
+                kh = kb * 256 + h * (256 // HALVES) + tl.arange(0, 256 // HALVES)
+                xk = tl.load(x_ptr + xrow[None, :] * stride_xm + kh[:, None], mask=rmask[None, :], other=0.0)
+                acc += tl.dot(w.to(DOT_DTYPE), xk.to(DOT_DTYPE), input_precision=PRECISION, out_dtype=tl.float32)
         else:
-            qf, scale, offset = _decode(wrow[:, None, None], kb, grid_ptr, signs_ptr, TYPE, S, L)
-            w = tl.reshape(scale * qf - offset, [BN, 256])
-        xk = tl.load(x_ptr + xrow[None, :] * stride_xm + kb * 256 + kk[:, None], mask=rmask[None, :], other=0.0)
-        acc += tl.dot(w.to(DOT_DTYPE), xk.to(DOT_DTYPE), input_precision=PRECISION, out_dtype=tl.float32)
+            if QUADS:
+                w = _quads(wrow, kb, TYPE, grid_ptr, signs_ptr)
+            else:
+                qf, scale, offset = _decode(wrow[:, None, None], kb, grid_ptr, signs_ptr, TYPE, S, L)
+                w = tl.reshape(scale * qf - offset, [BN, 256])
+            xk = tl.load(x_ptr + xrow[None, :] * stride_xm + kb * 256 + kk[:, None], mask=rmask[None, :], other=0.0)
+            acc += tl.dot(w.to(DOT_DTYPE), xk.to(DOT_DTYPE), input_precision=PRECISION, out_dtype=tl.float32)
     tl.store(out_ptr + rows.to(tl.int64)[None, :] * stride_om + cols[:, None], acc.to(out_ptr.dtype.element_ty),
              mask=rmask[None, :] & (cols < N)[:, None])
 
@@ -447,11 +454,13 @@ QUADS_TYPES = ("Q4_K", "Q6_K", "Q2_K", "IQ2_XXS", "Q6_K_R8", "Q6_K_R3", "Q2_K_R8
 
 def qgemm_experts(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, pair_rows: torch.Tensor, tiles,
                   out: torch.Tensor | None = None, bm: int = 16, bn: int = 64, num_warps: int = 4,
-                  stages: int = 1, quads: bool = True, dot_dtype=None) -> torch.Tensor:
+                  stages: int = 1, quads: bool = True, dot_dtype=None, halves: int = 1) -> torch.Tensor:
     """MoE prefill: out [P, n] row p = x[pair_rows[p]] @ W_e.T for pairs p sorted by expert, `tiles`
     from `moe_tiles(counts, bm)`; raw holds E experts' blocks [E * n, row_bytes]. Matmul operands in
     dot_dtype (default bf16 on CUDA, fp32 in the CPU interpreter), fp32 accumulation; x is cast to
-    it once here rather than per tile. quads: the byte-once decoder where it reads the type."""
+    it once here rather than per tile. quads: the byte-once decoder where it reads the type.
+    halves (IQ2_XXS with quads): each 256-step decoded and multiplied in that many parts, for
+    fewer registers a program (more programs at once on a multiprocessor)."""
     tid, S, L, n, k = _check(raw, bt_name, shape)
     if x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
         raise ValueError(f"qgemm_experts: x {tuple(x.shape)} for weight {shape}")
@@ -469,7 +478,8 @@ def qgemm_experts(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, pair_
         n * raw.stride(0), x.stride(0), out.stride(0), TYPE=tid, S=S, L=L, BM=bm, BN=bn,
         DOT_DTYPE=tl.bfloat16 if dot == torch.bfloat16 else (tl.float16 if dot == torch.float16 else tl.float32),
         PRECISION="ieee" if dot == torch.float32 else "tf32",  # fp32 operands: exact fp32, not TF32
-        QUADS=quads, STAGES=stages, num_warps=num_warps, **pdl.launch(x.device))
+        QUADS=quads, STAGES=stages, HALVES=halves if quads and bt_name.startswith("IQ2_XXS") else 1,
+        num_warps=num_warps, **pdl.launch(x.device))
     return out
 
 
