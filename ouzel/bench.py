@@ -193,16 +193,16 @@ class Bench:
         first call of each matmul shape (library heuristics) and first-touch page faults belong to
         no frontier. The KV cache is then sized for the whole run, so no decode step or prefill
         chunk is re-captured (CUDA graphs) inside a timed region."""
-        from .engine.generate import PREFILL_CHUNK
+        chunk = self.seq.chunk
         self.seq.reset()
-        logits = self.seq.prefill(tokens[:min(PREFILL_CHUNK + 32, len(tokens), self.seq.max_tokens - 8)])
+        logits = self.seq.prefill(tokens[:min(chunk + 32, len(tokens), self.seq.max_tokens - 8)])
         if hasattr(self.seq.kv, "reserve"):  # before the steps: their capture then holds for the run
             self.seq.kv.reserve(self.seq.max_tokens)
         for _ in range(min(4, self.tg)):
             logits = self.seq.step(int(logits.argmax().item()))
         self.seq.reset()
-        if len(tokens) >= PREFILL_CHUNK and self.seq.max_tokens >= PREFILL_CHUNK:
-            self.seq.prefill(tokens[:PREFILL_CHUNK])  # a full chunk's graph, captured on the sized cache
+        if len(tokens) >= chunk and self.seq.max_tokens >= chunk:
+            self.seq.prefill(tokens[:chunk])  # a full chunk's graph, captured on the sized cache
             self.seq.reset()
 
     def frontiers(self, tokens: list[int], frontiers: list[int], on_row=None) -> list[Row]:

@@ -1,4 +1,5 @@
 """Self-consistency on a real model: incremental = full forward; chat turn 2 = a fresh run."""
+import pytest
 import torch
 
 import ouzel
@@ -29,6 +30,25 @@ def test_prefill_in_chunks_equals_one_forward(monkeypatch):
     monkeypatch.setattr(generate, "PREFILL_CHUNK", 5)
     chunked = Sequence(llm.model, 64, llm.device).prefill(ids)
     assert rel(chunked, whole) < 1e-5
+
+
+def test_prefill_chunk_from_the_environment(monkeypatch):
+    """OUZEL_PREFILL_CHUNK sets the tokens per prefill forward (same logits as one forward); a
+    value that is not a positive count is a clear error."""
+    from ouzel.errors import OuzelError
+    llm = real_llm("smollm2-135m")
+    ids = llm.tokenize("one two three four five six seven eight nine ten eleven twelve")
+    whole = Sequence(llm.model, 64, llm.device).prefill(ids)
+    monkeypatch.setenv("OUZEL_PREFILL_CHUNK", "4")
+    seq = Sequence(llm.model, 64, llm.device)
+    seen = []
+    chunked = seq.prefill(ids, progress=lambda done, total: seen.append(done))
+    assert seq.chunk == 4 and seen[:2] == [4, 8] and seen[-1] == len(ids)
+    assert rel(chunked, whole) < 1e-5
+    for bad in ("0", "-512", "2k"):
+        monkeypatch.setenv("OUZEL_PREFILL_CHUNK", bad)
+        with pytest.raises(OuzelError, match="OUZEL_PREFILL_CHUNK"):
+            Sequence(llm.model, 64, llm.device)
 
 
 def test_chat_turn_two_equals_fresh_run():

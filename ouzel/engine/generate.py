@@ -15,6 +15,22 @@ from .sampler import Sampler, SamplingParams
 PREFILL_CHUNK = 512
 
 
+def prefill_chunk() -> int:
+    """Tokens per prefill forward: PREFILL_CHUNK, or OUZEL_PREFILL_CHUNK. Larger chunks spread a
+    chunk's fixed costs (an MoE GEMM decodes each expert's blocks once per tile, the dense prefill
+    dequantizes every weight once per chunk) over more tokens, for more scratch memory."""
+    raw = os.environ.get("OUZEL_PREFILL_CHUNK")
+    if raw is None:
+        return PREFILL_CHUNK
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise OuzelError(f"OUZEL_PREFILL_CHUNK={raw!r}: expected a positive number of tokens, e.g. 2048")
+    return n
+
+
 class Sequence:
     """The tokens a model has seen and their KV state; prefill reuses the common prefix."""
 
@@ -25,8 +41,9 @@ class Sequence:
         self.kv = (model.new_kv(max_tokens, device) if hasattr(model, "new_kv")
                    else DenseKV(len(model.model.layers), max_tokens, device))
         self.graph = DecodeGraph(model, self.kv, device) if graphs_enabled(model, self.kv, device) else None
+        self.chunk = prefill_chunk()
         # full prefill chunks replay one captured graph (the last, shorter one runs eagerly)
-        self.chunk_graph = (ChunkGraph(model, self.kv, device, PREFILL_CHUNK)
+        self.chunk_graph = (ChunkGraph(model, self.kv, device, self.chunk)
                             if chunk_graphs_enabled(model, self.kv, device) else None)
 
     def reset(self) -> None:
@@ -70,10 +87,10 @@ class Sequence:
         self.tokens = self.tokens[:common]
         todo = ids[common:]
         hidden = None
-        for i in range(0, len(todo), PREFILL_CHUNK):
-            hidden = self._forward(todo[i:i + PREFILL_CHUNK], last_only=True)
+        for i in range(0, len(todo), self.chunk):
+            hidden = self._forward(todo[i:i + self.chunk], last_only=True)
             if progress is not None:
-                progress(min(i + PREFILL_CHUNK, len(todo)), len(todo))
+                progress(min(i + self.chunk, len(todo)), len(todo))
         self.reused = common
         return self.model.logits(hidden[-1:])[0].float()
 
