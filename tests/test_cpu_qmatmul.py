@@ -217,3 +217,58 @@ def test_real_tensors(model_files):
             ids = torch.from_numpy(rng.integers(0, n, size=9))
             assert_same_bits(cpu.embedding(raw, bt, ids), dequantize(raw[ids], bt))
     assert len(seen) >= 5
+
+
+# --- decode attention: one query row per head over a KV cache, against layers.attention.attend ---
+
+@pytest.mark.parametrize("H,Hkv,D,S,window", [(9, 3, 64, 540, None), (4, 1, 256, 300, None), (8, 8, 48, 17, None),
+                                              (4, 1, 256, 600, 512), (2, 1, 8, 5, 3), (6, 2, 40, 1, None)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_decode_attention_equals_attend(H, Hkv, D, S, window, dtype):
+    """Grouped heads (query head h reads kv head h // (H / Hkv)), sliding windows, head sizes the
+    16-wide path takes and not (48, 40, 8), 16-bit caches (read exactly, attended in float32), a
+    cache with spare rows past the keys."""
+    from ouzel.layers.attention import attend
+    g = torch.Generator().manual_seed(S * H + D)
+    q = torch.randn(1, H, D, generator=g)
+    kc = torch.randn(S + 9, Hkv, D, generator=g).to(dtype)
+    vc = torch.randn(S + 9, Hkv, D, generator=g).to(dtype)
+    vc[S:] = float("nan")  # rows past the keys are never read
+    ref = attend(q, kc[:S].float(), vc[:S].float(), torch.tensor([S - 1]), window, D ** -0.5)
+    out = cpu.decode_attention(q[0], kc, vc, max(0, S - window) if window else 0, S, D ** -0.5)
+    assert out.shape == (H, D) and out.dtype == torch.float32
+    assert ((out - ref[0]).norm() / ref.norm()).item() < TOL
+
+
+def test_decode_attention_bad_arguments():
+    q, k = torch.randn(4, 8), torch.randn(10, 2, 8)
+    with pytest.raises(RuntimeError, match="key range"):
+        cpu.decode_attention(q, k, k, 0, 11, 1.0)
+    with pytest.raises(RuntimeError, match="key range"):
+        cpu.decode_attention(q, k, k, 5, 5, 1.0)
+    with pytest.raises(RuntimeError, match="head shapes"):
+        cpu.decode_attention(torch.randn(3, 8), k, k, 0, 4, 1.0)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        cpu.decode_attention(q, k.transpose(0, 1), k.transpose(0, 1), 0, 2, 1.0)
+    with pytest.raises(RuntimeError, match="dtype"):
+        cpu.decode_attention(q, k.double(), k.double(), 0, 4, 1.0)
+
+
+def test_decode_step_through_the_kernel_equals_the_reference(monkeypatch):
+    """DenseKV's CPU decode step with the kernel = with torch's attention (window and no window)."""
+    from ouzel.kv import cache as C
+    from ouzel.kv.cache import DenseKV
+    g = torch.Generator().manual_seed(5)
+    for window in (None, 7):
+        outs = []
+        for use in (True, False):
+            if not use:
+                monkeypatch.setattr(C, "cpu_decode_attention", lambda *a: None)
+            kv = DenseKV(1, 64, torch.device("cpu"))
+            g.manual_seed(5)
+            kv.attention(0, *(torch.randn(20, h, 16, generator=g) for h in (4, 2, 2)), torch.arange(20), window, 0.25)
+            kv.commit(20)
+            q, k, v = (torch.randn(1, h, 16, generator=g) for h in (4, 2, 2))
+            outs.append(kv.attention(0, q, k, v, torch.tensor([20]), window, 0.25))
+            monkeypatch.undo()
+        assert ((outs[0] - outs[1]).norm() / outs[1].norm()).item() < TOL

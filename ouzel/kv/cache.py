@@ -40,6 +40,20 @@ class KVState(Protocol):
     def nbytes(self) -> int: ...
 
 
+def cpu_decode_attention(q, k_all, v_all, window, scale):
+    """`attend` for one new token on the CPU through the C++ kernel (one call for every head;
+    torch's attention took ~90 us a layer at 500 keys for SmolLM2's heads); None where it
+    doesn't run. k_all, v_all: the cache's first n rows (a view of its contiguous buffer)."""
+    if q.device.type != "cpu" or k_all.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None
+    from ..kernels import cpu  # noqa: PLC0415
+    if not cpu.available() or not (k_all.is_contiguous() and v_all.is_contiguous()):
+        return None
+    n = k_all.shape[0]
+    out = cpu.decode_attention(q[0].float(), k_all, v_all, max(0, n - window) if window else 0, n, scale)
+    return out[None].to(q.dtype)
+
+
 class DenseKV:
     """One sequence; contiguous K/V per layer: [capacity, kv_heads, head_dim], doubled when full.
 
@@ -124,7 +138,9 @@ class DenseKV:
             out = None
         if out is None:
             k_all, v_all = self.update(layer, k, v)
-            out = attend(q, k_all, v_all, positions, window, scale)
+            out = cpu_decode_attention(q, k_all, v_all, window, scale) if q.shape[0] == 1 else None
+            if out is None:
+                out = attend(q, k_all, v_all, positions, window, scale)
         return (out, None) if q8 else out
 
     def _chunk_attention(self, layer, q, k, v, positions, window, scale):

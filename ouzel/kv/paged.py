@@ -132,7 +132,8 @@ class BatchKV:
         """paged: None takes the paged path on CUDA pools; True forces it (tests run it on CPU
         through Triton's interpreter, TRITON_INTERPRET=1)."""
         from ..layers.attention import attend
-        self._attend = attend
+        from .cache import cpu_decode_attention
+        self._attend, self._attend_one = attend, cpu_decode_attention
         self.pool, self.segments = pool, segments
         self.paged = pool.k.is_cuda if paged is None else paged
         bs = pool.block_size
@@ -207,8 +208,10 @@ class BatchKV:
             if not self.paged:
                 kpool[write] = k[off:off + n].to(kpool.dtype)
                 vpool[write] = v[off:off + n].to(vpool.dtype)
-            out[off:off + n] = self._attend(q[off:off + n], kpool[read], vpool[read],
-                                            positions[off:off + n], window, scale)
+            kr, vr = kpool[read], vpool[read]
+            one = self._attend_one(q[off:off + n], kr, vr, window, scale) if n == 1 else None  # as DenseKV
+            out[off:off + n] = one if one is not None else self._attend(q[off:off + n], kr, vr, positions[off:off + n],
+                                                                        window, scale)
         return out
 
     def _paged_decode(self, q, kpool, vpool, window, scale, out) -> bool:

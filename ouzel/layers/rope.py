@@ -50,6 +50,7 @@ class Rope:
         self.spec = spec
         self._inv = inv_freq(spec)
         self._inv_on: dict[torch.device, torch.Tensor] = {}
+        self._last = None  # (positions, their values, cos, sin): every layer of a CPU step rotates by the same
 
     def _inv_for(self, device: torch.device) -> torch.Tensor:
         inv = self._inv_on.get(device)
@@ -58,10 +59,16 @@ class Rope:
         return inv
 
     def _cos_sin(self, positions: torch.Tensor):
+        last = self._last
+        if last is not None and last[0] is positions and torch.equal(last[1], positions):
+            return last[2], last[3]
         inv = self._inv_for(positions.device)
         f = positions.float()[:, None] * inv[None, :]  # the outer product HF computes, in float32
         emb = torch.cat([f, f], dim=-1)
-        return emb.cos()[:, None, :], emb.sin()[:, None, :]
+        cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
+        if positions.device.type == "cpu":  # (not on CUDA: a captured graph must compute them each replay)
+            self._last = (positions, positions.clone(), cos, sin)  # values kept: changed in place, recomputed
+        return cos, sin
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [T, H, D] float32, positions: [T]."""

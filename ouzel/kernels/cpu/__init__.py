@@ -159,6 +159,16 @@ def embedding(raw: torch.Tensor, bt: BlockType, ids: torch.Tensor) -> torch.Tens
     return out if ids.dim() == 1 else out.reshape(*ids.shape, out.shape[-1])
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first_key: int, n_keys: int,
+                     scale: float) -> torch.Tensor:
+    """One decode step's attention: q [H, D] (float32) over keys first_key .. n_keys - 1 of the
+    cache k, v [C, Hkv, D] (float32, float16 or bfloat16, contiguous), query head h reading kv head
+    h // (H / Hkv); float32 [H, D]. Equals `layers.attention.attend` on those keys (float32
+    rounding of a different order of sums)."""
+    _need()
+    return _state["ops"].decode_attention(q, k, v, first_key, n_keys, scale)  # type: ignore[attr-defined]
+
+
 def configure(gemv_max_m: int | None = None, tile_bytes: int | None = None, prefill: str | None = None) -> None:
     """Tuning knobs, for benchmarks and tests (process-wide; None leaves a knob as it is).
 

@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -1061,6 +1062,109 @@ at::Tensor embedding(const at::Tensor& raw, int64_t t, const at::Tensor& ids_in)
   return out;
 }
 
+// ---------------------------------------------------------------- decode attention
+// One query row per head over keys [first, n) of a KV cache [C, Hkv, D] (float32, float16 or
+// bfloat16), heads h of group h / (H / Hkv): softmax(scale * q.k) . v in float32, two passes over
+// the keys (scores, then the weighted sum of v). A head per task of at::parallel_for.
+
+inline float bf2f(uint16_t b) { return bits_f32(uint32_t(b) << 16); }
+
+template <typename T> inline float elem(const T* p, int64_t i) {
+  if constexpr (std::is_same_v<T, float>) return p[i];
+  else if constexpr (std::is_same_v<T, at::Half>) return h2f(reinterpret_cast<const uint16_t*>(p)[i]);
+  else return bf2f(reinterpret_cast<const uint16_t*>(p)[i]);
+}
+
+#if OUZEL_AVX512
+template <typename T> inline __m512 load16f(const T* p) {
+  if constexpr (std::is_same_v<T, float>) return _mm512_loadu_ps(p);
+  else if constexpr (std::is_same_v<T, at::Half>)
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  else
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+#endif
+
+template <typename T>
+void attend_head(const float* q, const T* k, const T* v, float* out, int64_t first, int64_t n, int64_t row,
+                 int64_t D, float scale, float* s) {
+  float m = -INFINITY;
+  for (int64_t j = first; j < n; ++j) {
+    const T* kj = k + j * row;
+    float dot = 0.f;
+#if OUZEL_AVX512
+    if (D % 16 == 0) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16f(kj + d), acc);
+      dot = _mm512_reduce_add_ps(acc);
+    } else
+#endif
+      for (int64_t d = 0; d < D; ++d) dot += q[d] * elem(kj, d);
+    s[j - first] = dot * scale;
+    m = std::max(m, s[j - first]);
+  }
+  float l = 0.f;
+  for (int64_t j = 0; j < n - first; ++j) {
+    s[j] = std::exp(s[j] - m);
+    l += s[j];
+  }
+#if OUZEL_AVX512
+  if (D % 16 == 0 && D <= 256) {
+    __m512 acc[16];
+    for (int64_t c = 0; c < D / 16; ++c) acc[c] = _mm512_setzero_ps();
+    for (int64_t j = first; j < n; ++j) {
+      const T* vj = v + j * row;
+      const __m512 p = _mm512_set1_ps(s[j - first]);
+      for (int64_t c = 0; c < D / 16; ++c) acc[c] = _mm512_fmadd_ps(p, load16f(vj + 16 * c), acc[c]);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / l);
+    for (int64_t c = 0; c < D / 16; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], inv));
+    return;
+  }
+#endif
+  std::fill(out, out + D, 0.f);
+  for (int64_t j = first; j < n; ++j) {
+    const T* vj = v + j * row;
+    const float p = s[j - first];
+    for (int64_t d = 0; d < D; ++d) out[d] += p * elem(vj, d);
+  }
+  for (int64_t d = 0; d < D; ++d) out[d] /= l;
+}
+
+// q float32 [H, D]; k, v [C, Hkv, D] with C >= n_keys, rows contiguous; keys first_key .. n_keys - 1.
+// A head per task of at::parallel_for (two passes over its keys: scores, then the sum of v).
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, int64_t first_key,
+                            int64_t n_keys, double scale) {
+  TORCH_CHECK(q_in.dim() == 2 && k.dim() == 3 && v.sizes() == k.sizes() && k.scalar_type() == v.scalar_type(),
+              "ouzel decode_attention: q [H, D], k and v [C, Hkv, D] of one dtype");
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "ouzel decode_attention: k and v must be contiguous");
+  const at::Tensor q = q_in.to(at::kFloat).contiguous();
+  const int64_t H = q.size(0), D = q.size(1), Hkv = k.size(1);
+  TORCH_CHECK(k.size(2) == D && Hkv > 0 && H % Hkv == 0, "ouzel decode_attention: head shapes do not match");
+  TORCH_CHECK(0 <= first_key && first_key < n_keys && n_keys <= k.size(0), "ouzel decode_attention: bad key range");
+  at::Tensor out = at::empty({H, D}, q.options());
+  const int64_t group = H / Hkv, row = Hkv * D;
+  const float* qp = q.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  auto run = [&](auto* kp, auto* vp) {
+    at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+      std::vector<float> s(n_keys - first_key);
+      for (int64_t h = h0; h < h1; ++h) {
+        const int64_t g = h / group;
+        attend_head(qp + h * D, kp + g * D, vp + g * D, op + h * D, first_key, n_keys, row, D, float(scale), s.data());
+      }
+    });
+  };
+  switch (k.scalar_type()) {
+    case at::kFloat: run(k.const_data_ptr<float>(), v.const_data_ptr<float>()); break;
+    case at::kHalf: run(k.const_data_ptr<at::Half>(), v.const_data_ptr<at::Half>()); break;
+    case at::kBFloat16: run(k.const_data_ptr<at::BFloat16>(), v.const_data_ptr<at::BFloat16>()); break;
+    default: TORCH_CHECK(false, "ouzel decode_attention: KV dtype must be float32, float16 or bfloat16");
+  }
+  return out;
+}
+
 void set_tables(const at::Tensor& iq4nl, const at::Tensor& mxfp4, const at::Tensor& ksigns, const at::Tensor& grid) {
   TORCH_CHECK(iq4nl.numel() == 16 && mxfp4.numel() == 16 && ksigns.numel() == 128 && grid.numel() == 256 * 8,
               "ouzel set_tables: wrong sizes");
@@ -1098,4 +1202,6 @@ TORCH_LIBRARY(ouzel_cpu, m) {
   m.def("set_tables(Tensor iq4nl, Tensor mxfp4, Tensor ksigns, Tensor grid) -> ()", &set_tables);
   m.def("configure(int gemv_max_m, int tile_bytes, int prefill_mode) -> ()", &configure);
   m.def("build_info() -> str", &build_info);
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, int first_key, int n_keys, float scale) -> Tensor",
+        &decode_attention);
 }
