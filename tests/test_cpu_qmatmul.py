@@ -272,3 +272,53 @@ def test_decode_step_through_the_kernel_equals_the_reference(monkeypatch):
             outs.append(kv.attention(0, q, k, v, torch.tensor([20]), window, 0.25))
             monkeypatch.undo()
         assert ((outs[0] - outs[1]).norm() / outs[1].norm()).item() < TOL
+
+
+# --- several weights that read the same x in one call (a CPU decode step's q/k/v, gate/up) ---
+
+@pytest.mark.parametrize("M", [1, 3, 6, 8])
+def test_qmatmul_multi_equals_separate_calls(M):
+    """Mixed block types side by side (Q4_K_M's q/k Q4_K with its Q6_K v), bit for bit what each
+    qmatmul gives alone; at M = 8 the 256-element types take qmatmul's prefill path, and so do they
+    here."""
+    rng = np.random.default_rng(M)
+    K = 512
+    ws = [(random_raw(block_type(n), r, K, rng), block_type(n))
+          for n, r in [("Q4_K", 40), ("Q4_K", 8), ("Q6_K", 8), ("Q8_0", 24), ("F16", 3)]]
+    x = torch.from_numpy(rng.standard_normal((M, K)).astype(np.float32))
+    y = cpu.qmatmul_multi(x, ws)
+    assert torch.equal(y, torch.cat([cpu.qmatmul(x, r, bt, r.shape[0]) for r, bt in ws], 1))
+
+
+def test_qmatmul_multi_bad_arguments():
+    rng = np.random.default_rng(0)
+    a = (random_raw(block_type("Q8_0"), 4, 64, rng), block_type("Q8_0"))
+    b = (random_raw(block_type("Q8_0"), 4, 96, rng), block_type("Q8_0"))
+    with pytest.raises(RuntimeError, match="features"):
+        cpu.qmatmul_multi(torch.randn(1, 64), [a, b])
+    with pytest.raises(RuntimeError, match="rows of x"):
+        cpu.qmatmul_multi(torch.randn(9, 64), [a])
+
+
+def test_linear_group_on_cpu_is_one_call_with_the_same_outputs(monkeypatch):
+    """LinearGroup on CPU (unfused): for a decode row one qmatmul_multi, biases added per member,
+    outputs equal to each Linear called alone."""
+    from ouzel.kernels import ops
+    from ouzel.layers.linear import Linear, LinearGroup
+    from ouzel.quant.tensor import QTensor
+    rng = np.random.default_rng(3)
+    lins = []
+    for n, (name, bias) in zip((16, 8, 8), [("Q4_K", False), ("Q6_K", True), ("Q4_K", False)]):
+        lin = Linear(256, n, bias)
+        lin.weight = QTensor(random_raw(block_type(name), n, 256, rng), block_type(name), (n, 256))
+        lin.bias = torch.randn(n) if bias else None
+        lins.append(lin)
+    group = LinearGroup(lins)
+    calls = []
+    real = ops.linear_multi
+    monkeypatch.setattr(ops, "linear_multi", lambda x, ws: calls.append(len(ws)) or real(x, ws))
+    x = torch.randn(1, 256)
+    outs = group(x)
+    assert calls == [3]
+    for o, lin in zip(outs, lins):
+        assert torch.equal(o, lin(x))

@@ -63,6 +63,19 @@ def linear(x: torch.Tensor, w: Weight, xq=None) -> torch.Tensor:
     return linear_reference(x, w)
 
 
+def linear_multi(x: torch.Tensor, ws: list[Weight]) -> torch.Tensor | None:
+    """[x @ w_0.T | x @ w_1.T | ...] in one call of the CPU kernels for a few rows of x (a decode
+    step's q/k/v or gate/up), else None: the caller runs the products one by one."""
+    if x.is_cuda or x.dtype != torch.float32 or x.dim() != 2:
+        return None
+    if not all(isinstance(w, QTensor) and w.device.type == "cpu" for w in ws):
+        return None
+    cpu = _cpu_kernels()
+    if cpu is None or not 1 <= x.shape[0] <= cpu.MULTI_MAX_M or not all(cpu.supports(w.bt) for w in ws):
+        return None
+    return cpu.qmatmul_multi(x.contiguous(), [(w.raw, w.bt) for w in ws])
+
+
 def linear_pair(x: torch.Tensor, wa: Weight, wb: Weight, xq=None) -> torch.Tensor | None:
     """[x @ wa.T | x @ wb.T] in one launch where a kernel reads the pair (one CUDA row; Q4_K_M's
     q/k with its Q6_K v), else None: the caller runs the two products."""

@@ -96,6 +96,11 @@ class LinearGroup:
 
     def __call__(self, x: torch.Tensor, xq=None) -> list[torch.Tensor]:
         if self.groups is None:
+            if not x.is_cuda and x.dim() == 2:  # a CPU decode step: the products in one kernel call
+                y = ops.linear_multi(x, [lin.weight for lin in self.linears])
+                if y is not None:
+                    ys = y.split([lin.out_features for lin in self.linears], dim=-1)
+                    return [o if lin.bias is None else o + lin.bias for o, lin in zip(ys, self.linears)]
             return [lin(x, xq) for lin in self.linears]
         if self.pair is not None and x.dim() == 2 and x.shape[0] == 1 and all(lin.bias is None for lin in self.linears):
             members, w, other = self.pair

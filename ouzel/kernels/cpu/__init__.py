@@ -141,6 +141,17 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, bt: BlockType, out_features: int
     return _qmatmul(x, raw, bt.ggml_type, out_features)
 
 
+MULTI_MAX_M = 8  # the GEMV register tile (MAXM in qmatmul.cpp)
+
+
+def qmatmul_multi(x: torch.Tensor, weights: list[tuple[torch.Tensor, BlockType]]) -> torch.Tensor:
+    """[x @ W_0.T | x @ W_1.T | ...] for weights (raw, bt) of any supported types that read the
+    same x [M, K] (M <= MULTI_MAX_M): one call and one parallel loop for all of them, each output
+    as `qmatmul` gives it alone. float32 [M, sum of the weights' rows]."""
+    _need()
+    return _state["ops"].qmatmul_multi(x, [r for r, _ in weights], [bt.ggml_type for _, bt in weights])  # type: ignore[attr-defined]
+
+
 def dequantize_rows(raw: torch.Tensor, bt: BlockType, rows: slice | None = None) -> torch.Tensor:
     """float32 [R, K] of raw's rows (all, or `rows`), bit-identical to ouzel.quant.blocks.dequantize."""
     if _dequantize is None:

@@ -26,6 +26,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
@@ -1031,6 +1032,50 @@ at::Tensor qmatmul(const at::Tensor& x_in, const at::Tensor& raw, int64_t t, int
   return y;
 }
 
+// x [M, K] (M <= MAXM) times several weights that read the same x (q/k/v, gate/up), possibly of
+// different block types: y [M, sum of their rows], the weights' outputs side by side. One parallel
+// loop over all their rows (one call and one wake of the thread pool instead of one per weight);
+// each output is computed as qmatmul computes it alone (same kernel, same arithmetic; where one of
+// them would take the prefill path at this M, each runs through qmatmul).
+at::Tensor qmatmul_multi(const at::Tensor& x_in, at::TensorList raws, at::IntArrayRef types) {
+  TORCH_CHECK(!raws.empty() && raws.size() == types.size(), "ouzel qmatmul_multi: one type per weight");
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 2,
+              "ouzel qmatmul_multi: x must be a 2-D float32 CPU tensor");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), n = int64_t(raws.size());
+  TORCH_CHECK(M >= 1 && M <= MAXM, cat("ouzel qmatmul_multi: 1 to ", MAXM, " rows of x, got ", M));
+  std::vector<const TypeFns*> fs(n);
+  std::vector<int64_t> first(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    fs[i] = type_fns(types[i]);
+    const int64_t K = check_raw(raws[i], fs[i], types[i]);
+    TORCH_CHECK(K == x.size(1), cat("ouzel qmatmul_multi: x has ", x.size(1), " features, weight ", i, " rows have ", K));
+    first[i + 1] = first[i] + raws[i].size(0);
+  }
+  const int64_t N = first[n], K = x.size(1);
+  for (int64_t i = 0; i < n; ++i) {  // a weight whose qmatmul takes the prefill path at this M: as it would
+    if (M > (g_gemv_max_m >= 0 ? g_gemv_max_m : fs[i]->gemv_max_m)) {
+      std::vector<at::Tensor> ys;
+      for (int64_t j = 0; j < n; ++j) ys.push_back(qmatmul(x, raws[j], types[j], raws[j].size(0)));
+      return at::cat(ys, 1);
+    }
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (N == 0) return y;
+  if (K == 0) return y.zero_();
+  float* yp = y.mutable_data_ptr<float>();
+  const float* xp = x.const_data_ptr<float>();
+  at::parallel_for(0, N, grain_rows(raws[0].stride(0), 32 * 1024), [&](int64_t r0, int64_t r1) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t a = std::max(r0, first[i]), b = std::min(r1, first[i + 1]);
+      if (a < b)
+        fs[i]->dot[M - 1](raws[i].const_data_ptr<uint8_t>(), raws[i].stride(0), a - first[i], b - first[i], K, xp, K,
+                          yp + first[i], N);
+    }
+  });
+  return y;
+}
+
 at::Tensor dequantize(const at::Tensor& raw, int64_t t) {
   const TypeFns* f = type_fns(t);
   const int64_t K = check_raw(raw, f, t);
@@ -1198,6 +1243,7 @@ std::string build_info() {
 TORCH_LIBRARY(ouzel_cpu, m) {
   m.def("qmatmul(Tensor x, Tensor raw, int ggml_type, int out_features) -> Tensor", &qmatmul);
   m.def("dequantize(Tensor raw, int ggml_type) -> Tensor", &dequantize);
+  m.def("qmatmul_multi(Tensor x, Tensor[] raws, int[] ggml_types) -> Tensor", &qmatmul_multi);
   m.def("embedding(Tensor raw, int ggml_type, Tensor ids) -> Tensor", &embedding);
   m.def("set_tables(Tensor iq4nl, Tensor mxfp4, Tensor ksigns, Tensor grid) -> ()", &set_tables);
   m.def("configure(int gemv_max_m, int tile_bytes, int prefill_mode) -> ()", &configure);
