@@ -322,3 +322,58 @@ def test_linear_group_on_cpu_is_one_call_with_the_same_outputs(monkeypatch):
     assert calls == [3]
     for o, lin in zip(outs, lins):
         assert torch.equal(o, lin(x))
+
+
+@pytest.mark.parametrize("norms_on", [False, True])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_decode_step_with_rope_in_one_call_equals_the_reference(norms_on, window, dtype, monkeypatch):
+    """DenseKV's CPU decode step with RoPE (q/k norms, partial rotation, windows, 16-bit caches):
+    rotation, cache write and attention in one C++ call give the reference path's output and
+    cache bits (`rope.apply`, `update`, then the attention)."""
+    from ouzel.kernels import cpu as cpu_mod
+    from ouzel.kv.cache import DenseKV
+    from ouzel.layers.norm import RMSNorm
+    from ouzel.layers.rope import QKRope, Rope, RopeSpec
+    g = torch.Generator().manual_seed(11)
+    rope = Rope(RopeSpec(10000.0, 12))  # rotates 12 of 16 dims
+    norms = None
+    if norms_on:
+        norms = (RMSNorm(16, 1e-6), RMSNorm(16, 1e-6, unit_offset=True))
+        for n in norms:
+            n.weight = torch.randn(16, generator=g)
+    calls = []
+    real = cpu_mod.decode_attention_rope
+    monkeypatch.setattr(cpu_mod, "decode_attention_rope", lambda *a: calls.append(1) or real(*a))
+    results = []
+    for fast in (True, False):
+        kv = DenseKV(1, 64, torch.device("cpu"), dtype=dtype)
+        if not fast:
+            kv._cpu_rope_step = lambda *a: None
+        gg = torch.Generator().manual_seed(7)
+        kv.attention(0, *(torch.randn(9, h, 16, generator=gg) for h in (4, 2, 2)), torch.arange(9), window, 0.25,
+                     rope=QKRope(rope, norms))
+        kv.commit(9)
+        outs = []
+        for t in range(9, 12):
+            outs.append(kv.attention(0, *(torch.randn(1, h, 16, generator=gg) for h in (4, 2, 2)), torch.tensor([t]),
+                                     window, 0.25, rope=QKRope(rope, norms)))
+            kv.commit(1)
+        results.append((torch.cat(outs), kv._k[0][:12].clone(), kv._v[0][:12].clone()))
+    assert len(calls) == 3
+    assert torch.equal(results[0][1], results[1][1]) and torch.equal(results[0][2], results[1][2])
+    assert ((results[0][0] - results[1][0]).norm() / results[1][0].norm()).item() < TOL
+
+
+def test_decode_attention_rope_bad_arguments():
+    kc = torch.zeros(8, 2, 16)
+    q, k = torch.randn(4, 16), torch.randn(2, 16)
+    cs = torch.ones(16)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cpu.decode_attention_rope(q, k, k, kc, kc.clone(), 8, cs, cs, 0, 1.0)
+    with pytest.raises(RuntimeError, match="d even"):
+        cpu.decode_attention_rope(q, k, k, kc, kc.clone(), 0, torch.ones(3), torch.ones(3), 0, 1.0)
+    with pytest.raises(RuntimeError, match="caches"):
+        cpu.decode_attention_rope(q, k, k, kc, kc.double(), 0, cs, cs, 0, 1.0)
+    with pytest.raises(RuntimeError, match="heads"):
+        cpu.decode_attention_rope(q, torch.randn(3, 16), torch.randn(3, 16), kc, kc.clone(), 0, cs, cs, 0, 1.0)

@@ -128,6 +128,10 @@ class DenseKV:
                     vc.index_copy_(0, positions, v.to(self.dtype))
                 out = decode_attention(q, kc, vc, positions + 1, window, scale)
             return (out, None) if q8 else out
+        if rope is not None and q.shape[0] == 1 and k.shape[0] == 1 and self.device.type == "cpu":
+            out = self._cpu_rope_step(layer, q, k, v, positions, window, scale, rope)
+            if out is not None:
+                return (out, None) if q8 else out
         if rope is not None:
             q, k = rope.apply(q, k, positions)
         if self.device.type == "cuda":
@@ -142,6 +146,25 @@ class DenseKV:
             if out is None:
                 out = attend(q, k_all, v_all, positions, window, scale)
         return (out, None) if q8 else out
+
+    def _cpu_rope_step(self, layer, q, k, v, positions, window, scale, rope):
+        """A CPU decode step's q/k norms (torch), then its RoPE, cache write and attention in one
+        call of the C++ kernels (the reference: `rope.apply`, `update`, `attend`); None where
+        that call doesn't run (nothing is written then)."""
+        from ..layers.rope import Rope  # noqa: PLC0415
+        from ..kernels import cpu  # noqa: PLC0415
+        if type(rope.rope) is not Rope or self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return None
+        if q.dtype != torch.float32 or not cpu.available():
+            return None
+        if rope.norms is not None:
+            q, k = rope.norms[0](q), rope.norms[1](k)
+        cos, sin = rope.rope._cos_sin(positions)
+        self._room(layer, k, v)
+        end = self.length + 1
+        out = cpu.decode_attention_rope(q[0], k[0], v[0], self._k[layer], self._v[layer], self.length, cos.view(-1),
+                                        sin.view(-1), max(0, end - window) if window else 0, scale)
+        return out[None]
 
     def _chunk_attention(self, layer, q, k, v, positions, window, scale):
         """A prefill chunk on CUDA with the positions read on the device only (so a captured chunk

@@ -141,6 +141,17 @@ def qmatmul(x: torch.Tensor, raw: torch.Tensor, bt: BlockType, out_features: int
     return _qmatmul(x, raw, bt.ggml_type, out_features)
 
 
+def decode_attention_rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor, row: int, cos: torch.Tensor, sin: torch.Tensor, first_key: int,
+                          scale: float) -> torch.Tensor:
+    """`decode_attention` with what comes before it in a decode step, in the same call: q [H, D] and
+    k [Hkv, D] rotated over their first len(cos) dims (rotate-half RoPE, `layers.rope.Rope`'s
+    arithmetic), k and v [Hkv, D] stored at `row` of the caches, then keys first_key .. row."""
+    _need()
+    return _state["ops"].decode_attention_rope(q, k, v, k_cache, v_cache, row, cos, sin, first_key,  # type: ignore[attr-defined]
+                                                scale)
+
+
 MULTI_MAX_M = 8  # the GEMV register tile (MAXM in qmatmul.cpp)
 
 

@@ -1244,6 +1244,64 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
   return out;
 }
 
+// float -> the cache's element, rounded to nearest even as torch's .to() rounds
+template <typename T> inline void store_elem(T* p, float x) {
+  if constexpr (std::is_same_v<T, float>) *p = x;
+  else if constexpr (std::is_same_v<T, at::Half>) *p = at::Half(x);
+  else *p = at::BFloat16(x);
+}
+
+// rotate-half RoPE of x[0:d] (x[d:] untouched), as layers/rope.py computes it: out = x * cos + rot * sin,
+// rot = [-x2, x1]; the products and their sum rounded one at a time (no contraction, -ffp-contract=off)
+inline void rope_half(float* x, const float* cos, const float* sin, int64_t d) {
+  const int64_t h = d / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float x1 = x[i], x2 = x[i + h];
+    const float a = x1 * cos[i], b = (-x2) * sin[i];
+    const float c = x2 * cos[i + h], e = x1 * sin[i + h];
+    x[i] = a + b;
+    x[i + h] = c + e;
+  }
+}
+
+// One decode step's attention with its RoPE and cache write: q [H, D], k, v [Hkv, D] (float32) of the new
+// token; q and k rotated over their first d dims by cos, sin [d]; k, v stored at row `row` of the caches
+// (in their dtype); then softmax(scale q.k) . v over keys first_key .. row. float32 [H, D].
+at::Tensor decode_attention_rope(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                 const at::Tensor& kc, const at::Tensor& vc, int64_t row, const at::Tensor& cos_in,
+                                 const at::Tensor& sin_in, int64_t first_key, double scale) {
+  TORCH_CHECK(kc.dim() == 3 && vc.sizes() == kc.sizes() && kc.scalar_type() == vc.scalar_type() && kc.is_contiguous() &&
+              vc.is_contiguous(), "ouzel decode_attention_rope: k and v caches [C, Hkv, D] of one dtype, contiguous");
+  const int64_t Hkv = kc.size(1), D = kc.size(2);
+  at::Tensor q = q_in.to(at::kFloat).contiguous().clone();
+  at::Tensor k = k_in.to(at::kFloat).contiguous().clone();
+  const at::Tensor v = v_in.to(at::kFloat).contiguous();
+  const at::Tensor cs = cos_in.to(at::kFloat).contiguous(), sn = sin_in.to(at::kFloat).contiguous();
+  const int64_t d = cs.numel();
+  TORCH_CHECK(q.dim() == 2 && q.size(1) == D && k.sizes() == v.sizes() && k.dim() == 2 && k.size(0) == Hkv &&
+              k.size(1) == D, "ouzel decode_attention_rope: q [H, D], k and v [Hkv, D] for the caches' heads");
+  TORCH_CHECK(sn.numel() == d && d % 2 == 0 && d <= D, "ouzel decode_attention_rope: cos, sin [d], d even, d <= D");
+  TORCH_CHECK(0 <= row && row < kc.size(0), "ouzel decode_attention_rope: the row is outside the cache");
+  float* qp = q.data_ptr<float>();
+  float* kp = k.data_ptr<float>();
+  for (int64_t h = 0; h < q.size(0); ++h) rope_half(qp + h * D, cs.const_data_ptr<float>(), sn.const_data_ptr<float>(), d);
+  for (int64_t h = 0; h < Hkv; ++h) rope_half(kp + h * D, cs.const_data_ptr<float>(), sn.const_data_ptr<float>(), d);
+  const float* vp = v.const_data_ptr<float>();
+  auto write = [&](auto* kd, auto* vd) {
+    for (int64_t i = 0; i < Hkv * D; ++i) {
+      store_elem(kd + row * Hkv * D + i, kp[i]);
+      store_elem(vd + row * Hkv * D + i, vp[i]);
+    }
+  };
+  switch (kc.scalar_type()) {
+    case at::kFloat: write(kc.data_ptr<float>(), vc.data_ptr<float>()); break;
+    case at::kHalf: write(kc.data_ptr<at::Half>(), vc.data_ptr<at::Half>()); break;
+    case at::kBFloat16: write(kc.data_ptr<at::BFloat16>(), vc.data_ptr<at::BFloat16>()); break;
+    default: TORCH_CHECK(false, "ouzel decode_attention_rope: KV dtype must be float32, float16 or bfloat16");
+  }
+  return decode_attention(q, kc, vc, first_key, row + 1, scale);
+}
+
 void set_tables(const at::Tensor& iq4nl, const at::Tensor& mxfp4, const at::Tensor& ksigns, const at::Tensor& grid) {
   TORCH_CHECK(iq4nl.numel() == 16 && mxfp4.numel() == 16 && ksigns.numel() == 128 && grid.numel() == 256 * 8,
               "ouzel set_tables: wrong sizes");
@@ -1284,4 +1342,6 @@ TORCH_LIBRARY(ouzel_cpu, m) {
   m.def("build_info() -> str", &build_info);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, int first_key, int n_keys, float scale) -> Tensor",
         &decode_attention);
+  m.def("decode_attention_rope(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, int row, "
+        "Tensor cos, Tensor sin, int first_key, float scale) -> Tensor", &decode_attention_rope);
 }
