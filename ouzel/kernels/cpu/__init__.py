@@ -1,4 +1,6 @@
-"""CPU kernels for weights kept in their GGUF blocks: y = x @ W.T, row dequantization, embedding gather.
+"""CPU kernels for weights kept in their GGUF blocks: y = x @ W.T (one weight, or several that read
+the same x in one call), row dequantization, embedding gather; and a decode step's attention over
+the KV cache (with its RoPE and cache write in the same call).
 
 The C++ source beside this file (qmatmul.cpp) is compiled on first use with
 torch.utils.cpp_extension (needs a C++ compiler and ninja) into
