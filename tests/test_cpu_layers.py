@@ -48,3 +48,27 @@ def test_rope_reuses_cos_sin_only_for_the_same_positions():
         assert torch.equal(rope(x, p), fresh(x, p))
         p[0] = 0
         assert torch.equal(rope(x, p), fresh(x, p))
+
+
+def test_linear_keeps_its_cpu_call_only_for_its_weight():
+    """A quantized Linear on CPU calls the kernel directly after its first call; the result is
+    ops.linear's, and a new weight (or a 3-D x) goes through the dispatch again."""
+    import numpy as np
+
+    from ouzel.kernels import ops
+    from ouzel.layers.linear import Linear
+    from ouzel.quant.blocks import block_type
+    from ouzel.quant.tensor import QTensor
+    if ops._cpu_kernels() is None:
+        pytest.skip("the CPU kernels could not be built here")
+    from test_cpu_qmatmul import random_raw
+    rng = np.random.default_rng(4)
+    lin = Linear(256, 8)
+    lin.weight = QTensor(random_raw(block_type("Q4_K"), 8, 256, rng), block_type("Q4_K"), (8, 256))
+    x = torch.randn(2, 256)
+    first = lin(x)
+    assert lin._cpu_call is not None and lin._cpu_call[0] is lin.weight
+    assert torch.equal(lin(x), first) and torch.equal(first, ops.linear(x, lin.weight))
+    lin.weight = QTensor(random_raw(block_type("Q8_0"), 8, 256, rng), block_type("Q8_0"), (8, 256))
+    assert torch.equal(lin(x), ops.linear(x, lin.weight)) and lin._cpu_call[0] is lin.weight
+    assert torch.equal(lin(x[None])[0], ops.linear(x, lin.weight))

@@ -63,6 +63,18 @@ def linear(x: torch.Tensor, w: Weight, xq=None) -> torch.Tensor:
     return linear_reference(x, w)
 
 
+def cpu_linear_call(w: Weight):
+    """(w, f) with f(x) = `linear`(x, w) for 2-D float32 CPU x, the checks done once here, where
+    the CPU kernels read w; else None."""
+    if not isinstance(w, QTensor) or w.device.type != "cpu":
+        return None
+    cpu = _cpu_kernels()
+    if cpu is None or not cpu.supports(w.bt):
+        return None
+    raw, bt, n = w.raw, w.bt, w.shape[0]
+    return w, lambda x: cpu.qmatmul(x.contiguous(), raw, bt, n)
+
+
 def linear_multi(x: torch.Tensor, ws: list[Weight]) -> torch.Tensor | None:
     """[x @ w_0.T | x @ w_1.T | ...] in one call of the CPU kernels for a few rows of x (a decode
     step's q/k/v or gate/up), else None: the caller runs the products one by one."""
