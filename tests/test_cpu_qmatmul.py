@@ -314,14 +314,25 @@ def test_linear_group_on_cpu_is_one_call_with_the_same_outputs(monkeypatch):
         lin.bias = torch.randn(n) if bias else None
         lins.append(lin)
     group = LinearGroup(lins)
-    calls = []
-    real = ops.linear_multi
-    monkeypatch.setattr(ops, "linear_multi", lambda x, ws: calls.append(len(ws)) or real(x, ws))
+    made, calls = [], []
+    real = ops.cpu_multi_call
+
+    def counted(ws):
+        f = real(ws)
+        made.append(len(ws))
+        return lambda x: calls.append(x.shape[0]) or f(x)
+
+    monkeypatch.setattr(ops, "cpu_multi_call", counted)
+    for m in (1, 2, 1):
+        x = torch.randn(m, 256)
+        outs = group(x)
+        for o, lin in zip(outs, lins):
+            assert torch.equal(o, lin(x))
+    assert made == [3] and calls == [1, 2, 1]  # made once, one call per product
+    lins[1].weight = QTensor(random_raw(block_type("Q8_0"), 8, 256, rng), block_type("Q8_0"), (8, 256))
     x = torch.randn(1, 256)
-    outs = group(x)
-    assert calls == [3]
-    for o, lin in zip(outs, lins):
-        assert torch.equal(o, lin(x))
+    assert torch.equal(group(x)[1], lins[1](x)) and made == [3, 3]  # a new weight: made again
+    assert len(group(torch.randn(9, 256))) == 3 and calls[-1] == 9  # past the GEMV rows: one by one
 
 
 @pytest.mark.parametrize("norms_on", [False, True])

@@ -75,17 +75,18 @@ def cpu_linear_call(w: Weight):
     return w, lambda x: cpu.qmatmul(x.contiguous(), raw, bt, n)
 
 
-def linear_multi(x: torch.Tensor, ws: list[Weight]) -> torch.Tensor | None:
-    """[x @ w_0.T | x @ w_1.T | ...] in one call of the CPU kernels for a few rows of x (a decode
-    step's q/k/v or gate/up), else None: the caller runs the products one by one."""
-    if x.is_cuda or x.dtype != torch.float32 or x.dim() != 2:
-        return None
+def cpu_multi_call(ws: list[Weight]):
+    """f with f(x) = [x @ w_0.T | x @ w_1.T | ...] in one call of the CPU kernels, for 2-D float32
+    CPU x of 1 to `MULTI_MAX_M` rows (a decode step's q/k/v or gate/up), the checks done once here;
+    None where the kernels don't read every weight (the caller runs the products one by one)."""
     if not all(isinstance(w, QTensor) and w.device.type == "cpu" for w in ws):
         return None
     cpu = _cpu_kernels()
-    if cpu is None or not 1 <= x.shape[0] <= cpu.MULTI_MAX_M or not all(cpu.supports(w.bt) for w in ws):
+    if cpu is None or not all(cpu.supports(w.bt) for w in ws):
         return None
-    return cpu.qmatmul_multi(x.contiguous(), [(w.raw, w.bt) for w in ws])
+    parts, limit = [(w.raw, w.bt) for w in ws], cpu.MULTI_MAX_M
+    return lambda x: cpu.qmatmul_multi(x.contiguous(), parts) if 1 <= x.shape[0] <= limit else None
+
 
 
 def linear_pair(x: torch.Tensor, wa: Weight, wb: Weight, xq=None) -> torch.Tensor | None:

@@ -59,6 +59,7 @@ class LinearGroup:
         self.linears = linears
         self.groups: list[tuple[list[int], QTensor]] | None = None
         self.pair: tuple[list[int], QTensor, int] | None = None  # (a fused group, the one Linear left out)
+        self._cpu_multi = None  # (weights, their one-call CPU product or None)
 
     def fuse(self) -> None:
         by_type: dict[str, list[int]] = {}
@@ -85,6 +86,14 @@ class LinearGroup:
         if len(groups) == 1 and len(left) == 1 and isinstance(self.linears[left[0]].weight, QTensor):
             self.pair = (groups[0][0], groups[0][1], left[0])
 
+    def _cpu_multi_call(self):
+        """`ops.cpu_multi_call` of the members' weights, kept while they are the same tensors."""
+        ws = [lin.weight for lin in self.linears]
+        kept = self._cpu_multi
+        if kept is None or any(a is not b for a, b in zip(kept[0], ws)):
+            kept = self._cpu_multi = (ws, ops.cpu_multi_call(ws))
+        return kept[1]
+
     def joint_weight(self) -> QTensor | None:
         """The fused weight of every member (rows in member order) if all are in one fused group
         without biases; else None."""
@@ -102,8 +111,9 @@ class LinearGroup:
 
     def __call__(self, x: torch.Tensor, xq=None) -> list[torch.Tensor]:
         if self.groups is None:
-            if not x.is_cuda and x.dim() == 2:  # a CPU decode step: the products in one kernel call
-                y = ops.linear_multi(x, [lin.weight for lin in self.linears])
+            if not x.is_cuda and x.dim() == 2 and x.dtype == torch.float32:  # a CPU decode step: one kernel call
+                call = self._cpu_multi_call()
+                y = None if call is None else call(x)
                 if y is not None:
                     ys = y.split([lin.out_features for lin in self.linears], dim=-1)
                     return [o if lin.bias is None else o + lin.bias for o, lin in zip(ys, self.linears)]
