@@ -9,6 +9,7 @@
 # AB="VAR=1 ...;VAR2=1 ..." repeats each pp/tg bench once per ';'-separated set of variables (A/B of
 # switches in one call).
 # PRE="cmd" runs cmd while the models are written (after TESTS), its output in $OUT/pre.log.
+# WALK_ENV="VAR=1 ..." sets variables for the walk only (e.g. OUZEL_PREFILL_CHUNK=2048).
 # PROFILE=N adds bench/profile_decode.py per model (the first N kernels of a decode step in order,
 # the host's profile of a prefill) into the model's log.
 set -uo pipefail
