@@ -52,7 +52,8 @@ def test_rope_reuses_cos_sin_only_for_the_same_positions():
 
 def test_linear_keeps_its_cpu_call_only_for_its_weight():
     """A quantized Linear on CPU calls the kernel directly after its first call; the result is
-    ops.linear's, and a new weight (or a 3-D x) goes through the dispatch again."""
+    ops.linear's; a new weight is looked at again, a 3-D x goes through the dispatch; a dense
+    weight keeps no call."""
     import numpy as np
 
     from ouzel.kernels import ops
@@ -67,8 +68,10 @@ def test_linear_keeps_its_cpu_call_only_for_its_weight():
     lin.weight = QTensor(random_raw(block_type("Q4_K"), 8, 256, rng), block_type("Q4_K"), (8, 256))
     x = torch.randn(2, 256)
     first = lin(x)
-    assert lin._cpu_call is not None and lin._cpu_call[0] is lin.weight
+    assert lin._cpu_call[0] is lin.weight and lin._cpu_call[1] is not None
     assert torch.equal(lin(x), first) and torch.equal(first, ops.linear(x, lin.weight))
     lin.weight = QTensor(random_raw(block_type("Q8_0"), 8, 256, rng), block_type("Q8_0"), (8, 256))
     assert torch.equal(lin(x), ops.linear(x, lin.weight)) and lin._cpu_call[0] is lin.weight
     assert torch.equal(lin(x[None])[0], ops.linear(x, lin.weight))
+    lin.weight = torch.randn(8, 256)
+    assert torch.equal(lin(x), x @ lin.weight.T) and lin._cpu_call[1] is None

@@ -51,10 +51,9 @@ def linear(x: torch.Tensor, w: Weight, xq=None) -> torch.Tensor:
                 return F.linear(x.to(cd), w.to(cd)).to(x.dtype)
         return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
     if w.device.type == "cpu" and x.dtype == torch.float32:
-        cpu = _cpu_kernels()
-        if cpu is not None and cpu.supports(w.bt):
-            x2 = x.reshape(-1, x.shape[-1]).contiguous()
-            return cpu.qmatmul(x2, w.raw, w.bt, w.shape[0]).reshape(*x.shape[:-1], w.shape[0])
+        call = cpu_linear_call(w)
+        if call is not None:
+            return call(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], w.shape[0])
     if w.device.type == "cuda":
         from .cuda import qlinear  # noqa: PLC0415 (only on CUDA machines)
         out = qlinear(x, w, xq)
@@ -64,15 +63,15 @@ def linear(x: torch.Tensor, w: Weight, xq=None) -> torch.Tensor:
 
 
 def cpu_linear_call(w: Weight):
-    """(w, f) with f(x) = `linear`(x, w) for 2-D float32 CPU x, the checks done once here, where
-    the CPU kernels read w; else None."""
+    """f with f(x) = `linear`(x, w) for 2-D float32 CPU x, the checks done once here, where the
+    CPU kernels read w; else None."""
     if not isinstance(w, QTensor) or w.device.type != "cpu":
         return None
     cpu = _cpu_kernels()
     if cpu is None or not cpu.supports(w.bt):
         return None
     raw, bt, n = w.raw, w.bt, w.shape[0]
-    return w, lambda x: cpu.qmatmul(x.contiguous(), raw, bt, n)
+    return lambda x: cpu.qmatmul(x.contiguous(), raw, bt, n)
 
 
 def cpu_multi_call(ws: list[Weight]):
@@ -86,7 +85,6 @@ def cpu_multi_call(ws: list[Weight]):
         return None
     parts, limit = [(w.raw, w.bt) for w in ws], cpu.MULTI_MAX_M
     return lambda x: cpu.qmatmul_multi(x.contiguous(), parts) if 1 <= x.shape[0] <= limit else None
-
 
 
 def linear_pair(x: torch.Tensor, wa: Weight, wb: Weight, xq=None) -> torch.Tensor | None:

@@ -17,16 +17,19 @@ class Linear(nn.Module):
         self.weight: Weight | None = None
         self.bias: torch.Tensor | None = None
         self.has_bias = bias
-        self._cpu_call = None  # (weight, x -> x @ weight.T) where the CPU kernels read the weight
+        self._cpu_call = None  # (weight, x -> x @ weight.T where the CPU kernels read it, else None)
 
     def forward(self, x: torch.Tensor, xq=None) -> torch.Tensor:
         """xq: x's int8 rows for the CUDA decode GEMV (`RMSNorm.prepare`), or None."""
-        cpu = self._cpu_call
-        if cpu is not None and cpu[0] is self.weight and not x.is_cuda and x.dim() == 2 and x.dtype == torch.float32:
-            y = cpu[1](x)  # the CPU kernel without the dispatch's checks (a decode step makes ~60 such calls)
-        else:
-            y = ops.linear(x, self.weight, xq)
-            self._cpu_call = ops.cpu_linear_call(self.weight)
+        if not x.is_cuda and x.dim() == 2 and x.dtype == torch.float32:
+            # the CPU kernel without the dispatch's checks (a CPU decode step makes ~60 such calls)
+            kept = self._cpu_call
+            if kept is None or kept[0] is not self.weight:
+                kept = self._cpu_call = (self.weight, ops.cpu_linear_call(self.weight))
+            if kept[1] is not None:
+                y = kept[1](x)
+                return y if self.bias is None else y + self.bias
+        y = ops.linear(x, self.weight, xq)
         return y if self.bias is None else y + self.bias
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
