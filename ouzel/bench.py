@@ -188,7 +188,7 @@ class Bench:
         return Row(mode, ctx, pn, ps, pn / ps if ps else 0.0, dn, ds, dn / ds if ds else 0.0,
                    floor * dn / ds if ds else 0.0, jit)
 
-    def warmup(self, tokens: list[int]) -> None:
+    def warmup(self, tokens: list[int], first: int | None = None) -> None:
         """A full prefill chunk plus a partial one and a few steps first: kernel compilation, the
         first call of each matmul shape (library heuristics) and first-touch page faults belong to
         no frontier. The KV cache is then sized for the whole run, so no decode step or prefill
@@ -201,8 +201,13 @@ class Bench:
         for _ in range(min(4, self.tg)):
             logits = self.seq.step(int(logits.argmax().item()))
         self.seq.reset()
-        if len(tokens) >= chunk and self.seq.max_tokens >= chunk:
-            self.seq.prefill(tokens[:chunk])  # a full chunk's graph, captured on the sized cache
+        # each chunk size's forward (its graph captured on the sized cache), or the largest one the run
+        # holds, and the first timed prefill (`first` tokens): under 2048-token chunks a 512-token
+        # prompt is one eager forward of 512 on a model without chunk graphs, whose kernels compile
+        # for it (DeepSeek V4: 4 Triton compiles, ~3 s)
+        sizes = (chunk, *self.seq.chunk_graphs, *([first] if first else []))
+        for n in sorted({min(n, len(tokens), self.seq.max_tokens) for n in sizes}):
+            self.seq.prefill(tokens[:n])
             self.seq.reset()
 
     def frontiers(self, tokens: list[int], frontiers: list[int], on_row=None) -> list[Row]:
@@ -326,7 +331,7 @@ def run(args) -> int:
               f"{r.decode_tps:>10.2f} {r.floor_fraction:>8.1%} {r.compiles:>4}", flush=True)
 
     with torch.inference_mode():
-        b.warmup(tokens)
+        b.warmup(tokens, frontiers[0])
         if args.pp is not None:
             runs = [b.pp_tg(tokens, args.pp) for _ in range(args.runs)]
             pick = lambda key: sorted(runs, key=key)[len(runs) // 2]  # noqa: E731

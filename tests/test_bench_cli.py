@@ -90,3 +90,24 @@ def test_compile_counter_chains_and_restores_the_hook(monkeypatch):
         assert knobs.runtime.jit_cache_hook is before
     finally:
         knobs.runtime.jit_cache_hook = old
+
+
+def test_warmup_runs_the_timed_prefill_shape(monkeypatch):
+    """`Bench.warmup` runs a forward of the pp length even when chunks are larger than the run (the
+    CUDA default of 2048 against pp 512): the timed prefill then compiles nothing (DeepSeek V4
+    compiled 4 kernels inside its pp512 when it didn't)."""
+    from conftest import real_llm
+    from ouzel.bench import Bench
+    monkeypatch.setenv("OUZEL_PREFILL_CHUNK", "2048")
+    llm = real_llm("smollm2-135m")
+    b = Bench(llm.model, llm.device, 512 + 8 + 1, 8, 0.0)
+    assert b.seq.chunk == 2048
+    seen = []
+    forward = b.seq._forward
+    monkeypatch.setattr(b.seq, "_forward", lambda ids, last_only=False: seen.append(len(ids)) or forward(ids, last_only))
+    tokens = llm.tokenize("the quick brown fox jumps over the lazy dog " * 300)
+    b.warmup(tokens, 512)
+    assert 512 in seen, seen
+    seen.clear()
+    b.pp_tg(tokens, 512)
+    assert seen[0] == 512  # the timed prefill: one forward of the warmed shape

@@ -24,7 +24,7 @@ def test_graph_decode_equals_eager(arch, tmp_path):
     dev = torch.device("cuda")
     graph, eager = Sequence(model, 512, dev), Sequence(model, 512, dev)
     assert graph.graph is not None, f"{arch}: decode graphs not enabled"
-    eager.graph = eager.chunk_graph = None
+    eager.graph, eager.chunk_graphs = None, {}
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     prompt = torch.randint(2, hf.config.vocab_size, (250,), generator=g).tolist()
     a, b = graph.prefill(prompt), eager.prefill(prompt)
@@ -59,23 +59,28 @@ def test_captured_decode_matches_cpu(arch, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3_moe"])
-def test_chunk_graph_prefill(arch, tmp_path):
-    """Full prefill chunks replayed from one captured graph (ChunkGraph) against the eager chunks
-    on the same GPU and against the CPU. 1100 tokens: two chunks of 512 replayed (the cache grows
-    at the second: captured twice), the last 76 eager, then decode steps on the graph-filled cache."""
-    from ouzel.engine.generate import PREFILL_CHUNK
+def test_chunk_graph_prefill(arch, tmp_path, monkeypatch):
+    """Prefill chunks replayed from captured graphs (ChunkGraph, one per size in one memory pool)
+    against the eager chunks on the same GPU and against the CPU. With 1024-token chunks, 1700
+    tokens are a chunk of 1024 and one of 512 replayed, then 164 eager; the cache grows at the
+    second (the 512 graph is captured on the grown cache), then decode steps read what they stored.
+    The graphs share one memory pool: neither may overwrite what the other's replay needs."""
+    monkeypatch.setenv("OUZEL_PREFILL_CHUNK", "1024")
     hf, path, model = _tiny(arch, tmp_path, 2048)
     dev = torch.device("cuda")
-    graph, eager = Sequence(model, 1200, dev), Sequence(model, 1200, dev)
-    assert graph.chunk_graph is not None and graph.chunk_graph.n_tokens == PREFILL_CHUNK == 512
-    eager.chunk_graph = None
+    graph, eager = Sequence(model, 1800, dev), Sequence(model, 1800, dev)
+    assert sorted(graph.chunk_graphs) == [512, 1024], f"{arch}: chunk graphs not enabled"
+    eager.chunk_graphs = {}
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-    prompt = torch.randint(2, hf.config.vocab_size, (1100,), generator=g).tolist()
-    a, b = graph.prefill(prompt), eager.prefill(prompt)
-    assert not graph.chunk_graph.failed and graph.chunk_graph.captures == 2
+    prompt = torch.randint(2, hf.config.vocab_size, (1700,), generator=g).tolist()
+    seen = []
+    a, b = graph.prefill(prompt, progress=lambda done, total: seen.append(done)), eager.prefill(prompt)
+    assert seen == [1024, 1536, 1700]
+    big, small = graph.chunk_graphs[1024], graph.chunk_graphs[512]
+    assert not big.failed and not small.failed and big.captures == 1 and small.captures == 1
     rel = ((a - b).norm() / b.norm()).item()
     assert rel < 1e-5, f"{arch}: prefill logits rel err {rel:.2e} (graph vs eager)"
-    cpu = Sequence(load(path, device="cpu", progress=False).model, 1200, torch.device("cpu")).prefill(prompt)
+    cpu = Sequence(load(path, device="cpu", progress=False).model, 1800, torch.device("cpu")).prefill(prompt)
     rel = ((a.cpu() - cpu).norm() / cpu.norm()).item()
     assert rel < 2e-2, f"{arch}: prefill logits rel err {rel:.2e} (GPU vs CPU)"
     for step in range(4):  # decode reads the k/v the replayed chunks stored
@@ -83,15 +88,32 @@ def test_chunk_graph_prefill(arch, tmp_path):
         a, b = graph.step(tok), eager.step(tok)
         rel = ((a - b).norm() / b.norm()).item()
         assert rel < 1e-5, f"{arch}: step {step} logits rel err {rel:.2e}"
-    # the eager last chunk grew the cache to 1200 (its full size): the next chunk captures again,
-    # later ones replay at any depth (same buffers)
-    for keep, captures in ((600, 3), (300, 3), (0, 3)):
-        fresh = torch.randint(2, hf.config.vocab_size, (512,), generator=g).tolist()
+    # later prompts replay both graphs at other depths, each chunk after `keep` cached tokens; the
+    # 1024 graph was captured before the cache grew: once more at its next replay, then never
+    for keep, n, captures in ((600, 512, (1, 1)), (300, 1024, (2, 1)), (0, 1536, (2, 1))):
+        fresh = torch.randint(2, hf.config.vocab_size, (n,), generator=g).tolist()
         fresh[0] = prompt[keep] ^ 1  # differs from the cached token there
-        ids = prompt[:keep] + fresh  # one full chunk after `keep` cached tokens
+        ids = prompt[:keep] + fresh
         a, b = graph.prefill(ids), eager.prefill(ids)
-        assert graph.reused == keep and graph.chunk_graph.captures == captures
+        assert graph.reused == keep and (big.captures, small.captures) == captures
         assert ((a - b).norm() / b.norm()).item() < 1e-5, f"{arch}: chunk at {keep}"
+    assert (big.replays, small.replays) == (3, 3)
+    # a graph captured again while it is the only one in the pool (bench's warm-up: 600 tokens, then
+    # the cache sized for the run, then 512)
+    lone = Sequence(model, 1800, dev)
+    lone.prefill(prompt[:600])
+    lone.kv.reserve(1800)
+    lone.reset()
+    a, b = lone.prefill(prompt[:512]), eager.prefill(prompt[:512])
+    assert lone.chunk_graphs[512].captures == 2 and not lone.chunk_graphs[512].failed
+    assert ((a - b).norm() / b.norm()).item() < 1e-5, f"{arch}: recaptured chunk"
+
+
+def test_prefill_chunks_default_on_cuda(monkeypatch):
+    """Without OUZEL_PREFILL_CHUNK a CUDA sequence prefills 2048 tokens a forward, a CPU one 512."""
+    from ouzel.engine.generate import prefill_chunk
+    monkeypatch.delenv("OUZEL_PREFILL_CHUNK", raising=False)
+    assert prefill_chunk(torch.device("cuda")) == 2048 and prefill_chunk(torch.device("cpu")) == 512
 
 
 @pytest.mark.parametrize("exact", [False, True])

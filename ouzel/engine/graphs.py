@@ -10,7 +10,8 @@ captured again. Any state with that `generation` and a `reserve(end)` that grows
 replay qualifies (DeepSeek V4's `CompressedKV`, whose one-token step has fixed shapes too).
 
 `ChunkGraph` does the same for a prefill chunk of a fixed size (the cache's chunk attention reads
-the positions on the device too), so a long prompt's chunks replay one graph at every depth.
+the positions on the device too), so a long prompt's chunks replay one graph at every depth; a
+sequence keeps one per chunk size it replays (`generate.Sequence.chunk_graphs`), in one pool.
 
 Used only for models that declare `graph_safe` (no host reads inside their forward) and only
 on CUDA; OUZEL_NO_CUDA_GRAPH=1 switches both off, OUZEL_NO_CHUNK_GRAPH=1 the chunks' only (the
@@ -41,31 +42,36 @@ class _Captured:
     """One forward of a fixed number of tokens, captured once and replayed: ids and positions go in
     through static device tensors; `_run` is the captured work, its output tensor is reused."""
 
-    def __init__(self, model, kv, device: torch.device, n_tokens: int):
+    def __init__(self, model, kv, device: torch.device, n_tokens: int, pool=None):
         self.model, self.kv, self.device, self.n_tokens = model, kv, device, n_tokens
+        self.pool = pool  # a memory pool shared with graphs that never run at the same time
         self.ids = torch.zeros(n_tokens, dtype=torch.long, device=device)
         self.pos = torch.zeros(n_tokens, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
         self.generation = -1
         self.captures = 0
+        self.replays = 0
         self.failed = False
 
     def _run(self) -> torch.Tensor:
         raise NotImplementedError
 
     def _capture(self) -> None:
-        self.graph = self.out = None
+        # the old graph lives until the new one is captured: a pool shared with other graphs must keep
+        # a user (torch asserts when a capture reuses a pool whose graphs are all gone)
+        old, self.graph, self.out = self.graph, None, None
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             self._run()  # eager warm-up: compiles and tunes kernels, none of which may run in capture
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self.pool):
             self.out = self._run()
         self.graph, self.generation = graph, self.kv.generation
         self.captures += 1
+        del old
 
     def _replay(self, start: int) -> torch.Tensor:
         """With ids/pos filled for positions start .. start + n_tokens - 1."""
@@ -78,6 +84,7 @@ class _Captured:
                 self.failed = True
                 return self._run()
         self.graph.replay()
+        self.replays += 1
         return self.out
 
 
