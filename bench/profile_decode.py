@@ -74,6 +74,10 @@ def main() -> None:
         print(f"kernels per step: {len(kernels) // 2}")
         for e in kernels[: int(os.environ["SEQ"])]:
             print(f"  {e.time_range.elapsed_us():7.1f} us  {e.name[:90]}")
+    from ouzel.kernels import cuda as kcuda
+    print("GEMV configs chosen on first use (kernel, tag, type, n, k, rows, ... -> config):")
+    for key, cfg in kcuda._TUNED.items():
+        print(f"  {key[:5]} {key[5]} {key[7:]} -> {cfg}")
     print("eager decode step x2, top kernels by CUDA time:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
     if ctx:

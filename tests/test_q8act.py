@@ -168,3 +168,22 @@ def test_gate_up_gemv_forms_the_swiglu_rows(cfg, limit, experts, gen):
     wq, wdx, wsx = Q8.quantize_swiglu(out, limit)
     assert torch.equal(sq, wq) and torch.equal(sdx, wdx) and torch.equal(ssx, wsx)
     assert not split_counters(torch.device(DEV), 1)[:256].any()  # every counter re-armed
+
+
+@pytest.mark.skipif(INTERPRET, reason="the tuner times on a GPU")
+@pytest.mark.parametrize("cold", ["0", "1"])
+def test_tuned_gemv_is_exact_hot_or_cold(cold, gen, monkeypatch):
+    """`cuda._gemv` tunes a config on first use, in a CUDA graph (L2 kept warm) or with OUZEL_TUNE_COLD=1
+    each call after a 256 MB write, over more tiles (COLD_EXTRA, some of which don't divide the shape
+    and are skipped): the chosen config is one of the candidates and the product is exact."""
+    from ouzel.kernels import cuda
+    monkeypatch.setenv("OUZEL_TUNE_COLD", cold)
+    monkeypatch.setattr(cuda, "_TUNED", {})
+    n, k = 2048, 4096  # qwen3moe's o_proj
+    raw = random_blocks("Q4_K", n, k, gen).to(DEV)
+    x = torch.randn(1, k, generator=gen).to(DEV)
+    out = cuda._gemv(x, raw, "Q4_K", (n, k))
+    (cfg,) = cuda._TUNED.values()
+    assert cfg in cuda.Q8_CONFIGS + (cuda.COLD_EXTRA["Q4_K"] if cold == "1" else ())
+    xq, dx, _ = Q8.quantize_x(x)
+    assert rel_err(out, reference_linear(Q8.dequantized_x(xq, dx), raw, "Q4_K")) < 1e-5

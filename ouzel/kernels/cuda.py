@@ -61,6 +61,13 @@ Q2_R8_CONFIGS = (dict(bn=64, u=2), dict(bn=16, u=2), dict(bn=32, u=1), dict(bn=8
                  dict(bn=16, u=2, target=1024))
 Q8_TYPE_CONFIGS = {"Q4_K": Q8_CONFIGS, "Q6_K_R8": Q8_M1_CONFIGS, "Q6_K_R3": Q8_M1_CONFIGS,
                    "Q8_0_R8": Q8_0_R8_CONFIGS, "Q2_K_R8": Q2_R8_CONFIGS, "IQ2_XXS_R8": Q2_R8_CONFIGS}
+# Under OUZEL_TUNE_COLD=1 also tiles that load a program's whole K range in one or two steps over a
+# finer K split: a one-row program has one step of loads in flight ahead of the one it computes,
+# so its time is about (steps) x (the memory's latency) where a GEMV reads < 10 MB (qwen3moe's o_proj,
+# 16 steps of 256 at 8 rows a program: 7.0 us for 4.7 MB on an H100; session 11)
+_COLD_M1 = (dict(bn=8, u=4, target=1024, m1=True), dict(bn=16, u=4, target=1024, m1=True),
+            dict(bn=8, u=2, target=2048, m1=True), dict(bn=16, u=2, target=2048, m1=True))
+COLD_EXTRA = {"Q4_K": _COLD_M1, "Q6_K_R8": _COLD_M1, "Q6_K_R3": _COLD_M1}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -163,15 +170,29 @@ def _gemv_config(fn, configs, x2, raw, bt_name: str, shape, tag: str = "", **moe
     if cfg is None:
         cfg = configs[0]
         if os.environ.get("OUZEL_TRITON_TUNE", "1") != "0":
-            from triton.testing import do_bench_cudagraph  # noqa: PLC0415
             best = None
-            for c in configs:  # timed inside a CUDA graph: GPU time, not Python's launch overhead
-                t = do_bench_cudagraph(lambda c=c: fn(x2, raw, bt_name, shape, **c, **moe), rep=10,
-                                       return_mode="median")
+            cold = os.environ.get("OUZEL_TUNE_COLD") == "1"
+            for c in configs + (COLD_EXTRA.get(bt_name, ()) if cold else ()):
+                try:
+                    t = _time_config(lambda c=c: fn(x2, raw, bt_name, shape, **c, **moe), cold)
+                except ValueError:  # a tile that does not divide this shape (an explicit K split)
+                    continue
                 if best is None or t < best:
                     best, cfg = t, c
         _TUNED[key] = cfg
     return cfg
+
+
+def _time_config(call, cold: bool) -> float:
+    """GPU time of one call (ms, median). By default timed inside a CUDA graph (GPU time, not Python's
+    launch overhead), where the weights of one GEMV (1-30 MB) stay in the 50 MB L2 between calls.
+    OUZEL_TUNE_COLD=1 (A/B switch, untimed): each call timed alone after writing 256 MB (Triton's
+    `do_bench`), so the weights come from memory as in a decode step, whose layers' weights (~1.7 GB
+    for qwen3moe) pass through L2 once per token: a config that hides L2's latency may not hide DRAM's."""
+    import triton.testing as tt  # noqa: PLC0415
+    if cold:
+        return tt.do_bench(call, warmup=2, rep=10, return_mode="median")
+    return tt.do_bench_cudagraph(call, rep=10, return_mode="median")
 
 
 def qgemv_experts(x: torch.Tensor, w, n_experts: int, idx: torch.Tensor, x_div: int, xq=None) -> torch.Tensor | None:
