@@ -21,7 +21,7 @@ POINTERS = {"xq_ptr": "*i32", "dx_ptr": "*fp32", "sx_ptr": "*fp32", "w_ptr": "*i
             "tab_ptr": "*i64", "ids_ptr": "*i64", "qk_scale": "fp32", "eps": "fp32", "scaling": "fp32",
             "inv_ptr": "*fp32", "wq_ptr": "*fp32", "wk_ptr": "*fp32", "norm_eps": "fp32", "wa_ptr": "*i32",
             "wb_ptr": "*i32", "part_a": "*fp32", "part_b": "*fp32", "sq_ptr": "*i8", "sdx_ptr": "*fp32",
-            "ssx_ptr": "*fp32", "pair_ptr": "*i32", "limit": "fp32"}
+            "ssx_ptr": "*fp32", "pair_ptr": "*i32", "limit": "fp32", "res_ptr": "*bf16", "nw_ptr": "*fp32"}
 M1 = dict(BN=16, NB=2, SPLITS=4, SP=4, COMBINE=False, GP=1, USE_ASM=True)
 ATT = dict(D=128, DP=128, BG=16, BN=64, PAGE=0, SPLIT_DOT=True, MAX_ITERS=0, NEW_KV=True, ROT=128, UNIT_OFFSET=False)
 CASES = {  # name: (kernel, constexprs, whether the weights may be read before the wait)
@@ -41,6 +41,9 @@ CASES = {  # name: (kernel, constexprs, whether the weights may be read before t
     "rms_norm q8": (fused._rms_norm_kernel, dict(BD=4096, UNIT_OFFSET=False, RESIDUAL=True, Q8=True), False),
     "route_linear": (router._route_linear_kernel, dict(SPLITS=64, CH=64, BR=64, BD=64, BE=128, BK=8, SCORE=0,
                                                        HAS_BIAS=False, RENORM=True, HASH=False), False),
+    "route_norm_linear": (router._route_norm_linear_kernel, dict(SPLITS=32, CH=32, BR=64, BD=64, BE=128, BK=8,
+                                                                 BF=2048, SCORE=0, HAS_BIAS=False, RENORM=True,
+                                                                 HASH=False, UNIT_OFFSET=False), False),
 }
 PATHS = {"q4k + q6k_r8 pair": 2}  # kernels whose programs take one of several bodies, each with its own wait
 

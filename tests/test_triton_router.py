@@ -93,6 +93,39 @@ def test_route_linear_matches_gemv_then_route(E, D, K, scoring, wdtype, splits, 
         assert torch.allclose(w, rw, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("E,D,K,dtype,splits,unit_offset", [(128, 2048, 8, torch.bfloat16, None, False),
+                                                              (128, 2048, 8, torch.float32, 3, False),
+                                                              (60, 320, 4, torch.float16, None, True)])
+def test_route_norm_linear_matches_norm_then_router(E, D, K, dtype, splits, unit_offset):
+    """The RMSNorm (residual add first, int8 rows after) inside the router's launch against
+    `fused.rms_norm(..., residual, q8=True)` then `route_linear` of its output: the same stream, norm,
+    int8 rows and scales, experts and weights; every program forms the norm's scale over the whole row,
+    row block 0 stores its slice of each output (D = 320 over 64-wide steps: a partial last slice)."""
+    from ouzel.kernels.triton import fused
+    from ouzel.kernels.triton.gguf import split_counters
+    gen = torch.Generator().manual_seed(E + D)
+    x = torch.randn(1, D, generator=gen).to(DEV, dtype)
+    res = (torch.randn(1, D, generator=gen) * 3).to(DEV, dtype)
+    nw = (torch.rand(D, generator=gen) + 0.5).to(DEV)
+    wt = (torch.randn(E, D, generator=gen) * 0.05).to(DEV)
+    y, h, (xq, dx, sx) = fused.rms_norm(x, nw, 1e-6, unit_offset, res, q8=True)
+    ref_w, ref_idx = router.route_linear(y.float(), wt, K, 1.0, "softmax", None, True, 0.0)
+    for _ in range(2):
+        (w, idx), (y2, h2, (xq2, dx2, sx2)) = router.route_norm_linear(x, res, nw, 1e-6, wt, K, 1.0, "softmax", None,
+                                                                      True, 0.0, unit_offset=unit_offset,
+                                                                      splits=splits)
+        assert int(split_counters(x.device, 1)[0]) == 0
+        assert torch.equal(h2, h) and h2.dtype == h.dtype
+        assert (y2.float() - y.float()).abs().max() <= 1e-2 * y.float().abs().max()  # r: another sum order
+        assert (xq2.int() - xq.int()).abs().max() <= 1 and torch.allclose(dx2, dx, rtol=1e-5)
+        w, idx = _sorted(w, idx)
+        rw, ri = _sorted(ref_w, ref_idx)
+        assert torch.equal(idx, ri)
+        assert torch.allclose(w, rw, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="route_norm_linear"):  # int8 rows need whole blocks of 32
+        router.route_norm_linear(x[:, :D - 16], res[:, :D - 16], nw[:D - 16], 1e-6, wt[:, :D - 16], K)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the routers take the fused path on CUDA only")
 @pytest.mark.parametrize("kind", ["qwen3", "v4-bias", "v4-hash"])
 def test_router_modules_one_token_on_cuda(kind, monkeypatch):

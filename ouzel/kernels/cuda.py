@@ -526,6 +526,27 @@ def route_linear(x: torch.Tensor, weight, k: int, scoring: str, scaling: float =
     return r.route_linear(x.contiguous(), weight, k, scaling, scoring, bias, renorm, eps, table, ids)
 
 
+def route_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_w: torch.Tensor, norm_eps: float,
+                      unit_offset: bool, weight, k: int, scoring: str, scaling: float = 1.0, renorm: bool = True,
+                      eps: float = 1e-20):
+    """One token's RMSNorm of x + residual (with its int8 rows) and `route_linear` of it in one launch
+    (`router.route_norm_linear`): ((weights, experts), (norm, stream, int8 rows)), or None where it
+    can't run. An A/B switch, off unless OUZEL_NORM_ROUTER=1 (untimed: one launch a MoE layer fewer)."""
+    r = _triton("router")
+    if r is None or os.environ.get("OUZEL_NORM_ROUTER") != "1":
+        return None
+    if not isinstance(weight, torch.Tensor):
+        weight = weight.float_view() if hasattr(weight, "float_view") and weight.raw.is_cuda else None
+    if (weight is None or not x.is_cuda or x.dim() != 2 or x.shape[0] != 1 or residual.shape != x.shape
+            or scoring not in r.SCORES or weight.dim() != 2 or weight.shape[0] > r.MAX_E
+            or x.shape[1] != weight.shape[1] or weight.stride(1) != 1 or x.shape[1] % 32
+            or norm_w is None or norm_w.shape != (x.shape[1],)
+            or any(t.dtype not in _DTYPES or t.device != x.device for t in (x, residual, weight, norm_w))):
+        return None
+    return r.route_norm_linear(x.contiguous(), residual.contiguous(), norm_w, norm_eps, weight, k, scaling, scoring,
+                               None, renorm, eps, unit_offset=unit_offset)
+
+
 # ---- DeepSeek V4 decode-step groups (`triton/v4.py`); each None where it can't run
 
 def _v4(*tensors) -> object | None:

@@ -43,7 +43,11 @@ class LlamaDecoderLayer(nn.Module):
         each residual add runs inside the norm after it. Returns (stream, this layer's MLP output)."""
         n, x, xq = self.input_layernorm.prepare(x, pending)
         h = self.self_attn(n, positions, kv, out_rows, xq)
-        n, x, xq = self.post_attention_layernorm.prepare(x if out_rows is None else x[out_rows], h)
+        return self.mlp_block(x if out_rows is None else x[out_rows], h)
+
+    def mlp_block(self, x, h):
+        """(x + h, the MLP of norm(x + h)): the attention's residual add runs inside the norm."""
+        n, x, xq = self.post_attention_layernorm.prepare(x, h)
         return x, self.mlp(n, xq)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels import cuda as _cuda
 from ..layers.attention import Attention
 from ..layers.linear import Linear
 from ..layers.mlp import GatedMLP
@@ -59,6 +60,16 @@ class Qwen3SparseMoe(nn.Module):
         w, idx = self.gate(x)  # [T, K], [T, K]
         return self.experts(x, w, idx, xq)  # [T, D]
 
+    def norm_route(self, norm: RMSNorm, x: torch.Tensor, delta: torch.Tensor):
+        """(x + delta, this MoE of norm(x + delta)) for one CUDA token with the norm, its residual add and
+        its int8 rows inside the router's launch (`cuda.route_norm_linear`), or None where that can't run."""
+        fast = _cuda.route_norm_linear(x, delta, norm.weight, norm.eps, norm.unit_offset, self.gate.weight,
+                                       self.gate.top_k, "softmax", renorm=self.gate.renorm, eps=0.0)
+        if fast is None:
+            return None
+        (w, idx), (y, h, yq) = fast
+        return h, self.experts(y, w, idx, yq)
+
 
 class Qwen3MoeDecoderLayer(LlamaDecoderLayer):  # same forward, its own attention and MoE
     def __init__(self, cfg: Config, layer: int, rope: Rope):
@@ -73,6 +84,13 @@ class Qwen3MoeDecoderLayer(LlamaDecoderLayer):  # same forward, its own attentio
         else:
             self.mlp = GatedMLP(d, cfg.intermediate_size, cfg.opt("hidden_act", "silu"))
 
+    def mlp_block(self, x, h):
+        """`LlamaDecoderLayer.mlp_block`; a decode step's MoE may take the norm into its router's launch."""
+        if isinstance(self.mlp, Qwen3SparseMoe):
+            fused = self.mlp.norm_route(self.post_attention_layernorm, x, h)
+            if fused is not None:
+                return fused
+        return super().mlp_block(x, h)
 
 
 class Qwen3MoeForCausalLM(LlamaForCausalLM):

@@ -14,6 +14,11 @@ differ, which only reorders the pairs the experts' sum runs over).
 
 `route_linear` also does the router's GEMV for one token in the same launch: the weight's rows and
 K split over ~128 programs, the last of which (a counter it re-arms) adds the slices and routes.
+`route_norm_linear` also does the RMSNorm before the router (with the residual add before it, and
+the norm's int8 rows for the experts' GEMVs): every program reads the whole row to form the norm's
+scale, then its K slice of the normalized row; the programs of row block 0 store their slices of
+the stream, the normalized row and its int8 rounding (`fused.rms_norm(residual=..., q8=True)`'s three
+outputs) -- one launch a layer fewer in a decode step.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from . import pdl
 from .fused import dense_slice
 from .gguf import last_to_finish, split_counters
 from .pdl import wait_for_inputs
+from .q8act import QBLOCK, _round_store
 
 MAX_E = 1024
 
@@ -169,3 +175,114 @@ def route_linear(x: torch.Tensor, weight: torch.Tensor, k: int, scaling: float =
         SCORE=SCORES[scoring], HAS_BIAS=bias is not None, RENORM=renorm, HASH=table is not None, num_warps=4,
         **pdl.launch(x.device))
     return w, idx
+
+
+@triton.jit
+def _stream(x_ptr, res_ptr, h_ptr, k, ok):
+    """Values k of the stream h = x + residual, rounded to h's dtype (as stored), as fp32."""
+    h = tl.load(x_ptr + k, mask=ok, other=0.0).to(tl.float32) + tl.load(res_ptr + k, mask=ok, other=0.0).to(tl.float32)
+    return h.to(h_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _normed(x_ptr, res_ptr, nw_ptr, h_ptr, y_ptr, k, ok, inv, UNIT_OFFSET: tl.constexpr):
+    """Values k of the stream h (`_stream`) and of its norm y = h * inv * w rounded to y's dtype, both
+    as fp32 (`_rms_norm_kernel`'s arithmetic)."""
+    h = _stream(x_ptr, res_ptr, h_ptr, k, ok)
+    w = tl.load(nw_ptr + k, mask=ok, other=0.0).to(tl.float32)
+    if UNIT_OFFSET:
+        w = 1.0 + w
+    return h, (h * inv * w).to(y_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _route_norm_linear_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, y_ptr, xq_ptr, dx_ptr, sx_ptr, r_ptr, part_ptr,
+                              cnt_ptr, bias_ptr, tab_ptr, ids_ptr, w_ptr, idx_ptr, E, D, s_r, k_per, K, norm_eps,
+                              scaling, eps, SPLITS: tl.constexpr, CH: tl.constexpr, BR: tl.constexpr,
+                              BD: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr,
+                              SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr,
+                              HASH: tl.constexpr, UNIT_OFFSET: tl.constexpr, PDL: tl.constexpr):
+    """`_route_linear_kernel` of y = RMSNorm(x + residual) (one token): program (row block b, K slice s)
+    first sums h^2 over the whole row (BF values a load), then multiplies router rows b*BR.. by its
+    slice of y formed in registers; programs (0, s) store slice s of h, y and y's int8 rows (k_per
+    a multiple of BD, BD of 32)."""
+    wait_for_inputs(PDL)
+    sk = tl.program_id(1)
+    ss = tl.zeros([BF], dtype=tl.float32)
+    for k0 in range(0, D, BF):
+        k = k0 + tl.arange(0, BF)
+        h = _stream(x_ptr, res_ptr, h_ptr, k, k < D)
+        ss += h * h
+    inv = tl.rsqrt(tl.sum(ss, axis=0) / D + norm_eps)
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    r64 = tl.minimum(rows, E - 1).to(tl.int64)
+    acc = tl.zeros([BR, BD], dtype=tl.float32)
+    k_end = tl.minimum(D, (sk + 1) * k_per)
+    first = tl.program_id(0) == 0
+    for k0 in range(sk * k_per, k_end, BD):
+        k = k0 + tl.arange(0, BD)
+        ok = k < k_end
+        h, y = _normed(x_ptr, res_ptr, nw_ptr, h_ptr, y_ptr, k, ok, inv, UNIT_OFFSET)
+        wt = tl.load(r_ptr + r64[:, None] * s_r + k[None, :], mask=ok[None, :], other=0.0).to(tl.float32)
+        acc += wt * y[None, :]
+        if first:
+            tl.store(h_ptr + k, h.to(h_ptr.dtype.element_ty), mask=ok)
+            tl.store(y_ptr + k, y.to(y_ptr.dtype.element_ty), mask=ok)
+            _round_store(tl.where(ok, y, 0.0), xq_ptr, dx_ptr, sx_ptr, 0, k0 // BD, D, BD)
+    tl.store(part_ptr + sk * BE + rows, tl.sum(acc, axis=1), mask=rows < E)
+    if last_to_finish(cnt_ptr, tl.num_programs(0) * SPLITS):
+        e = tl.arange(0, BE)
+        ok = e < E
+        logits = tl.zeros([BE], dtype=tl.float32)
+        for c in range(0, SPLITS, CH):
+            sp = c + tl.arange(0, CH)
+            m = (sp < SPLITS)[:, None] & ok[None, :]
+            logits += tl.sum(tl.load(part_ptr + sp[:, None] * BE + e[None, :], mask=m, other=0.0, cache_modifier=".cg"),
+                             axis=0)
+        logits = tl.where(ok, logits, float("-inf"))
+        _route_row(logits, 0, e, ok, bias_ptr, tab_ptr, ids_ptr, w_ptr, idx_ptr, K, scaling, eps, BE, BK, SCORE,
+                   HAS_BIAS, RENORM, HASH)
+        tl.store(cnt_ptr, 0)
+
+
+def route_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_w: torch.Tensor, norm_eps: float,
+                      weight: torch.Tensor, k: int, scaling: float = 1.0, scoring: str = "softmax",
+                      bias: torch.Tensor | None = None, renorm: bool = True, eps: float = 1e-20,
+                      table: torch.Tensor | None = None, ids: torch.Tensor | None = None,
+                      unit_offset: bool = False, splits: int | None = None):
+    """One token's `rms_norm(x, norm_w, norm_eps, unit_offset, residual, q8=True)` and `route_linear` of
+    its result in one launch: ((weights, experts), (y, h, (xq, dx, sx))) as the two calls return them."""
+    E, D = weight.shape
+    if (x.shape != (1, D) or residual.shape != (1, D) or norm_w.shape != (D,) or x.stride(-1) != 1
+            or residual.stride(-1) != 1 or weight.stride(1) != 1 or E > MAX_E or not 1 <= k <= E
+            or scoring not in SCORES or D % QBLOCK):
+        raise ValueError(f"route_norm_linear: x {tuple(x.shape)}, residual {tuple(residual.shape)}, norm "
+                         f"{tuple(norm_w.shape)}, weight {tuple(weight.shape)}, k={k}, {scoring!r}")
+    if table is not None and (ids is None or table.dim() != 2 or table.shape[1] != k or not table.is_contiguous()
+                              or ids.shape != (1,)):
+        raise ValueError(f"route_norm_linear: hash table {tuple(table.shape)} and ids do not give {k} experts")
+    BE, BR = triton.next_power_of_2(E), min(64, triton.next_power_of_2(E))
+    BD = max(QBLOCK, 4096 // BR)
+    blocks = triton.cdiv(E, BR)
+    if splits is None:
+        splits = max(1, min(64, 128 // blocks, D // BD))
+    k_per = triton.cdiv(triton.cdiv(D, splits), BD) * BD
+    splits = triton.cdiv(D, k_per)
+    CH = max(1, min(triton.next_power_of_2(splits), 8192 // BE))
+    dev = x.device
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    h, y = torch.empty((1, D), dtype=dtype, device=dev), torch.empty((1, D), dtype=dtype, device=dev)
+    xq = torch.empty((1, D), dtype=torch.int8, device=dev)
+    dx = torch.empty((1, D // QBLOCK), dtype=torch.float32, device=dev)
+    sx = torch.empty_like(dx)
+    w = torch.empty((1, k), dtype=torch.float32, device=dev)
+    idx = torch.empty((1, k), dtype=torch.int64, device=dev)
+    part = torch.empty((splits, BE), dtype=torch.float32, device=dev)
+    _route_norm_linear_kernel[(blocks, splits)](
+        x, residual, norm_w.contiguous(), h, y, xq, dx, sx, weight, part, split_counters(dev, 1),
+        bias if bias is not None else x, table if table is not None else idx, ids if ids is not None else idx, w,
+        idx, E, D, weight.stride(0), k_per, k, float(norm_eps), float(scaling), float(eps), SPLITS=splits, CH=CH,
+        BR=BR, BD=BD, BE=BE, BK=triton.next_power_of_2(k), BF=min(triton.next_power_of_2(D), 2048),
+        SCORE=SCORES[scoring], HAS_BIAS=bias is not None, RENORM=renorm, HASH=table is not None,
+        UNIT_OFFSET=bool(unit_offset), num_warps=4, **pdl.launch(dev))
+    return (w, idx), (y, h, (xq, dx, sx))
