@@ -93,17 +93,11 @@ def _route_kernel(logits_ptr, bias_ptr, tab_ptr, ids_ptr, w_ptr, idx_ptr, E, K, 
 
 
 @triton.jit
-def _route_linear_kernel(x_ptr, r_ptr, part_ptr, cnt_ptr, bias_ptr, tab_ptr, ids_ptr, w_ptr, idx_ptr, E, D, s_r,
-                         k_per, K, scaling, eps, SPLITS: tl.constexpr, CH: tl.constexpr, BR: tl.constexpr,
-                         BD: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, SCORE: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, HASH: tl.constexpr, PDL: tl.constexpr):
-    """Program (row block b, K slice s): router rows b*BR.. times x's slice s (the router weight in
-    its own dtype, fp32 sums) into part[s]. The last program of the grid to finish (one counter,
-    re-armed by it) adds the slices in split order per expert and routes (`_route_row`)."""
-    wait_for_inputs(PDL)
-    sk = tl.program_id(1)
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    tl.store(part_ptr + sk * BE + rows, dense_slice(x_ptr, r_ptr, rows, E, D, s_r, sk, k_per, BR, BD), mask=rows < E)
+def _finish_route(part_ptr, cnt_ptr, bias_ptr, tab_ptr, ids_ptr, w_ptr, idx_ptr, E, K, scaling, eps,
+                  SPLITS: tl.constexpr, CH: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, SCORE: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, HASH: tl.constexpr):
+    """After a program stored its K slice's logits in part[s]: the last program of the grid to finish
+    (one counter, re-armed by it) adds the slices in split order per expert and routes (`_route_row`)."""
     if last_to_finish(cnt_ptr, tl.num_programs(0) * SPLITS):
         e = tl.arange(0, BE)
         ok = e < E
@@ -117,6 +111,22 @@ def _route_linear_kernel(x_ptr, r_ptr, part_ptr, cnt_ptr, bias_ptr, tab_ptr, ids
         _route_row(logits, 0, e, ok, bias_ptr, tab_ptr, ids_ptr, w_ptr, idx_ptr, K, scaling, eps, BE, BK, SCORE,
                    HAS_BIAS, RENORM, HASH)
         tl.store(cnt_ptr, 0)
+
+
+@triton.jit
+def _route_linear_kernel(x_ptr, r_ptr, part_ptr, cnt_ptr, bias_ptr, tab_ptr, ids_ptr, w_ptr, idx_ptr, E, D, s_r,
+                         k_per, K, scaling, eps, SPLITS: tl.constexpr, CH: tl.constexpr, BR: tl.constexpr,
+                         BD: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, SCORE: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, RENORM: tl.constexpr, HASH: tl.constexpr, PDL: tl.constexpr):
+    """Program (row block b, K slice s): router rows b*BR.. times x's slice s (the router weight in
+    its own dtype, fp32 sums) into part[s]. The last program of the grid to finish (one counter,
+    re-armed by it) adds the slices in split order per expert and routes (`_route_row`)."""
+    wait_for_inputs(PDL)
+    sk = tl.program_id(1)
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    tl.store(part_ptr + sk * BE + rows, dense_slice(x_ptr, r_ptr, rows, E, D, s_r, sk, k_per, BR, BD), mask=rows < E)
+    _finish_route(part_ptr, cnt_ptr, bias_ptr, tab_ptr, ids_ptr, w_ptr, idx_ptr, E, K, scaling, eps, SPLITS, CH, BE, BK,
+                  SCORE, HAS_BIAS, RENORM, HASH)
 
 
 def route(logits: torch.Tensor, k: int, scaling: float = 1.0, scoring: str = "softmax",
@@ -230,19 +240,8 @@ def _route_norm_linear_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, y_ptr, xq_ptr, dx_p
             tl.store(y_ptr + k, y.to(y_ptr.dtype.element_ty), mask=ok)
             _round_store(tl.where(ok, y, 0.0), xq_ptr, dx_ptr, sx_ptr, 0, k0 // BD, D, BD)
     tl.store(part_ptr + sk * BE + rows, tl.sum(acc, axis=1), mask=rows < E)
-    if last_to_finish(cnt_ptr, tl.num_programs(0) * SPLITS):
-        e = tl.arange(0, BE)
-        ok = e < E
-        logits = tl.zeros([BE], dtype=tl.float32)
-        for c in range(0, SPLITS, CH):
-            sp = c + tl.arange(0, CH)
-            m = (sp < SPLITS)[:, None] & ok[None, :]
-            logits += tl.sum(tl.load(part_ptr + sp[:, None] * BE + e[None, :], mask=m, other=0.0, cache_modifier=".cg"),
-                             axis=0)
-        logits = tl.where(ok, logits, float("-inf"))
-        _route_row(logits, 0, e, ok, bias_ptr, tab_ptr, ids_ptr, w_ptr, idx_ptr, K, scaling, eps, BE, BK, SCORE,
-                   HAS_BIAS, RENORM, HASH)
-        tl.store(cnt_ptr, 0)
+    _finish_route(part_ptr, cnt_ptr, bias_ptr, tab_ptr, ids_ptr, w_ptr, idx_ptr, E, K, scaling, eps, SPLITS, CH, BE, BK,
+                  SCORE, HAS_BIAS, RENORM, HASH)
 
 
 def route_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_w: torch.Tensor, norm_eps: float,
