@@ -10,6 +10,7 @@
 # switches in one call).
 # PRE="cmd" runs cmd while the models are written (after TESTS), its output in $OUT/pre.log.
 # WALK_ENV="VAR=1 ..." sets variables for the walk only (e.g. OUZEL_PREFILL_CHUNK=2048).
+# POST='cmd' runs cmd on each model's file ($M) after its benches, its output in the model's log.
 # PROFILE=N adds bench/profile_decode.py per model (the first N kernels of a decode step in order,
 # the host's profile of a prefill) into the model's log.
 set -uo pipefail
@@ -52,6 +53,9 @@ for MODEL in $MODELS; do
     SEQ=$PROFILE HOST=1 timeout ${PROFILE_S:-120} python3 bench/profile_decode.py $M > /tmp/logs/$MODEL.profile 2>&1
     grep -E "graph replay|kernels per step|prefill 512 run" /tmp/logs/$MODEL.profile
     cat /tmp/logs/$MODEL.profile >> "$OUT/$MODEL.log"
+  fi
+  if [[ ${POST:-} ]]; then  # more work on this model's file ($M), e.g. POST='python3 bench/stage_cost.py $M'
+    M=$M timeout ${POST_S:-200} bash -c "$POST" 2>&1 | tee -a "$OUT/$MODEL.log" | tail -${POST_TAIL:-4}
   fi
   rm -f $M
 done
