@@ -83,3 +83,14 @@ def test_stream_equals_non_stream():
 def test_public_api_names():
     for name in ("load", "LLM", "OuzelError"):
         assert hasattr(ouzel, name)
+
+
+def test_prefill_chunk_defaults(monkeypatch):
+    """Without OUZEL_PREFILL_CHUNK a CUDA sequence prefills 2048 tokens a forward, a CPU one 512; a CPU
+    sequence captures no chunk graph."""
+    from ouzel.engine.generate import prefill_chunk
+    monkeypatch.delenv("OUZEL_PREFILL_CHUNK", raising=False)
+    assert prefill_chunk(torch.device("cuda")) == 2048 and prefill_chunk(torch.device("cpu")) == 512
+    llm = real_llm("smollm2-135m")
+    seq = Sequence(llm.model, 64, llm.device)
+    assert seq.chunk == 512 and seq.chunk_graphs == {}

@@ -139,13 +139,6 @@ def test_chunk_graph_prefill(arch, tmp_path, monkeypatch):
     assert ((a - b).norm() / b.norm()).item() < 1e-5, f"{arch}: recaptured chunk"
 
 
-def test_prefill_chunks_default_on_cuda(monkeypatch):
-    """Without OUZEL_PREFILL_CHUNK a CUDA sequence prefills 2048 tokens a forward, a CPU one 512."""
-    from ouzel.engine.generate import prefill_chunk
-    monkeypatch.delenv("OUZEL_PREFILL_CHUNK", raising=False)
-    assert prefill_chunk(torch.device("cuda")) == 2048 and prefill_chunk(torch.device("cpu")) == 512
-
-
 @pytest.mark.parametrize("exact", [False, True])
 def test_graph_decode_deepseek_v4(exact, tmp_path, monkeypatch):
     """DeepSeek V4 (Q8_0 experts at kernel-sized dims, CSA ratio 4, HCA 128): 300 captured steps
