@@ -63,11 +63,17 @@ Q8_TYPE_CONFIGS = {"Q4_K": Q8_CONFIGS, "Q6_K_R8": Q8_M1_CONFIGS, "Q6_K_R3": Q8_M
                    "Q8_0_R8": Q8_0_R8_CONFIGS, "Q2_K_R8": Q2_R8_CONFIGS, "IQ2_XXS_R8": Q2_R8_CONFIGS}
 # Under OUZEL_TUNE_COLD=1 also tiles that load a program's whole K range in one or two steps over a
 # finer K split: a one-row program has one step of loads in flight ahead of the one it computes,
-# so its time is about (steps) x (the memory's latency) where a GEMV reads < 10 MB (qwen3moe's o_proj,
-# 16 steps of 256 at 8 rows a program: 7.0 us for 4.7 MB on an H100; session 11)
+# so its time is about (steps) x (the memory's latency) where a GEMV reads < 10 MB (qwen3moe's o_proj:
+# 7.0 us for 4.7 MB on an H100, some 8 steps' worth of latency; session 11)
+# (or without a split, each program's whole K range in one step: loaded before its PDL wait, so while
+# the kernel before it runs; sm_90, Q4_K: 150-236 registers, no spills; Q6_K_R8 at 16 steps: 255 and a
+# stack, so 8 at most)
 _COLD_M1 = (dict(bn=8, u=4, target=1024, m1=True), dict(bn=16, u=4, target=1024, m1=True),
-            dict(bn=8, u=2, target=2048, m1=True), dict(bn=16, u=2, target=2048, m1=True))
-COLD_EXTRA = {"Q4_K": _COLD_M1, "Q6_K_R8": _COLD_M1, "Q6_K_R3": _COLD_M1}
+            dict(bn=8, u=2, target=2048, m1=True), dict(bn=16, u=2, target=2048, m1=True),
+            dict(bn=8, u=8, split=1, m1=True), dict(bn=8, u=16, split=1, m1=True),
+            dict(bn=16, u=16, split=1, num_warps=8, m1=True))
+_COLD_M1_Q6 = tuple(c for c in _COLD_M1 if c["u"] <= 8)
+COLD_EXTRA = {"Q4_K": _COLD_M1, "Q6_K_R8": _COLD_M1_Q6, "Q6_K_R3": _COLD_M1_Q6}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
