@@ -94,3 +94,21 @@ def test_prefill_chunk_defaults(monkeypatch):
     llm = real_llm("smollm2-135m")
     seq = Sequence(llm.model, 64, llm.device)
     assert seq.chunk == 512 and seq.chunk_graphs == {}
+
+
+def test_prefill_pieces_follow_the_graph_sizes(monkeypatch):
+    """A prompt is cut into full chunks, then pieces of the largest captured size that fits, then an
+    eager rest (`Sequence._piece`); the logits are those of the whole prompt in one forward. On the
+    CPU no graph is captured: the sizes alone are given here (a size without a graph runs eagerly)."""
+    monkeypatch.setenv("OUZEL_PREFILL_CHUNK", "64")
+    llm = real_llm("smollm2-135m")
+    ids = llm.tokenize("the quick brown fox jumps over the lazy dog " * 20)[:170]
+    whole = Sequence(llm.model, 256, llm.device)
+    whole.chunk = 256
+    ref = whole.prefill(ids)
+    seq = Sequence(llm.model, 256, llm.device)
+    seq.chunk_graphs = {64: None, 16: None}
+    seen = []
+    out = seq.prefill(ids, progress=lambda done, total: seen.append(done))
+    assert seen == [64, 128, 144, 160, 170]
+    assert rel(out, ref) < 1e-5
