@@ -68,6 +68,37 @@ def test_qwen3_moe_norm_in_the_router(tmp_path, monkeypatch):
     assert rel < 1e-3, f"norm in the router: logits rel err {rel:.2e}"
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_norm_in_the_qkv_gemv(arch, tmp_path, monkeypatch):
+    """OUZEL_NORM_QKV=1: each decoder layer's first RMSNorm (after the first layer) is formed by its
+    q/k/v GEMV (`cuda.norm_row`, `LinearGroup.normed`); the captured decode gives the logits of the
+    norm's own launch."""
+    hf, path, model = _tiny(arch, tmp_path, 1024)
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    prompt = torch.randint(2, hf.config.vocab_size, (40,), generator=g).tolist()
+    from ouzel.kernels import cuda
+    ran = []
+    for name in ("qlinear_normed", "qgemv_pair_normed"):
+        def counted(*a, _f=getattr(cuda, name), **k):
+            out = _f(*a, **k)
+            if out is not None:
+                ran.append(os.environ["OUZEL_NORM_QKV"])
+            return out
+        monkeypatch.setattr(cuda, name, counted)
+    runs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("OUZEL_NORM_QKV", flag)
+        seq = Sequence(model, 256, dev)
+        logits = [seq.prefill(prompt)]
+        for step in range(6):
+            logits.append(seq.step(int(logits[0].argmax()) if step == 0 else 7 + step))
+        runs[flag] = torch.stack(logits)
+    assert set(ran) == {"1"}, "the fused launch ran only under the switch"
+    rel = ((runs["1"] - runs["0"]).norm() / runs["0"].norm()).item()
+    assert rel < 1e-3, f"{arch}: norm in the q/k/v GEMV: logits rel err {rel:.2e}"
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3_moe"])
 def test_captured_decode_matches_cpu(arch, tmp_path, monkeypatch):
     """The captured CUDA decode step, whose attention kernel applies the q/k norms and rope itself

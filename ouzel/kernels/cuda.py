@@ -489,6 +489,45 @@ def qgemv_pair(x: torch.Tensor, wa, wb, xq=None) -> torch.Tensor | None:
     return q8.qgemv_q8_pair(x, (wa.raw, wa.shape, ca), (wb.raw, wb.bt.name, wb.shape, cb), xq=xq)
 
 
+def norm_row(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, unit_offset: bool):
+    """A `q8act.NormRow`: RMSNorm(x + residual) of one CUDA row for the q/k/v GEMV to form in its own
+    launch (`qlinear_normed`, `qgemv_pair_normed`), or None where that can't run. An A/B switch, off
+    unless OUZEL_NORM_QKV=1 (untimed: the decoder layer's first norm without a launch of its own)."""
+    if os.environ.get("OUZEL_NORM_QKV") != "1" or residual is None or not x.is_cuda:
+        return None
+    q8 = _q8()
+    if (q8 is None or x.dim() != 2
+            or x.shape[0] != 1 or residual.shape != x.shape or weight is None or weight.shape != (x.shape[1],)
+            or x.shape[1] % 256 or x.shape[1] > 16384
+            or any(t.dtype not in _DTYPES or t.device != x.device for t in (x, residual, weight))):
+        return None
+    return q8.NormRow(x, residual, weight, eps, unit_offset)
+
+
+def qlinear_normed(row, w) -> torch.Tensor | None:
+    """x @ w.T for x the row `row` forms (a `norm_row`) and a Q4_K CUDA QTensor w, in one launch; or None."""
+    q8 = _q8()
+    if q8 is None or w.bt.name != "Q4_K" or not gemv_supports(w) or w.shape[1] != row.h.shape[1] \
+            or w.raw.device != row.h.device:
+        return None
+    configs = tuple(c for c in Q8_CONFIGS if c.get("m1"))
+    cfg = _gemv_config(q8.qgemv_q8, configs, row.h, w.raw, "Q4_K", w.shape, tag="m1")
+    return q8.qgemv_q8(row.h, w.raw, "Q4_K", w.shape, norm=row, **{**cfg, "m1": True})
+
+
+def qgemv_pair_normed(row, wa, wb) -> torch.Tensor | None:
+    """`qgemv_pair` for x the row `row` forms (a `norm_row`), in the same one launch; or None."""
+    q8 = _q8()
+    if (q8 is None or wa.bt.name != "Q4_K" or wb.bt.name not in ("Q6_K_R8", "Q6_K_R3") or wa.shape[1] != wb.shape[1]
+            or row.h.shape[1] != wa.shape[1] or not (gemv_supports(wa) and gemv_supports(wb))
+            or wa.raw.device != row.h.device or wb.raw.device != row.h.device or wa.raw.stride(0) % 16
+            or wb.raw.stride(0) % 16 or wa.raw.data_ptr() % 16 or wb.raw.data_ptr() % 16):
+        return None
+    ca = _gemv_config(q8.qgemv_q8, Q8_TYPE_CONFIGS["Q4_K"], row.h, wa.raw, "Q4_K", wa.shape)
+    cb = _gemv_config(q8.qgemv_q8, Q8_TYPE_CONFIGS[wb.bt.name], row.h, wb.raw, wb.bt.name, wb.shape)
+    return q8.qgemv_q8_pair(row.h, (wa.raw, wa.shape, ca), (wb.raw, wb.bt.name, wb.shape, cb), norm=row)
+
+
 def paged_decode_attention(q, k_pool, v_pool, block_table, lengths, block_size: int, window, scale, out=None):
     """One new token of each of B sequences against a paged pool in one launch
     (`attention.paged_decode_attention`), or None where it can't run."""

@@ -94,12 +94,15 @@ class Attention(nn.Module):
         self.qkv.fuse()
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: KVState, out_rows: slice | None = None,
-                xq=None):
+                xq=None, qkv=None):
         # x: [T, hidden]; positions: [T]; out_rows: the rows whose output is wanted (all by default;
-        # every row's k/v is still stored); xq: x's int8 rows for the decode GEMVs (or None)
+        # every row's k/v is still stored); xq: x's int8 rows for the decode GEMVs (or None); qkv: q, k
+        # and v already computed (`LinearGroup.normed`; x then gives only the shapes)
         T = x.shape[0]
         xo, qpos = (x, positions) if out_rows is None else (x[out_rows], positions[out_rows])
-        if out_rows is None:
+        if qkv is not None and out_rows is None:
+            q, k, v = qkv
+        elif out_rows is None:
             q, k, v = self.qkv(x, xq)
         else:
             q, k, v = self.q_proj(xo), self.k_proj(x), self.v_proj(x)
