@@ -38,65 +38,55 @@ def test_graph_decode_equals_eager(arch, tmp_path):
     assert graph.graph.captures == 2  # captured once, then again after the cache grew past 256
 
 
-def test_qwen3_moe_norm_in_the_router(tmp_path, monkeypatch):
-    """OUZEL_NORM_ROUTER=1: each MoE layer's RMSNorm runs inside its router's launch
-    (`cuda.route_norm_linear`); the captured decode gives the logits of the norm's own launch."""
-    hf, path, model = _tiny("qwen3_moe", tmp_path, 1024)
+def _switch_ab(model, vocab: int, monkeypatch, switch: str, fused: tuple[str, ...]):
+    """The captured decode of `model` with the environment switch on, then off: (the logits of a
+    prefill and 6 steps under "1" and "0", the switch's value at each call of the `cuda` functions
+    `fused` that launched their kernel)."""
     dev = torch.device("cuda")
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-    prompt = torch.randint(2, hf.config.vocab_size, (40,), generator=g).tolist()
-    from ouzel.kernels import cuda
-    ran = []  # the flag of each call the fused launch took
-    fused = cuda.route_norm_linear
-
-    def counted(*a, **k):
-        out = fused(*a, **k)
-        if out is not None:
-            ran.append(os.environ["OUZEL_NORM_ROUTER"])
-        return out
-    monkeypatch.setattr(cuda, "route_norm_linear", counted)
-    runs = {}
-    for flag in ("1", "0"):
-        monkeypatch.setenv("OUZEL_NORM_ROUTER", flag)
-        seq = Sequence(model, 256, dev)
-        logits = [seq.prefill(prompt)]
-        for step in range(6):
-            logits.append(seq.step(int(logits[0].argmax()) if step == 0 else 7 + step))
-        runs[flag] = torch.stack(logits)
-    assert set(ran) == {"1"}, "the fused launch ran only under the switch"
-    rel = ((runs["1"] - runs["0"]).norm() / runs["0"].norm()).item()
-    assert rel < 1e-3, f"norm in the router: logits rel err {rel:.2e}"
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
-def test_norm_in_the_qkv_gemv(arch, tmp_path, monkeypatch):
-    """OUZEL_NORM_QKV=1: each decoder layer's first RMSNorm (after the first layer) is formed by its
-    q/k/v GEMV (`cuda.norm_row`, `LinearGroup.normed`); the captured decode gives the logits of the
-    norm's own launch."""
-    hf, path, model = _tiny(arch, tmp_path, 1024)
-    dev = torch.device("cuda")
-    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-    prompt = torch.randint(2, hf.config.vocab_size, (40,), generator=g).tolist()
+    prompt = torch.randint(2, vocab, (40,), generator=g).tolist()
     from ouzel.kernels import cuda
     ran = []
-    for name in ("qlinear_normed", "qgemv_pair_normed"):
+    for name in fused:
         def counted(*a, _f=getattr(cuda, name), **k):
             out = _f(*a, **k)
             if out is not None:
-                ran.append(os.environ["OUZEL_NORM_QKV"])
+                ran.append(os.environ[switch])
             return out
         monkeypatch.setattr(cuda, name, counted)
     runs = {}
     for flag in ("1", "0"):
-        monkeypatch.setenv("OUZEL_NORM_QKV", flag)
+        monkeypatch.setenv(switch, flag)
         seq = Sequence(model, 256, dev)
         logits = [seq.prefill(prompt)]
         for step in range(6):
             logits.append(seq.step(int(logits[0].argmax()) if step == 0 else 7 + step))
         runs[flag] = torch.stack(logits)
+    assert torch.isfinite(runs["1"]).all()
+    return runs, ran
+
+
+def test_qwen3_moe_norm_in_the_router(tmp_path, monkeypatch):
+    """OUZEL_NORM_ROUTER=1: each MoE layer's RMSNorm runs inside its router's launch
+    (`cuda.route_norm_linear`); the captured decode gives the logits of the norm's own launch."""
+    hf, path, model = _tiny("qwen3_moe", tmp_path, 1024)
+    runs, ran = _switch_ab(model, hf.config.vocab_size, monkeypatch, "OUZEL_NORM_ROUTER", ("route_norm_linear",))
     assert set(ran) == {"1"}, "the fused launch ran only under the switch"
     rel = ((runs["1"] - runs["0"]).norm() / runs["0"].norm()).item()
-    assert rel < 1e-3, f"{arch}: norm in the q/k/v GEMV: logits rel err {rel:.2e}"
+    assert rel < 5e-3, f"norm in the router: logits rel err {rel:.2e}"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3moe"])
+def test_norm_in_the_qkv_gemv(arch, tmp_path, monkeypatch):
+    """OUZEL_NORM_QKV=1 on Q4_K_M weights: each decoder layer's first RMSNorm (after the first layer) is
+    formed by its q/k/v GEMV (`cuda.norm_row`, `LinearGroup.normed`: the Q4_K q/k/v of layer 1, the
+    Q4_K + Q6_K pair of layers 2-3); the captured decode gives the logits of the norm's own launch, up
+    to the int8 roundings of a norm scale summed in another order."""
+    model = load(_tiny_q4km(arch, tmp_path / f"{arch}.gguf"), device="cuda", progress=False).model
+    runs, ran = _switch_ab(model, 49152, monkeypatch, "OUZEL_NORM_QKV", ("qlinear_normed", "qgemv_pair_normed"))
+    assert set(ran) == {"1"}, "the fused launch ran only under the switch"
+    rel = ((runs["1"] - runs["0"]).norm(dim=-1) / runs["0"].norm(dim=-1)).max().item()
+    assert rel < 2e-2, f"{arch}: norm in the q/k/v GEMV: worst logits rel err {rel:.2e}"
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3_moe"])
