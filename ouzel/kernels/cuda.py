@@ -577,8 +577,10 @@ def route_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_w: torch.Ten
     """One token's RMSNorm of x + residual (with its int8 rows) and `route_linear` of it in one launch
     (`router.route_norm_linear`): ((weights, experts), (norm, stream, int8 rows)), or None where it
     can't run. An A/B switch, off unless OUZEL_NORM_ROUTER=1 (untimed: one launch a MoE layer fewer)."""
+    if os.environ.get("OUZEL_NORM_ROUTER") != "1" or not x.is_cuda:
+        return None
     r = _triton("router")
-    if r is None or os.environ.get("OUZEL_NORM_ROUTER") != "1":
+    if r is None:
         return None
     if not isinstance(weight, torch.Tensor):
         weight = weight.float_view() if hasattr(weight, "float_view") and weight.raw.is_cuda else None
