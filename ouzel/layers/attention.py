@@ -93,6 +93,16 @@ class Attention(nn.Module):
     def fuse_weights(self) -> None:
         self.qkv.fuse()
 
+    def with_norm(self, norm: RMSNorm, x: torch.Tensor, delta: torch.Tensor | None, positions: torch.Tensor,
+                  kv: KVState):
+        """(x + delta, this attention of norm(x + delta)) for one token whose q/k/v GEMV forms the norm
+        in its own launch (`RMSNorm.row`, `LinearGroup.normed`), or None where it doesn't."""
+        row = norm.row(x, delta)
+        qkv = None if row is None else self.qkv.normed(row)
+        if qkv is None:
+            return None
+        return row.h, self(row.h, positions, kv, qkv=qkv)
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: KVState, out_rows: slice | None = None,
                 xq=None, qkv=None):
         # x: [T, hidden]; positions: [T]; out_rows: the rows whose output is wanted (all by default;

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import cuda as _cuda
 from ..layers.attention import Attention
 from ..layers.linear import Embedding, Linear
 from ..layers.mlp import GatedMLP
@@ -42,12 +41,10 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, x, positions, kv, out_rows=None, pending=None):
         """x: the residual stream [T, D], `pending` (the last layer's MLP output) not yet added:
         each residual add runs inside the norm after it. Returns (stream, this layer's MLP output)."""
-        if out_rows is None and x.is_cuda:  # a decode step's q/k/v GEMV may form the norm (OUZEL_NORM_QKV=1)
-            norm = self.input_layernorm
-            row = _cuda.norm_row(x, pending, norm.weight, norm.eps, norm.unit_offset)
-            qkv = None if row is None else self.self_attn.qkv.normed(row)
-            if qkv is not None:
-                return self.mlp_block(row.h, self.self_attn(row.h, positions, kv, qkv=qkv))
+        if out_rows is None:  # a decode step's q/k/v GEMV may form the norm itself (OUZEL_NORM_QKV=1)
+            fused = self.self_attn.with_norm(self.input_layernorm, x, pending, positions, kv)
+            if fused is not None:
+                return self.mlp_block(*fused)
         n, x, xq = self.input_layernorm.prepare(x, pending)
         h = self.self_attn(n, positions, kv, out_rows, xq)
         return self.mlp_block(x if out_rows is None else x[out_rows], h)

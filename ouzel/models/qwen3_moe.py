@@ -11,11 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import cuda as _cuda
 from ..layers.attention import Attention
 from ..layers.linear import Linear
 from ..layers.mlp import GatedMLP
-from ..layers.moe import Router, RoutedExperts, softmax_topk_linear
+from ..layers.moe import Router, RoutedExperts, softmax_topk_linear, softmax_topk_norm_linear
 from ..layers.norm import RMSNorm
 from ..layers.rope import Rope
 from .config import Config
@@ -62,9 +61,8 @@ class Qwen3SparseMoe(nn.Module):
 
     def norm_route(self, norm: RMSNorm, x: torch.Tensor, delta: torch.Tensor):
         """(x + delta, this MoE of norm(x + delta)) for one CUDA token with the norm, its residual add and
-        its int8 rows inside the router's launch (`cuda.route_norm_linear`), or None where that can't run."""
-        fast = _cuda.route_norm_linear(x, delta, norm.weight, norm.eps, norm.unit_offset, self.gate.weight,
-                                       self.gate.top_k, "softmax", renorm=self.gate.renorm, eps=0.0)
+        its int8 rows inside the router's launch (`moe.softmax_topk_norm_linear`), or None where that can't run."""
+        fast = softmax_topk_norm_linear(norm, x, delta, self.gate.weight, self.gate.top_k, self.gate.renorm)
         if fast is None:
             return None
         (w, idx), (y, h, yq) = fast
