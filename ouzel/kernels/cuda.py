@@ -510,9 +510,8 @@ def qlinear_normed(row, w) -> torch.Tensor | None:
     if q8 is None or w.bt.name != "Q4_K" or not gemv_supports(w) or w.shape[1] != row.h.shape[1] \
             or w.raw.device != row.h.device:
         return None
-    configs = tuple(c for c in Q8_CONFIGS if c.get("m1"))
-    cfg = _gemv_config(q8.qgemv_q8, configs, row.h, w.raw, "Q4_K", w.shape, tag="m1")
-    return q8.qgemv_q8(row.h, w.raw, "Q4_K", w.shape, norm=row, **{**cfg, "m1": True})
+    cfg = _gemv_config(q8.qgemv_q8, Q8_M1_CONFIGS, row.h, w.raw, "Q4_K", w.shape, tag="m1")
+    return q8.qgemv_q8(row.h, w.raw, "Q4_K", w.shape, norm=row, **cfg)
 
 
 def qgemv_pair_normed(row, wa, wb) -> torch.Tensor | None:
@@ -558,17 +557,27 @@ def route_linear(x: torch.Tensor, weight, k: int, scoring: str, scaling: float =
     """`router.route_linear` (one token's router GEMV and routing in one launch), or None where it
     can't run (OUZEL_NO_FUSED_ROUTER=1: the GEMV and `route` as two launches)."""
     r = _triton("router")
-    if not isinstance(weight, torch.Tensor):  # a GGUF F32/F16/BF16 weight is the dense tensor it holds
-        weight = weight.float_view() if hasattr(weight, "float_view") and weight.raw.is_cuda else None
-    if (r is None or os.environ.get("OUZEL_NO_FUSED_ROUTER") or weight is None or not x.is_cuda
-            or scoring not in r.SCORES or x.dim() != 2 or x.shape[0] != 1 or weight.dim() != 2
-            or weight.shape[0] > r.MAX_E or x.shape[1] != weight.shape[1] or weight.stride(1) != 1
-            or weight.dtype not in _DTYPES or x.dtype not in _DTYPES
-            or any(t is not None and t.device != x.device for t in (weight, bias, table, ids))):
+    weight = _router_weight(r, x, weight, scoring) if not os.environ.get("OUZEL_NO_FUSED_ROUTER") else None
+    if weight is None or any(t is not None and t.device != x.device for t in (bias, table, ids)):
         return None
     if table is not None and (ids is None or table.dtype not in (torch.int32, torch.int64) or not table.is_contiguous()):
         return None
     return r.route_linear(x.contiguous(), weight, k, scaling, scoring, bias, renorm, eps, table, ids)
+
+
+def _router_weight(r, x: torch.Tensor, weight, scoring: str) -> torch.Tensor | None:
+    """The dense router weight [E, D] that `router.route_linear` (module r) reads for one CUDA row x,
+    or None where it can't: a GGUF F32/F16/BF16 weight is the dense tensor it holds."""
+    if r is None:
+        return None
+    if not isinstance(weight, torch.Tensor):
+        weight = weight.float_view() if hasattr(weight, "float_view") and weight.raw.is_cuda else None
+    if (weight is None or not x.is_cuda or scoring not in r.SCORES or x.dim() != 2 or x.shape[0] != 1
+            or weight.dim() != 2 or weight.shape[0] > r.MAX_E or x.shape[1] != weight.shape[1]
+            or weight.stride(1) != 1 or weight.dtype not in _DTYPES or x.dtype not in _DTYPES
+            or weight.device != x.device):
+        return None
+    return weight
 
 
 def route_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_w: torch.Tensor, norm_eps: float,
@@ -580,15 +589,10 @@ def route_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_w: torch.Ten
     if os.environ.get("OUZEL_NORM_ROUTER") != "1" or not x.is_cuda:
         return None
     r = _triton("router")
-    if r is None:
-        return None
-    if not isinstance(weight, torch.Tensor):
-        weight = weight.float_view() if hasattr(weight, "float_view") and weight.raw.is_cuda else None
-    if (weight is None or not x.is_cuda or x.dim() != 2 or x.shape[0] != 1 or residual.shape != x.shape
-            or scoring not in r.SCORES or weight.dim() != 2 or weight.shape[0] > r.MAX_E
-            or x.shape[1] != weight.shape[1] or weight.stride(1) != 1 or x.shape[1] % 32
-            or norm_w is None or norm_w.shape != (x.shape[1],)
-            or any(t.dtype not in _DTYPES or t.device != x.device for t in (x, residual, weight, norm_w))):
+    weight = _router_weight(r, x, weight, scoring)
+    if (weight is None or residual.shape != x.shape or x.shape[1] % 32 or norm_w is None
+            or norm_w.shape != (x.shape[1],)
+            or any(t.dtype not in _DTYPES or t.device != x.device for t in (residual, norm_w))):
         return None
     return r.route_norm_linear(x.contiguous(), residual.contiguous(), norm_w, norm_eps, weight, k, scaling, scoring,
                                None, renorm, eps, unit_offset=unit_offset)

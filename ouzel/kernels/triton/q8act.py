@@ -329,25 +329,36 @@ def _weights_loaded(PDL: tl.constexpr, HAS_IDX: tl.constexpr):
 
 
 @triton.jit
+def stream_values(x_ptr, res_ptr, h_ptr, k, ok):
+    """Values k of a residual stream h = x + residual, rounded to h's dtype (as stored), as fp32."""
+    h = tl.load(x_ptr + k, mask=ok, other=0.0).to(tl.float32) + tl.load(res_ptr + k, mask=ok, other=0.0).to(tl.float32)
+    return h.to(h_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def norm_values(h, nw_ptr, y_ptr, k, ok, inv, UNIT_OFFSET: tl.constexpr):
+    """RMSNorm of stream values h (fp32) at k given inv = rsqrt(mean(h^2) + eps): h * inv * w (1 + w with
+    UNIT_OFFSET) rounded to y's dtype, as fp32 (`fused._rms_norm_kernel`'s arithmetic)."""
+    w = tl.load(nw_ptr + k, mask=ok, other=0.0).to(tl.float32)
+    if UNIT_OFFSET:
+        w = 1.0 + w
+    return (h * inv * w).to(y_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
 def _norm_row(nx_ptr, nr_ptr, nw_ptr, nh_ptr, neps, xq_ptr, dx_ptr, sx_ptr, K, first, NBD: tl.constexpr,
               N_UNIT: tl.constexpr):
-    """The one x row of a one-row GEMV formed in the kernel: y = RMSNorm(x + residual) (`fused.rms_norm`'s
-    arithmetic, K values, NBD a power of two >= K) rounded to int8 per 32 into xq / dx / sx, which the
-    GEMV then reads. Every program computes the whole row and stores the same bytes before it reads
-    them (a barrier orders its own stores and loads; another program's stores of the same bytes change
-    nothing); `first` also stores the stream h = x + residual."""
+    """The one x row of a one-row GEMV formed in the kernel: y = RMSNorm(x + residual) (K values, NBD a
+    power of two >= K) rounded to int8 per 32 into xq / dx / sx, which the GEMV then reads. Every
+    program computes the whole row and stores the same bytes before it reads them (a barrier orders its
+    own stores and loads; another program's stores of the same bytes change nothing); `first` also
+    stores the stream h = x + residual."""
     d = tl.arange(0, NBD)
     m = d < K
-    h = tl.load(nx_ptr + d, mask=m, other=0.0).to(tl.float32) + tl.load(nr_ptr + d, mask=m, other=0.0).to(tl.float32)
-    hq = h.to(nh_ptr.dtype.element_ty)
+    h = stream_values(nx_ptr, nr_ptr, nh_ptr, d, m)
     if first:
-        tl.store(nh_ptr + d, hq, mask=m)
-    h = hq.to(tl.float32)
-    r = tl.rsqrt(tl.sum(h * h, axis=0) / K + neps)
-    w = tl.load(nw_ptr + d, mask=m, other=0.0).to(tl.float32)
-    if N_UNIT:
-        w = 1.0 + w
-    y = (h * r * w).to(nh_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(nh_ptr + d, h.to(nh_ptr.dtype.element_ty), mask=m)
+    y = norm_values(h, nw_ptr, nh_ptr, d, m, tl.rsqrt(tl.sum(h * h, axis=0) / K + neps), N_UNIT)
     _round_store(tl.where(m, y, 0.0), xq_ptr.to(tl.pointer_type(tl.int8)), dx_ptr, sx_ptr, 0, 0, K, NBD)
     tl.debug_barrier()
 

@@ -30,7 +30,7 @@ from . import pdl
 from .fused import dense_slice
 from .gguf import last_to_finish, split_counters
 from .pdl import wait_for_inputs
-from .q8act import QBLOCK, _round_store
+from .q8act import QBLOCK, _round_store, norm_values, stream_values
 
 MAX_E = 1024
 
@@ -152,6 +152,32 @@ def route(logits: torch.Tensor, k: int, scaling: float = 1.0, scoring: str = "so
     return w, idx
 
 
+def _plan(name: str, x: torch.Tensor, weight: torch.Tensor, k: int, scoring: str, table, ids, splits: int | None):
+    """The checks and the launch plan shared by `route_linear` and `route_norm_linear`: the weight's
+    rows in blocks of BR, K in slices of whole BD steps over ~128 programs; the outputs allocated."""
+    E, D = weight.shape
+    if (x.shape != (1, D) or x.stride(-1) != 1 or weight.stride(1) != 1 or E > MAX_E or not 1 <= k <= E
+            or scoring not in SCORES):
+        raise ValueError(f"{name}: x {tuple(x.shape)}, weight {tuple(weight.shape)}, k={k}, {scoring!r}")
+    if table is not None and (ids is None or table.dim() != 2 or table.shape[1] != k or not table.is_contiguous()
+                              or ids.shape != (1,)):
+        raise ValueError(f"{name}: hash table {tuple(table.shape)} and ids do not give {k} experts")
+    BE, BR = triton.next_power_of_2(E), min(64, triton.next_power_of_2(E))
+    BD = max(QBLOCK, 4096 // BR)
+    blocks = triton.cdiv(E, BR)
+    if splits is None:  # ~128 programs, each slice whole BD steps
+        splits = max(1, min(64, 128 // blocks, D // BD))
+    k_per = triton.cdiv(triton.cdiv(D, splits), BD) * BD
+    splits = triton.cdiv(D, k_per)
+    w = torch.empty((1, k), dtype=torch.float32, device=x.device)
+    idx = torch.empty((1, k), dtype=torch.int64, device=x.device)
+    part = torch.empty((splits, BE), dtype=torch.float32, device=x.device)
+    meta = dict(SPLITS=splits, CH=max(1, min(triton.next_power_of_2(splits), 8192 // BE)), BR=BR, BD=BD, BE=BE,
+                BK=triton.next_power_of_2(k), SCORE=SCORES[scoring], HAS_BIAS=False, RENORM=True,
+                HASH=table is not None, num_warps=4, **pdl.launch(x.device))
+    return (blocks, splits), k_per, w, idx, part, meta
+
+
 def route_linear(x: torch.Tensor, weight: torch.Tensor, k: int, scaling: float = 1.0, scoring: str = "softmax",
                  bias: torch.Tensor | None = None, renorm: bool = True, eps: float = 1e-20,
                  table: torch.Tensor | None = None, ids: torch.Tensor | None = None,
@@ -160,49 +186,13 @@ def route_linear(x: torch.Tensor, weight: torch.Tensor, k: int, scaling: float =
     weight [E, D] read in its own dtype) split over ~128 programs, the last of which sums the
     slices and routes. A decode step's router GEMV and routing took 3.4 + 3.1 us per Qwen3 layer
     on an H100 as two launches (untimed as one)."""
+    grid, k_per, w, idx, part, meta = _plan("route_linear", x, weight, k, scoring, table, ids, splits)
     E, D = weight.shape
-    if (x.shape != (1, D) or x.stride(-1) != 1 or weight.stride(1) != 1 or E > MAX_E or not 1 <= k <= E
-            or scoring not in SCORES):
-        raise ValueError(f"route_linear: x {tuple(x.shape)}, weight {tuple(weight.shape)}, k={k}, {scoring!r}")
-    if table is not None and (ids is None or table.dim() != 2 or table.shape[1] != k or not table.is_contiguous()
-                              or ids.shape != (1,)):
-        raise ValueError(f"route_linear: hash table {tuple(table.shape)} and ids do not give {k} experts")
-    BE, BR = triton.next_power_of_2(E), min(64, triton.next_power_of_2(E))
-    BD = max(16, 4096 // BR)
-    blocks = triton.cdiv(E, BR)
-    if splits is None:  # ~128 programs, each slice whole BD steps
-        splits = max(1, min(64, 128 // blocks, D // BD))
-    k_per = triton.cdiv(triton.cdiv(D, splits), BD) * BD
-    splits = triton.cdiv(D, k_per)
-    CH = max(1, min(triton.next_power_of_2(splits), 8192 // BE))
-    w = torch.empty((1, k), dtype=torch.float32, device=x.device)
-    idx = torch.empty((1, k), dtype=torch.int64, device=x.device)
-    part = torch.empty((splits, BE), dtype=torch.float32, device=x.device)
-    _route_linear_kernel[(blocks, splits)](
+    _route_linear_kernel[grid](
         x, weight, part, split_counters(x.device, 1), bias if bias is not None else x,
         table if table is not None else idx, ids if ids is not None else idx, w, idx, E, D, weight.stride(0), k_per,
-        k, float(scaling), float(eps), SPLITS=splits, CH=CH, BR=BR, BD=BD, BE=BE, BK=triton.next_power_of_2(k),
-        SCORE=SCORES[scoring], HAS_BIAS=bias is not None, RENORM=renorm, HASH=table is not None, num_warps=4,
-        **pdl.launch(x.device))
+        k, float(scaling), float(eps), **dict(meta, HAS_BIAS=bias is not None, RENORM=renorm))
     return w, idx
-
-
-@triton.jit
-def _stream(x_ptr, res_ptr, h_ptr, k, ok):
-    """Values k of the stream h = x + residual, rounded to h's dtype (as stored), as fp32."""
-    h = tl.load(x_ptr + k, mask=ok, other=0.0).to(tl.float32) + tl.load(res_ptr + k, mask=ok, other=0.0).to(tl.float32)
-    return h.to(h_ptr.dtype.element_ty).to(tl.float32)
-
-
-@triton.jit
-def _normed(x_ptr, res_ptr, nw_ptr, h_ptr, y_ptr, k, ok, inv, UNIT_OFFSET: tl.constexpr):
-    """Values k of the stream h (`_stream`) and of its norm y = h * inv * w rounded to y's dtype, both
-    as fp32 (`_rms_norm_kernel`'s arithmetic)."""
-    h = _stream(x_ptr, res_ptr, h_ptr, k, ok)
-    w = tl.load(nw_ptr + k, mask=ok, other=0.0).to(tl.float32)
-    if UNIT_OFFSET:
-        w = 1.0 + w
-    return h, (h * inv * w).to(y_ptr.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit
@@ -221,7 +211,7 @@ def _route_norm_linear_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, y_ptr, xq_ptr, dx_p
     ss = tl.zeros([BF], dtype=tl.float32)
     for k0 in range(0, D, BF):
         k = k0 + tl.arange(0, BF)
-        h = _stream(x_ptr, res_ptr, h_ptr, k, k < D)
+        h = stream_values(x_ptr, res_ptr, h_ptr, k, k < D)
         ss += h * h
     inv = tl.rsqrt(tl.sum(ss, axis=0) / D + norm_eps)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
@@ -232,7 +222,8 @@ def _route_norm_linear_kernel(x_ptr, res_ptr, nw_ptr, h_ptr, y_ptr, xq_ptr, dx_p
     for k0 in range(sk * k_per, k_end, BD):
         k = k0 + tl.arange(0, BD)
         ok = k < k_end
-        h, y = _normed(x_ptr, res_ptr, nw_ptr, h_ptr, y_ptr, k, ok, inv, UNIT_OFFSET)
+        h = stream_values(x_ptr, res_ptr, h_ptr, k, ok)
+        y = norm_values(h, nw_ptr, y_ptr, k, ok, inv, UNIT_OFFSET)
         wt = tl.load(r_ptr + r64[:, None] * s_r + k[None, :], mask=ok[None, :], other=0.0).to(tl.float32)
         acc += wt * y[None, :]
         if first:
@@ -252,36 +243,20 @@ def route_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_w: torch.Ten
     """One token's `rms_norm(x, norm_w, norm_eps, unit_offset, residual, q8=True)` and `route_linear` of
     its result in one launch: ((weights, experts), (y, h, (xq, dx, sx))) as the two calls return them."""
     E, D = weight.shape
-    if (x.shape != (1, D) or residual.shape != (1, D) or norm_w.shape != (D,) or x.stride(-1) != 1
-            or residual.stride(-1) != 1 or weight.stride(1) != 1 or E > MAX_E or not 1 <= k <= E
-            or scoring not in SCORES or D % QBLOCK):
-        raise ValueError(f"route_norm_linear: x {tuple(x.shape)}, residual {tuple(residual.shape)}, norm "
-                         f"{tuple(norm_w.shape)}, weight {tuple(weight.shape)}, k={k}, {scoring!r}")
-    if table is not None and (ids is None or table.dim() != 2 or table.shape[1] != k or not table.is_contiguous()
-                              or ids.shape != (1,)):
-        raise ValueError(f"route_norm_linear: hash table {tuple(table.shape)} and ids do not give {k} experts")
-    BE, BR = triton.next_power_of_2(E), min(64, triton.next_power_of_2(E))
-    BD = max(QBLOCK, 4096 // BR)
-    blocks = triton.cdiv(E, BR)
-    if splits is None:
-        splits = max(1, min(64, 128 // blocks, D // BD))
-    k_per = triton.cdiv(triton.cdiv(D, splits), BD) * BD
-    splits = triton.cdiv(D, k_per)
-    CH = max(1, min(triton.next_power_of_2(splits), 8192 // BE))
+    if residual.shape != (1, D) or residual.stride(-1) != 1 or norm_w.shape != (D,) or D % QBLOCK:
+        raise ValueError(f"route_norm_linear: residual {tuple(residual.shape)}, norm {tuple(norm_w.shape)} for "
+                         f"weight {tuple(weight.shape)} (the int8 rows need D % {QBLOCK} == 0)")
+    grid, k_per, w, idx, part, meta = _plan("route_norm_linear", x, weight, k, scoring, table, ids, splits)
     dev = x.device
     dtype = torch.promote_types(x.dtype, residual.dtype)
     h, y = torch.empty((1, D), dtype=dtype, device=dev), torch.empty((1, D), dtype=dtype, device=dev)
     xq = torch.empty((1, D), dtype=torch.int8, device=dev)
     dx = torch.empty((1, D // QBLOCK), dtype=torch.float32, device=dev)
     sx = torch.empty_like(dx)
-    w = torch.empty((1, k), dtype=torch.float32, device=dev)
-    idx = torch.empty((1, k), dtype=torch.int64, device=dev)
-    part = torch.empty((splits, BE), dtype=torch.float32, device=dev)
-    _route_norm_linear_kernel[(blocks, splits)](
+    _route_norm_linear_kernel[grid](
         x, residual, norm_w.contiguous(), h, y, xq, dx, sx, weight, part, split_counters(dev, 1),
         bias if bias is not None else x, table if table is not None else idx, ids if ids is not None else idx, w,
-        idx, E, D, weight.stride(0), k_per, k, float(norm_eps), float(scaling), float(eps), SPLITS=splits, CH=CH,
-        BR=BR, BD=BD, BE=BE, BK=triton.next_power_of_2(k), BF=min(triton.next_power_of_2(D), 2048),
-        SCORE=SCORES[scoring], HAS_BIAS=bias is not None, RENORM=renorm, HASH=table is not None,
-        UNIT_OFFSET=bool(unit_offset), num_warps=4, **pdl.launch(dev))
+        idx, E, D, weight.stride(0), k_per, k, float(norm_eps), float(scaling), float(eps),
+        BF=min(triton.next_power_of_2(D), 2048), UNIT_OFFSET=bool(unit_offset),
+        **dict(meta, HAS_BIAS=bias is not None, RENORM=renorm))
     return (w, idx), (y, h, (xq, dx, sx))
