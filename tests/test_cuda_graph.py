@@ -67,7 +67,7 @@ def _switch_ab(model, vocab: int, monkeypatch, switch: str, fused: tuple[str, ..
 
 
 def test_qwen3_moe_norm_in_the_router(tmp_path, monkeypatch):
-    """OUZEL_NORM_ROUTER=1: each MoE layer's RMSNorm runs inside its router's launch
+    """OUZEL_NORM_ROUTER (on unless "0"): each MoE layer's RMSNorm runs inside its router's launch
     (`cuda.route_norm_linear`); the captured decode gives the logits of the norm's own launch."""
     hf, path, model = _tiny("qwen3_moe", tmp_path, 1024)
     runs, ran = _switch_ab(model, hf.config.vocab_size, monkeypatch, "OUZEL_NORM_ROUTER", ("route_norm_linear",))

@@ -173,9 +173,10 @@ def test_gate_up_gemv_forms_the_swiglu_rows(cfg, limit, experts, gen):
 @pytest.mark.skipif(INTERPRET, reason="the tuner times on a GPU")
 @pytest.mark.parametrize("cold", ["0", "1"])
 def test_tuned_gemv_is_exact_hot_or_cold(cold, gen, monkeypatch):
-    """`cuda._gemv` tunes a config on first use, in a CUDA graph (L2 kept warm) or with OUZEL_TUNE_COLD=1
-    each call after a 256 MB write, over more tiles (COLD_EXTRA, some of which don't divide the shape
-    and are skipped): the chosen config is one of the candidates and the product is exact."""
+    """`cuda._gemv` tunes a config on first use in a CUDA graph, of the one matrix (L2 kept warm) or with
+    OUZEL_TUNE_COLD=1 of copies over twice the L2 (`cold_variants`), over more tiles (COLD_EXTRA, some
+    of which don't divide the shape and are skipped): the chosen config is one of the candidates and
+    the product is exact."""
     from ouzel.kernels import cuda
     monkeypatch.setenv("OUZEL_TUNE_COLD", cold)
     monkeypatch.setattr(cuda, "_TUNED", {})
@@ -187,6 +188,24 @@ def test_tuned_gemv_is_exact_hot_or_cold(cold, gen, monkeypatch):
     assert cfg in cuda.Q8_CONFIGS + (cuda.COLD_EXTRA["Q4_K"] if cold == "1" else ())
     xq, dx, _ = Q8.quantize_x(x)
     assert rel_err(out, reference_linear(Q8.dequantized_x(xq, dx), raw, "Q4_K")) < 1e-5
+
+
+def test_cold_variants_read_other_weights_each_call(gen):
+    """OUZEL_TUNE_COLD's timing calls: a dense matrix's equal copies in their own memory, as many as
+    read twice the L2 (at most `most`); a MoE call's experts shifted by the top-k each time, so no two
+    calls share an expert while the stack has more."""
+    from ouzel.kernels.cuda import cold_variants
+    raw = random_blocks("Q4_K", 64, 512, gen)  # 64 rows x 288 bytes
+    calls = cold_variants(raw, (64, 512), {}, l2_bytes=raw.nbytes * 2)
+    assert len(calls) == 4 and calls[0][0] is raw
+    assert len({r.data_ptr() for r, _ in calls}) == 4 and all(torch.equal(r, raw) for r, _ in calls)
+    assert len(cold_variants(raw, (64, 512), {}, l2_bytes=raw.nbytes * 100, most=5)) == 5
+    assert len(cold_variants(raw, (64, 512), {}, l2_bytes=1)) == 1
+    idx = torch.tensor([3, 7, 1], dtype=torch.int32)
+    calls = cold_variants(raw, (8, 512), {"idx": idx, "x_div": 3}, l2_bytes=10**9)  # 8 experts of 8 rows
+    assert len(calls) == 2 and all(r is raw and m["x_div"] == 3 for r, m in calls)
+    assert torch.equal(calls[1][1]["idx"], torch.tensor([6, 2, 4], dtype=torch.int32))
+    assert not set(calls[0][1]["idx"].tolist()) & set(calls[1][1]["idx"].tolist())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -166,10 +166,11 @@ def _gemv(x2, raw, bt_name: str, shape, xq=None, **moe) -> torch.Tensor:
     return fn(x2, raw, bt_name, shape, **_gemv_config(fn, configs, x2, raw, bt_name, shape, **moe), **moe, **extra)
 
 
-def _gemv_config(fn, configs, x2, raw, bt_name: str, shape, tag: str = "", **moe) -> dict:
+def _gemv_config(fn, configs, x2, raw, bt_name: str, shape, tag: str = "", norm=None, **moe) -> dict:
     """The fastest of a few configs for this shape, timed on first use (must not run while a
     CUDA graph is being captured: the first call of every shape happens in an eager warm-up).
-    tag: a variant of the kernel with its own configs (its own entry)."""
+    tag: a variant of the kernel with its own configs (its own entry); norm: the `norm_row` the
+    kernel forms, timed with it (each program's prologue weighs against its share of the work)."""
     key = (fn.__name__, tag, bt_name, *shape, x2.shape[0], x2.dtype, raw.shape[0], len(moe["idx"]) if moe else 0,
            moe.get("combine") is not None)
     cfg = _TUNED.get(key)
@@ -178,9 +179,11 @@ def _gemv_config(fn, configs, x2, raw, bt_name: str, shape, tag: str = "", **moe
         if os.environ.get("OUZEL_TRITON_TUNE", "1") != "0":
             best = None
             cold = os.environ.get("OUZEL_TUNE_COLD") == "1"
+            calls = cold_variants(raw, shape, moe, _l2_bytes(raw.device)) if cold else [(raw, moe)]
+            extra = dict(norm=norm) if norm is not None else {}
             for c in configs + (COLD_EXTRA.get(bt_name, ()) if cold else ()):
                 try:
-                    t = _time_config(lambda c=c: fn(x2, raw, bt_name, shape, **c, **moe), cold)
+                    t = _time_config(lambda c=c: [fn(x2, r, bt_name, shape, **c, **m, **extra) for r, m in calls])
                 except ValueError:  # a tile that does not divide this shape (an explicit K split)
                     continue
                 if best is None or t < best:
@@ -189,16 +192,33 @@ def _gemv_config(fn, configs, x2, raw, bt_name: str, shape, tag: str = "", **moe
     return cfg
 
 
-def _time_config(call, cold: bool) -> float:
-    """GPU time of one call (ms, median). By default timed inside a CUDA graph (GPU time, not Python's
-    launch overhead), where the weights of one GEMV (1-30 MB) stay in the 50 MB L2 between calls.
-    OUZEL_TUNE_COLD=1 (A/B switch, untimed): each call timed alone after writing 256 MB (Triton's
-    `do_bench`), so the weights come from memory as in a decode step, whose layers' weights (~1.7 GB
-    for qwen3moe) pass through L2 once per token: a config that hides L2's latency may not hide DRAM's."""
+def _time_config(call) -> float:
+    """GPU time of `call` (ms, median), timed inside a CUDA graph (GPU time, not Python's launch
+    overhead; an eager `do_bench` of a 5 us GEMV times the host, and chose configs that cost
+    qwen3moe 14% of its decode speed, session 12)."""
     import triton.testing as tt  # noqa: PLC0415
-    if cold:
-        return tt.do_bench(call, warmup=2, rep=10, return_mode="median")
     return tt.do_bench_cudagraph(call, rep=10, return_mode="median")
+
+
+def _l2_bytes(device: torch.device) -> int:
+    return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+
+
+def cold_variants(raw: torch.Tensor, shape, moe: dict, l2_bytes: int, most: int = 32) -> list[tuple]:
+    """(weights, MoE arguments) for the successive calls of one timing under OUZEL_TUNE_COLD=1, so
+    that each call reads its weights from memory as a decode step does (its layers' weights, ~1.7
+    GB for qwen3moe, pass through the 50 MB L2 once a token), not from L2 as a GEMV timed alone
+    again and again: the calls together read over twice the L2. A dense matrix is copied; a MoE
+    call takes the next experts (idx + j * len(idx), modulo the experts) of the one stack. Where
+    L2 holds the weights, a config that hides its latency may not hide the memory's."""
+    if moe.get("idx") is not None:
+        idx = moe["idx"]
+        g, n_experts = idx.numel(), raw.shape[0] // shape[0]
+        per_call = g * raw[:shape[0]].nbytes
+        n = max(1, min(most, n_experts // g, -(-2 * l2_bytes // per_call)))
+        return [(raw, dict(moe, idx=(idx + j * g) % n_experts)) for j in range(n)]
+    n = max(1, min(most, -(-2 * l2_bytes // raw.nbytes)))
+    return [(raw, moe)] + [(raw.clone(), moe) for _ in range(n - 1)]
 
 
 def qgemv_experts(x: torch.Tensor, w, n_experts: int, idx: torch.Tensor, x_div: int, xq=None) -> torch.Tensor | None:
@@ -510,7 +530,7 @@ def qlinear_normed(row, w) -> torch.Tensor | None:
     if q8 is None or w.bt.name != "Q4_K" or not gemv_supports(w) or w.shape[1] != row.h.shape[1] \
             or w.raw.device != row.h.device:
         return None
-    cfg = _gemv_config(q8.qgemv_q8, Q8_M1_CONFIGS, row.h, w.raw, "Q4_K", w.shape, tag="m1")
+    cfg = _gemv_config(q8.qgemv_q8, Q8_M1_CONFIGS, row.h, w.raw, "Q4_K", w.shape, tag="m1norm", norm=row)
     return q8.qgemv_q8(row.h, w.raw, "Q4_K", w.shape, norm=row, **cfg)
 
 
@@ -522,9 +542,12 @@ def qgemv_pair_normed(row, wa, wb) -> torch.Tensor | None:
             or wa.raw.device != row.h.device or wb.raw.device != row.h.device or wa.raw.stride(0) % 16
             or wb.raw.stride(0) % 16 or wa.raw.data_ptr() % 16 or wb.raw.data_ptr() % 16):
         return None
-    ca = _gemv_config(q8.qgemv_q8, Q8_TYPE_CONFIGS["Q4_K"], row.h, wa.raw, "Q4_K", wa.shape)
     cb = _gemv_config(q8.qgemv_q8, Q8_TYPE_CONFIGS[wb.bt.name], row.h, wb.raw, wb.bt.name, wb.shape)
-    return q8.qgemv_q8_pair(row.h, (wa.raw, wa.shape, ca), (wb.raw, wb.bt.name, wb.shape, cb), norm=row)
+
+    def pair(x2, raw, bt_name, shape, norm, **ca):  # A's config tuned in the normed pair, B's as tuned alone
+        return q8.qgemv_q8_pair(x2, (raw, shape, ca), (wb.raw, wb.bt.name, wb.shape, cb), norm=norm)
+    ca = _gemv_config(pair, Q8_M1_CONFIGS, row.h, wa.raw, "Q4_K", wa.shape, tag=f"pair{wb.shape}", norm=row)
+    return pair(row.h, wa.raw, "Q4_K", wa.shape, row, **ca)
 
 
 def paged_decode_attention(q, k_pool, v_pool, block_table, lengths, block_size: int, window, scale, out=None):
@@ -585,8 +608,9 @@ def route_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_w: torch.Ten
                       eps: float = 1e-20):
     """One token's RMSNorm of x + residual (with its int8 rows) and `route_linear` of it in one launch
     (`router.route_norm_linear`): ((weights, experts), (norm, stream, int8 rows)), or None where it
-    can't run. An A/B switch, off unless OUZEL_NORM_ROUTER=1 (untimed: one launch a MoE layer fewer)."""
-    if os.environ.get("OUZEL_NORM_ROUTER") != "1" or not x.is_cuda:
+    can't run (OUZEL_NORM_ROUTER=0: never). One launch a MoE layer fewer: qwen3moe tg128 444.6 -> 458.9 on
+    an H100 (session 12)."""
+    if os.environ.get("OUZEL_NORM_ROUTER") == "0" or not x.is_cuda:
         return None
     r = _triton("router")
     weight = _router_weight(r, x, weight, scoring)

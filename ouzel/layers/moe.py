@@ -115,7 +115,7 @@ def softmax_topk_linear(x: torch.Tensor, weight, k: int, renorm: bool) -> tuple[
 def softmax_topk_norm_linear(norm, x: torch.Tensor, delta: torch.Tensor, weight, k: int, renorm: bool):
     """((weights, experts), (norm(x + delta), x + delta, its int8 rows)): `norm.prepare(x, delta)` and
     `softmax_topk_linear` of its output in one launch for one CUDA token (`cuda.route_norm_linear`:
-    OUZEL_NORM_ROUTER=1), or None: the caller runs the two."""
+    unless OUZEL_NORM_ROUTER=0), or None: the caller runs the two."""
     if not x.is_cuda:
         return None
     return _cuda.route_norm_linear(x, delta, norm.weight, norm.eps, norm.unit_offset, weight, k, "softmax",
