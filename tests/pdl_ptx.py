@@ -21,32 +21,21 @@ POINTERS = {"xq_ptr": "*i32", "dx_ptr": "*fp32", "sx_ptr": "*fp32", "w_ptr": "*i
             "tab_ptr": "*i64", "ids_ptr": "*i64", "qk_scale": "fp32", "eps": "fp32", "scaling": "fp32",
             "inv_ptr": "*fp32", "wq_ptr": "*fp32", "wk_ptr": "*fp32", "norm_eps": "fp32", "wa_ptr": "*i32",
             "wb_ptr": "*i32", "part_a": "*fp32", "part_b": "*fp32", "sq_ptr": "*i8", "sdx_ptr": "*fp32",
-            "ssx_ptr": "*fp32", "pair_ptr": "*i32", "limit": "fp32", "res_ptr": "*bf16", "nw_ptr": "*fp32", "nx_ptr": "*bf16",
-            "nr_ptr": "*bf16", "nh_ptr": "*bf16", "nsx_ptr": "*fp32", "neps": "fp32", "fin_ptr": "*bf16"}
+            "ssx_ptr": "*fp32", "pair_ptr": "*i32", "limit": "fp32", "res_ptr": "*bf16", "nw_ptr": "*fp32"}
 M1 = dict(BN=16, NB=2, SPLITS=4, SP=4, COMBINE=False, GP=1, USE_ASM=True)
-NO_NORM = dict(NORM=False, NBD=32, N_UNIT=False)  # the Q4_K one-row kernels' x as given
-ATT = dict(D=128, DP=128, BG=16, BN=64, PAGE=0, SPLIT_DOT=True, MAX_ITERS=0, NEW_KV=True, ROT=128, UNIT_OFFSET=False,
-           FINISH=False, SP=1)
+ATT = dict(D=128, DP=128, BG=16, BN=64, PAGE=0, SPLIT_DOT=True, MAX_ITERS=0, NEW_KV=True, ROT=128, UNIT_OFFSET=False)
 CASES = {  # name: (kernel, constexprs, whether the weights may be read before the wait)
-    "q4k_m1 dense": (q8act._q4k_m1_kernel, dict(M1, **NO_NORM, HAS_IDX=False, SWIGLU=False, LIMIT=False), True),
-    "q4k_m1 moe": (q8act._q4k_m1_kernel, dict(M1, **NO_NORM, HAS_IDX=True, SWIGLU=False, LIMIT=False), False),
-    "q4k_m1 gate/up with the swiglu rows": (q8act._q4k_m1_kernel, dict(M1, **NO_NORM, HAS_IDX=False, SWIGLU=True,
-                                                                       LIMIT=True, BN=32), True),
-    "q4k_m1 dense forming its normed row": (q8act._q4k_m1_kernel, dict(M1, HAS_IDX=False, SWIGLU=False, LIMIT=False,
-                                                                       NORM=True, NBD=2048, N_UNIT=False), True),
+    "q4k_m1 dense": (q8act._q4k_m1_kernel, dict(M1, HAS_IDX=False, SWIGLU=False, LIMIT=False), True),
+    "q4k_m1 moe": (q8act._q4k_m1_kernel, dict(M1, HAS_IDX=True, SWIGLU=False, LIMIT=False), False),
+    "q4k_m1 gate/up with the swiglu rows": (q8act._q4k_m1_kernel, dict(M1, HAS_IDX=False, SWIGLU=True, LIMIT=True,
+                                                                       BN=32), True),
     "q6k_r8_m1 dense": (q8act._q6k_r8_m1_kernel, dict(M1, HAS_IDX=False, G=8, GW=420), True),
     "iq2xxs_r8_m1 moe": (q8act._iq2xxs_r8_m1_kernel, dict(M1, HAS_IDX=True), False),
     "q4k + q6k_r8 pair": (q8act._q4k_q6k_m1_kernel, dict(BN_A=16, NB_A=2, SPLITS_A=2, SP_A=2, BN_B=16, NB_B=2,
-                                                         SPLITS_B=2, SP_B=2, G=8, GW=420, USE_ASM=True, **NO_NORM),
-                          True),
-    "q4k + q6k_r8 pair forming its normed row": (q8act._q4k_q6k_m1_kernel, dict(
-        BN_A=16, NB_A=2, SPLITS_A=2, SP_A=2, BN_B=16, NB_B=2, SPLITS_B=2, SP_B=2, G=8, GW=420, USE_ASM=True,
-        NORM=True, NBD=2048, N_UNIT=False), True),
+                                                         SPLITS_B=2, SP_B=2, G=8, GW=420, USE_ASM=True), True),
     "quant_x": (q8act._quant_x_kernel, dict(BLOCK=256), False),
     "decode attention split": (attention._split_kernel, dict(ATT, SPLITS=8, ONE_PASS=False, ROPE=False, NORM=False,
                                                              Q8=False), False),
-    "decode attention split, merged by the last split": (attention._split_kernel, dict(
-        ATT, SPLITS=8, SP=8, FINISH=True, ONE_PASS=False, ROPE=True, NORM=True, Q8=True), False),
     "decode attention, rope and q8": (attention._split_kernel, dict(ATT, SPLITS=1, ONE_PASS=True, ROPE=True,
                                                                     NORM=True, Q8=True), False),
     "rms_norm q8": (fused._rms_norm_kernel, dict(BD=4096, UNIT_OFFSET=False, RESIDUAL=True, Q8=True), False),
@@ -56,7 +45,7 @@ CASES = {  # name: (kernel, constexprs, whether the weights may be read before t
                                                                  BF=2048, SCORE=0, HAS_BIAS=False, RENORM=True,
                                                                  HASH=False, UNIT_OFFSET=False), False),
 }
-PATHS = {"q4k + q6k_r8 pair": 2, "q4k + q6k_r8 pair forming its normed row": 2}  # kernels whose programs take one of several bodies, each with its own wait
+PATHS = {"q4k + q6k_r8 pair": 2}  # kernels whose programs take one of several bodies, each with its own wait
 
 
 def facts(ptx: str) -> dict:

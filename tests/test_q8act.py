@@ -173,10 +173,10 @@ def test_gate_up_gemv_forms_the_swiglu_rows(cfg, limit, experts, gen):
 @pytest.mark.skipif(INTERPRET, reason="the tuner times on a GPU")
 @pytest.mark.parametrize("cold", ["0", "1"])
 def test_tuned_gemv_is_exact_hot_or_cold(cold, gen, monkeypatch):
-    """`cuda._gemv` tunes a config on first use in a CUDA graph, of the one matrix (L2 kept warm) or with
-    OUZEL_TUNE_COLD=1 of copies over twice the L2 (`cold_variants`), over more tiles (COLD_EXTRA, some
-    of which don't divide the shape and are skipped): the chosen config is one of the candidates and
-    the product is exact."""
+    """`cuda._gemv` tunes a config on first use in a CUDA graph, by default over copies of the matrix
+    that read twice the L2 (`cold_variants`) and more tiles (COLD_EXTRA, some of which don't divide the
+    shape and are skipped), or with OUZEL_TUNE_COLD=0 of the one matrix (L2 kept warm): the chosen
+    config is one of the candidates and the product is exact."""
     from ouzel.kernels import cuda
     monkeypatch.setenv("OUZEL_TUNE_COLD", cold)
     monkeypatch.setattr(cuda, "_TUNED", {})
@@ -206,31 +206,3 @@ def test_cold_variants_read_other_weights_each_call(gen):
     assert len(calls) == 2 and all(r is raw and m["x_div"] == 3 for r, m in calls)
     assert torch.equal(calls[1][1]["idx"], torch.tensor([6, 2, 4], dtype=torch.int32))
     assert not set(calls[0][1]["idx"].tolist()) & set(calls[1][1]["idx"].tolist())
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("split", [1, 2])
-def test_gemv_forms_its_normed_row(dtype, split, gen):
-    """`NormRow`: the one-row Q4_K GEMV and the Q4_K + Q6_K_R8 pair form x = RMSNorm(x + residual) and
-    its int8 rows in their own launch (every program the whole row): the stream, the int8 rows and
-    the products are those of `fused.rms_norm(..., q8=True)` then the GEMV on its rows."""
-    from ouzel.kernels.triton import fused
-    k, n, nb = 2048, 40, 24
-    x = torch.randn(1, k, generator=gen).to(DEV, dtype)
-    res = (torch.randn(1, k, generator=gen) * 2).to(DEV, dtype)
-    nw = (torch.rand(k, generator=gen) + 0.5).to(DEV)
-    raw = _regrouped_blocks("Q4_K", n, k, gen)
-    raw_b = blocks.repack_q6_k_r8(random_blocks("Q6_K", nb, k, gen)).to(DEV)
-    y, h, q = fused.rms_norm(x, nw, 1e-6, False, res, q8=True)
-    cfg = dict(bn=16, u=1, split=split)
-    row = Q8.NormRow(x, res, nw, 1e-6)
-    out = Q8.qgemv_q8(row.h, raw, "Q4_K", (n, k), m1=True, norm=row, **cfg)
-    assert torch.equal(row.h, h) and row.h.dtype == h.dtype
-    assert (row.xq.int() - q[0].int()).abs().max() <= 1 and torch.allclose(row.dx, q[1], rtol=1e-5)
-    assert rel_err(out, Q8.qgemv_q8(y, raw, "Q4_K", (n, k), m1=True, xq=q, **cfg)) < 1e-3
-    row = Q8.NormRow(x, res, nw, 1e-6)
-    pair = Q8.qgemv_q8_pair(row.h, (raw, (n, k), cfg), (raw_b, "Q6_K_R8", (nb, k), cfg), norm=row)
-    assert torch.equal(row.h, h)
-    assert rel_err(pair, Q8.qgemv_q8_pair(y, (raw, (n, k), cfg), (raw_b, "Q6_K_R8", (nb, k), cfg), xq=q)) < 1e-3
-    with pytest.raises(ValueError, match="norm"):  # only the dense one-row Q4_K form takes a norm
-        Q8.qgemv_q8(row.h, raw, "Q4_K", (n, k), m1=False, norm=row, bn=16, u=1)

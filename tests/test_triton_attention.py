@@ -154,33 +154,6 @@ def test_rope_and_int8_rows_in_the_kernel(norm, rot, splits, gen):
     assert (xq.int() - xq2.int()).abs().max() <= 0 and torch.equal(dx, dx2) and rel_err(sx, sx2) < 1e-6
 
 
-@pytest.mark.parametrize("splits", [2, 3, 8, 16])
-def test_splits_merged_by_the_last_split(splits, gen, monkeypatch):
-    """OUZEL_ATTN_FINISH=1: up to 8 splits are merged by the last of each program's splits to finish
-    (no combine launch; 16 keep it), with the output's int8 rows, rope and the new key as the kernel
-    does them otherwise; an all-NaN output catches a row left unwritten."""
-    from ouzel.kernels.triton.gguf import split_counters
-    from ouzel.kernels.triton.q8act import quantize_x
-    H, Hkv, D = 8, 2, 64
-    q, k, v, lengths = make_case(gen, (60, 17, 1), H, Hkv, D, 64, F32, torch.float16)
-    B, pos = q.shape[0], lengths - 1
-    nk = torch.randn(B, Hkv, D, generator=gen).to(DEV)
-    nv = torch.randn(B, Hkv, D, generator=gen).to(DEV)
-    inv = (1.0 / 10000 ** (torch.arange(0, D, 2).float() / D)).to(DEV)
-    runs = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("OUZEL_ATTN_FINISH", flag)
-        kc, vc = k.clone(), v.clone()
-        out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=DEV)
-        runs[flag] = decode_attention(q, kc, vc, pos, 0.125, out=out, block_n=16, splits=splits, new_kv=(nk, nv),
-                                      rope=(inv, D, None), q8=True)
-        assert int(split_counters(q.device, 8).abs().sum()) == 0  # re-armed
-    (a, qa), (b, qb) = runs["1"], runs["0"]
-    assert torch.isfinite(a).all() and rel_err(a, b) < 1e-6
-    xq, dx, sx = quantize_x(a.reshape(B, H * D))
-    assert torch.equal(qa[0], xq) and torch.equal(qa[1], dx) and rel_err(qa[2], sx) < 1e-6
-
-
 def test_d_not_power_of_two(gen):
     q, k, v, lengths = make_case(gen, (30, 7), 4, 2, 80, 64, F32, F32)
     check(q, k, v, lengths, None, 1e-5)  # default block_n / splits

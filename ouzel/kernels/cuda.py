@@ -10,6 +10,7 @@ in kv/cache.py and OUZEL_NO_CUDA_GRAPH in engine/graphs.py):
   OUZEL_CUDA_PREFILL_DTYPE=f32   large-M matmuls (prefill) in x's dtype instead of bf16 operands
                                  with fp32 accumulation on the tensor cores (the default)
   OUZEL_TRITON_TUNE=0            use the default GEMV config instead of timing a few on first use
+  OUZEL_TUNE_COLD=0              time them on one matrix left in L2 (default: on weights read from memory)
   OUZEL_NO_MOE_COMBINE=1         MoE decode: the experts' weighted sum in its own launch, not formed
                                  by the down GEMV
   OUZEL_NO_FUSED_ROUTER=1        MoE decode: the router GEMV and the routing as two launches
@@ -61,7 +62,7 @@ Q2_R8_CONFIGS = (dict(bn=64, u=2), dict(bn=16, u=2), dict(bn=32, u=1), dict(bn=8
                  dict(bn=16, u=2, target=1024))
 Q8_TYPE_CONFIGS = {"Q4_K": Q8_CONFIGS, "Q6_K_R8": Q8_M1_CONFIGS, "Q6_K_R3": Q8_M1_CONFIGS,
                    "Q8_0_R8": Q8_0_R8_CONFIGS, "Q2_K_R8": Q2_R8_CONFIGS, "IQ2_XXS_R8": Q2_R8_CONFIGS}
-# Under OUZEL_TUNE_COLD=1 also tiles that load a program's whole K range in one or two steps over a
+# Tuned cold (the default; not under OUZEL_TUNE_COLD=0) also tiles that load a program's whole K range in one or two steps over a
 # finer K split: a one-row program has one step of loads in flight ahead of the one it computes,
 # so its time is about (steps) x (the memory's latency) where a GEMV reads < 10 MB (qwen3moe's o_proj:
 # 7.0 us for 4.7 MB on an H100, some 8 steps' worth of latency; session 11)
@@ -166,11 +167,10 @@ def _gemv(x2, raw, bt_name: str, shape, xq=None, **moe) -> torch.Tensor:
     return fn(x2, raw, bt_name, shape, **_gemv_config(fn, configs, x2, raw, bt_name, shape, **moe), **moe, **extra)
 
 
-def _gemv_config(fn, configs, x2, raw, bt_name: str, shape, tag: str = "", norm=None, **moe) -> dict:
+def _gemv_config(fn, configs, x2, raw, bt_name: str, shape, tag: str = "", **moe) -> dict:
     """The fastest of a few configs for this shape, timed on first use (must not run while a
     CUDA graph is being captured: the first call of every shape happens in an eager warm-up).
-    tag: a variant of the kernel with its own configs (its own entry); norm: the `norm_row` the
-    kernel forms, timed with it (each program's prologue weighs against its share of the work)."""
+    tag: a variant of the kernel with its own configs (its own entry)."""
     key = (fn.__name__, tag, bt_name, *shape, x2.shape[0], x2.dtype, raw.shape[0], len(moe["idx"]) if moe else 0,
            moe.get("combine") is not None)
     cfg = _TUNED.get(key)
@@ -178,12 +178,11 @@ def _gemv_config(fn, configs, x2, raw, bt_name: str, shape, tag: str = "", norm=
         cfg = configs[0]
         if os.environ.get("OUZEL_TRITON_TUNE", "1") != "0":
             best = None
-            cold = os.environ.get("OUZEL_TUNE_COLD") == "1"
+            cold = os.environ.get("OUZEL_TUNE_COLD") != "0"
             calls = cold_variants(raw, shape, moe, _l2_bytes(raw.device)) if cold else [(raw, moe)]
-            extra = dict(norm=norm) if norm is not None else {}
             for c in configs + (COLD_EXTRA.get(bt_name, ()) if cold else ()):
                 try:
-                    t = _time_config(lambda c=c: [fn(x2, r, bt_name, shape, **c, **m, **extra) for r, m in calls])
+                    t = _time_config(lambda c=c: [fn(x2, r, bt_name, shape, **c, **m) for r, m in calls])
                 except ValueError:  # a tile that does not divide this shape (an explicit K split)
                     continue
                 if best is None or t < best:
@@ -205,12 +204,14 @@ def _l2_bytes(device: torch.device) -> int:
 
 
 def cold_variants(raw: torch.Tensor, shape, moe: dict, l2_bytes: int, most: int = 32) -> list[tuple]:
-    """(weights, MoE arguments) for the successive calls of one timing under OUZEL_TUNE_COLD=1, so
+    """(weights, MoE arguments) for the successive calls of one timing (unless OUZEL_TUNE_COLD=0), so
     that each call reads its weights from memory as a decode step does (its layers' weights, ~1.7
     GB for qwen3moe, pass through the 50 MB L2 once a token), not from L2 as a GEMV timed alone
     again and again: the calls together read over twice the L2. A dense matrix is copied; a MoE
     call takes the next experts (idx + j * len(idx), modulo the experts) of the one stack. Where
-    L2 holds the weights, a config that hides its latency may not hide the memory's."""
+    L2 holds the weights, a config that hides its latency may not hide the memory's: tuned this way,
+    qwen3moe decodes 461.7 -> 480.6 tok/s on an H100 (session 12; llama8b 368.2 -> 367.1, ds4 634.7 ->
+    639.9)."""
     if moe.get("idx") is not None:
         idx = moe["idx"]
         g, n_experts = idx.numel(), raw.shape[0] // shape[0]
@@ -507,47 +508,6 @@ def qgemv_pair(x: torch.Tensor, wa, wb, xq=None) -> torch.Tensor | None:
     ca = _gemv_config(q8.qgemv_q8, Q8_TYPE_CONFIGS["Q4_K"], x, wa.raw, "Q4_K", wa.shape)
     cb = _gemv_config(q8.qgemv_q8, Q8_TYPE_CONFIGS[wb.bt.name], x, wb.raw, wb.bt.name, wb.shape)
     return q8.qgemv_q8_pair(x, (wa.raw, wa.shape, ca), (wb.raw, wb.bt.name, wb.shape, cb), xq=xq)
-
-
-def norm_row(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, unit_offset: bool):
-    """A `q8act.NormRow`: RMSNorm(x + residual) of one CUDA row for the q/k/v GEMV to form in its own
-    launch (`qlinear_normed`, `qgemv_pair_normed`), or None where that can't run. An A/B switch, off
-    unless OUZEL_NORM_QKV=1 (untimed: the decoder layer's first norm without a launch of its own)."""
-    if os.environ.get("OUZEL_NORM_QKV") != "1" or residual is None or not x.is_cuda:
-        return None
-    q8 = _q8()
-    if (q8 is None or x.dim() != 2
-            or x.shape[0] != 1 or residual.shape != x.shape or weight is None or weight.shape != (x.shape[1],)
-            or x.shape[1] % 256 or x.shape[1] > 16384
-            or any(t.dtype not in _DTYPES or t.device != x.device for t in (x, residual, weight))):
-        return None
-    return q8.NormRow(x, residual, weight, eps, unit_offset)
-
-
-def qlinear_normed(row, w) -> torch.Tensor | None:
-    """x @ w.T for x the row `row` forms (a `norm_row`) and a Q4_K CUDA QTensor w, in one launch; or None."""
-    q8 = _q8()
-    if q8 is None or w.bt.name != "Q4_K" or not gemv_supports(w) or w.shape[1] != row.h.shape[1] \
-            or w.raw.device != row.h.device:
-        return None
-    cfg = _gemv_config(q8.qgemv_q8, Q8_M1_CONFIGS, row.h, w.raw, "Q4_K", w.shape, tag="m1norm", norm=row)
-    return q8.qgemv_q8(row.h, w.raw, "Q4_K", w.shape, norm=row, **cfg)
-
-
-def qgemv_pair_normed(row, wa, wb) -> torch.Tensor | None:
-    """`qgemv_pair` for x the row `row` forms (a `norm_row`), in the same one launch; or None."""
-    q8 = _q8()
-    if (q8 is None or wa.bt.name != "Q4_K" or wb.bt.name not in ("Q6_K_R8", "Q6_K_R3") or wa.shape[1] != wb.shape[1]
-            or row.h.shape[1] != wa.shape[1] or not (gemv_supports(wa) and gemv_supports(wb))
-            or wa.raw.device != row.h.device or wb.raw.device != row.h.device or wa.raw.stride(0) % 16
-            or wb.raw.stride(0) % 16 or wa.raw.data_ptr() % 16 or wb.raw.data_ptr() % 16):
-        return None
-    cb = _gemv_config(q8.qgemv_q8, Q8_TYPE_CONFIGS[wb.bt.name], row.h, wb.raw, wb.bt.name, wb.shape)
-
-    def pair(x2, raw, bt_name, shape, norm, **ca):  # A's config tuned in the normed pair, B's as tuned alone
-        return q8.qgemv_q8_pair(x2, (raw, shape, ca), (wb.raw, wb.bt.name, wb.shape, cb), norm=norm)
-    ca = _gemv_config(pair, Q8_M1_CONFIGS, row.h, wa.raw, "Q4_K", wa.shape, tag=f"pair{wb.shape}", norm=row)
-    return pair(row.h, wa.raw, "Q4_K", wa.shape, row, **ca)
 
 
 def paged_decode_attention(q, k_pool, v_pool, block_table, lengths, block_size: int, window, scale, out=None):

@@ -93,26 +93,13 @@ class Attention(nn.Module):
     def fuse_weights(self) -> None:
         self.qkv.fuse()
 
-    def with_norm(self, norm: RMSNorm, x: torch.Tensor, delta: torch.Tensor | None, positions: torch.Tensor,
-                  kv: KVState):
-        """(x + delta, this attention of norm(x + delta)) for one token whose q/k/v GEMV forms the norm
-        in its own launch (`RMSNorm.row`, `LinearGroup.normed`), or None where it doesn't."""
-        row = norm.row(x, delta)
-        qkv = None if row is None else self.qkv.normed(row)
-        if qkv is None:
-            return None
-        return row.h, self(row.h, positions, kv, qkv=qkv)
-
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: KVState, out_rows: slice | None = None,
-                xq=None, qkv=None):
+                xq=None):
         # x: [T, hidden]; positions: [T]; out_rows: the rows whose output is wanted (all by default;
-        # every row's k/v is still stored); xq: x's int8 rows for the decode GEMVs (or None); qkv: q, k
-        # and v already computed (`LinearGroup.normed`; x then gives only the shapes)
+        # every row's k/v is still stored); xq: x's int8 rows for the decode GEMVs (or None)
         T = x.shape[0]
         xo, qpos = (x, positions) if out_rows is None else (x[out_rows], positions[out_rows])
-        if qkv is not None and out_rows is None:
-            q, k, v = qkv
-        elif out_rows is None:
+        if out_rows is None:
             q, k, v = self.qkv(x, xq)
         else:
             q, k, v = self.q_proj(xo), self.k_proj(x), self.v_proj(x)

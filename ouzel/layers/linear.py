@@ -112,28 +112,6 @@ class LinearGroup:
         w = self.joint_weight()
         return None if w is None else ops.linear(x, w, xq)
 
-    def normed(self, row) -> list[torch.Tensor] | None:
-        """`self(x)` for x the one CUDA row that `row` (`cuda.norm_row`) forms inside the launch, where
-        one kernel runs the whole group (a Q4_K/Q6_K pair, or one fused Q4_K weight); else None."""
-        if self.groups is None or any(lin.bias is not None for lin in self.linears):
-            return None
-        from ..kernels import cuda  # noqa: PLC0415 (only on CUDA machines)
-        if self.pair is not None:
-            members, w, other = self.pair
-            y = cuda.qgemv_pair_normed(row, w, self.linears[other].weight)
-            return None if y is None else self._pair_outputs(y)
-        w = self.joint_weight()
-        y = None if w is None else cuda.qlinear_normed(row, w)
-        return None if y is None else list(y.split([lin.out_features for lin in self.linears], dim=-1))
-
-    def _pair_outputs(self, y: torch.Tensor) -> list[torch.Tensor]:
-        """The members' outputs, in order, from the pair's one output [fused group | the other]."""
-        members, w, other = self.pair
-        ys = y.split([w.shape[0], self.linears[other].out_features], dim=-1)
-        out = dict(zip(members, ys[0].split([self.linears[i].out_features for i in members], dim=-1)))
-        out[other] = ys[1]
-        return [out[i] for i in range(len(self.linears))]
-
     def __call__(self, x: torch.Tensor, xq=None) -> list[torch.Tensor]:
         if self.groups is None:
             if not x.is_cuda and x.dim() == 2 and x.dtype == torch.float32:  # a CPU decode step: one kernel call
@@ -147,7 +125,10 @@ class LinearGroup:
             members, w, other = self.pair
             y = ops.linear_pair(x, w, self.linears[other].weight, xq)
             if y is not None:
-                return self._pair_outputs(y)
+                ys = y.split([w.shape[0], self.linears[other].out_features], dim=-1)
+                out = dict(zip(members, ys[0].split([self.linears[i].out_features for i in members], dim=-1)))
+                out[other] = ys[1]
+                return [out[i] for i in range(len(self.linears))]
         out: list[torch.Tensor | None] = [None] * len(self.linears)
         for members, w in self.groups:
             ys = ops.linear(x, w, xq).split([self.linears[i].out_features for i in members], dim=-1)

@@ -58,11 +58,6 @@ class RMSNorm(nn.Module):
             return self(x), x, None
         return *self.add_norm(delta, x), None
 
-    def row(self, x: torch.Tensor, delta: torch.Tensor | None):
-        """norm(x + delta) of one CUDA row left for the GEMV that reads it to form in its own launch
-        (`cuda.norm_row`: OUZEL_NORM_QKV=1), or None: the caller runs `prepare`."""
-        return _cuda.norm_row(x, delta, self.weight, self.eps, self.unit_offset) if x.is_cuda else None
-
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -41,10 +41,6 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, x, positions, kv, out_rows=None, pending=None):
         """x: the residual stream [T, D], `pending` (the last layer's MLP output) not yet added:
         each residual add runs inside the norm after it. Returns (stream, this layer's MLP output)."""
-        if out_rows is None:  # a decode step's q/k/v GEMV may form the norm itself (OUZEL_NORM_QKV=1)
-            fused = self.self_attn.with_norm(self.input_layernorm, x, pending, positions, kv)
-            if fused is not None:
-                return self.mlp_block(*fused)
         n, x, xq = self.input_layernorm.prepare(x, pending)
         h = self.self_attn(n, positions, kv, out_rows, xq)
         return self.mlp_block(x if out_rows is None else x[out_rows], h)

@@ -35,14 +35,12 @@ on a GPU yet. Reference: `paged_decode_attention_reference` (gather, then the or
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from . import pdl
-from .gguf import last_to_finish, split_counters
 from .pdl import wait_for_inputs
 from .q8act import round32
 
@@ -150,13 +148,13 @@ def _q8_rows(o, rows_ok, heads, b, xq_ptr, dx_ptr, sx_ptr, HD, D: tl.constexpr, 
 
 @triton.jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, tbl_ptr, o_ptr, lse_ptr, nk_ptr, nv_ptr, inv_ptr, wq_ptr, wk_ptr,
-                  xq_ptr, dx_ptr, sx_ptr, fin_ptr, cnt_ptr, qk_scale, norm_eps, window, C, G,
+                  xq_ptr, dx_ptr, sx_ptr, qk_scale, norm_eps, window, C, G,
                   Hkv, s_qb, s_qh, s_kb, s_kc, s_kh, s_vb, s_vc, s_vh, s_tb, s_ob, s_oh, s_nkb, s_nkh, s_nvb, s_nvh,
                   D: tl.constexpr, DP: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
                   PAGE: tl.constexpr, SPLITS: tl.constexpr, ONE_PASS: tl.constexpr,
                   SPLIT_DOT: tl.constexpr, MAX_ITERS: tl.constexpr, NEW_KV: tl.constexpr, ROPE: tl.constexpr,
                   ROT: tl.constexpr, NORM: tl.constexpr, UNIT_OFFSET: tl.constexpr, Q8: tl.constexpr,
-                  PDL: tl.constexpr, FINISH: tl.constexpr = False, SP: tl.constexpr = 1):
+                  PDL: tl.constexpr):
     """q [B, H, D]; BG heads of one kv head per program. PAGE == 0: k/v rows at b*s_kb + key*s_kc
     + hkv*s_kh. PAGE > 0 (a paged pool, s_kb = 0): the row of a key comes from the block table
     tbl_ptr + b*s_tb (see `_tile`); C is then the table's capacity in keys.
@@ -167,10 +165,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, tbl_ptr, o_ptr, lse_ptr, nk_ptr,
     ROPE (with NEW_KV): q and the new k come unrotated; each program rotates its q rows at the
     position (after the q/k norms with NORM), and the split holding the new key rotates that key
     before it attends and stores it (`_roped_rows`): no launch of their own.
-    Q8 (with ONE_PASS or FINISH): also the output's int8 rows for the next GEMV (`_q8_rows`).
-    FINISH (not ONE_PASS): the last split of each program's heads to finish (a counter per program
-    row, re-armed) merges the SPLITS partials into fin_ptr [B, H, D] as `_combine_kernel` does, a
-    few splits at a time (SP = SPLITS rounded up to a power of two): no combine launch."""
+    Q8 (with ONE_PASS): also the output's int8 rows for the next GEMV (`_q8_rows`)."""
     wait_for_inputs(PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -238,38 +233,6 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, tbl_ptr, o_ptr, lse_ptr, nk_ptr,
         tl.store(o_ptr + (row[:, None] * SPLITS + split) * D + d[None, :], o, mask=gd_mask)
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(lse_ptr + row * SPLITS + split, lse, mask=g < G)
-        if FINISH:
-            if last_to_finish(cnt_ptr + pid, SPLITS):
-                out = _merge_splits(o_ptr, lse_ptr, row, g < G, d, D, SPLITS, SP)
-                out = out.to(fin_ptr.dtype.element_ty)
-                tl.store(fin_ptr + b * s_ob + heads[:, None] * s_oh + d[None, :], out, mask=gd_mask)
-                if Q8:
-                    _q8_rows(out.to(tl.float32), (g < G)[:, None], heads, b, xq_ptr, dx_ptr, sx_ptr, Hkv * G * D, D,
-                             DP)
-                tl.store(cnt_ptr + pid, 0)
-
-
-@triton.jit
-def _merge_splits(o_ptr, lse_ptr, row, ok, d, D: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr):
-    """`_combine_kernel`'s merge of rows `row` [R] (ok: the real ones) from their SPLITS partials, read
-    past L1 (other programs wrote them): the log-sum-exps at once, the partial outputs 4 splits a load."""
-    s = tl.arange(0, SP)
-    lse = tl.load(lse_ptr + row[None, :] * SPLITS + s[:, None], mask=(s < SPLITS)[:, None] & ok[None, :],
-                  other=float("-inf"), cache_modifier=".cg")  # [SP, R]
-    m = tl.max(lse, axis=0)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m)[None, :])
-    tot = tl.sum(w, axis=0)
-    CH: tl.constexpr = 4 if SP > 4 else SP
-    c = tl.arange(0, CH)
-    acc = tl.zeros([row.shape[0], d.shape[0]], dtype=tl.float32)
-    for s0 in range(0, SPLITS, CH):
-        sc = s0 + c
-        ws = tl.sum(tl.where(s[:, None, None] == sc[None, :, None], w[:, None, :], 0.0), axis=0)  # [CH, R]
-        part = tl.load(o_ptr + (row[None, :, None] * SPLITS + sc[:, None, None]) * D + d[None, None, :],
-                       mask=(sc < SPLITS)[:, None, None] & ok[None, :, None] & (d < D)[None, None, :], other=0.0,
-                       cache_modifier=".cg")  # [CH, R, DP]
-        acc += tl.sum(ws[:, :, None] * part, axis=0)
-    return acc / tl.where(tot > 0, tot, 1.0)[:, None]
 
 
 @triton.jit
@@ -464,11 +427,7 @@ def _launch(q, k4, v4, batch_strides, C, lengths, table, page, scale, window, ou
         sx = torch.empty_like(dx)
     else:
         xq = dx = sx = lengths  # unread stand-ins
-    # the splits merged by the last of them (OUZEL_ATTN_FINISH=1, an untimed A/B switch: no combine launch) where
-    # they are few enough to load in two steps; many (a deep context) keep the combine kernel
-    finish = 1 < splits <= 8 and os.environ.get("OUZEL_ATTN_FINISH") == "1"
-    cnt = split_counters(q.device, progs) if finish else lengths  # lengths: an unread stand-in
-    extra = (inv, wq, wk, xq, dx, sx, out, cnt)
+    extra = (inv, wq, wk, xq, dx, sx)
     nk, nv = new_kv if new_kv is not None else (q, q)  # unread stand-ins without new rows
     new = (nk, nv)
     s_kb, s_vb = batch_strides
@@ -482,11 +441,6 @@ def _launch(q, k4, v4, batch_strides, C, lengths, table, page, scale, window, ou
         return done
     o_part = torch.empty((B * H, splits, D), dtype=torch.float32, device=q.device)
     lse = torch.empty((B * H, splits), dtype=torch.float32, device=q.device)
-    if finish:
-        _split_kernel[(progs, splits)](q, k4, v4, lengths, tbl, o_part, lse, *new, *extra, qk_scale, float(eps), win,
-                                       C, G, Hkv, *strides, out.stride(0), out.stride(1), *new_strides, ONE_PASS=False,
-                                       FINISH=True, SP=triton.next_power_of_2(splits), **meta)
-        return done
     _split_kernel[(progs, splits)](q, k4, v4, lengths, tbl, o_part, lse, *new, *extra, qk_scale, float(eps), win, C,
                                    G, Hkv, *strides, 0, 0, *new_strides, ONE_PASS=False, **dict(meta, Q8=False))
     _combine_kernel[(B * H,)](o_part, lse, out, xq, dx, sx, H, out.stride(0), out.stride(1),

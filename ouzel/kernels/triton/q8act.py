@@ -346,37 +346,17 @@ def norm_values(h, nw_ptr, y_ptr, k, ok, inv, UNIT_OFFSET: tl.constexpr):
 
 
 @triton.jit
-def _norm_row(nx_ptr, nr_ptr, nw_ptr, nh_ptr, neps, xq_ptr, dx_ptr, sx_ptr, K, first, NBD: tl.constexpr,
-              N_UNIT: tl.constexpr):
-    """The one x row of a one-row GEMV formed in the kernel: y = RMSNorm(x + residual) (K values, NBD a
-    power of two >= K) rounded to int8 per 32 into xq / dx / sx, which the GEMV then reads. Every
-    program computes the whole row and stores the same bytes before it reads them (a barrier orders its
-    own stores and loads; another program's stores of the same bytes change nothing); `first` also
-    stores the stream h = x + residual."""
-    d = tl.arange(0, NBD)
-    m = d < K
-    h = stream_values(nx_ptr, nr_ptr, nh_ptr, d, m)
-    if first:
-        tl.store(nh_ptr + d, h.to(nh_ptr.dtype.element_ty), mask=m)
-    y = norm_values(h, nw_ptr, nh_ptr, d, m, tl.rsqrt(tl.sum(h * h, axis=0) / K + neps), N_UNIT)
-    _round_store(tl.where(m, y, 0.0), xq_ptr.to(tl.pointer_type(tl.int8)), dx_ptr, sx_ptr, 0, 0, K, NBD)
-    tl.debug_barrier()
-
-
-@triton.jit
 def _q4k_m1_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr, idx_ptr, N, blocks_per_split,
                    row_quads, expert_quads, K, x_div, stride_os, stride_og, sq_ptr, sdx_ptr, ssx_ptr, pair_ptr, limit,
                    BN: tl.constexpr, NB: tl.constexpr, HAS_IDX: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr,
                    COMBINE: tl.constexpr, GP: tl.constexpr, USE_ASM: tl.constexpr, SWIGLU: tl.constexpr,
-                   LIMIT: tl.constexpr, PDL: tl.constexpr, nx_ptr, nr_ptr, nw_ptr, nh_ptr, neps, NORM: tl.constexpr,
-                   NBD: tl.constexpr, N_UNIT: tl.constexpr):
-    """`_q4k_m1` on program (row tile, split, group); SWIGLU: `_swiglu_pair` after the output; NORM: x
-    formed by each program (`_norm_row`)."""
+                   LIMIT: tl.constexpr, PDL: tl.constexpr):
+    """`_q4k_m1` on program (row tile, split, group); SWIGLU: `_swiglu_pair` after the output."""
     tile, g = tl.program_id(0), tl.program_id(2)
     final = _q4k_m1(tile, tl.program_id(1), g, tl.num_programs(0), tl.num_programs(2), xq_ptr, dx_ptr, sx_ptr,
                     w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr, idx_ptr, N, blocks_per_split, row_quads,
                     expert_quads, K, x_div, stride_os, stride_og, BN, NB, HAS_IDX, SPLITS, SP, COMBINE, GP, USE_ASM,
-                    PDL, nx_ptr, nr_ptr, nw_ptr, nh_ptr, neps, NORM, NBD, N_UNIT)
+                    PDL)
     if SWIGLU:
         if final:
             _swiglu_pair(out_ptr, g, stride_og, tile, tl.num_programs(0) // 2, sq_ptr, sdx_ptr, ssx_ptr, pair_ptr,
@@ -387,8 +367,7 @@ def _q4k_m1_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mi
 def _q4k_m1(tile, split, g, n_tiles, n_groups, xq_ptr, dx_ptr, sx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr,
             idx_ptr, N, blocks_per_split, row_quads, expert_quads, K, x_div, stride_os, stride_og, BN: tl.constexpr,
             NB: tl.constexpr, HAS_IDX: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr, COMBINE: tl.constexpr,
-            GP: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr, nx_ptr, nr_ptr, nw_ptr, nh_ptr, neps,
-            NORM: tl.constexpr, NBD: tl.constexpr, N_UNIT: tl.constexpr):
+            GP: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr):
     """`_q4k_kernel` for one activation row (decode), every load of step i + 1 in flight while step i
     computes: the nibble words, the block headers as one 16-byte word load each (d | dmin, then
     the three words of 6-bit scales, decoded with shifts instead of byte loads), and x's words
@@ -410,9 +389,6 @@ def _q4k_m1(tile, split, g, n_tiles, n_groups, xq_ptr, dx_ptr, sx_ptr, w_ptr, ou
     qw = tl.load(nib + blk * 36)
     hw = tl.load(hdr + blk3 * 36)
     _weights_loaded(PDL, HAS_IDX)
-    if NORM:
-        _norm_row(nx_ptr, nr_ptr, nw_ptr, nh_ptr, neps, xq_ptr, dx_ptr, sx_ptr, K, (tile == 0) & (split == 0), NBD,
-                  N_UNIT)
     xl = tl.load(xw + blk * 64)
     xh = tl.load(xw + blk * 64 + 8)
     dl = tl.load(dx_ptr + xs + blk3 * 8)
@@ -477,7 +453,7 @@ def _q6k_r8_m1_kernel(xq_ptr, dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr
     _q6k_r8_m1(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0), tl.num_programs(2), xq_ptr,
                dx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr, idx_ptr, N, blocks_per_split, row_quads,
                expert_quads, K, x_div, stride_os, stride_og, BN, NB, HAS_IDX, SPLITS, SP, COMBINE, GP, USE_ASM, G, GW,
-               PDL, dx_ptr, dx_ptr, dx_ptr, dx_ptr, dx_ptr, 0.0, False, 32, False)
+               PDL)
 
 
 @triton.jit
@@ -485,15 +461,14 @@ def _q6k_r8_m1(tile, split, g, n_tiles, n_groups, xq_ptr, dx_ptr, w_ptr, out_ptr
                idx_ptr, N, blocks_per_split, row_quads, expert_quads, K, x_div, stride_os, stride_og,
                BN: tl.constexpr, NB: tl.constexpr, HAS_IDX: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr,
                COMBINE: tl.constexpr, GP: tl.constexpr, USE_ASM: tl.constexpr, G: tl.constexpr, GW: tl.constexpr,
-               PDL: tl.constexpr, nx_ptr, nr_ptr, nw_ptr, nh_ptr, nsx_ptr, neps, NORM: tl.constexpr,
-               NBD: tl.constexpr, N_UNIT: tl.constexpr):
+               PDL: tl.constexpr):
     """One x row times Q6_K_R8 or Q6_K_R3 rows (quant/blocks.py: per group of G = 8 or 3 blocks, GW =
     420 or 160 words: their Q6_K bodies of 208 bytes (52 words), then their G f16 d, two to a word;
     R3 then 10 bytes of padding). Tile [BN rows, NB blocks, 2 halves h, 16 words u]: ql word u of
     half h holds elements 128h + 4u .. +3 (low nibbles) and 128h + 64 + 4u .. (high); their top 2
     bits are field u // 8 (resp. 2 + u // 8) of qh word u % 8. The 6-bit values are unsigned; q - 32
     is exact in the integer dot as dp4a(q, x) - dp4a(32, x). Every load of step i + 1 is in flight
-    during step i. NORM: x formed by each program (`_norm_row`, its scaled sums into nsx_ptr)."""
+    during step i."""
     rows, wrow = _m1_rows(idx_ptr, N, row_quads, expert_quads, tile, g, BN, HAS_IDX, PDL)
     xrow = (g // x_div).to(tl.int64)
     b4 = tl.arange(0, NB)[None, :, None, None]
@@ -513,9 +488,6 @@ def _q6k_r8_m1(tile, split, g, n_tiles, n_groups, xq_ptr, dx_ptr, w_ptr, out_ptr
     sw2 = tl.load(w_ptr + body + 49 + h4 * 2)
     dw = tl.load(w_ptr + r4 + (blk // G) * GW + G * 52 + (blk % G) // 2)
     _weights_loaded(PDL, HAS_IDX)
-    if NORM:
-        _norm_row(nx_ptr, nr_ptr, nw_ptr, nh_ptr, neps, xq_ptr, dx_ptr, nsx_ptr, K, (tile == 0) & (split == 0), NBD,
-                  N_UNIT)
     xl = tl.load(xw + blk * 64)
     xh = tl.load(xw + blk * 64 + 16)
     dl = tl.load(dx_ptr + xs + blk * 8)
@@ -781,73 +753,37 @@ def _q4k_q6k_m1_kernel(xq_ptr, dx_ptr, sx_ptr, wa_ptr, wb_ptr, out_ptr, part_a, 
                        bps_a, bps_b, quads_a, quads_b, K, stride_a, stride_b, TILES_A, TILES_B,
                        BN_A: tl.constexpr, NB_A: tl.constexpr, SPLITS_A: tl.constexpr, SP_A: tl.constexpr,
                        BN_B: tl.constexpr, NB_B: tl.constexpr, SPLITS_B: tl.constexpr, SP_B: tl.constexpr,
-                       G: tl.constexpr, GW: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr, nx_ptr,
-                       nr_ptr, nw_ptr, nh_ptr, neps, NORM: tl.constexpr, NBD: tl.constexpr, N_UNIT: tl.constexpr):
+                       G: tl.constexpr, GW: tl.constexpr, USE_ASM: tl.constexpr, PDL: tl.constexpr):
     """One x row times a Q4_K matrix A [N_A, K] and a Q6_K_R8 / R3 matrix B [N_B, K] in one launch:
     out[:N_A] = A x, out[N_A:] = B x. Q4_K_M gives a layer's q and k Q4_K and its v Q6_K in half
     the layers, which then took a launch of their own (a 1024-row v: 5.4 us beside 9.1 for q and
     k on an H100). The first TILES_A * SPLITS_A programs run `_q4k_m1` (program p: row tile
     p % TILES_A, split p // TILES_A), the rest `_q6k_r8_m1`, each with its own tiles, K split,
-    partials and counters (B's after A's TILES_A). NORM: x formed by each program (`_norm_row`); the
-    first program of each part stores the stream."""
+    partials and counters (B's after A's TILES_A)."""
     pid = tl.program_id(0)
     g = pid * 0  # the one group (a tensor: the bodies index with it)
     if pid < TILES_A * SPLITS_A:
         _q4k_m1(pid % TILES_A, pid // TILES_A, g, TILES_A, 1, xq_ptr, dx_ptr, sx_ptr, wa_ptr, out_ptr, part_a, cnt_ptr,
                 dx_ptr, dx_ptr, N_A, bps_a, quads_a, 0, K, 1, stride_a, 0, BN_A, NB_A, False, SPLITS_A, SP_A, False, 1,
-                USE_ASM, PDL, nx_ptr, nr_ptr, nw_ptr, nh_ptr, neps, NORM, NBD, N_UNIT)
+                USE_ASM, PDL)
     else:
         p = pid - TILES_A * SPLITS_A
         _q6k_r8_m1(p % TILES_B, p // TILES_B, g, TILES_B, 1, xq_ptr, dx_ptr, wb_ptr, out_ptr + N_A, part_b,
                    cnt_ptr + TILES_A, dx_ptr, dx_ptr, N_B, bps_b, quads_b, 0, K, 1, stride_b, 0, BN_B, NB_B, False,
-                   SPLITS_B, SP_B, False, 1, USE_ASM, G, GW, PDL, nx_ptr, nr_ptr, nw_ptr, nh_ptr, sx_ptr, neps, NORM,
-                   NBD, N_UNIT)
+                   SPLITS_B, SP_B, False, 1, USE_ASM, G, GW, PDL)
 
 
-class NormRow:
-    """The one x row of a one-row GEMV given as RMSNorm(x + residual) (weight, eps, unit_offset), to be
-    formed inside the GEMV's launch (`_norm_row`) instead of by a launch of its own: the inputs and
-    the buffers the kernel fills, the stream h = x + residual and the norm's int8 rows (xq, dx, sx).
-    Nothing reads them before the GEMV that takes this row has been queued."""
-
-    def __init__(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                 unit_offset: bool = False):
-        k = x.shape[-1]
-        if (x.shape != (1, k) or residual.shape != (1, k) or weight.shape != (k,) or k % 256 or k > 16384
-                or x.device != residual.device or x.device != weight.device):
-            raise ValueError(f"NormRow: x {tuple(x.shape)}, residual {tuple(residual.shape)}, weight "
-                             f"{tuple(weight.shape)}: one row of K % 256 == 0, K <= 16384, on one device")
-        self.x, self.residual, self.weight = x.contiguous(), residual.contiguous(), weight.contiguous()
-        self.eps, self.unit_offset = float(eps), bool(unit_offset)
-        self.h = torch.empty((1, k), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
-        self.xq = torch.empty((1, k), dtype=torch.int8, device=x.device)
-        self.dx = torch.empty((1, k // QBLOCK), dtype=torch.float32, device=x.device)
-        self.sx = torch.empty_like(self.dx)
-
-    def kernel_args(self) -> dict:
-        """The norm's arguments of the one-row kernels (`nx_ptr` .. `N_UNIT`)."""
-        return dict(nx_ptr=self.x, nr_ptr=self.residual, nw_ptr=self.weight, nh_ptr=self.h, neps=self.eps,
-                    NORM=True, NBD=triton.next_power_of_2(self.x.shape[1]), N_UNIT=self.unit_offset)
-
-
-def _norm_args(norm: NormRow | None, dx: torch.Tensor) -> dict:
-    if norm is not None:
-        return norm.kernel_args()
-    return dict(nx_ptr=dx, nr_ptr=dx, nw_ptr=dx, nh_ptr=dx, neps=0.0, NORM=False, NBD=32, N_UNIT=False)  # unread
-
-
-def qgemv_q8_pair(x: torch.Tensor, a: tuple, b: tuple, xq=None, norm: NormRow | None = None) -> torch.Tensor:
+def qgemv_q8_pair(x: torch.Tensor, a: tuple, b: tuple, xq=None) -> torch.Tensor:
     """[x @ A.T | x @ B.T] for one x row [1, K] in one launch (`_q4k_q6k_m1_kernel`); a = (raw, shape,
     config) of a Q4_K matrix, b = (raw, type name, shape, config) of a Q6_K_R8 / Q6_K_R3 one, each
-    config a `qgemv_q8` one (bn, u, split, target, num_warps; A's num_warps serves both). norm: x is
-    that row's RMSNorm, formed in the launch (x: `norm.h`, for its shape and dtype only)."""
+    config a `qgemv_q8` one (bn, u, split, target, num_warps; A's num_warps serves both)."""
     (raw_a, (na, k), ca), (raw_b, name_b, (nb, kb), cb) = a, b
     if name_b not in _Q6K_GROUPS or kb != k or x.shape != (1, k) or k % 256:
         raise ValueError(f"qgemv_q8_pair: Q4_K {(na, k)} with {name_b} {(nb, kb)} for x {tuple(x.shape)}")
     for raw in (raw_a, raw_b):
         if raw.dtype != torch.uint8 or raw.stride(1) != 1 or raw.stride(0) % 16 or raw.data_ptr() % 16:
             raise ValueError(f"qgemv_q8_pair: unsupported layout {tuple(raw.shape)}")
-    xq, dx, sx = (norm.xq, norm.dx, norm.sx) if norm is not None else xq if xq is not None else quantize_x(x)
+    xq, dx, sx = xq if xq is not None else quantize_x(x)
     out = torch.empty((1, na + nb), dtype=x.dtype, device=x.device)
     segs = []
     for n, cfg in ((na, ca), (nb, cb)):
@@ -863,7 +799,7 @@ def qgemv_q8_pair(x: torch.Tensor, a: tuple, b: tuple, xq=None, norm: NormRow | 
         dst_a.stride(0) if sp_a > 1 else 0, dst_b.stride(0) if sp_b > 1 else 0, t_a, t_b, BN_A=bn_a, NB_A=u_a,
         SPLITS_A=sp_a, SP_A=triton.next_power_of_2(sp_a), BN_B=bn_b, NB_B=u_b, SPLITS_B=sp_b,
         SP_B=triton.next_power_of_2(sp_b), USE_ASM=x.is_cuda, num_warps=ca.get("num_warps", 4),
-        **_norm_args(norm, dx), **_Q6K_GROUPS[name_b], **pdl.launch(x.device))
+        **_Q6K_GROUPS[name_b], **pdl.launch(x.device))
     return out
 
 
@@ -896,7 +832,7 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch
              bn: int = 8, u: int = 1, split: int | None = None, num_warps: int = 4, target: int = 264,
              prefetch: bool = True, idx: torch.Tensor | None = None, x_div: int = 1, xq=None,
              m1: bool = False, combine: torch.Tensor | None = None, swiglu: bool = False,
-             limit: float | None = None, norm: NormRow | None = None):
+             limit: float | None = None):
     """out [M, N] = x [M, K] @ W.T with x rounded to int8 per 32 (see the module doc); M <= 16.
     MoE form as `gguf.qgemv`: idx [G] experts of raw [E * N, row_bytes], out [G, N], x row g // x_div.
     xq: a `quantize_x(x)` result to reuse (several matrices reading the same x). m1: one x row
@@ -905,13 +841,9 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch
     (row g), the routing weights' sum formed by the kernel.
     swiglu (Q4_K, one x row, a gate/up matrix [gate; up], bn % 32 == 0 dividing N / 2): returns
     (out, the int8 rows of silu(gate) * up for the down projection: `quantize_swiglu(out, limit)`),
-    formed by the kernel (`_swiglu_pair`).
-    norm (Q4_K, one dense x row, m1): x is that row's RMSNorm, formed in the launch (`NormRow`; x:
-    `norm.h`, for its shape and dtype only)."""
+    formed by the kernel (`_swiglu_pair`)."""
     n, k = shape
     moe = idx is not None
-    if norm is not None and (bt_name != "Q4_K" or moe or not m1 or swiglu or x.shape != (1, k)):
-        raise ValueError(f"qgemv_q8: norm needs the dense Q4_K one-row form ({bt_name}, x {tuple(x.shape)})")
     m = 1 if moe else x.shape[0]
     if not supports(bt_name, m):
         raise ValueError(f"qgemv_q8: {bt_name} is not supported for {m} x rows ({', '.join(SUPPORTED)}; "
@@ -921,7 +853,7 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch
         raise ValueError(f"qgemv_q8: unsupported layout {tuple(raw.shape)} for {shape}")
     if x.shape[-1] != k or not 1 <= m <= 16 or (moe and x.shape[0] * x_div != groups):
         raise ValueError(f"qgemv_q8: x {tuple(x.shape)} for weight {shape}")
-    xq, dx, sx = (norm.xq, norm.dx, norm.sx) if norm is not None else xq if xq is not None else quantize_x(x)
+    xq, dx, sx = xq if xq is not None else quantize_x(x)
     n_blocks = k // 256
     u, split, out, dst = plan_gemv("qgemv_q8", x, n, n_blocks, groups if moe else m, triton.cdiv(n, bn) * groups, u,
                                    split, target, out)
@@ -969,7 +901,7 @@ def qgemv_q8(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, out: torch
         _q4k_m1_kernel[grid](xq.view(torch.int32), dx, sx, raw.view(torch.int32), out, dst, cnt, w_arg, idx_arg, n,
                              n_blocks // split, raw.stride(0) // 16, n * raw.stride(0) // 16, k, x_div, strides[2],
                              strides[3], *sw_args, BN=bn, NB=u, HAS_IDX=moe, USE_ASM=x.is_cuda, num_warps=num_warps,
-                             **finish, **sw, **_norm_args(norm, dx), **pdl.launch(x.device))
+                             **finish, **sw, **pdl.launch(x.device))
         return (out, sw_args[:3]) if swiglu else out
     _q4k_kernel[grid](xq.view(torch.int32), dx, sx, raw.view(torch.int32), raw, dst, idx_arg, n, n_blocks // split,
                       raw.stride(0) // 4, n * raw.stride(0) // 4, *strides, PREFETCH=prefetch, **common)
