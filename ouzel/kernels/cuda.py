@@ -62,9 +62,9 @@ Q2_R8_CONFIGS = (dict(bn=64, u=2), dict(bn=16, u=2), dict(bn=32, u=1), dict(bn=8
                  dict(bn=16, u=2, target=1024))
 Q8_TYPE_CONFIGS = {"Q4_K": Q8_CONFIGS, "Q6_K_R8": Q8_M1_CONFIGS, "Q6_K_R3": Q8_M1_CONFIGS,
                    "Q8_0_R8": Q8_0_R8_CONFIGS, "Q2_K_R8": Q2_R8_CONFIGS, "IQ2_XXS_R8": Q2_R8_CONFIGS}
-# Tuned cold (the default; not under OUZEL_TUNE_COLD=0) also tiles that load a program's whole K range in one or two steps over a
-# finer K split: a one-row program has one step of loads in flight ahead of the one it computes,
-# so its time is about (steps) x (the memory's latency) where a GEMV reads < 10 MB (qwen3moe's o_proj:
+# Tuned cold (the default; not under OUZEL_TUNE_COLD=0), also tiles that load a program's whole K
+# range in one or two steps over a finer K split: a one-row program has one step of loads in flight
+# ahead of the one it computes, so its time is about (steps) x (the memory's latency) where a GEMV reads < 10 MB (qwen3moe's o_proj:
 # 7.0 us for 4.7 MB on an H100, some 8 steps' worth of latency; session 11)
 # (or without a split, each program's whole K range in one step: loaded before its PDL wait, so while
 # the kernel before it runs; sm_90, Q4_K: 150-236 registers, no spills; Q6_K_R8 at 16 steps: 255 and a
