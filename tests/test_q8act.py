@@ -176,14 +176,18 @@ def test_tuned_gemv_is_exact_hot_or_cold(cold, gen, monkeypatch):
     """`cuda._gemv` tunes a config on first use in a CUDA graph, by default over copies of the matrix
     that read twice the L2 (`cold_variants`) and more tiles (COLD_EXTRA, some of which don't divide the
     shape and are skipped), or with OUZEL_TUNE_COLD=0 of the one matrix (L2 kept warm): the chosen
-    config is one of the candidates and the product is exact."""
+    config is one of the candidates and the product is exact. The timings' memory (each on a stream
+    of its own, the copies) is handed back: the process holds no more than before but the output."""
     from ouzel.kernels import cuda
     monkeypatch.setenv("OUZEL_TUNE_COLD", cold)
     monkeypatch.setattr(cuda, "_TUNED", {})
     n, k = 2048, 4096  # qwen3moe's o_proj
     raw = random_blocks("Q4_K", n, k, gen).to(DEV)
     x = torch.randn(1, k, generator=gen).to(DEV)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_reserved()
     out = cuda._gemv(x, raw, "Q4_K", (n, k))
+    assert torch.cuda.memory_reserved() <= held + (8 << 20)  # a new 2 MB segment or two; leaked: >= 2 MB a timing
     (cfg,) = cuda._TUNED.values()
     assert cfg in cuda.Q8_CONFIGS + (cuda.COLD_EXTRA["Q4_K"] if cold == "1" else ())
     xq, dx, _ = Q8.quantize_x(x)
