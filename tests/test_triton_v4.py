@@ -190,7 +190,8 @@ def test_attention_chunk(kept, T, mode, q_dtype, cache_dtype):
     """A prefill chunk's attention (T queries at consecutive positions after `kept` cached keys)
     against `V4Attention._attend` on the torch path's mask: each query over the keys of its window,
     then every complete compressed row (HCA) or its own picks (CSA, -1 where none). Compressed rows
-    no query may read hold NaN in the kernel's copy (a NaN read fails the check)."""
+    no query may read hold NaN in the kernel's copy (a NaN read fails the check). kept 8: the default
+    tiles (32 keys, every output channel in one program)."""
     from types import SimpleNamespace
 
     from ouzel.kernels.triton.testing import rel_err
@@ -227,7 +228,7 @@ def test_attention_chunk(kept, T, mode, q_dtype, cache_dtype):
         rows_nan[unread.to(DEV)] = float("nan")
     got = v4.attention_chunk(q, keys, positions.to(DEV), window, sinks, attn.scale,
                              None if mode == "window" else rows_nan, ratio, None if top is None else top.to(DEV),
-                             block_n=16, block_d=32, block_out=32 if kept == 5 else 64)
+                             **({} if kept == 8 else dict(block_n=16, block_d=32, block_out=32 if kept == 5 else 64)))
     tol = 1e-5 if cache_dtype == torch.float32 else 1e-4
     assert got.dtype == q_dtype and rel_err(got, want) < tol, rel_err(got, want)
 

@@ -30,6 +30,23 @@ MAX_D = 16384  # one row must fit one program's registers
 
 
 @triton.jit
+def stream_values(x_ptr, res_ptr, h_ptr, k, ok):
+    """Values k of a residual stream h = x + residual, rounded to h's dtype (as stored), as fp32."""
+    h = tl.load(x_ptr + k, mask=ok, other=0.0).to(tl.float32) + tl.load(res_ptr + k, mask=ok, other=0.0).to(tl.float32)
+    return h.to(h_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def norm_values(h, nw_ptr, y_ptr, k, ok, inv, UNIT_OFFSET: tl.constexpr):
+    """RMSNorm of stream values h (fp32) at k given inv = rsqrt(mean(h^2) + eps): h * inv * w (1 + w with
+    UNIT_OFFSET) rounded to y's dtype, as fp32."""
+    w = tl.load(nw_ptr + k, mask=ok, other=0.0).to(tl.float32)
+    if UNIT_OFFSET:
+        w = 1.0 + w
+    return (h * inv * w).to(y_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, xq_ptr, dx_ptr, sx_ptr, D, eps, s_x, s_r, s_y, s_h,
                      BD: tl.constexpr, UNIT_OFFSET: tl.constexpr, RESIDUAL: tl.constexpr, Q8: tl.constexpr,
                      PDL: tl.constexpr):
@@ -39,20 +56,15 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, xq_ptr, dx_ptr, sx_ptr, 
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BD)
     m = d < D
-    h = tl.load(x_ptr + row * s_x + d, mask=m, other=0.0).to(tl.float32)
-    if RESIDUAL:
-        h = h + tl.load(r_ptr + row * s_r + d, mask=m, other=0.0).to(tl.float32)
-        hq = h.to(h_ptr.dtype.element_ty)
-        tl.store(h_ptr + row * s_h + d, hq, mask=m)
-        h = hq.to(tl.float32)  # normalize the stored (rounded) sum, as the unfused path does
-    r = tl.rsqrt(tl.sum(h * h, axis=0) / D + eps)
-    w = tl.load(w_ptr + d, mask=m, other=0.0).to(tl.float32)
-    if UNIT_OFFSET:
-        w = 1.0 + w
-    y = (h * r * w).to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + row * s_y + d, y, mask=m)
+    if RESIDUAL:  # normalize the stored (rounded) sum, as the unfused path does
+        h = stream_values(x_ptr + row * s_x, r_ptr + row * s_r, h_ptr, d, m)
+        tl.store(h_ptr + row * s_h + d, h.to(h_ptr.dtype.element_ty), mask=m)
+    else:
+        h = tl.load(x_ptr + row * s_x + d, mask=m, other=0.0).to(tl.float32)
+    y = norm_values(h, w_ptr, y_ptr, d, m, tl.rsqrt(tl.sum(h * h, axis=0) / D + eps), UNIT_OFFSET)
+    tl.store(y_ptr + row * s_y + d, y.to(y_ptr.dtype.element_ty), mask=m)
     if Q8:
-        _round_store(tl.where(m, y.to(tl.float32), 0.0), xq_ptr, dx_ptr, sx_ptr, row, 0, D, BD)
+        _round_store(tl.where(m, y, 0.0), xq_ptr, dx_ptr, sx_ptr, row, 0, D, BD)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False,

@@ -329,23 +329,6 @@ def _weights_loaded(PDL: tl.constexpr, HAS_IDX: tl.constexpr):
 
 
 @triton.jit
-def stream_values(x_ptr, res_ptr, h_ptr, k, ok):
-    """Values k of a residual stream h = x + residual, rounded to h's dtype (as stored), as fp32."""
-    h = tl.load(x_ptr + k, mask=ok, other=0.0).to(tl.float32) + tl.load(res_ptr + k, mask=ok, other=0.0).to(tl.float32)
-    return h.to(h_ptr.dtype.element_ty).to(tl.float32)
-
-
-@triton.jit
-def norm_values(h, nw_ptr, y_ptr, k, ok, inv, UNIT_OFFSET: tl.constexpr):
-    """RMSNorm of stream values h (fp32) at k given inv = rsqrt(mean(h^2) + eps): h * inv * w (1 + w with
-    UNIT_OFFSET) rounded to y's dtype, as fp32 (`fused._rms_norm_kernel`'s arithmetic)."""
-    w = tl.load(nw_ptr + k, mask=ok, other=0.0).to(tl.float32)
-    if UNIT_OFFSET:
-        w = 1.0 + w
-    return (h * inv * w).to(y_ptr.dtype.element_ty).to(tl.float32)
-
-
-@triton.jit
 def _q4k_m1_kernel(xq_ptr, dx_ptr, sx_ptr, w_ptr, out_ptr, part_ptr, cnt_ptr, mix_ptr, idx_ptr, N, blocks_per_split,
                    row_quads, expert_quads, K, x_div, stride_os, stride_og, sq_ptr, sdx_ptr, ssx_ptr, pair_ptr, limit,
                    BN: tl.constexpr, NB: tl.constexpr, HAS_IDX: tl.constexpr, SPLITS: tl.constexpr, SP: tl.constexpr,

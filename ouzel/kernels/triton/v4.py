@@ -559,7 +559,7 @@ def attention_step(q: torch.Tensor, ring: torch.Tensor, positions: torch.Tensor,
 def attention_chunk(q: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, window: int, sinks: torch.Tensor,
                     scale: float, rows: torch.Tensor | None = None, ratio: int = 0, top: torch.Tensor | None = None,
                     block_n: int = 32, block_d: int = 64, block_out: int = 512, num_warps: int = 8,
-                    num_stages: int = 2, block_h: int = 16) -> torch.Tensor:
+                    num_stages: int = 2) -> torch.Tensor:
     """A prefill chunk's attention (`V4Attention._sequence` / `_attend` for T > 1 on a state that is
     not the fixed step): q [T, H, D] at consecutive positions [T] over the K=V keys [S, D] in
     position order, the chunk's T rows last (what `CompressedKV.window` returns): each query reads
@@ -568,12 +568,12 @@ def attention_chunk(q: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor
     each head's sink [H] (fp32) joins the softmax. Returns [T, H, D] in q's dtype. The torch code
     scored every query against all S keys and materialized fp32 scores [T, H, S] (3.3 ms of ds4's
     512-token prefill on an H100); here each program reads only its query's keys. Programs: T x
-    (H / block_h) x (D / block_out): by default all D = 512 output channels in one program (the
+    (H / 16) x (D / block_out): by default all D = 512 output channels in one program (the
     scores formed once, not once per 256 channels), 32-key tiles, 8 warps. ds4's 512-token chunk
     (fp32 q, fp16 keys, H100, bench/v4_chunk_bench.py; 16-key tiles and 256 channels before): HCA
     layer at depth 0 1423 -> 496 us, CSA at 0 2036 -> 660, CSA with 512 picks at 4096 6958 -> 2187
-    (16-key tiles on 4 warps: 460, 738, 2286). block_h 64 needs 320-460 KB of shared memory; 32 was
-    slower than 16."""
+    (16-key tiles on 4 warps: 460, 738, 2286). 64 heads a program needed 320-460 KB of shared memory;
+    32 was slower than 16 (session 12)."""
     T, H, D = q.shape
     if keys.shape[1] != D or sinks.shape != (H,) or positions.shape != (T,) or keys.shape[0] < T or (
             rows is not None and rows.shape[1] != D) or (top is not None and top.shape[0] != T):
@@ -584,7 +584,7 @@ def attention_chunk(q: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor
     rows = keys if rows is None else rows
     top = positions if top is None else top.contiguous()
     n_top = top.shape[-1] if mode == 2 else 0
-    BH, BD, BDO = block_h, min(block_d, triton.next_power_of_2(D)), min(block_out, triton.next_power_of_2(D))
+    BH, BD, BDO = 16, min(block_d, triton.next_power_of_2(D)), min(block_out, triton.next_power_of_2(D))
     out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     interpret = q.device.type != "cuda"
     # the interpreter's static trip counts; on the GPU the bounds come from the device (constexprs
