@@ -97,31 +97,32 @@ def run_shape(label, tokens, configs, tol):
     print(f"\n{label}: {name} [{E} x {n} x {k}], {tokens} tokens x top-{K} = {P} pairs, "
           f"{sum(c > 0 for c in counts)} experts used, rows/expert mean {P / E:.1f} max {max(counts)}, "
           f"{gbytes:.2f} GB of blocks")
-    print(f"{'bm':>4} {'bn':>4} {'warps':>5} {'stages':>6} {'quads':>5} {'us':>9} {'GB/s':>7} "
+    print(f"{'bm':>4} {'bn':>4} {'warps':>5} {'stages':>6} {'quads':>9} {'us':>9} {'GB/s':>7} "
           f"{'TFLOP/s':>8} {'rel err':>9}")
     best = None
-    for bm, bn, warps, stages, quads, *halves in configs:
-        tag = f"{quads}/{halves[0]}" if halves else str(quads)  # quads[/halves]
+    for bm, bn, warps, stages, quads, *more in configs:
+        halves, iq2_bf16 = (list(more) + [1, 0])[:2]
+        tag = f"{quads}/{halves}" + ("/bf16" if iq2_bf16 else "")  # quads/halves[/bf16]
         tiles = G.moe_tiles(counts, bm, "cuda")
         out = torch.empty((P, n), device="cuda", dtype=torch.bfloat16)
         fn = lambda: G.qgemm_experts(x, raw, name, (n, k), pair_rows, tiles, out=out, bm=bm, bn=bn,  # noqa: E731
                                      num_warps=warps, stages=stages, quads=bool(quads),
-                                     halves=halves[0] if halves else 1)
+                                     halves=halves, iq2_bf16=bool(iq2_bf16))
         try:
             out.fill_(float("nan"))
             fn()
             err = rel_err(out, ref)
             us = do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
         except Exception as ex:  # noqa: BLE001 (a config that does not compile, e.g. out of shared memory)
-            print(f"{bm:>4} {bn:>4} {warps:>5} {stages:>6} {tag:>5}  failed: {type(ex).__name__}: "
+            print(f"{bm:>4} {bn:>4} {warps:>5} {stages:>6} {tag:>9}  failed: {type(ex).__name__}: "
                   f"{str(ex)[:80]}")
             continue
         ok = err < tol
-        print(f"{bm:>4} {bn:>4} {warps:>5} {stages:>6} {tag:>5} {us:>9.1f} {gbytes / us * 1e6:>7.0f} "
+        print(f"{bm:>4} {bn:>4} {warps:>5} {stages:>6} {tag:>9} {us:>9.1f} {gbytes / us * 1e6:>7.0f} "
               f"{flops / us / 1e6:>8.1f} {err:>9.2e}{'' if ok else '  FAIL'}")
         if ok and (best is None or us < best[0]):
-            best = (us, dict(bm=bm, bn=bn, num_warps=warps, stages=stages, quads=bool(quads),
-                             **({"halves": halves[0]} if halves else {})))
+            best = (us, dict(bm=bm, bn=bn, num_warps=warps, stages=stages, quads=bool(quads), halves=halves,
+                             **({"iq2_bf16": True} if iq2_bf16 else {})))
     del raw
     torch.cuda.empty_cache()
     return best
@@ -131,7 +132,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names of SHAPES")
-    ap.add_argument("--configs", nargs="*", help="bm,bn,warps,stages,quads[,halves] (default: CONFIGS)")
+    ap.add_argument("--configs", nargs="*", help="bm,bn,warps,stages,quads[,halves[,iq2_bf16]] (default: CONFIGS)")
     ap.add_argument("--tol", type=float, default=2e-2, help="max relative error (bf16 operands)")
     args = ap.parse_args()
     configs = [tuple(int(v) for v in c.split(",")) for c in args.configs] if args.configs else CONFIGS

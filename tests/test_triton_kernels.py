@@ -285,6 +285,29 @@ def test_moe_gemm_iq2xxs_r8(halves, gen):
     assert _moe_gemm_case("IQ2_XXS_R8", [5, 0, 1, 37, 9], 16, gen, k=4096, bn=16, halves=halves) < 1e-5
 
 
+@pytest.mark.parametrize("name,k,halves", [("IQ2_XXS_R8", 4096, 1), ("IQ2_XXS_R8", 2048, 2), ("IQ2_XXS", 512, 2)])
+def test_moe_gemm_iq2xxs_bf16(name, k, halves, gen):
+    """IQ2_XXS formed in bf16 by byte permutation (`_iq2_bf16`): every weight equals the bf16 rounding
+    of `iq2_bf16_reference` (scale rounded, then the product), so the GEMM matches a matmul of those
+    weights to fp32 accuracy, and the exact weights to bf16's."""
+    counts = [5, 0, 1, 37, 9]
+    E, n, P = len(counts), 40, sum(counts)
+    raw = random_blocks(name, E * n, k, gen, DEV)
+    x = torch.randn(P // 2 + 1, k, generator=gen).to(DEV)
+    pair_rows = torch.randint(0, x.shape[0], (P,), generator=gen, dtype=torch.int32).to(DEV)
+    out = torch.full((P, n), float("nan"), device=DEV)
+    G.qgemm_experts(x, raw, name, (n, k), pair_rows, G.moe_tiles(counts, 16, DEV, P), out=out, bm=16, bn=16,
+                    dot_dtype=torch.float32, halves=halves, iq2_bf16=True)
+    w16 = G.iq2_bf16_reference(raw, name)
+    w = dequantize(raw, block_type(name))
+    es = torch.tensor([e for e, c in enumerate(counts) for _ in range(c)], device=DEV)
+    xs = x[pair_rows.long()]
+    ref16 = torch.stack([xs[p] @ w16[es[p] * n:(es[p] + 1) * n].T for p in range(P)])
+    ref = torch.stack([xs[p] @ w[es[p] * n:(es[p] + 1) * n].T for p in range(P)])
+    assert rel_err(out, ref16) < 1e-5
+    assert 1e-4 < rel_err(w16, w) < 1e-2 and rel_err(out, ref) < 1e-2
+
+
 def test_moe_gemm_iq2xxs_in_halves(gen):
     """The same split on GGUF's own IQ2_XXS layout (66-byte blocks)."""
     assert _moe_gemm_case("IQ2_XXS", [5, 0, 1, 37, 9], 16, gen, bn=16, halves=2) < 1e-5

@@ -494,6 +494,8 @@ def moe_gemm(x: torch.Tensor, w, n_experts: int, pair_rows: torch.Tensor, counts
     cfg = dict(MOE_GEMM_CONFIGS.get(w.bt.name, MOE_GEMM_DEFAULT))
     if "halves" in cfg and os.environ.get("OUZEL_IQ2_HALVES"):  # A/B switch: 1, 2 or 4 parts a step,
         cfg["halves"] = int(os.environ["OUZEL_IQ2_HALVES"])  # 254 / 126 / 82 registers (bench/sass.py)
+    if "halves" in cfg and os.environ.get("OUZEL_IQ2_BF16"):  # A/B switch: IQ2_XXS formed in bf16 by PRMT
+        cfg["iq2_bf16"] = os.environ["OUZEL_IQ2_BF16"] == "1"
     bm = cfg.pop("bm", 16 if mean <= 24 else 32 if mean <= 48 else 64)
     bm = 64 if mean > 48 else bm  # long prefills: every tile decodes its expert's blocks again
     return g.qgemm_experts(x.contiguous(), w.raw, w.bt.name, (w.shape[0] // n_experts, w.shape[1]), pair_rows,

@@ -330,17 +330,94 @@ def _quads(row_ptr, kb, TYPE: tl.constexpr, grid_ptr, signs_ptr, H: tl.constexpr
     return tl.reshape(w, [w.shape[0], 256 // HALVES])
 
 
+# IQ2_XXS as bf16 by byte permutation: every weight is +-8, +-25 or +-43, whose bf16 bits take 7
+# distinct bytes (8 = 41 00, 25 = 41 C8, 43 = 42 2C; the sign sets bit 7 of the high byte). One PRMT
+# picks 4 bytes from this 8-byte table by 4 nibble selectors, so it forms 2 weights in bf16.
+_BF16_BYTES = (0x00, 0xC8, 0x2C, 0x41, 0x42, 0xC1, 0xC2, 0x00)
+_BF16_LO = 0x412CC800  # table bytes 0..3, little-endian
+_BF16_HI = 0x00C2C142  # bytes 4..7
+
+
+@triton.jit
+def _bf16_bits(f):
+    """float32 -> its bf16 bits (int32, 0..65535), rounded to nearest even (the interpreter's own
+    conversion truncates, so it rounds here in integers)."""
+    if _PTX:
+        return f.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 65535
+    else:
+        b = f.to(tl.int32, bitcast=True)
+        return ((b + 32767 + ((b >> 16) & 1)) >> 16) & 65535
+
+
+@triton.jit
+def _bf16_pair_scaled(sel, scale2):
+    """int32 words of two bf16 weights each: table bytes picked by the low 4 nibbles of sel (low
+    byte, high byte of the first weight, then of the second), both multiplied by the bf16 pair
+    scale2 with one rounding (mul.rn.bf16x2; the CPU interpreter, which runs no PTX, does the same
+    in float32, where the product of two bf16 values is exact)."""
+    if _PTX:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; prmt.b32 t, 0x412CC800, 0x00C2C142, $1; mul.rn.bf16x2 $0, t, $2; }", "=r,r,r",
+            [sel, scale2], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        table = tl.full(sel.shape, 0x00C2C142412CC800, tl.int64)
+        word = tl.zeros(sel.shape, tl.int32)
+        for i in tl.static_range(4):
+            word |= ((table >> (8 * ((sel >> (4 * i)) & 7)).to(tl.int64)) & 255).to(tl.int32) << (8 * i)
+        sc = (scale2 << 16).to(tl.float32, bitcast=True)
+        lo = _bf16_bits((word << 16).to(tl.float32, bitcast=True) * sc)
+        hi = _bf16_bits((word & -65536).to(tl.float32, bitcast=True) * sc)
+        return lo | (hi << 16)
+
+
+@triton.jit
+def _iq2_bf16(row_ptr, kb, TYPE: tl.constexpr, gsel_ptr, signs_ptr, H: tl.constexpr = 0, HALVES: tl.constexpr = 1):
+    """IQ2_XXS(_R8) step kb as bf16 [BN, 256 // HALVES] (part H), each weight scale * grid * sign
+    rounded to bf16 (the scale first, then the product: `iq2_bf16_reference`). Per 8 weights: one
+    gathered grid row of selectors (`_iq2_selectors`: per weight the byte of its magnitude's low
+    and high bf16 byte), one gathered 8-bit sign pattern, spread to bit 5 of each high-byte
+    selector (adds 2: the negative high byte) by a multiply, then 4 PRMT + bf16x2 multiplies,
+    against ~10 instructions a weight for the float decode of `_quads`."""
+    # dims [S, BN, ...]: the group s ahead of the row, so that Triton spreads a warp's lanes over
+    # the groups of a row (K) first and stores the decoded tile K-major (16-byte stores; rows
+    # first gave one 2-byte store per weight)
+    if TYPE == 5:
+        b = (row_ptr + kb * 66)[None, :, None, None]
+        body = b + 2
+    else:
+        b = (row_ptr + (kb // 8) * 528 + 512 + (kb % 8) * 2)[None, :, None, None]
+        body = (row_ptr + (kb // 8) * 528 + (kb % 8) * 64)[None, :, None, None]
+    s = H * (8 // HALVES) + tl.arange(0, 8 // HALVES)[:, None, None, None]
+    p = tl.arange(0, 4)[None, None, :, None]
+    h = tl.arange(0, 2)[None, None, None, :]
+    a16 = (body + 4 + s * 8).to(tl.pointer_type(tl.uint16))  # the u32 aux at 4 + s*8 is 2-byte aligned
+    aux = tl.load(a16).to(tl.int32) | (tl.load(a16 + 1).to(tl.int32) << 16)  # [S, BN, 1, 1]
+    sel = tl.load(gsel_ptr + tl.load(body + s * 8 + p).to(tl.int32) * 2 + h)  # [S, BN, 4, 2]: weights 4h..4h+3
+    sign = tl.load(signs_ptr + ((aux >> (7 * p)) & 127))  # [S, BN, 4, 1]: 8 bits, parity included
+    sel += (((sign >> (4 * h)) & 15) * 0x04081020) & 0x20202020  # bit q of the nibble -> bit 8q + 5
+    d = tl.load(b.to(tl.pointer_type(tl.float16))).to(tl.float32)  # d is 2-byte aligned too
+    sc = _bf16_bits(d * (0.5 + ((aux >> 28) & 15).to(tl.float32)) * 0.25)  # [S, BN, 1, 1]
+    sc |= sc << 16
+    # weights 4h, 4h + 1 from the selectors' low half, 4h + 2, 4h + 3 from the high half
+    words = tl.join(_bf16_pair_scaled(sel, sc), _bf16_pair_scaled(sel >> 16, sc))  # [S, BN, 4, 2, 2]
+    lo = words.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    hi = (words >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    w = tl.permute(tl.join(lo, hi), (1, 0, 2, 3, 4, 5))  # [BN, S, 4, 2, 2, 2]: element s*32 + p*8 + h*4 + half*2 + j
+    return tl.reshape(w, [w.shape[0], 256 // HALVES])
+
+
 @triton.jit
 def _moe_gemm_kernel(x_ptr, w_ptr, out_ptr, grid_ptr, signs_ptr, pair_row_ptr, tile_expert_ptr, tile_start_ptr,
                      tile_end_ptr, N, K, row_bytes, expert_bytes, stride_xm, stride_om,
                      TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, QUADS: tl.constexpr, STAGES: tl.constexpr,
-                     PDL: tl.constexpr, HALVES: tl.constexpr = 1):
+                     PDL: tl.constexpr, HALVES: tl.constexpr = 1, IQ2_BF16: tl.constexpr = False):
     """Program (t, j): (token, expert) pairs tile_start[t] .. tile_end[t] (all of one expert e =
     tile_expert[t], at most BM) times output rows j*BN.. of W_e: out[pair] = x[pair_row[pair]] . W_e.T.
     Each 256-step of W_e's blocks is decoded in registers and fed to tl.dot: the experts' weights
     are never written out dense. The decoded tile is the MMA's M side (out.T = W_e . x.T) so that
-    a tile of few pairs (BM = 16) still fills the tensor-core instruction; QUADS picks `_quads`.
+    a tile of few pairs (BM = 16) still fills the tensor-core instruction; QUADS picks `_quads`,
+    IQ2_BF16 `_iq2_bf16` for IQ2_XXS (grid_ptr then holds `_iq2_selectors`).
     (A K = 32 dot per IQ2_XXS group on unscaled grid values, fewer instructions per weight in the
     SASS, was 10% slower on the H100: bench/NOTES.md, session 9.)"""
     wait_for_inputs(PDL)
@@ -359,7 +436,13 @@ def _moe_gemm_kernel(x_ptr, w_ptr, out_ptr, grid_ptr, signs_ptr, pair_row_ptr, t
     kk = tl.arange(0, 256)
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     for kb in tl.range(0, K // 256, num_stages=STAGES):
-        if QUADS and HALVES > 1:  # IQ2_XXS: the step in parts, fewer registers for the decoded tile
+        if IQ2_BF16:  # IQ2_XXS straight to bf16, the step in HALVES parts
+            for h in tl.static_range(HALVES):
+                w = _iq2_bf16(wrow, kb, TYPE, grid_ptr, signs_ptr, h, HALVES)
+                kh = kb * 256 + h * (256 // HALVES) + tl.arange(0, 256 // HALVES)
+                xk = tl.load(x_ptr + xrow[None, :] * stride_xm + kh[:, None], mask=rmask[None, :], other=0.0)
+                acc += tl.dot(w.to(DOT_DTYPE), xk.to(DOT_DTYPE), input_precision=PRECISION, out_dtype=tl.float32)
+        elif QUADS and HALVES > 1:  # IQ2_XXS: the step in parts, fewer registers for the decoded tile
             for h in tl.static_range(HALVES):
                 w = _quads(wrow, kb, TYPE, grid_ptr, signs_ptr, h, HALVES)
                 kh = kb * 256 + h * (256 // HALVES) + tl.arange(0, 256 // HALVES)
@@ -454,13 +537,15 @@ QUADS_TYPES = ("Q4_K", "Q6_K", "Q2_K", "IQ2_XXS", "Q6_K_R8", "Q6_K_R3", "Q2_K_R8
 
 def qgemm_experts(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, pair_rows: torch.Tensor, tiles,
                   out: torch.Tensor | None = None, bm: int = 16, bn: int = 64, num_warps: int = 4,
-                  stages: int = 1, quads: bool = True, dot_dtype=None, halves: int = 1) -> torch.Tensor:
+                  stages: int = 1, quads: bool = True, dot_dtype=None, halves: int = 1,
+                  iq2_bf16: bool = False) -> torch.Tensor:
     """MoE prefill: out [P, n] row p = x[pair_rows[p]] @ W_e.T for pairs p sorted by expert, `tiles`
     from `moe_tiles(counts, bm)`; raw holds E experts' blocks [E * n, row_bytes]. Matmul operands in
     dot_dtype (default bf16 on CUDA, fp32 in the CPU interpreter), fp32 accumulation; x is cast to
     it once here rather than per tile. quads: the byte-once decoder where it reads the type.
     halves (IQ2_XXS with quads): each 256-step decoded and multiplied in that many parts, for
-    fewer registers a program (more programs at once on a multiprocessor)."""
+    fewer registers a program (more programs at once on a multiprocessor). iq2_bf16 (IQ2_XXS):
+    the weights formed in bf16 by byte permutation (`_iq2_bf16`), rounded as `iq2_bf16_reference`."""
     tid, S, L, n, k = _check(raw, bt_name, shape)
     if x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
         raise ValueError(f"qgemm_experts: x {tuple(x.shape)} for weight {shape}")
@@ -470,7 +555,10 @@ def qgemm_experts(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, pair_
     dot = dot_dtype or (torch.bfloat16 if x.is_cuda else torch.float32)
     quads = quads and bt_name in QUADS_TYPES and raw.data_ptr() % 4 == 0  # Q2_K, Q4_K: 32-bit word loads
     grid, signs = _tables(raw.device)
-    if quads and bt_name.startswith("IQ2_XXS"):
+    iq2_bf16 = iq2_bf16 and bt_name.startswith("IQ2_XXS")
+    if iq2_bf16:
+        grid = _iq2_selectors(raw.device)
+    elif quads and bt_name.startswith("IQ2_XXS"):
         grid = _grid_words(raw.device)
     tile_expert, tile_start, tile_end = tiles
     _moe_gemm_kernel[(len(tile_expert), triton.cdiv(n, bn))](
@@ -478,9 +566,44 @@ def qgemm_experts(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, pair_
         n * raw.stride(0), x.stride(0), out.stride(0), TYPE=tid, S=S, L=L, BM=bm, BN=bn,
         DOT_DTYPE=tl.bfloat16 if dot == torch.bfloat16 else (tl.float16 if dot == torch.float16 else tl.float32),
         PRECISION="ieee" if dot == torch.float32 else "tf32",  # fp32 operands: exact fp32, not TF32
-        QUADS=quads, STAGES=stages, HALVES=halves if quads and bt_name.startswith("IQ2_XXS") else 1,
-        num_warps=num_warps, **pdl.launch(x.device))
+        QUADS=quads, STAGES=stages, HALVES=halves if (quads or iq2_bf16) and bt_name.startswith("IQ2_XXS") else 1,
+        IQ2_BF16=iq2_bf16, num_warps=num_warps, **pdl.launch(x.device))
     return out
+
+
+_SELECTORS: dict = {}
+
+
+def _iq2_selectors(device) -> torch.Tensor:
+    """IQ2_XXS's grid as PRMT selectors into `_BF16_BYTES`, int32 [256 * 2]: word h of row r holds,
+    for its weights 4h + q, nibble 2q the low byte's index of |weight| (0, 1, 2 for 8, 25, 43) and
+    nibble 2q + 1 its positive high byte's (3, 3, 4); a negative weight's high byte is 2 further."""
+    if device not in _SELECTORS:
+        from ...quant.blocks import _IQ2_XXS_GRID  # noqa: PLC0415
+        code = {8.0: 0, 25.0: 1, 43.0: 2}
+        words = []
+        for row in _IQ2_XXS_GRID.tolist():
+            for h in range(2):
+                c = [code[v] for v in row[4 * h:4 * h + 4]]
+                words.append(sum((ci | (3 + (ci == 2)) << 4) << (8 * q) for q, ci in enumerate(c)))
+        _SELECTORS[device] = torch.tensor(words, dtype=torch.int64).to(torch.int32).to(device)
+    return _SELECTORS[device]
+
+
+def iq2_bf16_reference(raw: torch.Tensor, bt_name: str) -> torch.Tensor:
+    """The weights `_iq2_bf16` forms, float32 [N, K] for IQ2_XXS(_R8) rows raw [N, row_bytes]: each
+    group's scale d * (0.5 + s) / 4 rounded to bf16, times the signed grid value, rounded to bf16."""
+    from ...quant.blocks import _IQ2_XXS_GRID, _IQ2_XXS_SIGNS, unpack_iq2_xxs_r8  # noqa: PLC0415
+    dev, n = raw.device, raw.shape[0]
+    b = (unpack_iq2_xxs_r8(raw) if bt_name == "IQ2_XXS_R8" else raw).reshape(-1, 66)
+    q = b[:, 2:66].to(torch.int64).view(-1, 8, 8)
+    aux = q[..., 4] | (q[..., 5] << 8) | (q[..., 6] << 16) | (q[..., 7] << 24)  # [B, 8]
+    d = b[:, 0:2].contiguous().view(torch.float16).float()  # [B, 1]
+    scale = (d * (0.5 + (aux >> 28).float()) * 0.25).to(torch.bfloat16).float().view(-1, 8, 1, 1)
+    sign_idx = (aux.unsqueeze(-1) >> torch.tensor([0, 7, 14, 21], device=dev)) & 0x7F  # [B, 8, 4]
+    bits = _IQ2_XXS_SIGNS.to(dev)[sign_idx].unsqueeze(-1) >> torch.arange(8, dtype=torch.int32, device=dev)
+    v = _IQ2_XXS_GRID.to(dev)[q[..., 0:4]] * (1 - 2 * (bits & 1)).float()  # [B, 8, 4, 8]
+    return (scale * v).to(torch.bfloat16).float().reshape(n, -1)
 
 
 _WORDS: dict = {}
