@@ -101,7 +101,7 @@ def run_shape(label, tokens, configs, tol):
           f"{'TFLOP/s':>8} {'rel err':>9}")
     best = None
     for bm, bn, warps, stages, quads, *more in configs:
-        halves, iq2_bf16 = (list(more) + [1, 0])[:2]
+        halves, iq2_bf16 = (*more, *(1, 0)[len(more):])[:2]
         tag = f"{quads}/{halves}" + ("/bf16" if iq2_bf16 else "")  # quads/halves[/bf16]
         tiles = G.moe_tiles(counts, bm, "cuda")
         out = torch.empty((P, n), device="cuda", dtype=torch.bfloat16)

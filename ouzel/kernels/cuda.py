@@ -469,8 +469,10 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq:
 # bench/moe_gemm_bench.py times the candidates and prints this table's entries.
 MOE_GEMM_CONFIGS = {  # H100, 512-token prefill, bench/moe_gemm_bench.py (bench/NOTES.md)
     # ds4 gate/up: 3.06 ms in halves (126 registers: 4 programs an SM) against 3.68 whole (254: 2 an SM);
-    # pp512 8290 against 7755 in the same call (session 11)
-    "IQ2_XXS": dict(bm=32, bn=64, num_warps=4, stages=1, quads=True, halves=2),
+    # pp512 8290 against 7755 in the same call (session 11). Formed in bf16 by byte permutation
+    # (`gguf._iq2_bf16`, ~700 instructions a 256-step against ~1200): 2.29 ms, pp512 10286 against 9081
+    # (session 13)
+    "IQ2_XXS": dict(bm=32, bn=64, num_warps=4, stages=1, quads=True, halves=2, iq2_bf16=True),
     "Q2_K": dict(bm=16, bn=64, num_warps=4, stages=2, quads=True),  # ds4 down: 1.31 ms
     "Q4_K": dict(bm=64, bn=64, num_warps=4, stages=1, quads=False),  # qwen3 gate/up: 0.36 ms
     "Q6_K": dict(bm=64, bn=128, num_warps=8, stages=1, quads=True)}  # qwen3 down: 0.31 ms
@@ -494,8 +496,8 @@ def moe_gemm(x: torch.Tensor, w, n_experts: int, pair_rows: torch.Tensor, counts
     cfg = dict(MOE_GEMM_CONFIGS.get(w.bt.name, MOE_GEMM_DEFAULT))
     if "halves" in cfg and os.environ.get("OUZEL_IQ2_HALVES"):  # A/B switch: 1, 2 or 4 parts a step,
         cfg["halves"] = int(os.environ["OUZEL_IQ2_HALVES"])  # 254 / 126 / 82 registers (bench/sass.py)
-    if "halves" in cfg and os.environ.get("OUZEL_IQ2_BF16"):  # A/B switch: IQ2_XXS formed in bf16 by PRMT
-        cfg["iq2_bf16"] = os.environ["OUZEL_IQ2_BF16"] == "1"
+    if "iq2_bf16" in cfg and os.environ.get("OUZEL_IQ2_BF16") == "0":  # the float decode of `_quads`
+        cfg["iq2_bf16"] = False
     bm = cfg.pop("bm", 16 if mean <= 24 else 32 if mean <= 48 else 64)
     bm = 64 if mean > 48 else bm  # long prefills: every tile decodes its expert's blocks again
     return g.qgemm_experts(x.contiguous(), w.raw, w.bt.name, (w.shape[0] // n_experts, w.shape[1]), pair_rows,
