@@ -101,13 +101,13 @@ def run_shape(label, tokens, configs, tol):
           f"{'TFLOP/s':>8} {'rel err':>9}")
     best = None
     for bm, bn, warps, stages, quads, *more in configs:
-        halves, iq2_bf16 = (*more, *(1, 0)[len(more):])[:2]
-        tag = f"{quads}/{halves}" + ("/bf16" if iq2_bf16 else "")  # quads/halves[/bf16]
+        halves, prmt = (*more, *(1, 0)[len(more):])[:2]
+        tag = f"{quads}/{halves}" + ("/prmt" if prmt else "")  # quads/halves[/prmt]
         tiles = G.moe_tiles(counts, bm, "cuda")
         out = torch.empty((P, n), device="cuda", dtype=torch.bfloat16)
         fn = lambda: G.qgemm_experts(x, raw, name, (n, k), pair_rows, tiles, out=out, bm=bm, bn=bn,  # noqa: E731
                                      num_warps=warps, stages=stages, quads=bool(quads),
-                                     halves=halves, iq2_bf16=bool(iq2_bf16))
+                                     halves=halves, prmt=bool(prmt))
         try:
             out.fill_(float("nan"))
             fn()
@@ -122,7 +122,7 @@ def run_shape(label, tokens, configs, tol):
               f"{flops / us / 1e6:>8.1f} {err:>9.2e}{'' if ok else '  FAIL'}")
         if ok and (best is None or us < best[0]):
             best = (us, dict(bm=bm, bn=bn, num_warps=warps, stages=stages, quads=bool(quads), halves=halves,
-                             **({"iq2_bf16": True} if iq2_bf16 else {})))
+                             **({"prmt": True} if prmt else {})))
     del raw
     torch.cuda.empty_cache()
     return best
@@ -132,7 +132,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names of SHAPES")
-    ap.add_argument("--configs", nargs="*", help="bm,bn,warps,stages,quads[,halves[,iq2_bf16]] (default: CONFIGS)")
+    ap.add_argument("--configs", nargs="*", help="bm,bn,warps,stages,quads[,halves[,prmt]] (default: CONFIGS)")
     ap.add_argument("--tol", type=float, default=2e-2, help="max relative error (bf16 operands)")
     args = ap.parse_args()
     configs = [tuple(int(v) for v in c.split(",")) for c in args.configs] if args.configs else CONFIGS

@@ -472,7 +472,7 @@ MOE_GEMM_CONFIGS = {  # H100, 512-token prefill, bench/moe_gemm_bench.py (bench/
     # pp512 8290 against 7755 in the same call (session 11). Formed in bf16 by byte permutation
     # (`gguf._iq2_bf16`, ~700 instructions a 256-step against ~1200): 2.29 ms, pp512 10286 against 9081
     # (session 13)
-    "IQ2_XXS": dict(bm=32, bn=64, num_warps=4, stages=1, quads=True, halves=2, iq2_bf16=True),
+    "IQ2_XXS": dict(bm=32, bn=64, num_warps=4, stages=1, quads=True, halves=2, prmt=True),
     "Q2_K": dict(bm=16, bn=64, num_warps=4, stages=2, quads=True),  # ds4 down: 1.31 ms
     "Q4_K": dict(bm=64, bn=64, num_warps=4, stages=1, quads=False),  # qwen3 gate/up: 0.36 ms
     "Q6_K": dict(bm=64, bn=128, num_warps=8, stages=1, quads=True)}  # qwen3 down: 0.31 ms
@@ -484,11 +484,13 @@ MOE_GEMM_CONFIGS["Q6_K_R3"] = MOE_GEMM_CONFIGS["Q6_K"]  # same values, 10 bytes 
 MOE_GEMM_DEFAULT = dict(bn=64, num_warps=4)
 
 
-def moe_gemm(x: torch.Tensor, w, n_experts: int, pair_rows: torch.Tensor, counts) -> torch.Tensor | None:
+def moe_gemm(x: torch.Tensor, w, n_experts: int, pair_rows: torch.Tensor, counts, swiglu: bool = False,
+             limit: float | None = None) -> torch.Tensor | None:
     """MoE prefill: out [P, n] row p = x[pair_rows[p]] @ W_e.T for pairs sorted by expert (counts[e]
     each), w a stacked QTensor [E * n, K]; the blocks are decoded inside the matmul tiles. None where
     no kernel reads the type. Tile rows: 16, or 32 / 64 where the experts average more pairs (each
-    tile decodes its expert's blocks again)."""
+    tile decodes its expert's blocks again). swiglu (w the [gate; up] stack): silu(gate) * up
+    [P, n / 2] (clamped at limit as `moe.swiglu`) in the prefill dtype, formed in the GEMM."""
     if not gemv_supports(w) or x.dtype not in _DTYPES:
         return None
     g, dot = _gguf(), prefill_dtype(x.dtype)
@@ -496,12 +498,13 @@ def moe_gemm(x: torch.Tensor, w, n_experts: int, pair_rows: torch.Tensor, counts
     cfg = dict(MOE_GEMM_CONFIGS.get(w.bt.name, MOE_GEMM_DEFAULT))
     if "halves" in cfg and os.environ.get("OUZEL_IQ2_HALVES"):  # A/B switch: 1, 2 or 4 parts a step,
         cfg["halves"] = int(os.environ["OUZEL_IQ2_HALVES"])  # 254 / 126 / 82 registers (bench/sass.py)
-    if "iq2_bf16" in cfg and os.environ.get("OUZEL_IQ2_BF16") == "0":  # the float decode of `_quads`
-        cfg["iq2_bf16"] = False
+    if os.environ.get("OUZEL_PRMT") in ("0", "1"):  # A/B: bf16 by byte permutation (0: `_quads` floats)
+        cfg["prmt"] = os.environ["OUZEL_PRMT"] == "1"
     bm = cfg.pop("bm", 16 if mean <= 24 else 32 if mean <= 48 else 64)
     bm = 64 if mean > 48 else bm  # long prefills: every tile decodes its expert's blocks again
     return g.qgemm_experts(x.contiguous(), w.raw, w.bt.name, (w.shape[0] // n_experts, w.shape[1]), pair_rows,
-                           g.moe_tiles(counts, bm, x.device, len(pair_rows)), bm=bm, dot_dtype=dot, **cfg)
+                           g.moe_tiles(counts, bm, x.device, len(pair_rows)), bm=bm, dot_dtype=dot, swiglu=swiglu,
+                           limit=limit, **cfg)
 
 
 def qgemv_pair(x: torch.Tensor, wa, wb, xq=None) -> torch.Tensor | None:

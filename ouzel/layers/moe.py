@@ -5,6 +5,7 @@ chose run, each on the tokens that chose it.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -329,8 +330,13 @@ class RoutedExperts(nn.Module):
         every expert per layer): kernels/triton/gguf.py `qgemm_experts`."""
         pairs = (order // K).to(torch.int32)  # gate/up read the token's row, down its own pair's row
         own = torch.arange(len(order), dtype=torch.int32, device=x.device)
-        y = self._through(x, gu, down, lambda inp, w, first: _cuda.moe_gemm(inp, w, self.n_experts,
-                                                                               pairs if first else own, counts))
+        y = None
+        if len(gu.stacked) == 1 and not os.environ.get("OUZEL_NO_MOE_SWIGLU"):  # silu(gate) * up in the GEMM
+            act = _cuda.moe_gemm(x, gu.stacked[0], self.n_experts, pairs, counts, swiglu=True, limit=self.limit)
+            y = None if act is None else _cuda.moe_gemm(act, down.stacked[0], self.n_experts, own, counts)
+        if y is None:
+            y = self._through(x, gu, down, lambda inp, w, first: _cuda.moe_gemm(inp, w, self.n_experts,
+                                                                                   pairs if first else own, counts))
         if y is None:
             return None
         # back to token order, then each token's weighted sum in a fixed order: deterministic, where

@@ -330,12 +330,12 @@ def _quads(row_ptr, kb, TYPE: tl.constexpr, grid_ptr, signs_ptr, H: tl.constexpr
     return tl.reshape(w, [w.shape[0], 256 // HALVES])
 
 
-# IQ2_XXS as bf16 by byte permutation: every weight is +-8, +-25 or +-43, whose bf16 bits take 7
-# distinct bytes (8 = 41 00, 25 = 41 C8, 43 = 42 2C; the sign sets bit 7 of the high byte). One PRMT
-# picks 4 bytes from this 8-byte table by 4 nibble selectors, so it forms 2 weights in bf16.
-_BF16_BYTES = (0x00, 0xC8, 0x2C, 0x41, 0x42, 0xC1, 0xC2, 0x00)
-_BF16_LO = 0x412CC800  # table bytes 0..3, little-endian
-_BF16_HI = 0x00C2C142  # bytes 4..7
+# Weights formed in bf16 by byte permutation: a PRMT picks 4 bytes from an 8-byte table by 4 nibble
+# selectors, i.e. two bf16 values, and one bf16x2 fma scales them. IQ2_XXS: every weight is +-8,
+# +-25 or +-43 (bf16 41 00, 41 C8, 42 2C; the sign sets bit 7 of the high byte): 7 distinct bytes.
+# Q2_K: q = 0..3 (bf16 00 00, 3F 80, 40 00, 40 40), then q * scale - offset.
+_IQ2_T0, _IQ2_T1 = tl.constexpr(0x412CC800), tl.constexpr(0x00C2C142)  # bytes 00 C8 2C 41 | 42 C1 C2 00
+_Q2_T0, _Q2_T1 = tl.constexpr(0x40008000), tl.constexpr(0x40403F00)  # low bytes of 0, 1, 2, 3 | high bytes
 
 
 @triton.jit
@@ -350,30 +350,40 @@ def _bf16_bits(f):
 
 
 @triton.jit
-def _bf16_pair_scaled(sel, scale2):
-    """int32 words of two bf16 weights each: table bytes picked by the low 4 nibbles of sel (low
-    byte, high byte of the first weight, then of the second), both multiplied by the bf16 pair
-    scale2 with one rounding (mul.rn.bf16x2; the CPU interpreter, which runs no PTX, does the same
-    in float32, where the product of two bf16 values is exact)."""
+def _prmt_fma(sel, mul2, add2, LO: tl.constexpr, HI: tl.constexpr):
+    """int32 words of two bf16 values each: the table bytes (LO: bytes 0..3, HI: 4..7) picked by
+    the low 4 nibbles of sel (low byte, high byte of the first value, then of the second), times
+    the bf16 pair mul2 plus the pair add2, rounded once (fma.rn.bf16x2). The CPU interpreter runs
+    no PTX: it does the same in float32 (the product of two bf16 values is exact there)."""
     if _PTX:
         return tl.inline_asm_elementwise(
-            "{ .reg .b32 t; prmt.b32 t, 0x412CC800, 0x00C2C142, $1; mul.rn.bf16x2 $0, t, $2; }", "=r,r,r",
-            [sel, scale2], dtype=tl.int32, is_pure=True, pack=1)
+            f"{{ .reg .b32 t; prmt.b32 t, {LO}, {HI}, $1; fma.rn.bf16x2 $0, t, $2, $3; }}", "=r,r,r,r",
+            [sel, mul2, add2], dtype=tl.int32, is_pure=True, pack=1)
     else:
-        table = tl.full(sel.shape, 0x00C2C142412CC800, tl.int64)
+        table = tl.full(sel.shape, (HI << 32) | LO, tl.int64)
         word = tl.zeros(sel.shape, tl.int32)
         for i in tl.static_range(4):
             word |= ((table >> (8 * ((sel >> (4 * i)) & 7)).to(tl.int64)) & 255).to(tl.int32) << (8 * i)
-        sc = (scale2 << 16).to(tl.float32, bitcast=True)
-        lo = _bf16_bits((word << 16).to(tl.float32, bitcast=True) * sc)
-        hi = _bf16_bits((word & -65536).to(tl.float32, bitcast=True) * sc)
+        m_lo = (mul2 << 16).to(tl.float32, bitcast=True)
+        m_hi = (mul2 & -65536).to(tl.float32, bitcast=True)
+        a_lo = (add2 << 16).to(tl.float32, bitcast=True)
+        a_hi = (add2 & -65536).to(tl.float32, bitcast=True)
+        lo = _bf16_bits((word << 16).to(tl.float32, bitcast=True) * m_lo + a_lo)
+        hi = _bf16_bits((word & -65536).to(tl.float32, bitcast=True) * m_hi + a_hi)
         return lo | (hi << 16)
+
+
+@triton.jit
+def _bf16_halves(words):
+    """int32 [...] of two bf16 each -> bf16 [..., 2] (low half first)."""
+    return tl.join(words.to(tl.int16).to(tl.bfloat16, bitcast=True),
+                   (words >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True))
 
 
 @triton.jit
 def _iq2_bf16(row_ptr, kb, TYPE: tl.constexpr, gsel_ptr, signs_ptr, H: tl.constexpr = 0, HALVES: tl.constexpr = 1):
     """IQ2_XXS(_R8) step kb as bf16 [BN, 256 // HALVES] (part H), each weight scale * grid * sign
-    rounded to bf16 (the scale first, then the product: `iq2_bf16_reference`). Per 8 weights: one
+    rounded to bf16 (the scale first, then the product: `prmt_reference`). Per 8 weights: one
     gathered grid row of selectors (`_iq2_selectors`: per weight the byte of its magnitude's low
     and high bf16 byte), one gathered 8-bit sign pattern, spread to bit 5 of each high-byte
     selector (adds 2: the negative high byte) by a multiply, then 4 PRMT + bf16x2 multiplies,
@@ -398,12 +408,49 @@ def _iq2_bf16(row_ptr, kb, TYPE: tl.constexpr, gsel_ptr, signs_ptr, H: tl.conste
     d = tl.load(b.to(tl.pointer_type(tl.float16))).to(tl.float32)  # d is 2-byte aligned too
     sc = _bf16_bits(d * (0.5 + ((aux >> 28) & 15).to(tl.float32)) * 0.25)  # [S, BN, 1, 1]
     sc |= sc << 16
+    zero = -2147450880  # 0x80008000: -0.0 in both halves, fma(t, sc, -0) = t * sc
     # weights 4h, 4h + 1 from the selectors' low half, 4h + 2, 4h + 3 from the high half
-    words = tl.join(_bf16_pair_scaled(sel, sc), _bf16_pair_scaled(sel >> 16, sc))  # [S, BN, 4, 2, 2]
-    lo = words.to(tl.int16).to(tl.bfloat16, bitcast=True)
-    hi = (words >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    w = tl.permute(tl.join(lo, hi), (1, 0, 2, 3, 4, 5))  # [BN, S, 4, 2, 2, 2]: element s*32 + p*8 + h*4 + half*2 + j
+    words = tl.join(_prmt_fma(sel, sc, zero, _IQ2_T0, _IQ2_T1), _prmt_fma(sel >> 16, sc, zero, _IQ2_T0, _IQ2_T1))  # [S, BN, 4, 2, 2]
+    w = tl.permute(_bf16_halves(words), (1, 0, 2, 3, 4, 5))  # [BN, S, 4, 2, 2, 2]: element s*32 + p*8 + h*4 + half*2 + j
     return tl.reshape(w, [w.shape[0], 256 // HALVES])
+
+
+@triton.jit
+def _q2k_part(words, b, h, u, d, dmin, j: tl.constexpr):
+    """Bits 2j of the Q2_K words [2, 2, 4, BN] as bf16 [2, 2, 4, BN, 2 (half), 2 (pair)]."""
+    sc = tl.load(b + h * 8 + 2 * j + u).to(tl.int32)  # [2, 2, 1, BN]: scale low 4 bits, min high 4
+    mul = _bf16_bits(d * _int_f32(sc & 15, 0.0))
+    add = _bf16_bits(-dmin * _int_f32(sc >> 4, 0.0))
+    mul |= mul << 16
+    add |= add << 16
+    m = (words >> (2 * j)) & 0x03030303  # q of l = 16 u + 4 v + i in byte i
+    sel = m | (m << 4) | 0x40404040  # per q: nibble q (low byte), nibble 4 + q (high byte)
+    return _bf16_halves(tl.join(_prmt_fma(sel, mul, add, _Q2_T0, _Q2_T1), _prmt_fma(sel >> 16, mul, add, _Q2_T0, _Q2_T1)))
+
+
+@triton.jit
+def _q2k_bf16(row_ptr, kb, TYPE: tl.constexpr):
+    """Q2_K(_R8) step kb as bf16 [BN, 256]: q * scale - offset with scale = d * sc and offset =
+    dmin * m each rounded to bf16 first, then one rounding (`prmt_reference`). Element
+    h*128 + j*32 + l is bits 2j of qs byte h*32 + l, sub-block h*8 + 2j + l // 16. Per 4 weights
+    (a byte of each of 4 l): shift, mask, spread to selectors, 2 PRMT + 2 bf16x2 fma; the scales
+    once per sub-block of 16."""
+    b, hd = _q2k_at(row_ptr, kb, TYPE)
+    b = b[None, None, None, :]
+    hd = hd[None, None, None, :]
+    h = tl.arange(0, 2)[:, None, None, None]
+    u = tl.arange(0, 2)[None, :, None, None]  # l // 16
+    v = tl.arange(0, 4)[None, None, :, None]  # word v of the 16 l holds l = 16 u + 4 v .. + 3
+    words = tl.load((b + 16 + h * 32 + u * 16 + v * 4).to(tl.pointer_type(tl.int32)))  # [2, 2, 4, BN]
+    d = tl.load(hd.to(tl.pointer_type(tl.float16))).to(tl.float32)
+    dmin = tl.load((hd + 2).to(tl.pointer_type(tl.float16))).to(tl.float32)
+    p0 = _q2k_part(words, b, h, u, d, dmin, 0)
+    p1 = _q2k_part(words, b, h, u, d, dmin, 1)
+    p2 = _q2k_part(words, b, h, u, d, dmin, 2)
+    p3 = _q2k_part(words, b, h, u, d, dmin, 3)
+    w = tl.join(tl.join(p0, p1), tl.join(p2, p3))  # [2, 2, 4, BN, 2, 2, a, t]: j = 2t + a
+    w = tl.permute(w, (3, 0, 7, 6, 1, 2, 4, 5))  # [BN, h, t, a, u, v, half, pair]
+    return tl.reshape(w, [w.shape[0], 256])
 
 
 @triton.jit
@@ -411,13 +458,18 @@ def _moe_gemm_kernel(x_ptr, w_ptr, out_ptr, grid_ptr, signs_ptr, pair_row_ptr, t
                      tile_end_ptr, N, K, row_bytes, expert_bytes, stride_xm, stride_om,
                      TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, QUADS: tl.constexpr, STAGES: tl.constexpr,
-                     PDL: tl.constexpr, HALVES: tl.constexpr = 1, IQ2_BF16: tl.constexpr = False):
+                     PDL: tl.constexpr, HALVES: tl.constexpr = 1, PRMT: tl.constexpr = False,
+                     SWIGLU: tl.constexpr = False, LIMIT: tl.constexpr = False, limit=0.0):
     """Program (t, j): (token, expert) pairs tile_start[t] .. tile_end[t] (all of one expert e =
     tile_expert[t], at most BM) times output rows j*BN.. of W_e: out[pair] = x[pair_row[pair]] . W_e.T.
     Each 256-step of W_e's blocks is decoded in registers and fed to tl.dot: the experts' weights
     are never written out dense. The decoded tile is the MMA's M side (out.T = W_e . x.T) so that
     a tile of few pairs (BM = 16) still fills the tensor-core instruction; QUADS picks `_quads`,
-    IQ2_BF16 `_iq2_bf16` for IQ2_XXS (grid_ptr then holds `_iq2_selectors`).
+    PRMT the bf16 decoders by byte permutation, `_iq2_bf16` for IQ2_XXS (grid_ptr then holds
+    `_iq2_selectors`) and `_q2k_bf16` for Q2_K.
+    SWIGLU (W_e = [gate; up], N rows): program j takes gate rows j*BN/2.. and the same up rows,
+    and stores silu(gate) * up [P, N / 2] (LIMIT: gate clamped from above, up on both sides, as
+    `moe.swiglu`), so the [P, N] gate/up output is never written.
     (A K = 32 dot per IQ2_XXS group on unscaled grid values, fewer instructions per weight in the
     SASS, was 10% slower on the H100: bench/NOTES.md, session 9.)"""
     wait_for_inputs(PDL)
@@ -431,12 +483,20 @@ def _moe_gemm_kernel(x_ptr, w_ptr, out_ptr, grid_ptr, signs_ptr, pair_row_ptr, t
     rows = start + tl.arange(0, BM)
     rmask = rows < end
     xrow = tl.load(pair_row_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    cols = j * BN + tl.arange(0, BN)
+    if SWIGLU:  # rows i < BN/2: gate row j*BN/2 + i; the rest: the up rows N/2 later
+        i = tl.arange(0, BN)
+        cols = (i // (BN // 2)) * (N // 2) + j * (BN // 2) + i % (BN // 2)
+    else:
+        cols = j * BN + tl.arange(0, BN)
     wrow = w_ptr + e * expert_bytes + tl.minimum(cols, N - 1).to(tl.int64) * row_bytes
     kk = tl.arange(0, 256)
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     for kb in tl.range(0, K // 256, num_stages=STAGES):
-        if IQ2_BF16:  # IQ2_XXS straight to bf16, the step in HALVES parts
+        if PRMT and (TYPE == 4 or TYPE == 8):  # Q2_K straight to bf16
+            w = _q2k_bf16(wrow, kb, TYPE)
+            xk = tl.load(x_ptr + xrow[None, :] * stride_xm + kb * 256 + kk[:, None], mask=rmask[None, :], other=0.0)
+            acc += tl.dot(w.to(DOT_DTYPE), xk.to(DOT_DTYPE), input_precision=PRECISION, out_dtype=tl.float32)
+        elif PRMT:  # IQ2_XXS straight to bf16, the step in HALVES parts
             for h in tl.static_range(HALVES):
                 w = _iq2_bf16(wrow, kb, TYPE, grid_ptr, signs_ptr, h, HALVES)
                 kh = kb * 256 + h * (256 // HALVES) + tl.arange(0, 256 // HALVES)
@@ -456,8 +516,18 @@ def _moe_gemm_kernel(x_ptr, w_ptr, out_ptr, grid_ptr, signs_ptr, pair_row_ptr, t
                 w = tl.reshape(scale * qf - offset, [BN, 256])
             xk = tl.load(x_ptr + xrow[None, :] * stride_xm + kb * 256 + kk[:, None], mask=rmask[None, :], other=0.0)
             acc += tl.dot(w.to(DOT_DTYPE), xk.to(DOT_DTYPE), input_precision=PRECISION, out_dtype=tl.float32)
-    tl.store(out_ptr + rows.to(tl.int64)[None, :] * stride_om + cols[:, None], acc.to(out_ptr.dtype.element_ty),
-             mask=rmask[None, :] & (cols < N)[:, None])
+    if SWIGLU:
+        gate, up = tl.split(tl.permute(tl.reshape(acc, [2, BN // 2, BM]), (1, 2, 0)))  # [BN/2, BM] each
+        if LIMIT:
+            gate = tl.minimum(gate, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
+        c = j * (BN // 2) + tl.arange(0, BN // 2)
+        tl.store(out_ptr + rows.to(tl.int64)[None, :] * stride_om + c[:, None],
+                 (gate / (1.0 + tl.exp(-gate)) * up).to(out_ptr.dtype.element_ty),
+                 mask=rmask[None, :] & (c < N // 2)[:, None])
+    else:
+        tl.store(out_ptr + rows.to(tl.int64)[None, :] * stride_om + cols[:, None], acc.to(out_ptr.dtype.element_ty),
+                 mask=rmask[None, :] & (cols < N)[:, None])
 
 
 def moe_tiles(counts, bm: int, device, pairs: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -484,8 +554,9 @@ def moe_tiles(counts, bm: int, device, pairs: int | None = None) -> tuple[torch.
 @triton.jit
 def _moe_tiles_kernel(counts_ptr, e_ptr, start_ptr, end_ptr, E, bm, n_tiles, BE: tl.constexpr, BT: tl.constexpr,
                       PDL: tl.constexpr):
-    """One program: tile t of the schedule belongs to the expert whose tiles (ceil(count / bm) of
-    them, experts in order) cover t; its pairs are [start, end). Tiles past the last are empty."""
+    """Program i, tiles i*BT ..: tile t of the schedule belongs to the expert whose tiles
+    (ceil(count / bm) of them, experts in order) cover t; its pairs are [start, end). Tiles past
+    the last are empty. Every program forms the experts' running sums itself (E <= BE values)."""
     wait_for_inputs(PDL)
     e = tl.arange(0, BE)
     c = tl.load(counts_ptr + e, mask=e < E, other=0).to(tl.int32)
@@ -493,29 +564,29 @@ def _moe_tiles_kernel(counts_ptr, e_ptr, start_ptr, end_ptr, E, bm, n_tiles, BE:
     last = tl.cumsum(per, axis=0)  # one past each expert's last tile
     first_pair = tl.cumsum(c, axis=0) - c
     total = tl.sum(per, axis=0)
-    for t0 in range(0, n_tiles, BT):
-        t = t0 + tl.arange(0, BT)
-        ex = tl.minimum(tl.sum(((last[None, :] <= t[:, None]) & (e < E)[None, :]).to(tl.int32), axis=1), E - 1)
-        sel = e[None, :] == ex[:, None]  # one-hot rows: gather the expert's values by a masked sum
-        fp = tl.sum(tl.where(sel, first_pair[None, :], 0), axis=1)
-        first_tile = tl.sum(tl.where(sel, (last - per)[None, :], 0), axis=1)
-        cnt = tl.sum(tl.where(sel, c[None, :], 0), axis=1)
-        start = fp + (t - first_tile) * bm
-        end = tl.minimum(start + bm, fp + cnt)
-        used = t < total
-        m = t < n_tiles
-        tl.store(e_ptr + t, ex, mask=m)
-        tl.store(start_ptr + t, tl.where(used, start, 0), mask=m)
-        tl.store(end_ptr + t, tl.where(used, end, 0), mask=m)
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    ex = tl.minimum(tl.sum(((last[None, :] <= t[:, None]) & (e < E)[None, :]).to(tl.int32), axis=1), E - 1)
+    sel = e[None, :] == ex[:, None]  # one-hot rows: gather the expert's values by a masked sum
+    fp = tl.sum(tl.where(sel, first_pair[None, :], 0), axis=1)
+    first_tile = tl.sum(tl.where(sel, (last - per)[None, :], 0), axis=1)
+    cnt = tl.sum(tl.where(sel, c[None, :], 0), axis=1)
+    start = fp + (t - first_tile) * bm
+    end = tl.minimum(start + bm, fp + cnt)
+    used = t < total
+    m = t < n_tiles
+    tl.store(e_ptr + t, ex, mask=m)
+    tl.store(start_ptr + t, tl.where(used, start, 0), mask=m)
+    tl.store(end_ptr + t, tl.where(used, end, 0), mask=m)
 
 
 def _moe_tiles_device(counts: torch.Tensor, bm: int, n_tiles: int):
     """`moe_tiles` from device counts in one launch (the torch version took ~13 small ops, a
-    prefill's top host cost per MoE matmul); `_moe_tiles_reference` is the same in torch."""
+    prefill's top host cost per MoE matmul); `_moe_tiles_reference` is the same in torch. One
+    program per 64 tiles (a single program looping over them took 41 us for ds4's 352 tiles)."""
     out = torch.empty((3, n_tiles), dtype=torch.int32, device=counts.device)
-    E = counts.shape[0]
-    _moe_tiles_kernel[(1,)](counts, out[0], out[1], out[2], E, bm, n_tiles, BE=triton.next_power_of_2(E), BT=64,
-                            **pdl.launch(counts.device))
+    E, bt = counts.shape[0], 64
+    _moe_tiles_kernel[(triton.cdiv(n_tiles, bt),)](counts, out[0], out[1], out[2], E, bm, n_tiles,
+                                                   BE=triton.next_power_of_2(E), BT=bt, **pdl.launch(counts.device))
     return out[0], out[1], out[2]
 
 
@@ -533,41 +604,50 @@ def _moe_tiles_reference(counts: torch.Tensor, bm: int, n_tiles: int):
 
 
 QUADS_TYPES = ("Q4_K", "Q6_K", "Q2_K", "IQ2_XXS", "Q6_K_R8", "Q6_K_R3", "Q2_K_R8", "IQ2_XXS_R8")
+PRMT_TYPES = ("Q2_K", "IQ2_XXS", "Q2_K_R8", "IQ2_XXS_R8")  # bf16 by byte permutation (`prmt`)
 
 
 def qgemm_experts(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, pair_rows: torch.Tensor, tiles,
                   out: torch.Tensor | None = None, bm: int = 16, bn: int = 64, num_warps: int = 4,
                   stages: int = 1, quads: bool = True, dot_dtype=None, halves: int = 1,
-                  iq2_bf16: bool = False) -> torch.Tensor:
+                  prmt: bool = False, swiglu: bool = False, limit: float | None = None) -> torch.Tensor:
     """MoE prefill: out [P, n] row p = x[pair_rows[p]] @ W_e.T for pairs p sorted by expert, `tiles`
     from `moe_tiles(counts, bm)`; raw holds E experts' blocks [E * n, row_bytes]. Matmul operands in
     dot_dtype (default bf16 on CUDA, fp32 in the CPU interpreter), fp32 accumulation; x is cast to
     it once here rather than per tile. quads: the byte-once decoder where it reads the type.
     halves (IQ2_XXS with quads): each 256-step decoded and multiplied in that many parts, for
-    fewer registers a program (more programs at once on a multiprocessor). iq2_bf16 (IQ2_XXS):
-    the weights formed in bf16 by byte permutation (`_iq2_bf16`), rounded as `iq2_bf16_reference`."""
+    fewer registers a program (more programs at once on a multiprocessor). prmt (IQ2_XXS, Q2_K):
+    the weights formed in bf16 by byte permutation (`_iq2_bf16`, `_q2k_bf16`), rounded as
+    `prmt_reference`. swiglu (raw the [gate; up] stack, n rows): out [P, n / 2] = silu(gate) * up
+    (gate clamped from above at limit, up on both sides, when limit is set), formed from the
+    accumulators, in the matmul operand dtype unless out is given."""
     tid, S, L, n, k = _check(raw, bt_name, shape)
     if x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
         raise ValueError(f"qgemm_experts: x {tuple(x.shape)} for weight {shape}")
+    if swiglu and (n % 2 or bn % 2):
+        raise ValueError(f"qgemm_experts: swiglu needs an even number of rows (a [gate; up] stack), not {n}")
     p = len(pair_rows)
-    if out is None:
-        out = torch.empty((p, n), dtype=x.dtype, device=x.device)
     dot = dot_dtype or (torch.bfloat16 if x.is_cuda else torch.float32)
+    if out is None:
+        out = torch.empty((p, n // 2), dtype=dot, device=x.device) if swiglu else \
+            torch.empty((p, n), dtype=x.dtype, device=x.device)
     quads = quads and bt_name in QUADS_TYPES and raw.data_ptr() % 4 == 0  # Q2_K, Q4_K: 32-bit word loads
     grid, signs = _tables(raw.device)
-    iq2_bf16 = iq2_bf16 and bt_name.startswith("IQ2_XXS")
-    if iq2_bf16:
+    align = 4 if bt_name.startswith("Q2_K") else 2  # Q2_K's 32-bit words; IQ2_XXS reads 16-bit fields
+    prmt = prmt and bt_name in PRMT_TYPES and raw.data_ptr() % align == 0 and raw.stride(0) % align == 0
+    if prmt and bt_name.startswith("IQ2_XXS"):
         grid = _iq2_selectors(raw.device)
     elif quads and bt_name.startswith("IQ2_XXS"):
         grid = _grid_words(raw.device)
     tile_expert, tile_start, tile_end = tiles
-    _moe_gemm_kernel[(len(tile_expert), triton.cdiv(n, bn))](
+    _moe_gemm_kernel[(len(tile_expert), triton.cdiv(n // 2, bn // 2) if swiglu else triton.cdiv(n, bn))](
         x.to(dot), raw, out, grid, signs, pair_rows, tile_expert, tile_start, tile_end, n, k, raw.stride(0),
         n * raw.stride(0), x.stride(0), out.stride(0), TYPE=tid, S=S, L=L, BM=bm, BN=bn,
         DOT_DTYPE=tl.bfloat16 if dot == torch.bfloat16 else (tl.float16 if dot == torch.float16 else tl.float32),
         PRECISION="ieee" if dot == torch.float32 else "tf32",  # fp32 operands: exact fp32, not TF32
-        QUADS=quads, STAGES=stages, HALVES=halves if (quads or iq2_bf16) and bt_name.startswith("IQ2_XXS") else 1,
-        IQ2_BF16=iq2_bf16, num_warps=num_warps, **pdl.launch(x.device))
+        QUADS=quads, STAGES=stages, HALVES=halves if (quads or prmt) and bt_name.startswith("IQ2_XXS") else 1,
+        PRMT=prmt, SWIGLU=swiglu, LIMIT=bool(limit), limit=float(limit or 0.0), num_warps=num_warps,
+        **pdl.launch(x.device))
     return out
 
 
@@ -590,20 +670,31 @@ def _iq2_selectors(device) -> torch.Tensor:
     return _SELECTORS[device]
 
 
-def iq2_bf16_reference(raw: torch.Tensor, bt_name: str) -> torch.Tensor:
-    """The weights `_iq2_bf16` forms, float32 [N, K] for IQ2_XXS(_R8) rows raw [N, row_bytes]: each
-    group's scale d * (0.5 + s) / 4 rounded to bf16, times the signed grid value, rounded to bf16."""
-    from ...quant.blocks import _IQ2_XXS_GRID, _IQ2_XXS_SIGNS, unpack_iq2_xxs_r8  # noqa: PLC0415
+def prmt_reference(raw: torch.Tensor, bt_name: str) -> torch.Tensor:
+    """The weights the byte-permutation decoders form (float32 [N, K] of bf16 values) for rows raw
+    [N, row_bytes] of IQ2_XXS(_R8) (`_iq2_bf16`: each group's scale d * (0.5 + s) / 4 rounded to
+    bf16, times the signed grid value, rounded to bf16) or Q2_K(_R8) (`_q2k_bf16`: scale d * sc and
+    offset dmin * m rounded to bf16, then q * scale - offset rounded to bf16)."""
+    from ...quant import blocks as B  # noqa: PLC0415
     dev, n = raw.device, raw.shape[0]
-    b = (unpack_iq2_xxs_r8(raw) if bt_name == "IQ2_XXS_R8" else raw).reshape(-1, 66)
+    bf16 = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
+    if bt_name.startswith("Q2_K"):
+        b = (B.unpack_q2_k_r8(raw) if bt_name == "Q2_K_R8" else raw).reshape(-1, 84)
+        sc = b[:, 0:16].to(torch.int32)
+        d = b[:, 80:82].contiguous().view(torch.float16).float()
+        dmin = b[:, 82:84].contiguous().view(torch.float16).float()
+        scale, offset = bf16(d * (sc & 15).float()).unsqueeze(-1), bf16(dmin * (sc >> 4).float()).unsqueeze(-1)
+        q = B._bits(b[:, 16:80], 2, 32).view(-1, 16, 16).float()
+        return bf16(scale * q - offset).reshape(n, -1)
+    b = (B.unpack_iq2_xxs_r8(raw) if bt_name == "IQ2_XXS_R8" else raw).reshape(-1, 66)
     q = b[:, 2:66].to(torch.int64).view(-1, 8, 8)
     aux = q[..., 4] | (q[..., 5] << 8) | (q[..., 6] << 16) | (q[..., 7] << 24)  # [B, 8]
     d = b[:, 0:2].contiguous().view(torch.float16).float()  # [B, 1]
-    scale = (d * (0.5 + (aux >> 28).float()) * 0.25).to(torch.bfloat16).float().view(-1, 8, 1, 1)
+    scale = bf16(d * (0.5 + (aux >> 28).float()) * 0.25).view(-1, 8, 1, 1)
     sign_idx = (aux.unsqueeze(-1) >> torch.tensor([0, 7, 14, 21], device=dev)) & 0x7F  # [B, 8, 4]
-    bits = _IQ2_XXS_SIGNS.to(dev)[sign_idx].unsqueeze(-1) >> torch.arange(8, dtype=torch.int32, device=dev)
-    v = _IQ2_XXS_GRID.to(dev)[q[..., 0:4]] * (1 - 2 * (bits & 1)).float()  # [B, 8, 4, 8]
-    return (scale * v).to(torch.bfloat16).float().reshape(n, -1)
+    bits = B._IQ2_XXS_SIGNS.to(dev)[sign_idx].unsqueeze(-1) >> torch.arange(8, dtype=torch.int32, device=dev)
+    v = B._IQ2_XXS_GRID.to(dev)[q[..., 0:4]] * (1 - 2 * (bits & 1)).float()  # [B, 8, 4, 8]
+    return bf16(scale * v).reshape(n, -1)
 
 
 _WORDS: dict = {}
