@@ -81,7 +81,7 @@ def rel_err(out, ref) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
-def run_shape(label, tokens, configs, tol):
+def run_shape(label, tokens, configs, tol, swiglu=False):
     name, n, k, E, K = SHAPES[label]
     raw = random_stack(name, E * n, k, seed=1)
     P = tokens * K
@@ -92,6 +92,10 @@ def run_shape(label, tokens, configs, tol):
     if not gate_up:
         pair_rows = torch.arange(P, dtype=torch.int32, device="cuda")
     ref = reference(x, raw, name, n, pair_rows, counts)
+    swiglu = swiglu and gate_up
+    if swiglu:  # silu(gate) * up formed by the GEMM (V4's clamp at 10)
+        from ouzel.layers.moe import swiglu as act
+        ref = act(ref[:, :n // 2], ref[:, n // 2:], 10.0)
     gbytes = raw.numel() / 1e9
     flops = 2.0 * P * n * k
     print(f"\n{label}: {name} [{E} x {n} x {k}], {tokens} tokens x top-{K} = {P} pairs, "
@@ -104,10 +108,10 @@ def run_shape(label, tokens, configs, tol):
         halves, prmt = (*more, *(1, 0)[len(more):])[:2]
         tag = f"{quads}/{halves}" + ("/prmt" if prmt else "")  # quads/halves[/prmt]
         tiles = G.moe_tiles(counts, bm, "cuda")
-        out = torch.empty((P, n), device="cuda", dtype=torch.bfloat16)
+        out = torch.empty((P, n // 2 if swiglu else n), device="cuda", dtype=torch.bfloat16)
         fn = lambda: G.qgemm_experts(x, raw, name, (n, k), pair_rows, tiles, out=out, bm=bm, bn=bn,  # noqa: E731
                                      num_warps=warps, stages=stages, quads=bool(quads),
-                                     halves=halves, prmt=bool(prmt))
+                                     halves=halves, prmt=bool(prmt), swiglu=swiglu, limit=10.0 if swiglu else None)
         try:
             out.fill_(float("nan"))
             fn()
@@ -134,11 +138,12 @@ def main():
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names of SHAPES")
     ap.add_argument("--configs", nargs="*", help="bm,bn,warps,stages,quads[,halves[,prmt]] (default: CONFIGS)")
     ap.add_argument("--tol", type=float, default=2e-2, help="max relative error (bf16 operands)")
+    ap.add_argument("--swiglu", action="store_true", help="gate/up shapes: silu(gate) * up formed by the GEMM")
     args = ap.parse_args()
     configs = [tuple(int(v) for v in c.split(",")) for c in args.configs] if args.configs else CONFIGS
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     t0 = time.time()
-    best = {label: run_shape(label, args.tokens, configs, args.tol) for label in args.shapes.split(",")}
+    best = {label: run_shape(label, args.tokens, configs, args.tol, args.swiglu) for label in args.shapes.split(",")}
     print(f"\nbest per shape ({args.tokens} tokens; {time.time() - t0:.0f} s):")
     for label, b in best.items():
         name, n, k, E, K = SHAPES[label]

@@ -25,16 +25,17 @@ TARGET = GPUTarget("cuda", 90, 32)
 
 
 def compile_moe(tid: int, bm: int = 32, bn: int = 64, warps: int = 4, stages: int = 1, quads: bool = True,
-                pdl: bool = False, maxnreg=None, halves: int = 1, prmt: bool = False):
+                pdl: bool = False, maxnreg=None, halves: int = 1, prmt: bool = False, swiglu: bool = False):
     ptr = lambda t: "*" + t  # noqa: E731
     sig = dict(x_ptr=ptr("bf16"), w_ptr=ptr("u8"), out_ptr=ptr("bf16"), grid_ptr=ptr("i32"), signs_ptr=ptr("i32"),
                pair_row_ptr=ptr("i32"), tile_expert_ptr=ptr("i32"), tile_start_ptr=ptr("i32"),
                tile_end_ptr=ptr("i32"), N="i32", K="i32", row_bytes="i32", expert_bytes="i32",
                stride_xm="i32", stride_om="i32", TYPE="constexpr", S="constexpr", L="constexpr", BM="constexpr",
                BN="constexpr", DOT_DTYPE="constexpr", PRECISION="constexpr", QUADS="constexpr",
-               STAGES="constexpr", PDL="constexpr", HALVES="constexpr", PRMT="constexpr")
+               STAGES="constexpr", PDL="constexpr", HALVES="constexpr", PRMT="constexpr", SWIGLU="constexpr",
+               LIMIT="constexpr", limit="fp32")
     const = dict(TYPE=tid, S=8, L=32, BM=bm, BN=bn, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", QUADS=quads,
-                 STAGES=stages, PDL=pdl, HALVES=halves, PRMT=prmt)
+                 STAGES=stages, PDL=pdl, HALVES=halves, PRMT=prmt, SWIGLU=swiglu, LIMIT=swiglu)
     # the launcher's divisibility-by-16 hints for pointers and the sizes that are multiples of 16
     attrs = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(sig) if sig[k].startswith("*")
              or k in ("N", "K", "row_bytes", "expert_bytes", "stride_xm", "stride_om")}
@@ -92,7 +93,7 @@ if __name__ == "__main__":
     args = [int(v) for v in sys.argv[2:9]]
     bm, bn, warps, stages, quads, halves, prmt = args + [32, 64, 4, 1, 1, 1, 0][len(args):]
     k = compile_moe(G._TYPES[name][0], bm=bm, bn=bn, warps=warps, stages=stages, quads=bool(quads), halves=halves,
-                    prmt=bool(prmt))
+                    prmt=bool(prmt), swiglu=bool(int(os.environ.get("SWIGLU", "0"))))
     summarize(k, f"MoE GEMM {name} bm {bm} bn {bn} {warps} warps, {stages} stages, quads {quads}, halves {halves}, "
                  f"prmt {prmt}")
     print("   memory ops:", widths(k))

@@ -473,7 +473,9 @@ MOE_GEMM_CONFIGS = {  # H100, 512-token prefill, bench/moe_gemm_bench.py (bench/
     # (`gguf._iq2_bf16`, ~700 instructions a 256-step against ~1200): 2.29 ms, pp512 10286 against 9081
     # (session 13)
     "IQ2_XXS": dict(bm=32, bn=64, num_warps=4, stages=1, quads=True, halves=2, prmt=True),
-    "Q2_K": dict(bm=16, bn=64, num_warps=4, stages=2, quads=True),  # ds4 down: 1.31 ms
+    # ds4 down: 1.31 ms; formed in bf16 by byte permutation (`gguf._q2k_bf16`) 0.95-0.96 ms at bm 32 against
+    # 1.29 for the float decode at bm 16, 2 stages (its best; session 13)
+    "Q2_K": dict(bm=32, bn=64, num_warps=4, stages=1, quads=True, prmt=True),
     "Q4_K": dict(bm=64, bn=64, num_warps=4, stages=1, quads=False),  # qwen3 gate/up: 0.36 ms
     "Q6_K": dict(bm=64, bn=128, num_warps=8, stages=1, quads=True)}  # qwen3 down: 0.31 ms
 for _name in ("IQ2_XXS", "Q2_K", "Q6_K"):  # the regrouped layouts: same bytes, same tiles (untimed)
