@@ -341,6 +341,19 @@ def test_moe_gemm_iq2xxs_in_halves(gen):
 from ouzel.quant.blocks import repack_q8_0_r8, unpack_q8_0_r8  # noqa: E402
 
 
+@pytest.mark.parametrize("m,n,k,bm,bn", [(70, 40, 512, 16, 16), (5, 9, 256, 16, 32), (64, 128, 1024, 64, 64)])
+def test_q8_gemm_matches_dequantize_then_matmul(m, n, k, bm, bn, gen):
+    """The prefill GEMM on Q8_0_R8 rows (one launch: blocks decoded in the tiles) against the exact
+    dequantizer; masked tails in M and N."""
+    raw = random_blocks("Q8_0_R8", n, k, gen, DEV)
+    x = torch.randn(m, k, generator=gen).to(DEV)
+    out = G.q8_gemm(x, raw, (n, k), dot_dtype=torch.float32, bm=bm, bn=bn)
+    assert out.shape == (m, n) and out.dtype == x.dtype
+    assert rel_err(out, x @ dequantize(raw, block_type("Q8_0_R8")).T) < 1e-5
+    with pytest.raises(ValueError, match="q8_gemm"):
+        G.q8_gemm(x[:, :-32], raw, (n, k))
+
+
 def test_q8_0_r8_is_q8_0(gen):
     """A byte permutation: same values through the torch reference, the dequantizer and the fp32-x GEMV."""
     n, k = 9, 768

@@ -381,6 +381,10 @@ def qlinear(x: torch.Tensor, w, xq=None) -> torch.Tensor | None:
         return None
     if m <= g.MAX_GEMV_M:
         out = _gemv(x2, w.raw, w.bt.name, w.shape, xq=xq)
+    elif w.bt.name == "Q8_0_R8" and not os.environ.get("OUZEL_NO_Q8_GEMM"):
+        # one launch (dequantize + casts + cuBLAS took four: ~100 a DeepSeek V4 prefill chunk, whose
+        # eager forward the host paces)
+        out = g.q8_gemm(x2, w.raw, w.shape, prefill_dtype(x.dtype))
     else:
         cd = prefill_dtype(x.dtype)
         wd = g.qdequant(w.raw, w.bt.name, w.shape, cd)

@@ -814,6 +814,51 @@ def qdequant(raw: torch.Tensor, bt_name: str, shape, dtype=torch.float32, out: t
     return out
 
 
+@triton.jit
+def _q8_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, row_bytes, stride_xm, stride_om, BM: tl.constexpr,
+                    BN: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """Program (j, i): out[i*BM.., j*BN..] = x . W.T for Q8_0_R8 rows W (per 256 elements: 8 x 32
+    int8, then the 8 f16 d), each 128-element half of a group decoded in registers (q * d rounded
+    to DOT_DTYPE, as `qdequant` does) and fed to tl.dot; x read in its own dtype and rounded to
+    DOT_DTYPE in the tile. One launch where dequantize + cast + matmul + cast took four."""
+    wait_for_inputs(PDL)
+    rm = tl.program_id(1) * BM + tl.arange(0, BM)
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    wrow = w_ptr + tl.minimum(rn, N - 1).to(tl.int64) * row_bytes  # [BN]
+    kk = tl.arange(0, 128)
+    xrow = x_ptr + rm.to(tl.int64) * stride_xm
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for kh in tl.range(0, K // 128, num_stages=3):
+        g = (kh // 2) * 272 + (kh % 2) * 128  # this half's quants within its row's group
+        q = tl.load(wrow[:, None] + g + kk[None, :]).to(tl.int8, bitcast=True).to(tl.float32)  # [BN, 128]
+        dp = (wrow[:, None] + (kh // 2) * 272 + 256 + (kh % 2) * 8 + 2 * tl.arange(0, 4)[None, :])
+        d = tl.load(dp.to(tl.pointer_type(tl.float16))).to(tl.float32)  # [BN, 4]: the half's 4 blocks
+        w = tl.reshape(tl.reshape(q, [BN, 4, 32]) * d[:, :, None], [BN, 128]).to(DOT_DTYPE)
+        xk = tl.load(xrow[:, None] + kh * 128 + kk[None, :], mask=(rm < M)[:, None], other=0.0).to(DOT_DTYPE)
+        acc += tl.dot(xk, tl.trans(w), input_precision=PRECISION, out_dtype=tl.float32)
+    tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+def q8_gemm(x: torch.Tensor, raw: torch.Tensor, shape, dot_dtype=None, bm: int = 64, bn: int = 64,
+            num_warps: int = 4) -> torch.Tensor:
+    """out [M, N] = x [M, K] @ W.T for Q8_0_R8 rows raw [N, K / 256 * 272], in x's dtype; operands in
+    dot_dtype (default bf16 on CUDA, fp32 in the CPU interpreter), fp32 accumulation. Matches
+    `qdequant` to dot_dtype then a matmul in that dtype (the same rounding of every weight)."""
+    n, k = shape
+    if (raw.dtype != torch.uint8 or raw.dim() != 2 or raw.stride(1) != 1 or k % 256 or raw.shape[1] != k // 256 * 272
+            or raw.shape[0] != n or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1):
+        raise ValueError(f"q8_gemm: x {tuple(x.shape)} and Q8_0_R8 rows {tuple(raw.shape)} for {shape}")
+    dot = dot_dtype or (torch.bfloat16 if x.is_cuda else torch.float32)
+    m = x.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _q8_gemm_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
+        x, raw, out, m, n, k, raw.stride(0), x.stride(0), out.stride(0), BM=bm, BN=bn,
+        DOT_DTYPE=tl.bfloat16 if dot == torch.bfloat16 else (tl.float16 if dot == torch.float16 else tl.float32),
+        PRECISION="ieee" if dot == torch.float32 else "tf32", num_warps=num_warps, **pdl.launch(x.device))
+    return out
+
+
 def qmatmul(x: torch.Tensor, raw: torch.Tensor, bt_name: str, shape, compute_dtype=None) -> torch.Tensor:
     """x [M, K] @ W.T for any M: the GEMV kernel for M <= 16, else dequantize + cuBLAS.
     compute_dtype (e.g. torch.bfloat16) sets the large-M matmul's operand type; default x.dtype."""
