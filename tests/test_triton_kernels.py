@@ -354,6 +354,18 @@ def test_q8_gemm_matches_dequantize_then_matmul(m, n, k, bm, bn, gen):
         G.q8_gemm(x[:, :-32], raw, (n, k))
 
 
+def test_q8_gemm_groups(gen):
+    """Groups: a block-diagonal weight (V4's grouped output projection) in one launch, each group
+    its own slice of x times its own rows."""
+    G_, m, n, k = 3, 20, 24, 256
+    raw = random_blocks("Q8_0_R8", G_ * n, k, gen, DEV)
+    x = torch.randn(m, G_ * k, generator=gen).to(DEV)
+    w = dequantize(raw, block_type("Q8_0_R8"))
+    want = torch.cat([x[:, g * k:(g + 1) * k] @ w[g * n:(g + 1) * n].T for g in range(G_)], dim=1)
+    out = G.q8_gemm(x, raw, (n, k), dot_dtype=torch.float32, bm=16, bn=16, groups=G_)
+    assert out.shape == (m, G_ * n) and rel_err(out, want) < 1e-5
+
+
 def test_q8_0_r8_is_q8_0(gen):
     """A byte permutation: same values through the torch reference, the dequantizer and the fp32-x GEMV."""
     n, k = 9, 768

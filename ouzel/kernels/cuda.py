@@ -392,6 +392,20 @@ def qlinear(x: torch.Tensor, w, xq=None) -> torch.Tensor | None:
     return out.reshape(*x.shape[:-1], n)
 
 
+def grouped_qlinear(x: torch.Tensor, w, groups: int) -> torch.Tensor | None:
+    """A block-diagonal projection for many rows (a prefill): x [T, groups, K] -> [T, groups * N]
+    with group g's rows of w [groups * N, K] (Q8_0_R8), in one launch (`gguf.q8_gemm`); None where
+    that kernel does not apply."""
+    if (not gemv_supports(w) or w.bt.name != "Q8_0_R8" or os.environ.get("OUZEL_NO_Q8_GEMM") or x.dim() != 3
+            or x.shape[1] != groups or x.dtype not in _DTYPES or x.device != w.device or w.shape[0] % groups
+            or x.shape[2] != w.shape[1]):
+        return None
+    x2 = x.reshape(x.shape[0], -1)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    return _gguf().q8_gemm(x2, w.raw, (w.shape[0] // groups, w.shape[1]), prefill_dtype(x.dtype), groups=groups)
+
+
 def decode_attention(q, k_cache, v_cache, lengths, window, scale, new_kv=None, rope=None, q8: bool = False):
     """The Triton flash-decoding kernel (`kernels/triton/attention.py`), or None where it can't run.
     new_kv = (k, v): the new token's rows, stored by the kernel; lengths are then the positions.

@@ -221,6 +221,10 @@ class GroupedLinear(nn.Module):
             y = ops.linear_experts(x.reshape(-1, x.shape[-1]), self.weight, g, self._groups[key], 1)
             if y is not None:
                 return y.reshape(x.shape[0], -1).to(x.dtype)
+        if x.is_cuda:  # a prefill: every group in one launch
+            y = _cuda.grouped_qlinear(x, self.weight, g)
+            if y is not None:
+                return y
         parts = [ops.linear(x[:, i], QTensor(self.weight.raw[i * per:(i + 1) * per], self.weight.bt,
                                              (per, self.in_per_group))) for i in range(g)]
         return torch.cat(parts, dim=-1)

@@ -820,8 +820,14 @@ def _q8_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, row_bytes, stride_xm, stride
     """Program (j, i): out[i*BM.., j*BN..] = x . W.T for Q8_0_R8 rows W (per 256 elements: 8 x 32
     int8, then the 8 f16 d), each 128-element half of a group decoded in registers (q * d rounded
     to DOT_DTYPE, as `qdequant` does) and fed to tl.dot; x read in its own dtype and rounded to
-    DOT_DTYPE in the tile. One launch where dequantize + cast + matmul + cast took four."""
+    DOT_DTYPE in the tile. One launch where dequantize + cast + matmul + cast took four.
+    Axis 2 of the grid: group g of a block-diagonal weight (x columns g*K.., W rows g*N.., out
+    columns g*N..)."""
     wait_for_inputs(PDL)
+    g = tl.program_id(2)
+    x_ptr += g * K
+    w_ptr += g.to(tl.int64) * N * row_bytes
+    out_ptr += g * N
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     wrow = w_ptr + tl.minimum(rn, N - 1).to(tl.int64) * row_bytes  # [BN]
@@ -829,8 +835,8 @@ def _q8_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, row_bytes, stride_xm, stride
     xrow = x_ptr + rm.to(tl.int64) * stride_xm
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for kh in tl.range(0, K // 128, num_stages=3):
-        g = (kh // 2) * 272 + (kh % 2) * 128  # this half's quants within its row's group
-        q = tl.load(wrow[:, None] + g + kk[None, :]).to(tl.int8, bitcast=True).to(tl.float32)  # [BN, 128]
+        at = (kh // 2) * 272 + (kh % 2) * 128  # this half's quants within its row's 8 blocks
+        q = tl.load(wrow[:, None] + at + kk[None, :]).to(tl.int8, bitcast=True).to(tl.float32)  # [BN, 128]
         dp = (wrow[:, None] + (kh // 2) * 272 + 256 + (kh % 2) * 8 + 2 * tl.arange(0, 4)[None, :])
         d = tl.load(dp.to(tl.pointer_type(tl.float16))).to(tl.float32)  # [BN, 4]: the half's 4 blocks
         w = tl.reshape(tl.reshape(q, [BN, 4, 32]) * d[:, :, None], [BN, 128]).to(DOT_DTYPE)
@@ -841,18 +847,20 @@ def _q8_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, row_bytes, stride_xm, stride
 
 
 def q8_gemm(x: torch.Tensor, raw: torch.Tensor, shape, dot_dtype=None, bm: int = 64, bn: int = 64,
-            num_warps: int = 4) -> torch.Tensor:
+            num_warps: int = 4, groups: int = 1) -> torch.Tensor:
     """out [M, N] = x [M, K] @ W.T for Q8_0_R8 rows raw [N, K / 256 * 272], in x's dtype; operands in
     dot_dtype (default bf16 on CUDA, fp32 in the CPU interpreter), fp32 accumulation. Matches
-    `qdequant` to dot_dtype then a matmul in that dtype (the same rounding of every weight)."""
+    `qdequant` to dot_dtype then a matmul in that dtype (the same rounding of every weight).
+    groups G: a block-diagonal weight, x [M, G * K] and W [G * N', K] (shape (N', K) a group's),
+    out [M, G * N'] with group g's columns x[:, g*K..] @ W[g*N'..].T, in one launch."""
     n, k = shape
     if (raw.dtype != torch.uint8 or raw.dim() != 2 or raw.stride(1) != 1 or k % 256 or raw.shape[1] != k // 256 * 272
-            or raw.shape[0] != n or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1):
-        raise ValueError(f"q8_gemm: x {tuple(x.shape)} and Q8_0_R8 rows {tuple(raw.shape)} for {shape}")
+            or raw.shape[0] != n * groups or x.dim() != 2 or x.shape[1] != k * groups or x.stride(1) != 1):
+        raise ValueError(f"q8_gemm: x {tuple(x.shape)} and Q8_0_R8 rows {tuple(raw.shape)} for {groups} x {shape}")
     dot = dot_dtype or (torch.bfloat16 if x.is_cuda else torch.float32)
     m = x.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    _q8_gemm_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
+    out = torch.empty((m, n * groups), dtype=x.dtype, device=x.device)
+    _q8_gemm_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), groups)](
         x, raw, out, m, n, k, raw.stride(0), x.stride(0), out.stride(0), BM=bm, BN=bn,
         DOT_DTYPE=tl.bfloat16 if dot == torch.bfloat16 else (tl.float16 if dot == torch.float16 else tl.float32),
         PRECISION="ieee" if dot == torch.float32 else "tf32", num_warps=num_warps, **pdl.launch(x.device))
