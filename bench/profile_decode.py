@@ -104,6 +104,9 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         seq.prefill(ids)
         torch.cuda.synchronize()
+    print("Q8_0 prefill matmuls (n, k, groups, rows, dtype -> q8_gemm tile, None = cuBLAS):")
+    for key, cfg in kcuda._Q8_TUNED.items():
+        print(f"  {key} -> {cfg}")
     print("prefill 512, top kernels by CUDA time:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
 

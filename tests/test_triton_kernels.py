@@ -366,6 +366,27 @@ def test_q8_gemm_groups(gen):
     assert out.shape == (m, G_ * n) and rel_err(out, want) < 1e-5
 
 
+@pytest.mark.skipif(INTERPRET, reason="times tiles on the GPU")
+def test_q8_prefill_choice_is_timed_and_exact(gen):
+    """A prefill matmul on Q8_0_R8 weights picks, on first use of its shape, a timed tile of
+    q8_gemm or dequantize + cuBLAS (None), kept per power-of-two row count; either way the
+    product of bf16-rounded operands."""
+    from ouzel.kernels import cuda as C
+    from ouzel.quant.tensor import QTensor
+    n, k, m = 1024, 1024, 300
+    raw = random_blocks("Q8_0_R8", n, k, gen, DEV)
+    w = QTensor(raw, block_type("Q8_0_R8"), (n, k))
+    x = torch.randn(m, k, generator=gen).to(DEV)
+    C._Q8_TUNED.clear()
+    out = C.qlinear(x, w)
+    (key, cfg), = C._Q8_TUNED.items()
+    assert key[3] == 512 and (cfg is None or cfg in C.Q8_GEMM_CONFIGS)
+    C.qlinear(x[:260], w)
+    assert len(C._Q8_TUNED) == 1  # the same bucket: no second timing
+    bf = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
+    assert rel_err(out, bf(x) @ bf(dequantize(raw, block_type("Q8_0_R8"))).T) < 1e-3
+
+
 def test_q8_0_r8_is_q8_0(gen):
     """A byte permutation: same values through the torch reference, the dequantizer and the fp32-x GEMV."""
     n, k = 9, 768

@@ -30,9 +30,12 @@ in kv/cache.py and OUZEL_NO_CUDA_GRAPH in engine/graphs.py):
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 
 import torch
+
+log = logging.getLogger(__name__)
 
 _TUNED: dict = {}  # (kernel, type, n, k, m, dtype, rows, pairs) -> kwargs
 # A handful of tile shapes (u: 256-element steps per loop iteration); unless a config says,
@@ -381,10 +384,8 @@ def qlinear(x: torch.Tensor, w, xq=None) -> torch.Tensor | None:
         return None
     if m <= g.MAX_GEMV_M:
         out = _gemv(x2, w.raw, w.bt.name, w.shape, xq=xq)
-    elif w.bt.name == "Q8_0_R8" and not os.environ.get("OUZEL_NO_Q8_GEMM"):
-        # one launch (dequantize + casts + cuBLAS took four: ~100 a DeepSeek V4 prefill chunk, whose
-        # eager forward the host paces)
-        out = g.q8_gemm(x2, w.raw, w.shape, prefill_dtype(x.dtype))
+    elif w.bt.name == "Q8_0_R8" and (cfg := _q8_gemm_config(x2, w)) is not None:
+        out = g.q8_gemm(x2, w.raw, w.shape, prefill_dtype(x.dtype), **cfg)
     else:
         cd = prefill_dtype(x.dtype)
         wd = g.qdequant(w.raw, w.bt.name, w.shape, cd)
@@ -392,18 +393,62 @@ def qlinear(x: torch.Tensor, w, xq=None) -> torch.Tensor | None:
     return out.reshape(*x.shape[:-1], n)
 
 
+# tiles of `gguf.q8_gemm` tried per shape against dequantize + cuBLAS (untimed as a set; session 13)
+Q8_GEMM_CONFIGS = (dict(bm=64, bn=64, num_warps=4), dict(bm=128, bn=128, num_warps=8),
+                   dict(bm=128, bn=64, num_warps=4), dict(bm=64, bn=128, num_warps=4))
+Q8_GEMM_SLACK = 1.25  # q8_gemm is kept up to this much slower on the GPU: it saves 3 launches of host time
+_Q8_TUNED: dict = {}
+
+
+def _q8_gemm_config(x2: torch.Tensor, w, groups: int = 1) -> dict | None:
+    """The tile of `gguf.q8_gemm` for a prefill matmul of this shape (rows to a power of two), or
+    None: dequantize + cuBLAS. Timed on first use (GPU time, as `_gemv_config`), the one-launch
+    GEMM kept unless cuBLAS beats it by Q8_GEMM_SLACK: an eager chunk (DeepSeek V4's) is paced by
+    its host, and the cuBLAS path costs 4 launches where q8_gemm costs 1. OUZEL_NO_Q8_GEMM=1:
+    always cuBLAS; OUZEL_TRITON_TUNE=0: the first tile untimed."""
+    if os.environ.get("OUZEL_NO_Q8_GEMM"):
+        return None
+    rows = min(1 << (x2.shape[0] - 1).bit_length(), 8192)
+    key = (*w.shape, groups, rows, x2.dtype)
+    if key not in _Q8_TUNED:
+        cfg = Q8_GEMM_CONFIGS[0]
+        if os.environ.get("OUZEL_TRITON_TUNE", "1") != "0":
+            g, cd = _gguf(), prefill_dtype(x2.dtype)
+            n, k = w.shape[0] // groups, w.shape[1]
+            xs = torch.randn((rows, x2.shape[1]), dtype=x2.dtype, device=x2.device)
+            times = {}
+            for i, c in enumerate(Q8_GEMM_CONFIGS):
+                times[i] = _time_config(lambda c=c: g.q8_gemm(xs, w.raw, (n, k), cd, groups=groups, **c))
+            best = min(times, key=times.get)
+            cfg = Q8_GEMM_CONFIGS[best]
+            parts = [w.raw[j * n:(j + 1) * n] for j in range(groups)]  # the loop a group at a time
+            t_blas = _time_config(lambda: [torch.matmul(xs[:, j * k:(j + 1) * k].to(cd),
+                                                        g.qdequant(r, w.bt.name, (n, k), cd).t()).to(x2.dtype)
+                                           for j, r in enumerate(parts)])
+            if t_blas * Q8_GEMM_SLACK < times[best]:
+                cfg = None
+            log.info("q8_gemm %s x %s x %d groups, %d rows: %s (tiles %s us, cuBLAS %.1f us)", n, k, groups, rows,
+                     cfg, [round(t * 1e3, 1) for t in times.values()], t_blas * 1e3)
+            del xs
+            torch.cuda.empty_cache()
+        _Q8_TUNED[key] = cfg
+    return _Q8_TUNED[key]
+
+
 def grouped_qlinear(x: torch.Tensor, w, groups: int) -> torch.Tensor | None:
     """A block-diagonal projection for many rows (a prefill): x [T, groups, K] -> [T, groups * N]
     with group g's rows of w [groups * N, K] (Q8_0_R8), in one launch (`gguf.q8_gemm`); None where
     that kernel does not apply."""
-    if (not gemv_supports(w) or w.bt.name != "Q8_0_R8" or os.environ.get("OUZEL_NO_Q8_GEMM") or x.dim() != 3
-            or x.shape[1] != groups or x.dtype not in _DTYPES or x.device != w.device or w.shape[0] % groups
-            or x.shape[2] != w.shape[1]):
+    if (not gemv_supports(w) or w.bt.name != "Q8_0_R8" or x.dim() != 3 or x.shape[1] != groups
+            or x.dtype not in _DTYPES or x.device != w.device or w.shape[0] % groups or x.shape[2] != w.shape[1]):
         return None
     x2 = x.reshape(x.shape[0], -1)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    return _gguf().q8_gemm(x2, w.raw, (w.shape[0] // groups, w.shape[1]), prefill_dtype(x.dtype), groups=groups)
+    cfg = _q8_gemm_config(x2, w, groups)
+    if cfg is None:
+        return None
+    return _gguf().q8_gemm(x2, w.raw, (w.shape[0] // groups, w.shape[1]), prefill_dtype(x.dtype), groups=groups, **cfg)
 
 
 def decode_attention(q, k_cache, v_cache, lengths, window, scale, new_kv=None, rope=None, q8: bool = False):
