@@ -384,7 +384,7 @@ def test_q8_prefill_choice_is_timed_and_exact(gen):
     C.qlinear(x[:260], w)
     assert len(C._Q8_TUNED) == 1  # the same bucket: no second timing
     bf = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
-    assert rel_err(out, bf(x) @ bf(dequantize(raw, block_type("Q8_0_R8"))).T) < 1e-3
+    assert rel_err(out, bf(x) @ bf(dequantize(raw, block_type("Q8_0_R8"))).T) < 5e-3  # cuBLAS: a bf16 output
 
 
 def test_q8_0_r8_is_q8_0(gen):
