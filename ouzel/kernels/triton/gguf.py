@@ -551,7 +551,7 @@ def moe_tiles(counts, bm: int, device, pairs: int | None = None) -> tuple[torch.
     return as_t(experts), as_t(starts), as_t(ends)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["E", "bm", "n_tiles"])  # one compile whatever the chunk's pair count
 def _moe_tiles_kernel(counts_ptr, e_ptr, start_ptr, end_ptr, E, bm, n_tiles, BE: tl.constexpr, BT: tl.constexpr,
                       PDL: tl.constexpr):
     """Program i, tiles i*BT ..: tile t of the schedule belongs to the expert whose tiles
