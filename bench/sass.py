@@ -4,6 +4,7 @@ innermost loop. For reading a kernel's cost before spending device time.
 
     python3 bench/sass.py                          # the MoE GEMM on IQ2_XXS_R8 at ds4's gate/up tile
     python3 bench/sass.py Q2_K_R8 16 64 4 2 1      # type, bm, bn, warps, stages, quads [halves prmt]
+    SWIGLU=1 python3 bench/sass.py IQ2_XXS_R8 32 64 4 1 1 2 1   # with the silu(gate) * up epilogue
 """
 from __future__ import annotations
 

@@ -14,7 +14,10 @@ for a tile of output rows, with integer ops on the block bytes in registers:
 - `qgemm_experts` (MoE prefill): pairs sorted by expert, each tile one expert's pairs (16 by default:
   a prefill gives each expert few); the decoder feeds tl.dot directly, so no expert is written out
   dense. The decode of every expert's blocks bounds it, so `_quads` loads each stored byte once (as
-  32-bit words where the block layout allows) and turns bytes into floats with one PRMT each.
+  32-bit words where the block layout allows) and turns bytes into floats with one PRMT each;
+  IQ2_XXS and Q2_K skip the floats: one PRMT forms two bf16 weights from a table of their bytes
+  (`_iq2_bf16`, `_q2k_bf16`). With swiglu the gate/up GEMM stores silu(gate) * up itself.
+- `q8_gemm` (dense prefill on Q8_0_R8 weights, or a block-diagonal one by groups): one launch.
 
 Why direct reads rather than a repack at load: no second copy of the weights (MoE models are
 large), and the decoder is the same one-screen function per type for both paths.
