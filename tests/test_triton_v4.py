@@ -102,6 +102,23 @@ def test_compress_step(ratio, overlap, d):
             kv.commit(1)
 
 
+@pytest.mark.parametrize("ratio,overlap,d,n,prior,dtype", [
+    (4, True, 32, 5, True, torch.float32), (4, True, 128, 3, False, torch.float16), (16, False, 80, 2, False, torch.float32),
+    (128, False, 32, 2, False, torch.float16), (4, True, 48, 1, True, torch.bfloat16)])
+def test_compress_chunk(ratio, overlap, d, n, prior, dtype):
+    """A prefill's pool of n complete windows in one launch equals `Compressor._pool` (window 0's
+    previous one from the prior rows, or none at the start; 16-bit states; a masked channel tail)."""
+    g = torch.Generator().manual_seed(ratio + d)
+    comp = Compressor(16, d, ratio, overlap, 1e-6, InterleavedRope(YARN, d))
+    width = (2 if overlap else 1) * d
+    bias = torch.randn(ratio, width, generator=g).to(DEV)
+    kv, gate = (torch.randn(n * ratio, width, generator=g).to(DEV, dtype) for _ in range(2))
+    before = tuple(torch.randn(ratio, width, generator=g).to(DEV, dtype) for _ in range(2)) if prior else None
+    want = comp._pool(kv, gate, before, bias)
+    got = v4.compress_chunk(kv, gate, before, bias, ratio, overlap, d)
+    assert got.shape == (n, d) and got.dtype == torch.float32
+    _close(got, want, 1e-5)
+
 
 def _step_case(g, p, H, D, size, window, n, q_dtype, cache_dtype):
     """A ring of `size` slots after position p's write, n compressed rows, q and sinks; the kernel's

@@ -682,6 +682,14 @@ def v4_compress_step(kv_ring, gate_ring, kv_x, gate_x, positions, bias, rows, no
     return True
 
 
+def v4_compress_chunk(kv, gate, prior, bias, ratio: int, overlap: bool, dim: int):
+    """`v4.compress_chunk` (a prefill's compressor pool in one launch), or None."""
+    v = _v4(kv, gate, bias, *(prior or ()))
+    if v is None or dim > 4096:
+        return None
+    return v.compress_chunk(kv, gate, prior, bias.float(), ratio, overlap, dim)
+
+
 def v4_rms_rope(x, positions, inv_freq, rope_scale: float = 1.0, sign: float = 1.0, norm: str | None = None,
                 weight=None, eps: float = 0.0):
     """`v4.rms_rope` (optional RMSNorm, then interleaved rope on the trailing channels)."""

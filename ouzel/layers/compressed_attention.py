@@ -62,14 +62,29 @@ class Compressor(nn.Module):
         new = kv_x.new_zeros((0, d))
         if n:
             bias = dense(self.position_bias)
-            # compute in float32 whatever the state stores
-            ckv, cgate = chunk_kv.float().view(n, r, -1), chunk_gate.float().view(n, r, -1) + bias
-            if self.overlap:
-                ckv, cgate = self._overlap(ckv, cgate, prior, bias)
-            pooled = (ckv * cgate.softmax(dim=1, dtype=torch.float32).to(ckv.dtype)).sum(dim=1)
+            pooled = None
+            if fused_kernels(chunk_kv):  # one launch (the torch code: ~15)
+                pooled = _cuda.v4_compress_chunk(chunk_kv, chunk_gate, prior, bias, r, self.overlap, d)
+            if pooled is None:
+                pooled = self._pool(chunk_kv, chunk_gate, prior, bias)
             positions = torch.arange(n, device=kv_x.device) * r + first
-            new = self.rope(self.kv_norm(pooled), positions)
+            new = None
+            if fused_kernels(pooled):  # norm and rope in one launch (the reference: ~14 torch ops)
+                new = self.rope.fused(pooled, positions, norm="weighted", weight=self.kv_norm.weight,
+                                      eps=self.kv_norm.eps)
+            if new is None:
+                new = self.rope(self.kv_norm(pooled), positions)
         return kv.append_rows(layer, self.series, new, d)
+
+    def _pool(self, chunk_kv, chunk_gate, prior, bias) -> torch.Tensor:
+        """The complete windows' rows [n * ratio, c*dim] -> pooled [n, dim]: per channel, the
+        softmax of gate + position bias over the window's slots weighs its kv (float32 whatever
+        the state stores). The reference of `v4.compress_chunk`."""
+        n, r = chunk_kv.shape[0] // self.ratio, self.ratio
+        ckv, cgate = chunk_kv.float().view(n, r, -1), chunk_gate.float().view(n, r, -1) + bias
+        if self.overlap:
+            ckv, cgate = self._overlap(ckv, cgate, prior, bias)
+        return (ckv * cgate.softmax(dim=1, dtype=torch.float32).to(ckv.dtype)).sum(dim=1)
 
     def _compress_step(self, kv_x, gate_x, kv, layer: int, positions: torch.Tensor) -> torch.Tensor:
         """compress() for one token at a device-side position, with no branch on it: every step

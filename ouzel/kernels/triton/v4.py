@@ -6,6 +6,8 @@ References (the torch code they replace, the oracle in tests/test_triton_v4.py):
   the open window per channel (online, over slot chunks), RMSNorm, rotate the row at the
   window's first position, write it at positions // ratio. Two launches: the pool, program per
   channel block; the norm, rope and write, one program (the norm needs the whole row).
+- `compress_chunk`: `Compressor._pool`, a prefill chunk's complete windows pooled (the same
+  online softmax), program per (window, channel block).
 - `rms_rope`: `unit_rms` or `RMSNorm` then `InterleavedRope.rotate` (optional each), program per
   row of [T, H, D]; cos/sin of the position computed on the device (graph-capturable).
 - `hc_pre`: `HyperConnection.forward` after its GEMV (whose input is left unnormalised: the
@@ -118,6 +120,84 @@ def _compress_pool_kernel(kv_ring, gate_ring, kv_x, gate_x, pos_ptr, bias_ptr, p
         a = a * f + tl.sum(p * k, axis=0)
         m = n
     tl.store(pooled_ptr + c, a / l, mask=mc)
+
+
+@triton.jit
+def _compress_chunk_kernel(kv_ptr, gate_ptr, pkv_ptr, pgate_ptr, bias_ptr, pooled_ptr, W, R: tl.constexpr,
+                           OVERLAP: tl.constexpr, PRIOR: tl.constexpr, D: tl.constexpr, BR: tl.constexpr,
+                           BC: tl.constexpr, PDL: tl.constexpr):
+    """Program (window w, BC channels): a prefill's softmax-pool of complete window w of the
+    chunk's kv/gate rows [n * R, W] -> pooled [n, D] fp32, online over BR slots a chunk. With
+    OVERLAP, slots 0..R-1 are the previous window's first series: window w - 1's rows, or for
+    w = 0 the prior window's rows [R, W] (PRIOR) or none; slots R..2R-1 this window's second."""
+    wait_for_inputs(PDL)
+    w = tl.program_id(0)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    mc = c < D
+    NS: tl.constexpr = 2 * R if OVERLAP else R
+    m = tl.full((BC,), float("-inf"), tl.float32)
+    l = tl.zeros((BC,), tl.float32)
+    a = tl.zeros((BC,), tl.float32)
+    for s0 in range(0, NS, BR):
+        s = s0 + tl.arange(0, BR)
+        ms = s < NS
+        if OVERLAP:
+            first = s < R
+            row = tl.where(first, (w - 1) * R + s, w * R + s - R)
+            col = tl.where(first, 0, D)
+            before = first & (w == 0)  # window 0's previous one: the prior rows, if any
+            if PRIOR:
+                absent = s < 0
+            else:
+                absent = before
+        else:
+            row = w * R + s
+            col = tl.zeros((BR,), tl.int32)
+            before = s < 0
+            absent = before
+        row = tl.where(ms & ~before, row, 0)
+        cc = col[:, None] + c[None, :]
+        m2 = ms[:, None] & mc[None, :]
+        b2 = before[:, None]
+        k = tl.load(kv_ptr + row[:, None] * W + cc, mask=m2 & ~b2, other=0.0).to(tl.float32)
+        g = tl.load(gate_ptr + row[:, None] * W + cc, mask=m2 & ~b2, other=0.0).to(tl.float32)
+        if PRIOR:
+            at = (s % R)[:, None] * W + cc
+            k += tl.load(pkv_ptr + at, mask=m2 & b2, other=0.0).to(tl.float32)
+            g += tl.load(pgate_ptr + at, mask=m2 & b2, other=0.0).to(tl.float32)
+        g += tl.load(bias_ptr + (s % R)[:, None] * W + cc, mask=m2, other=0.0)
+        gone = absent[:, None] | ~m2
+        k = tl.where(gone, 0.0, k)
+        g = tl.where(gone, float("-inf"), g)
+        n = tl.maximum(m, tl.max(g, axis=0))
+        z = tl.where(n == float("-inf"), 0.0, n)  # all -inf so far: no NaN from -inf - -inf
+        p = tl.exp(g - z[None, :])
+        f = tl.exp(m - z)
+        l = l * f + tl.sum(p, axis=0)
+        a = a * f + tl.sum(p * k, axis=0)
+        m = n
+    tl.store(pooled_ptr + w * D + c, a / l, mask=mc)
+
+
+def compress_chunk(kv: torch.Tensor, gate: torch.Tensor, prior, bias: torch.Tensor, ratio: int, overlap: bool,
+                   dim: int) -> torch.Tensor:
+    """A prefill's compressor pool (`Compressor._pool`): the chunk's complete windows kv, gate
+    [n * ratio, W] (W = (1+overlap) * dim), prior = (kv, gate) [ratio, W] of the window before
+    them or None, bias [ratio, W] fp32 -> pooled [n, dim] fp32, one launch (the torch code: ~15)."""
+    W, n = kv.shape[1], kv.shape[0] // ratio
+    if W != (2 if overlap else 1) * dim or kv.shape[0] % ratio or bias.shape != (ratio, W):
+        raise ValueError(f"compress_chunk: kv {tuple(kv.shape)}, bias {tuple(bias.shape)}, ratio {ratio}, dim {dim}")
+    ns = triton.next_power_of_2((2 if overlap else 1) * ratio)
+    BC = min(triton.next_power_of_2(dim), max(32 // kv.element_size(), min(64, 1024 // ns)))
+    BR = min(ns, max(1, 2048 // BC))
+    pooled = torch.empty((n, dim), dtype=torch.float32, device=kv.device)
+    pkv, pgate = prior if prior is not None else (kv, gate)
+    if n:
+        _compress_chunk_kernel[(n, triton.cdiv(dim, BC))](
+            kv.contiguous(), gate.contiguous(), pkv.contiguous(), pgate.contiguous(), bias.contiguous(), pooled, W,
+            R=ratio, OVERLAP=bool(overlap), PRIOR=prior is not None, D=dim, BR=BR, BC=BC, num_warps=4,
+            **pdl.launch(kv.device))
+    return pooled
 
 
 @triton.jit
