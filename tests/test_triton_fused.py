@@ -132,6 +132,18 @@ def test_weighted_rows_matches_bmm(T, K, D, gen):
         assert ((out.double() - want).abs() <= want.abs() * tol + 1e-5).all()
 
 
+def test_weighted_rows_through_an_index(gen):
+    """rows: token t's k-th output read from y[rows[t * K + k]] (a prefill's outputs in expert
+    order) equals the sum over the gathered copy y[rows], bit for bit."""
+    T, K, D = 5, 3, 200
+    y = torch.randn(T * K + 4, D, generator=gen).to(DEV)  # more rows than pairs: only rows' are read
+    w = torch.rand(T, K, generator=gen).to(DEV)
+    rows = torch.randperm(T * K + 4, generator=gen)[:T * K].to(DEV)
+    assert torch.equal(fused.weighted_rows(y, w, F32, rows=rows), fused.weighted_rows(y[rows], w, F32))
+    with pytest.raises(ValueError, match="weighted_rows"):
+        fused.weighted_rows(y, w, F32, rows=rows[:-1])
+
+
 def qkv_views(gen, T, H, Hkv, D, dtype):
     """q [T, H, D] and k [T, Hkv, D] as slices of one [T, (H + 2 Hkv) * D] projection output."""
     qkv = torch.randn(T, (H + 2 * Hkv) * D, generator=gen).to(DEV, dtype)

@@ -321,12 +321,13 @@ def kv_write(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, k_cache:
     return True
 
 
-def weighted_rows(y: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """`fused.weighted_rows` (MoE's weighted sum of each token's expert rows), or None."""
+def weighted_rows(y: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, rows=None) -> torch.Tensor | None:
+    """`fused.weighted_rows` (MoE's weighted sum of each token's expert rows, y's rows picked by
+    rows if given), or None."""
     f = _fused()
     if f is None or y.dtype not in _DTYPES or w.dtype not in _DTYPES or y.dim() != 2 or w.dim() != 2:
         return None
-    return f.weighted_rows(y.contiguous(), w.contiguous(), dtype)
+    return f.weighted_rows(y.contiguous(), w.contiguous(), dtype, rows)
 
 
 DENSE_GEMV_MAX_N = 8192  # bigger dense weights (an HF model's own projections) stay with cuBLAS

@@ -343,7 +343,7 @@ class RoutedExperts(nn.Module):
         # index_add_'s atomics summed a token's K rows in whatever order they landed
         inv = torch.empty_like(order)
         inv[order] = torch.arange(len(order), device=order.device)
-        out = _cuda.weighted_rows(y[inv], weights, x.dtype)
+        out = _cuda.weighted_rows(y, weights, x.dtype, rows=inv)  # y read through inv: no gathered copy
         if out is not None:
             return out
         out = torch.zeros_like(x)

@@ -245,29 +245,37 @@ def ring_write(x: torch.Tensor, positions: torch.Tensor, ring: torch.Tensor) -> 
 
 
 @triton.jit
-def _weighted_rows_kernel(y_ptr, w_ptr, out_ptr, K, D, BK: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
-    """Program (t, block of D): out[t] = sum over k of w[t, k] * y[t * K + k], in fp32."""
+def _weighted_rows_kernel(y_ptr, w_ptr, out_ptr, rows_ptr, K, D, BK: tl.constexpr, BD: tl.constexpr,
+                          ROWS: tl.constexpr, PDL: tl.constexpr):
+    """Program (t, block of D): out[t] = sum over k of w[t, k] * y[t * K + k] (ROWS: of
+    y[rows[t * K + k]]), in fp32."""
     wait_for_inputs(PDL)
     t = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BD + tl.arange(0, BD)
     k = tl.arange(0, BK)
     w = tl.load(w_ptr + t * K + k, mask=k < K, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + (t * K + k[:, None]) * D + d[None, :], mask=(k < K)[:, None] & (d < D)[None, :],
+    r = t * K + k
+    if ROWS:
+        r = tl.load(rows_ptr + r, mask=k < K, other=0).to(tl.int64)
+    y = tl.load(y_ptr + r[:, None] * D + d[None, :], mask=(k < K)[:, None] & (d < D)[None, :],
                 other=0.0).to(tl.float32)
     tl.store(out_ptr + t * D + d, tl.sum(w[:, None] * y, axis=0).to(out_ptr.dtype.element_ty), mask=d < D)
 
 
-def weighted_rows(y: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def weighted_rows(y: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
     """MoE's weighted sum: y [T * K, D] (each token's K expert outputs), w [T, K] -> [T, D] in
-    dtype, in one launch (torch's batched matmul takes two here)."""
+    dtype, in one launch (torch's batched matmul takes two here). rows [T * K]: token t's k-th
+    output is y[rows[t * K + k]] (a prefill's outputs in expert order, read in place of y[rows])."""
     T, K = w.shape
     D = y.shape[1]
-    if y.shape[0] != T * K or not y.is_contiguous() or not w.is_contiguous():
+    if ((y.shape[0] != T * K if rows is None else rows.shape != (T * K,)) or not y.is_contiguous()
+            or not w.is_contiguous()):
         raise ValueError(f"weighted_rows: y {tuple(y.shape)}, w {tuple(w.shape)}")
     out = torch.empty((T, D), dtype=dtype, device=y.device)
     if T:
         BD = min(512, triton.next_power_of_2(D))
-        _weighted_rows_kernel[(T, triton.cdiv(D, BD))](y, w, out, K, D, BK=triton.next_power_of_2(K), BD=BD,
+        _weighted_rows_kernel[(T, triton.cdiv(D, BD))](y, w, out, y if rows is None else rows.contiguous(), K, D,
+                                                      BK=triton.next_power_of_2(K), BD=BD, ROWS=rows is not None,
                                                       num_warps=4, **pdl.launch(y.device))
     return out
 
