@@ -66,6 +66,19 @@ def _norm_rope(xe, xo, j, w_ptr, inv_ptr, pos_f, scale, sign, eps, D: tl.constex
 
 
 @triton.jit
+def _pool_slots(m, l, a, k, g, gone):
+    """One chunk of slots [BR, BC] into the online softmax-pool per channel: running max m, sum
+    of exp l, weighted sum a (slots `gone` take no part)."""
+    k = tl.where(gone, 0.0, k)
+    g = tl.where(gone, float("-inf"), g)
+    n = tl.maximum(m, tl.max(g, axis=0))
+    z = tl.where(n == float("-inf"), 0.0, n)  # all -inf so far: no NaN from -inf - -inf
+    p = tl.exp(g - z[None, :])
+    f = tl.exp(m - z)
+    return n, l * f + tl.sum(p, axis=0), a * f + tl.sum(p * k, axis=0)
+
+
+@triton.jit
 def _compress_pool_kernel(kv_ring, gate_ring, kv_x, gate_x, pos_ptr, bias_ptr, pooled_ptr, size, W,
                           R: tl.constexpr, OVERLAP: tl.constexpr, D: tl.constexpr, BR: tl.constexpr,
                           BC: tl.constexpr, PDL: tl.constexpr):
@@ -109,16 +122,7 @@ def _compress_pool_kernel(kv_ring, gate_ring, kv_x, gate_x, pos_ptr, bias_ptr, p
         k += tl.load(kv_x + cc, mask=m2 & own, other=0.0).to(kv_ring.dtype.element_ty).to(tl.float32)
         g += tl.load(gate_x + cc, mask=m2 & own, other=0.0).to(gate_ring.dtype.element_ty).to(tl.float32)
         g += tl.load(bias_ptr + (s % R)[:, None] * W + cc, mask=m2, other=0.0)
-        gone = absent[:, None] | ~m2
-        k = tl.where(gone, 0.0, k)
-        g = tl.where(gone, float("-inf"), g)
-        n = tl.maximum(m, tl.max(g, axis=0))
-        z = tl.where(n == float("-inf"), 0.0, n)  # all -inf so far: no NaN from -inf - -inf
-        p = tl.exp(g - z[None, :])
-        f = tl.exp(m - z)
-        l = l * f + tl.sum(p, axis=0)
-        a = a * f + tl.sum(p * k, axis=0)
-        m = n
+        m, l, a = _pool_slots(m, l, a, k, g, absent[:, None] | ~m2)
     tl.store(pooled_ptr + c, a / l, mask=mc)
 
 
@@ -166,16 +170,7 @@ def _compress_chunk_kernel(kv_ptr, gate_ptr, pkv_ptr, pgate_ptr, bias_ptr, poole
             k += tl.load(pkv_ptr + at, mask=m2 & b2, other=0.0).to(tl.float32)
             g += tl.load(pgate_ptr + at, mask=m2 & b2, other=0.0).to(tl.float32)
         g += tl.load(bias_ptr + (s % R)[:, None] * W + cc, mask=m2, other=0.0)
-        gone = absent[:, None] | ~m2
-        k = tl.where(gone, 0.0, k)
-        g = tl.where(gone, float("-inf"), g)
-        n = tl.maximum(m, tl.max(g, axis=0))
-        z = tl.where(n == float("-inf"), 0.0, n)  # all -inf so far: no NaN from -inf - -inf
-        p = tl.exp(g - z[None, :])
-        f = tl.exp(m - z)
-        l = l * f + tl.sum(p, axis=0)
-        a = a * f + tl.sum(p * k, axis=0)
-        m = n
+        m, l, a = _pool_slots(m, l, a, k, g, absent[:, None] | ~m2)
     tl.store(pooled_ptr + w * D + c, a / l, mask=mc)
 
 
