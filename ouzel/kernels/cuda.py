@@ -388,10 +388,14 @@ def qlinear(x: torch.Tensor, w, xq=None) -> torch.Tensor | None:
     elif w.bt.name == "Q8_0_R8" and (cfg := _q8_gemm_config(x2, w)) is not None:
         out = g.q8_gemm(x2, w.raw, w.shape, prefill_dtype(x.dtype), **cfg)
     else:
-        cd = prefill_dtype(x.dtype)
-        wd = g.qdequant(w.raw, w.bt.name, w.shape, cd)
-        out = torch.matmul(x2.to(cd), wd.t()).to(x.dtype)
+        out = _dequant_matmul(x2, w.raw, w.bt.name, w.shape)
     return out.reshape(*x.shape[:-1], n)
+
+
+def _dequant_matmul(x2: torch.Tensor, raw: torch.Tensor, bt_name: str, shape) -> torch.Tensor:
+    """x2 @ W.T through the dense weight: `qdequant` in the prefill dtype, cuBLAS, x2's dtype out."""
+    cd = prefill_dtype(x2.dtype)
+    return torch.matmul(x2.to(cd), _gguf().qdequant(raw, bt_name, shape, cd).t()).to(x2.dtype)
 
 
 # tiles of `gguf.q8_gemm` tried per shape against dequantize + cuBLAS. H100, ds4 at 512 rows (session 13):
@@ -424,10 +428,8 @@ def _q8_gemm_config(x2: torch.Tensor, w, groups: int = 1) -> dict | None:
                 times[i] = _time_config(lambda c=c: g.q8_gemm(xs, w.raw, (n, k), cd, groups=groups, **c))
             best = min(times, key=times.get)
             cfg = Q8_GEMM_CONFIGS[best]
-            parts = [w.raw[j * n:(j + 1) * n] for j in range(groups)]  # the loop a group at a time
-            t_blas = _time_config(lambda: [torch.matmul(xs[:, j * k:(j + 1) * k].to(cd),
-                                                        g.qdequant(r, w.bt.name, (n, k), cd).t()).to(x2.dtype)
-                                           for j, r in enumerate(parts)])
+            t_blas = _time_config(lambda: [_dequant_matmul(xs[:, j * k:(j + 1) * k], w.raw[j * n:(j + 1) * n],
+                                                           w.bt.name, (n, k)) for j in range(groups)])
             if t_blas * Q8_GEMM_SLACK < times[best]:
                 cfg = None
             log.info("q8_gemm %s x %s x %d groups, %d rows: %s (tiles %s us, cuBLAS %.1f us)", n, k, groups, rows,

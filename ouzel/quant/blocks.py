@@ -182,12 +182,18 @@ def _q5_1(b):
 
 
 # Q2_K: scales 16 B (4-bit sc | 4-bit m per 16 elems), qs 64 B (2-bit), d f16, dmin f16
-@_kernel(Q2_K)
-def _q2_k(b):
+def q2_k_parts(b):
+    """Q2_K blocks b [N, 84] -> (scale, offset [N, 16, 1], q [N, 16, 16]): element 16 s + i is
+    scale[s] * q[s, i] - offset[s] (the GPU's bf16 decoder rounds scale and offset first)."""
     s = b[:, 0:16].to(torch.int32)
     dl = (_f16(b, 80) * (s & 0x0F).to(torch.float32)).unsqueeze(-1)
     ml = (_f16(b, 82) * (s >> 4).to(torch.float32)).unsqueeze(-1)
-    q = _bits(b[:, 16:80], 2, 32).view(-1, 16, 16).to(torch.float32)
+    return dl, ml, _bits(b[:, 16:80], 2, 32).view(-1, 16, 16).to(torch.float32)
+
+
+@_kernel(Q2_K)
+def _q2_k(b):
+    dl, ml, q = q2_k_parts(b)
     return (dl * q - ml).reshape(-1, 256)
 
 
@@ -229,8 +235,9 @@ def _q6_k(b):
 
 
 # IQ2_XXS: d f16, then 8 x (4 grid-index bytes, u32: 4 x 7-bit sign index | 4-bit scale << 28)
-@_kernel(IQ2_XXS)
-def _iq2_xxs(b):
+def iq2_xxs_parts(b):
+    """IQ2_XXS blocks b [N, 66] -> (scale [N, 8, 1, 1], signed grid values [N, 8, 4, 8]): element
+    32 s + 8 p + i is scale[s] * v[s, p, i] (the GPU's bf16 decoder rounds the scale first)."""
     dev = b.device
     q = b[:, 2:66].to(torch.int64).view(-1, 8, 8)
     aux = q[..., 4] | (q[..., 5] << 8) | (q[..., 6] << 16) | (q[..., 7] << 24)  # [N, 8]
@@ -238,8 +245,13 @@ def _iq2_xxs(b):
     sign_idx = (aux.unsqueeze(-1) >> torch.tensor([0, 7, 14, 21], device=dev)) & 0x7F  # [N, 8, 4]
     sign_bits = _IQ2_XXS_SIGNS.to(dev)[sign_idx].unsqueeze(-1) >> torch.arange(8, dtype=torch.int32, device=dev)
     signs = (1 - 2 * (sign_bits & 1)).to(torch.float32)  # +-1, [N, 8, 4, 8]
-    grid = _IQ2_XXS_GRID.to(dev)[q[..., 0:4]]  # [N, 8, 4, 8]
-    return (db * grid * signs).reshape(-1, 256)
+    return db, _IQ2_XXS_GRID.to(dev)[q[..., 0:4]] * signs  # grid [N, 8, 4, 8]
+
+
+@_kernel(IQ2_XXS)
+def _iq2_xxs(b):
+    db, v = iq2_xxs_parts(b)
+    return (db * v).reshape(-1, 256)
 
 
 # IQ4_NL: d f16, qs 16 B (4-bit indices into a fixed 16-value table)

@@ -457,6 +457,13 @@ def _q2k_bf16(row_ptr, kb, TYPE: tl.constexpr):
 
 
 @triton.jit
+def _mma(acc, w, x_ptr, xrow, stride_xm, k, rmask, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """acc [BN, BM] += w [BN, len(k)] . x[xrow, k].T (the tile's pairs' rows of x, masked by rmask)."""
+    xk = tl.load(x_ptr + xrow[None, :] * stride_xm + k[:, None], mask=rmask[None, :], other=0.0)
+    return acc + tl.dot(w.to(DOT_DTYPE), xk.to(DOT_DTYPE), input_precision=PRECISION, out_dtype=tl.float32)
+
+
+@triton.jit
 def _moe_gemm_kernel(x_ptr, w_ptr, out_ptr, grid_ptr, signs_ptr, pair_row_ptr, tile_expert_ptr, tile_start_ptr,
                      tile_end_ptr, N, K, row_bytes, expert_bytes, stride_xm, stride_om,
                      TYPE: tl.constexpr, S: tl.constexpr, L: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -496,29 +503,23 @@ def _moe_gemm_kernel(x_ptr, w_ptr, out_ptr, grid_ptr, signs_ptr, pair_row_ptr, t
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     for kb in tl.range(0, K // 256, num_stages=STAGES):
         if PRMT and (TYPE == 4 or TYPE == 8):  # Q2_K straight to bf16
-            w = _q2k_bf16(wrow, kb, TYPE)
-            xk = tl.load(x_ptr + xrow[None, :] * stride_xm + kb * 256 + kk[:, None], mask=rmask[None, :], other=0.0)
-            acc += tl.dot(w.to(DOT_DTYPE), xk.to(DOT_DTYPE), input_precision=PRECISION, out_dtype=tl.float32)
-        elif PRMT:  # IQ2_XXS straight to bf16, the step in HALVES parts
+            acc = _mma(acc, _q2k_bf16(wrow, kb, TYPE), x_ptr, xrow, stride_xm, kb * 256 + kk, rmask, DOT_DTYPE,
+                       PRECISION)
+        elif PRMT or (QUADS and HALVES > 1):  # IQ2_XXS, the step in HALVES parts (fewer registers)
             for h in tl.static_range(HALVES):
-                w = _iq2_bf16(wrow, kb, TYPE, grid_ptr, signs_ptr, h, HALVES)
+                if PRMT:  # straight to bf16
+                    w = _iq2_bf16(wrow, kb, TYPE, grid_ptr, signs_ptr, h, HALVES)
+                else:
+                    w = _quads(wrow, kb, TYPE, grid_ptr, signs_ptr, h, HALVES)
                 kh = kb * 256 + h * (256 // HALVES) + tl.arange(0, 256 // HALVES)
-                xk = tl.load(x_ptr + xrow[None, :] * stride_xm + kh[:, None], mask=rmask[None, :], other=0.0)
-                acc += tl.dot(w.to(DOT_DTYPE), xk.to(DOT_DTYPE), input_precision=PRECISION, out_dtype=tl.float32)
-        elif QUADS and HALVES > 1:  # IQ2_XXS: the step in parts, fewer registers for the decoded tile
-            for h in tl.static_range(HALVES):
-                w = _quads(wrow, kb, TYPE, grid_ptr, signs_ptr, h, HALVES)
-                kh = kb * 256 + h * (256 // HALVES) + tl.arange(0, 256 // HALVES)
-                xk = tl.load(x_ptr + xrow[None, :] * stride_xm + kh[:, None], mask=rmask[None, :], other=0.0)
-                acc += tl.dot(w.to(DOT_DTYPE), xk.to(DOT_DTYPE), input_precision=PRECISION, out_dtype=tl.float32)
+                acc = _mma(acc, w, x_ptr, xrow, stride_xm, kh, rmask, DOT_DTYPE, PRECISION)
         else:
             if QUADS:
                 w = _quads(wrow, kb, TYPE, grid_ptr, signs_ptr)
             else:
                 qf, scale, offset = _decode(wrow[:, None, None], kb, grid_ptr, signs_ptr, TYPE, S, L)
                 w = tl.reshape(scale * qf - offset, [BN, 256])
-            xk = tl.load(x_ptr + xrow[None, :] * stride_xm + kb * 256 + kk[:, None], mask=rmask[None, :], other=0.0)
-            acc += tl.dot(w.to(DOT_DTYPE), xk.to(DOT_DTYPE), input_precision=PRECISION, out_dtype=tl.float32)
+            acc = _mma(acc, w, x_ptr, xrow, stride_xm, kb * 256 + kk, rmask, DOT_DTYPE, PRECISION)
     if SWIGLU:
         gate, up = tl.split(tl.permute(tl.reshape(acc, [2, BN // 2, BM]), (1, 2, 0)))  # [BN/2, BM] each
         if LIMIT:
@@ -585,7 +586,8 @@ def _moe_tiles_kernel(counts_ptr, e_ptr, start_ptr, end_ptr, E, bm, n_tiles, BE:
 def _moe_tiles_device(counts: torch.Tensor, bm: int, n_tiles: int):
     """`moe_tiles` from device counts in one launch (the torch version took ~13 small ops, a
     prefill's top host cost per MoE matmul); `_moe_tiles_reference` is the same in torch. One
-    program per 64 tiles (a single program looping over them took 41 us for ds4's 352 tiles)."""
+    program per 64 tiles (ds4's 352 tiles: 41 -> 34 us in the H100 profile, whose kernel times
+    include PDL's wait on the kernel before)."""
     out = torch.empty((3, n_tiles), dtype=torch.int32, device=counts.device)
     E, bt = counts.shape[0], 64
     _moe_tiles_kernel[(triton.cdiv(n_tiles, bt),)](counts, out[0], out[1], out[2], E, bm, n_tiles,
@@ -658,9 +660,10 @@ _SELECTORS: dict = {}
 
 
 def _iq2_selectors(device) -> torch.Tensor:
-    """IQ2_XXS's grid as PRMT selectors into `_BF16_BYTES`, int32 [256 * 2]: word h of row r holds,
-    for its weights 4h + q, nibble 2q the low byte's index of |weight| (0, 1, 2 for 8, 25, 43) and
-    nibble 2q + 1 its positive high byte's (3, 3, 4); a negative weight's high byte is 2 further."""
+    """IQ2_XXS's grid as PRMT selectors into the byte table `_IQ2_T0`, `_IQ2_T1`, int32 [256 * 2]:
+    word h of row r holds, for its weights 4h + q, nibble 2q the low byte's index of |weight| (0,
+    1, 2 for 8, 25, 43) and nibble 2q + 1 its positive high byte's (3, 3, 4); a negative weight's
+    high byte is 2 further."""
     if device not in _SELECTORS:
         from ...quant.blocks import _IQ2_XXS_GRID  # noqa: PLC0415
         code = {8.0: 0, 25.0: 1, 43.0: 2}
@@ -679,25 +682,12 @@ def prmt_reference(raw: torch.Tensor, bt_name: str) -> torch.Tensor:
     bf16, times the signed grid value, rounded to bf16) or Q2_K(_R8) (`_q2k_bf16`: scale d * sc and
     offset dmin * m rounded to bf16, then q * scale - offset rounded to bf16)."""
     from ...quant import blocks as B  # noqa: PLC0415
-    dev, n = raw.device, raw.shape[0]
     bf16 = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
     if bt_name.startswith("Q2_K"):
-        b = (B.unpack_q2_k_r8(raw) if bt_name == "Q2_K_R8" else raw).reshape(-1, 84)
-        sc = b[:, 0:16].to(torch.int32)
-        d = b[:, 80:82].contiguous().view(torch.float16).float()
-        dmin = b[:, 82:84].contiguous().view(torch.float16).float()
-        scale, offset = bf16(d * (sc & 15).float()).unsqueeze(-1), bf16(dmin * (sc >> 4).float()).unsqueeze(-1)
-        q = B._bits(b[:, 16:80], 2, 32).view(-1, 16, 16).float()
-        return bf16(scale * q - offset).reshape(n, -1)
-    b = (B.unpack_iq2_xxs_r8(raw) if bt_name == "IQ2_XXS_R8" else raw).reshape(-1, 66)
-    q = b[:, 2:66].to(torch.int64).view(-1, 8, 8)
-    aux = q[..., 4] | (q[..., 5] << 8) | (q[..., 6] << 16) | (q[..., 7] << 24)  # [B, 8]
-    d = b[:, 0:2].contiguous().view(torch.float16).float()  # [B, 1]
-    scale = bf16(d * (0.5 + (aux >> 28).float()) * 0.25).view(-1, 8, 1, 1)
-    sign_idx = (aux.unsqueeze(-1) >> torch.tensor([0, 7, 14, 21], device=dev)) & 0x7F  # [B, 8, 4]
-    bits = B._IQ2_XXS_SIGNS.to(dev)[sign_idx].unsqueeze(-1) >> torch.arange(8, dtype=torch.int32, device=dev)
-    v = B._IQ2_XXS_GRID.to(dev)[q[..., 0:4]] * (1 - 2 * (bits & 1)).float()  # [B, 8, 4, 8]
-    return bf16(scale * v).reshape(n, -1)
+        scale, offset, q = B.q2_k_parts((B.unpack_q2_k_r8(raw) if bt_name == "Q2_K_R8" else raw).reshape(-1, 84))
+        return bf16(bf16(scale) * q - bf16(offset)).reshape(raw.shape[0], -1)
+    scale, v = B.iq2_xxs_parts((B.unpack_iq2_xxs_r8(raw) if bt_name == "IQ2_XXS_R8" else raw).reshape(-1, 66))
+    return bf16(bf16(scale) * v).reshape(raw.shape[0], -1)
 
 
 _WORDS: dict = {}

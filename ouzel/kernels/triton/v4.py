@@ -66,6 +66,12 @@ def _norm_rope(xe, xo, j, w_ptr, inv_ptr, pos_f, scale, sign, eps, D: tl.constex
 
 
 @triton.jit
+def _pool_start(BC: tl.constexpr):
+    """The online softmax-pool's state for BC channels: max -inf, sums 0 (`_pool_slots`)."""
+    return tl.full((BC,), float("-inf"), tl.float32), tl.zeros((BC,), tl.float32), tl.zeros((BC,), tl.float32)
+
+
+@triton.jit
 def _pool_slots(m, l, a, k, g, gone):
     """One chunk of slots [BR, BC] into the online softmax-pool per channel: running max m, sum
     of exp l, weighted sum a (slots `gone` take no part)."""
@@ -96,9 +102,7 @@ def _compress_pool_kernel(kv_ring, gate_ring, kv_x, gate_x, pos_ptr, bias_ptr, p
         tl.store(kv_ring + dst, tl.load(kv_x + ser * D + c, mask=mc).to(kv_ring.dtype.element_ty), mask=mc)
         tl.store(gate_ring + dst, tl.load(gate_x + ser * D + c, mask=mc).to(gate_ring.dtype.element_ty), mask=mc)
     NS: tl.constexpr = 2 * R if OVERLAP else R
-    m = tl.full((BC,), float("-inf"), tl.float32)
-    l = tl.zeros((BC,), tl.float32)
-    a = tl.zeros((BC,), tl.float32)
+    m, l, a = _pool_start(BC)
     for s0 in range(0, NS, BR):
         s = s0 + tl.arange(0, BR)
         ms = s < NS
@@ -139,9 +143,7 @@ def _compress_chunk_kernel(kv_ptr, gate_ptr, pkv_ptr, pgate_ptr, bias_ptr, poole
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     mc = c < D
     NS: tl.constexpr = 2 * R if OVERLAP else R
-    m = tl.full((BC,), float("-inf"), tl.float32)
-    l = tl.zeros((BC,), tl.float32)
-    a = tl.zeros((BC,), tl.float32)
+    m, l, a = _pool_start(BC)
     for s0 in range(0, NS, BR):
         s = s0 + tl.arange(0, BR)
         ms = s < NS
