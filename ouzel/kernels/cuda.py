@@ -560,8 +560,9 @@ def moe_gemm(x: torch.Tensor, w, n_experts: int, pair_rows: torch.Tensor, counts
     each), w a stacked QTensor [E * n, K]; the blocks are decoded inside the matmul tiles. None where
     no kernel reads the type. Tile rows: 16, or 32 / 64 where the experts average more pairs (each
     tile decodes its expert's blocks again). swiglu (w the [gate; up] stack): silu(gate) * up
-    [P, n / 2] (clamped at limit as `moe.swiglu`) in the prefill dtype, formed in the GEMM."""
-    if not gemv_supports(w) or x.dtype not in _DTYPES:
+    [P, n / 2] (clamped at limit as `moe.swiglu`) in the prefill dtype, formed in the GEMM (None
+    with OUZEL_NO_MOE_SWIGLU=1: the caller writes [gate | up] and runs the swiglu launch)."""
+    if not gemv_supports(w) or x.dtype not in _DTYPES or (swiglu and os.environ.get("OUZEL_NO_MOE_SWIGLU")):
         return None
     g, dot = _gguf(), prefill_dtype(x.dtype)
     mean = len(pair_rows) / n_experts  # counts may live on the device: no host read for the tile size

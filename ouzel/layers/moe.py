@@ -5,7 +5,6 @@ chose run, each on the tokens that chose it.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -331,7 +330,7 @@ class RoutedExperts(nn.Module):
         pairs = (order // K).to(torch.int32)  # gate/up read the token's row, down its own pair's row
         own = torch.arange(len(order), dtype=torch.int32, device=x.device)
         y = None
-        if len(gu.stacked) == 1 and not os.environ.get("OUZEL_NO_MOE_SWIGLU"):  # silu(gate) * up in the GEMM
+        if len(gu.stacked) == 1:  # silu(gate) * up formed by the gate/up GEMM (None where it can't)
             act = _cuda.moe_gemm(x, gu.stacked[0], self.n_experts, pairs, counts, swiglu=True, limit=self.limit)
             y = None if act is None else _cuda.moe_gemm(act, down.stacked[0], self.n_experts, own, counts)
         if y is None:
