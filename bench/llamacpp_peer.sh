@@ -7,6 +7,8 @@
 # trimmed to what a CUDA build of llama-bench reads, carried as .whl/llamacpp-src.tar.xz (make it
 # with `bash bench/llamacpp_peer.sh --pack` on a machine that can reach PyPI).
 # Carry [".whl", "bench/models/tokenizer.gguf"]. Logs: $OUT/peer-<model>.log.
+# NO_PEER=1: ouzel alone under the same instrument (no build, no llama-bench), e.g. to compare with
+# an earlier call's llama.cpp figures; POST='cmd' runs cmd on each model's file ($M) after its runs.
 set -uo pipefail
 if [[ ${1:-} == --pack ]]; then  # here, not on the GPU: download the sdist, keep the build's sources
   d=$(mktemp -d)
@@ -28,7 +30,7 @@ for MODEL in $MODELS; do
 done
 t0=$(date +%s)
 LC=/tmp/llama.cpp
-if [[ ! -x $LC/build/bin/llama-bench ]]; then
+if [[ ! ${NO_PEER:-} && ! -x $LC/build/bin/llama-bench ]]; then
   tar xJf .whl/llamacpp-src.tar.xz -C /tmp
   cmake -S $LC -B $LC/build -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=ON \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF \
@@ -51,17 +53,22 @@ for MODEL in $MODELS; do
   M=/tmp/m/$MODEL/$MODEL.gguf
   L="$OUT/peer-$MODEL.log"
   echo "== $MODEL" | tee -a "$L"
-  echo "-- llama.cpp pp512 / tg128" | tee -a "$L"
-  peak timeout ${PEER_S:-150} $LC/build/bin/llama-bench -m $M -ngl 99 -fa 1 -r 3 -p 512 -n 128 2>&1 | tee -a "$L" \
-    | grep -E "pp512|tg128|peak"
-  echo "-- llama.cpp tg128 at depth 16384" | tee -a "$L"
-  peak timeout ${PEER_S:-150} $LC/build/bin/llama-bench -m $M -ngl 99 -fa 1 -r 2 -p 0 -n 128 -d 16384 2>&1 \
-    | tee -a "$L" | grep -E "tg128|peak"
+  if [[ ! ${NO_PEER:-} ]]; then
+    echo "-- llama.cpp pp512 / tg128" | tee -a "$L"
+    peak timeout ${PEER_S:-150} $LC/build/bin/llama-bench -m $M -ngl 99 -fa 1 -r 3 -p 512 -n 128 2>&1 | tee -a "$L" \
+      | grep -E "pp512|tg128|peak"
+    echo "-- llama.cpp tg128 at depth 16384" | tee -a "$L"
+    peak timeout ${PEER_S:-150} $LC/build/bin/llama-bench -m $M -ngl 99 -fa 1 -r 2 -p 0 -n 128 -d 16384 2>&1 \
+      | tee -a "$L" | grep -E "tg128|peak"
+  fi
   echo "-- ouzel pp512 / tg128" | tee -a "$L"
   peak timeout ${BENCH_S:-120} python3 -m ouzel bench -m $M --device cuda --pp 512 --tg 128 --runs 3 2>&1 \
     | tee -a "$L" | grep -E "pp-tg|peak"
   echo "-- ouzel walk to 16384" | tee -a "$L"
   peak timeout ${WALK_S:-150} python3 -m ouzel bench -m $M --device cuda --frontiers 16k --tg 64 2>&1 \
     | tee -a "$L" | grep -E "frontier|peak"
+  if [[ ${POST:-} ]]; then
+    M=$M timeout ${POST_S:-200} bash -c "$POST" 2>&1 | tee -a "$L" | tail -${POST_TAIL:-4}
+  fi
   rm -f $M
 done

@@ -55,3 +55,60 @@ def test_expandable_segments_take_effect(user_conf, most_mib):
         assert reserved < most_mib
     else:
         assert reserved >= 250
+
+
+_LOAD = textwrap.dedent("""
+    import sys, torch
+    import ouzel.loader as L
+    L.CUDA_CACHE_TRIM = int(sys.argv[2])
+    model = L.load(sys.argv[1], device="cuda", progress=False).model
+    print(torch.cuda.memory_reserved() - torch.cuda.memory_allocated(), torch.cuda.max_memory_reserved(),
+          torch.cuda.max_memory_allocated())
+""")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_load_leaves_no_freed_weights_cached(tmp_path):
+    """A Q4_K_M Qwen3-MoE in a fresh process: its Q6_K expert down projections are regrouped into
+    new (padded) tensors and q/k/v fused, which frees the old weights. With the trim at 0 the freed
+    bytes go back to the device as each module is done; with it off they stay cached (the trim's
+    effect: the test can fail)."""
+    from cuda_tiny import tiny_q4km
+    path = tiny_q4km("qwen3moe", tmp_path / "q.gguf")
+    env = {k: v for k, v in os.environ.items() if k not in _VARS}
+
+    def run(trim: int) -> list[int]:
+        out = subprocess.run([sys.executable, "-c", _LOAD, str(path), str(trim)], env=env, capture_output=True,
+                             text=True, check=True)
+        return [int(v) for v in out.stdout.split()[-3:]]
+
+    cached_on, peak_reserved_on, peak_alloc_on = run(0)
+    cached_off, peak_reserved_off, _ = run(1 << 40)
+    assert cached_off > 8 << 20, "no weight was freed at load: the test checks nothing"
+    assert cached_on < 4 << 20
+    assert peak_reserved_on < peak_reserved_off
+    assert peak_reserved_on - peak_alloc_on < 24 << 20  # at most one module's freed weights held
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_expert_stack_moves_without_a_gpu_copy():
+    """Gate and up stacks fuse on the host before the move: the GPU never holds both the pieces
+    and the fused stack (peak allocated during the move = the stack's own bytes)."""
+    from ouzel.layers.moe import ExpertStack
+    from ouzel.quant.blocks import block_type
+    from ouzel.quant.tensor import QTensor
+    bt = block_type("Q8_0")
+    E, rows, k = 8, 64, 256
+    raw = [torch.randint(0, 256, (E * rows, bt.row_bytes(k)), dtype=torch.uint8) for _ in range(2)]
+    for r in raw:  # finite fp16 scales
+        r.view(-1, bt.block_bytes)[:, :2] = torch.tensor([0x00, 0x3C], dtype=torch.uint8)
+    stack = ExpertStack.from_stacked([QTensor(r, bt, (E * rows, k)) for r in raw], (E, 2 * rows, k))
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    moved = stack.to("cuda")
+    nbytes = sum(r.numel() for r in raw)
+    assert len(moved.stacked) == 1 and moved.stacked[0].raw.numel() == nbytes
+    assert torch.cuda.max_memory_allocated() - before <= nbytes + (2 << 20)
+    want = torch.cat([stack.stacked[0].dequantize().view(E, rows, k), stack.stacked[1].dequantize().view(E, rows, k)], 1)
+    assert torch.equal(moved.stacked[0].dequantize().cpu().view(E, 2 * rows, k), want)

