@@ -5,7 +5,7 @@
 # the tests' whole output in $OUT/tests.log
 # (only 8 files come back from a call); CSVs and the writers' logs under /tmp/logs.
 #   TESTS="tests/test_x.py ..." RUNS=3 WALK=16k bash bench/gpu_all.sh   (TESTS_K: a pytest -k expression)
-# MODELS="" runs only TESTS and PRE (unset: all three models).
+# MODELS="" runs only TESTS and PRE (unset: all three models). PP=2048: that prompt length instead of 512.
 # AB="VAR=1 ...;VAR2=1 ..." repeats each pp/tg bench once per ';'-separated set of variables (A/B of
 # switches in one call).
 # PRE="cmd" runs cmd while the models are written (after TESTS), its output in $OUT/pre.log.
@@ -35,13 +35,13 @@ echo "models written in $(( $(date +%s) - t0 )) s"
 for MODEL in $MODELS; do
   M=/tmp/m/$MODEL/$MODEL.gguf
   echo "== $MODEL"
-  timeout ${BENCH_S:-120} python3 -m ouzel bench -m $M --device cuda --pp 512 --tg 128 --runs ${RUNS:-3} \
-    --csv "/tmp/logs/$MODEL.pp512.csv" 2>&1 | tee -a "$OUT/$MODEL.log" | grep -E "pp-tg|peak|floor ->"
+  timeout ${BENCH_S:-120} python3 -m ouzel bench -m $M --device cuda --pp ${PP:-512} --tg 128 --runs ${RUNS:-3} \
+    --csv "/tmp/logs/$MODEL.pp${PP:-512}.csv" 2>&1 | tee -a "$OUT/$MODEL.log" | grep -E "pp-tg|peak|floor ->"
   if [[ ${AB:-} ]]; then  # the same pp/tg bench again with each set of environment switches
     IFS=';' read -ra VARIANTS <<< "$AB"
     for V in "${VARIANTS[@]}"; do
       echo "-- with $V" | tee -a "$OUT/$MODEL.log"
-      env $V timeout ${BENCH_S:-120} python3 -m ouzel bench -m $M --device cuda --pp 512 --tg 128 \
+      env $V timeout ${BENCH_S:-120} python3 -m ouzel bench -m $M --device cuda --pp ${PP:-512} --tg 128 \
         --runs ${RUNS:-3} 2>&1 | tee -a "$OUT/$MODEL.log" | grep -E "pp-tg|peak"
     done
   fi
