@@ -93,13 +93,15 @@ def main() -> None:
             stage(f"pp512 {row.prefill_tps:.0f} / tg128 {row.decode_tps:.1f}")
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
-    segs = snap["segments"]
-    print(f"\nsegments now: {len(segs)}, total {gib(sum(s['total_size'] for s in segs))}, "
-          f"allocated {gib(sum(s['allocated_size'] for s in segs))}")
-    for s in sorted(segs, key=lambda s: -s["total_size"])[:8]:
-        free = [b["size"] for b in s["blocks"] if b["state"] != "active_allocated"]
-        print(f"  stream {s['stream']:#x} pool {s.get('segment_pool_id')} total {gib(s['total_size'])} allocated "
-              f"{gib(s['allocated_size'])} free blocks {len(free)} largest {gib(max(free, default=0))}")
+    pools: dict[tuple, list[int]] = defaultdict(lambda: [0, 0, 0])  # segments, bytes, allocated
+    for seg in snap["segments"]:
+        p = pools[(seg["stream"], seg.get("segment_pool_id"))]
+        p[0] += 1
+        p[1] += seg["total_size"]
+        p[2] += seg["allocated_size"]
+    print("\nsegments now, by stream and pool:")
+    for (stream, pool), (n, total, used) in sorted(pools.items(), key=lambda kv: -kv[1][1]):
+        print(f"  stream {stream:#x} pool {pool}: {n} segments, {gib(total)}, allocated {gib(used)}")
     for trace in snap["device_traces"]:
         if trace:
             replay(trace)

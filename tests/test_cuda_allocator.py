@@ -96,7 +96,7 @@ def test_expert_stack_moves_without_a_gpu_copy():
     from ouzel.quant.blocks import block_type
     from ouzel.quant.tensor import QTensor
     bt = block_type("Q8_0")
-    E, rows, k = 8, 64, 256
+    E, rows, k = 8, 512, 1024  # 4.5 MB a piece: a GPU copy of both would pass the bound below by 7 MB
     raw = [torch.randint(0, 256, (E * rows, bt.row_bytes(k)), dtype=torch.uint8) for _ in range(2)]
     for r in raw:  # finite fp16 scales
         r.view(-1, bt.block_bytes)[:, :2] = torch.tensor([0x00, 0x3C], dtype=torch.uint8)

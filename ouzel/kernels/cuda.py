@@ -190,9 +190,9 @@ def _gemv_config(fn, configs, x2, raw, bt_name: str, shape, tag: str = "", **moe
                     continue
                 if best is None or t < best:
                     best, cfg = t, c
-            # each timing (Triton's `do_bench_cudagraph`) runs on a stream of its own, whose cached
-            # blocks no later allocation reuses: ~20 timings a shape left qwen3moe's process holding
-            # 3.8 GiB it did not use (21.16 GiB reserved for 17.35 allocated, session 12). Handed back.
+            # the timings' memory (the cold copies, twice the L2; each `do_bench_cudagraph` on a
+            # stream of its own) is handed back. Not the source of qwen3moe's 3.8 GiB reserved over
+            # allocated, as once thought: that was weights freed at load (loader._trim_cuda_cache)
             del calls
             torch.cuda.empty_cache()
         _TUNED[key] = cfg
