@@ -36,27 +36,32 @@ def stage(label: str) -> None:
 
 
 def replay(trace: list[dict]) -> None:
-    """Walk the trace: reserved = mapped segment bytes, live = allocations not yet freed."""
-    reserved = allocated = 0
-    live: dict[int, tuple[int, str]] = {}
-    grown: dict[str, int] = defaultdict(int)
-    peak = (0, 0, {}, {})
-    for ev in trace:
-        act, size, addr = ev["action"], ev.get("size", 0), ev.get("addr", 0)
-        if act in ("segment_alloc", "segment_map"):
-            reserved += size
-            grown[where(ev.get("frames", []))] += size
-        elif act in ("segment_free", "segment_unmap"):
-            reserved -= size
-        elif act == "alloc":
-            allocated += size
-            live[addr] = (size, where(ev.get("frames", [])))
-        elif act == "free_completed":
-            allocated -= size
-            live.pop(addr, None)
-        if reserved > peak[0]:
-            peak = (reserved, allocated, dict(live), dict(grown))
-    reserved, allocated, live, grown = peak
+    """Walk the trace (reserved = mapped segment bytes, live = allocations not yet freed) to the
+    moment of peak reserved memory, the one with the most allocated if several: a segment is mapped
+    just before the allocation that needed it, which that moment then includes."""
+    def walk(stop: int | None = None):
+        reserved = allocated = 0
+        live: dict[int, tuple[int, str]] = {}
+        grown: dict[str, int] = defaultdict(int)
+        best = (0, 0, 0)  # reserved, allocated, index
+        for i, ev in enumerate(trace[:stop]):
+            act, size, addr = ev["action"], ev.get("size", 0), ev.get("addr", 0)
+            if act in ("segment_alloc", "segment_map"):
+                reserved += size
+                grown[where(ev.get("frames", []))] += size
+            elif act in ("segment_free", "segment_unmap"):
+                reserved -= size
+            elif act == "alloc":
+                allocated += size
+                live[addr] = (size, where(ev.get("frames", [])))
+            elif act == "free_completed":
+                allocated -= size
+                live.pop(addr, None)
+            best = max(best, (reserved, allocated, i + 1))
+        return best, live, grown
+
+    (reserved, allocated, at), _, _ = walk()
+    _, live, grown = walk(at)
     print(f"\npeak of the trace: reserved {gib(reserved)}, allocated then {gib(allocated)}")
     by: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for size, w in live.values():
